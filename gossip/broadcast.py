@@ -1,0 +1,159 @@
+"""Transmit-limited broadcast queue (memberlist ``queue.go``), pure.
+
+Rules
+-----
+1. Each broadcast is piggybacked at most ``limit(n)`` times, where the core
+   passes ``Config.retransmit_limit(n)`` = ``retransmit_mult *
+   ceil(log10(N+1))``; after its last transmission it leaves the queue.
+2. Selection order: fewest transmissions first; among equals, newest first
+   (memberlist orders its btree by transmits, then newest id).
+3. A broadcast carries a ``key`` (``"m:<member>"`` for membership news,
+   ``"u:<key>"`` for user broadcasts); queuing a new one with the same key
+   removes the old one (memberlist ``Invalidates``).
+4. The queue holds at most ``max_len`` broadcasts; beyond that the
+   most-transmitted, then oldest, are dropped (memberlist ``Prune``).
+
+Broadcasts are stored pre-encoded, so filling a datagram is a walk over
+byte lengths: ``O(items examined)``, bounded by ``scan_max``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Broadcast", "TransmitLimitedQueue"]
+
+
+@dataclass(slots=True, eq=False)
+class Broadcast:
+    """One queued message. ``data`` is an encoded wire message."""
+
+    key: str
+    data: bytes
+    transmits: int = 0
+    id: int = field(default=0)
+
+
+class TransmitLimitedQueue:
+    """Broadcast queue bucketed by transmit count.
+
+    Args:
+        max_len: cap on queued broadcasts (rule 4).
+    """
+
+    __slots__ = ("_levels", "_by_key", "_next_id", "max_len", "dropped", "scan_max")
+
+    def __init__(self, max_len: int = 1024, scan_max: int = 256) -> None:
+        if max_len < 1:
+            raise ValueError("max_len must be >= 1")
+        # _levels[t] = {id: Broadcast} in insertion order (oldest first)
+        self._levels: list[dict[int, Broadcast]] = []
+        self._by_key: dict[str, Broadcast] = {}
+        self._next_id = 0
+        self.max_len = max_len
+        self.scan_max = scan_max
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def __bool__(self) -> bool:
+        return bool(self._by_key)
+
+    def queue(self, key: str, data: bytes) -> None:
+        """Add a broadcast, superseding any queued one with the same key."""
+        old = self._by_key.pop(key, None)
+        if old is not None:
+            del self._levels[old.transmits][old.id]
+        self._next_id += 1
+        b = Broadcast(key, data, 0, self._next_id)
+        if not self._levels:
+            self._levels.append({})
+        self._levels[0][b.id] = b
+        self._by_key[key] = b
+        while len(self._by_key) > self.max_len:
+            self._drop_one()
+
+    def _drop_one(self) -> None:
+        for t in range(len(self._levels) - 1, -1, -1):
+            lvl = self._levels[t]
+            if lvl:
+                bid = next(iter(lvl))  # oldest at the highest transmit count
+                b = lvl.pop(bid)
+                del self._by_key[b.key]
+                self.dropped += 1
+                return
+
+    def contains(self, key: str) -> bool:
+        return key in self._by_key
+
+    def get(self, key: str) -> Broadcast | None:
+        return self._by_key.get(key)
+
+    def discard(self, key: str) -> None:
+        b = self._by_key.pop(key, None)
+        if b is not None:
+            del self._levels[b.transmits][b.id]
+
+    def reset(self) -> None:
+        self._levels = []
+        self._by_key = {}
+
+    def take(self, space_bytes: int, limit: int, per_item_overhead: int = 0) -> list[bytes]:
+        """Select broadcasts that fit in ``space_bytes`` and count one
+        transmission for each.
+
+        Args:
+            space_bytes: bytes available.
+            limit: retransmit limit; a broadcast transmitted ``limit`` times
+                leaves the queue.
+            per_item_overhead: extra bytes per selected item.
+        Returns:
+            Encoded messages, least transmitted (then newest) first.
+        """
+        if not self._by_key or space_bytes <= 0:
+            return []
+        out: list[bytes] = []
+        picked: list[Broadcast] = []
+        scanned = 0
+        levels = self._levels
+        for t in range(len(levels)):
+            lvl = levels[t]
+            if not lvl:
+                continue
+            if t >= limit:
+                # the limit shrank (fewer members): these are done
+                for b in list(lvl.values()):
+                    del self._by_key[b.key]
+                lvl.clear()
+                continue
+            for b in reversed(lvl.values()):
+                scanned += 1
+                need = len(b.data) + per_item_overhead
+                if need <= space_bytes:
+                    out.append(b.data)
+                    picked.append(b)
+                    space_bytes -= need
+                    if space_bytes < 8:
+                        break
+                if scanned >= self.scan_max:
+                    break
+            if space_bytes < 8 or scanned >= self.scan_max:
+                break
+        for b in picked:
+            del levels[b.transmits][b.id]
+            b.transmits += 1
+            if b.transmits >= limit:
+                del self._by_key[b.key]
+                continue
+            while len(levels) <= b.transmits:
+                levels.append({})
+            levels[b.transmits][b.id] = b
+        return out
+
+    def pending(self) -> list[tuple[str, int]]:
+        """(key, transmits) of every queued broadcast, in selection order."""
+        res = []
+        for lvl in self._levels:
+            for b in reversed(lvl.values()):
+                res.append((b.key, b.transmits))
+        return res

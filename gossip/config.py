@@ -1,0 +1,218 @@
+"""Every knob of the membership core, with its default, formula and trade-off.
+
+Modelled on hashicorp/memberlist ``config.go``: one frozen value, profiles
+as classmethods (``Config.lan()`` = memberlist's ``DefaultLANConfig``,
+``Config.local()`` = fast timers for tests and the simulator). Derived
+quantities (retransmit limit, suspicion bounds, push-pull scaling) are methods
+here so that the core, the simulator and the docs share one formula.
+
+Times are floats in seconds (``_s``), sizes in bytes (``_bytes``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+__all__ = ["Config"]
+
+# memberlist pushPullScaleThreshold: push-pull interval starts doubling above
+# this many members.
+PUSH_PULL_SCALE_THRESHOLD = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Membership configuration. Build with ``Config.lan()`` or
+    ``Config.local()`` and adjust with ``cfg.replace(probe_interval_s=2.0)``.
+    """
+
+    # -- failure detection --------------------------------------------------
+    probe_interval_s: float = 1.0
+    """Time between probe rounds (one member pinged per round, members taken
+    in a shuffled round-robin order). Scaled by the local awareness
+    (``interval * (awareness + 1)``). Lower = faster detection, more packets
+    (about 2 datagrams per member per interval)."""
+
+    probe_timeout_s: float = 0.5
+    """How long to wait for a direct ack before asking ``indirect_checks``
+    members to probe for us. Should be around the 99th percentile RTT; also
+    scaled by awareness. The indirect phase lasts until the end of the
+    (scaled) probe interval, so keep it well below ``probe_interval_s``."""
+
+    indirect_checks: int = 3
+    """Members asked to ping a target that missed its direct ack (SWIM
+    ping-req). More = fewer false suspicions from one bad path, more
+    packets on failure. They also reply NACK when the target stays silent
+    (Lifeguard), which tells us whether *we* are the slow one."""
+
+    suspicion_mult: int = 4
+    """Suspicion timeout minimum:
+    ``suspicion_mult * max(1, log10(max(1, N))) * probe_interval_s``
+    (memberlist ``suspicionTimeout``; N = members alive or suspect, self
+    included). Higher = more time to refute, slower detection. Also sets the
+    number of independent confirmations that shrink a suspicion to the
+    minimum: ``k = suspicion_mult - 2`` (0 when ``N - 2 < k``)."""
+
+    suspicion_max_timeout_mult: int = 6
+    """Suspicion timeout maximum = ``suspicion_max_timeout_mult * min``. A
+    lone suspicion waits this long; each independent confirmation shrinks it
+    toward the minimum as ``log(c+1)/log(k+1)`` (Lifeguard LHA-Suspicion)."""
+
+    # -- dissemination ------------------------------------------------------
+    retransmit_mult: int = 4
+    """Each broadcast is sent at most ``retransmit_mult * ceil(log10(N+1))``
+    times (memberlist ``retransmitLimit``). Higher = more reliable spread
+    under loss, more bytes."""
+
+    gossip_interval_s: float = 0.2
+    """Period of the gossip round that flushes queued broadcasts to
+    ``gossip_nodes`` random members. A round runs only when something is
+    queued; when the queue was idle for a full interval the first round runs
+    at once, so news spreads at network speed and is then rate limited."""
+
+    gossip_nodes: int = 3
+    """Fan-out of each gossip round. More = faster spread, more packets."""
+
+    gossip_to_the_dead_s: float = 30.0
+    """Keep gossiping to members dead for less than this long, so a member
+    wrongly declared dead learns it and refutes. Bytes vs. recovery."""
+
+    broadcast_queue_max: int = 1024
+    """Cap on queued broadcasts; beyond it the most-transmitted (then oldest)
+    are dropped. Bounds memory under churn; push-pull repairs what is lost."""
+
+    # -- anti-entropy and join ----------------------------------------------
+    push_pull_interval_s: float = 30.0
+    """Period of the full-state TCP exchange with one random member. Scaled
+    up with N like memberlist ``pushPullScale``: unchanged up to 32 members,
+    then multiplied by ``ceil(log2(N) - log2(32)) + 1`` (doubles per
+    doubling). 0 disables periodic push-pull (join still uses it)."""
+
+    stream_timeout_s: float = 10.0
+    """How long a push-pull may take (memberlist ``TCPTimeout``). The shell
+    enforces it; the core also forgets a join attempt not answered within it
+    and retries."""
+
+    join_retry_initial_s: float = 0.5
+    """First delay before retrying the seeds when no join push-pull
+    succeeded (or when this member later finds itself alone)."""
+
+    join_retry_max_s: float = 30.0
+    """Cap of the exponential join backoff (doubling from the initial).
+    Retries never stop while no peer is alive."""
+
+    # -- local health (Lifeguard) -------------------------------------------
+    awareness_max_multiplier: int = 8
+    """Local health score range is ``0 .. awareness_max_multiplier - 1``;
+    probe interval and timeout are multiplied by ``score + 1``. +1 per failed
+    probe (or per missing NACK when NACKs were expected) and per time we are
+    suspected, -1 per successful direct probe. Higher = a struggling member
+    slows down more instead of accusing healthy peers."""
+
+    # -- sizes ----------------------------------------------------------------
+    packet_budget_bytes: int = 1400
+    """Largest datagram on the wire, seal included (fits a 1500 MTU with
+    IP/UDP headers)."""
+
+    seal_overhead_bytes: int = 96
+    """Bytes reserved for the envelope added by ``gossip/seal.py``:
+    1 version + 1 key hint + 12 nonce + 16 GCM tag + header (sender name,
+    epoch, sequence). The core's plaintext is at most
+    ``packet_budget_bytes - seal_overhead_bytes`` (= ``payload_budget_bytes``)."""
+
+    meta_max_bytes: int = 512
+    """Largest opaque metadata blob per member (memberlist MetaMaxSize)."""
+
+    # -- housekeeping ---------------------------------------------------------
+    reap_interval_s: float = 3600.0
+    """Dead and left members stay listed (with their state) this long, then
+    are removed with a REAPED event (serf ``reconnect_timeout``-like). Longer
+    = better stale-message protection and visibility, more memory."""
+
+    dead_reclaim: bool = True
+    """Accept a new address for a dead or left member when it comes back with
+    a higher incarnation (memberlist ``DeadNodeReclaimTime`` = 0 means never;
+    here True means at once). False: a new address is always a conflict."""
+
+    # -- derived quantities -------------------------------------------------
+    @property
+    def payload_budget_bytes(self) -> int:
+        """Largest plaintext compound the core emits."""
+        return self.packet_budget_bytes - self.seal_overhead_bytes
+
+    def retransmit_limit(self, n: int) -> int:
+        """``retransmit_mult * ceil(log10(n + 1))`` (memberlist)."""
+        return self.retransmit_mult * math.ceil(math.log10(max(1, n) + 1))
+
+    def suspicion_min_s(self, n: int) -> float:
+        """Minimum suspicion timeout for ``n`` live members."""
+        node_scale = max(1.0, math.log10(max(1.0, float(n))))
+        return self.suspicion_mult * node_scale * self.probe_interval_s
+
+    def suspicion_max_s(self, n: int) -> float:
+        """Maximum suspicion timeout for ``n`` live members."""
+        return self.suspicion_max_timeout_mult * self.suspicion_min_s(n)
+
+    def suspicion_k(self, n: int) -> int:
+        """Confirmations needed to reach the minimum timeout."""
+        k = self.suspicion_mult - 2
+        if n - 2 < k:
+            k = 0
+        return max(0, k)
+
+    def push_pull_interval_for(self, n: int) -> float:
+        """Push-pull period scaled with ``n`` (memberlist pushPullScale)."""
+        if n <= PUSH_PULL_SCALE_THRESHOLD:
+            return self.push_pull_interval_s
+        mult = math.ceil(math.log2(n) - math.log2(PUSH_PULL_SCALE_THRESHOLD)) + 1.0
+        return self.push_pull_interval_s * mult
+
+    # -- profiles -------------------------------------------------------------
+    @classmethod
+    def lan(cls) -> "Config":
+        """memberlist DefaultLANConfig: probe 1 s, timeout 500 ms, 3 indirect
+        checks, suspicion mult 4 (max 6x), retransmit mult 4, gossip 200 ms
+        to 3 members, gossip to the dead 30 s, push-pull 30 s."""
+        return cls()
+
+    @classmethod
+    def local(cls) -> "Config":
+        """Fast timers for tests and simulations on one machine."""
+        return cls(
+            probe_interval_s=0.2,
+            probe_timeout_s=0.1,
+            gossip_interval_s=0.05,
+            push_pull_interval_s=5.0,
+            suspicion_mult=3,
+            gossip_to_the_dead_s=5.0,
+            reap_interval_s=30.0,
+            join_retry_initial_s=0.1,
+            join_retry_max_s=2.0,
+            stream_timeout_s=2.0,
+        )
+
+    def replace(self, **changes) -> "Config":
+        """A copy with ``changes`` applied (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def __post_init__(self) -> None:
+        def pos(name: str) -> None:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Config.{name} must be > 0, got {getattr(self, name)!r}")
+
+        for name in ("probe_interval_s", "probe_timeout_s", "gossip_interval_s",
+                     "join_retry_initial_s", "join_retry_max_s", "stream_timeout_s",
+                     "reap_interval_s"):
+            pos(name)
+        for name in ("suspicion_mult", "suspicion_max_timeout_mult", "retransmit_mult",
+                     "awareness_max_multiplier", "gossip_nodes", "broadcast_queue_max"):
+            pos(name)
+        if self.indirect_checks < 0:
+            raise ValueError("Config.indirect_checks must be >= 0")
+        if self.push_pull_interval_s < 0 or self.gossip_to_the_dead_s < 0:
+            raise ValueError("Config intervals must be >= 0")
+        if self.payload_budget_bytes < 256:
+            raise ValueError("Config.packet_budget_bytes - seal_overhead_bytes must be >= 256")
+        if not 0 <= self.meta_max_bytes <= 1024:
+            raise ValueError("Config.meta_max_bytes must be within 0..1024")

@@ -1,0 +1,455 @@
+"""Packet sealing: versioned envelope, AES-GCM under a keyring, replay window.
+
+Pure code: no sockets, no clock, no logging. The only randomness is the nonce
+source handed in (``os.urandom`` by default) and ``Keyring.generate``.
+
+Envelope (one UDP datagram, or one stream frame)::
+
+    version (1 byte)  1 = AES-GCM, 0 = insecure plaintext
+    v1:  nonce (12) | AES-GCM(key, nonce, plaintext, aad=version byte)  (+16 tag)
+    v0:  plaintext
+
+    plaintext = name_len (1) | sender name (utf-8, 1..48 bytes)
+                | epoch (uint64 BE) | seq (uint64 BE) | body
+
+Rules:
+
+1. The primary key seals; every key in the ring opens (primary tried first),
+   so keys rotate with no rejection when done in this order across the
+   cluster: ``install`` everywhere, then ``use`` everywhere, then ``remove``.
+2. A secure sealer accepts only version 1; an insecure one only version 0.
+   The other version is counted as ``wrong_key`` (a cluster that mixes the
+   two is misconfigured, not under attack). Any other version byte is
+   ``unknown_version``.
+3. Replay protection (memberlist has none): per sender name we remember the
+   highest boot epoch seen and, for that epoch, an IPsec-style sliding window
+   of ``REPLAY_WINDOW`` sequence numbers (RFC 4303 section 3.4.3). A lower
+   epoch, a duplicate seq, or a seq older than the window is ``replay``.
+   A higher epoch (the sender restarted) resets the window. The epoch is
+   wall-clock milliseconds at start, so it grows across restarts.
+   At most ``MAX_TRACKED_SENDERS`` senders are tracked (LRU); a sender evicted
+   from the table could have one old in-window packet replayed once, which
+   the membership layer's incarnation rules make harmless.
+4. The replay window is only updated after a packet authenticated, so forged
+   packets cannot poison it.
+5. ``open`` raises ``PacketRejected`` and nothing else, whatever the bytes.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import hashlib
+import os
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+__all__ = [
+    "Keyring",
+    "KeyringError",
+    "PacketRejected",
+    "Sealer",
+    "REJECT_REASONS",
+    "VERSION_INSECURE",
+    "VERSION_AESGCM",
+    "MAX_SENDER_NAME_BYTES",
+    "REPLAY_WINDOW",
+    "MAX_TRACKED_SENDERS",
+]
+
+VERSION_INSECURE = 0
+VERSION_AESGCM = 1
+
+KEY_SIZES = (16, 24, 32)
+NONCE_BYTES = 12
+TAG_BYTES = 16
+MAX_SENDER_NAME_BYTES = 48
+"""Names up to 48 bytes keep the overhead at 46 + 48 = 94 <= 96 bytes
+(``Config.seal_overhead_bytes``)."""
+
+REPLAY_WINDOW = 1024
+"""Sequence numbers remembered per sender (IPsec uses 32..1024; our seq is
+shared by every datagram and stream frame a node sends, to all peers, so a
+wider window tolerates more reordering between destinations)."""
+
+MAX_TRACKED_SENDERS = 4096
+"""Upper bound on the replay table (LRU eviction)."""
+
+MAX_KEYS = 16
+"""A keyring holds at most this many keys (every one is tried on open)."""
+
+REJECT_REASONS = (
+    "wrong_key",
+    "truncated",
+    "oversized",
+    "unknown_version",
+    "malformed",
+    "replay",
+)
+
+_HEADER = struct.Struct(">QQ")  # epoch, seq
+_UINT64_MAX = 2**64 - 1
+
+
+class KeyringError(ValueError):
+    """Bad key material or an impossible keyring operation."""
+
+
+class PacketRejected(Exception):
+    """A datagram or frame was dropped; ``reason`` is one of REJECT_REASONS."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        assert reason in REJECT_REASONS, reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _check_key(key: bytes) -> bytes:
+    if not isinstance(key, (bytes, bytearray)):
+        raise KeyringError(f"key must be bytes, not {type(key).__name__}")
+    if len(key) not in KEY_SIZES:
+        raise KeyringError(
+            f"key must be 16, 24 or 32 bytes (AES-128/192/256), got {len(key)}"
+        )
+    return bytes(key)
+
+
+class Keyring:
+    """An ordered set of AES keys: the primary seals, all of them open.
+
+    Args:
+        keys: at least one key; the first becomes the primary. Duplicates
+            are ignored.
+
+    Raises:
+        KeyringError: empty ring, a key of the wrong size, too many keys.
+    """
+
+    def __init__(self, keys: Sequence[bytes]) -> None:
+        checked: list[bytes] = []
+        for key in keys:
+            k = _check_key(key)
+            if k not in checked:
+                checked.append(k)
+        if not checked:
+            raise KeyringError("keyring needs at least one key")
+        if len(checked) > MAX_KEYS:
+            raise KeyringError(f"keyring holds at most {MAX_KEYS} keys")
+        self._keys = checked
+        self._aead = {k: AESGCM(k) for k in checked}
+
+    # -- queries -----------------------------------------------------------
+    @property
+    def primary(self) -> bytes:
+        """The key that seals."""
+        return self._keys[0]
+
+    def keys(self) -> list[bytes]:
+        """All keys, primary first."""
+        return list(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def _ciphers(self) -> list[AESGCM]:
+        return [self._aead[k] for k in self._keys]
+
+    # -- changes -----------------------------------------------------------
+    def install(self, key: bytes) -> None:
+        """Add ``key`` as a secondary key (opens, does not seal). Idempotent."""
+        k = _check_key(key)
+        if k in self._keys:
+            return
+        if len(self._keys) >= MAX_KEYS:
+            raise KeyringError(f"keyring holds at most {MAX_KEYS} keys")
+        self._keys.append(k)
+        self._aead[k] = AESGCM(k)
+
+    def use(self, key: bytes) -> None:
+        """Make an installed ``key`` the primary.
+
+        Raises:
+            KeyringError: the key is not installed.
+        """
+        k = _check_key(key)
+        if k not in self._keys:
+            raise KeyringError(
+                f"key {self.fingerprint(k)} is not installed; install it first"
+            )
+        self._keys.remove(k)
+        self._keys.insert(0, k)
+
+    def remove(self, key: bytes) -> None:
+        """Remove a secondary key.
+
+        Raises:
+            KeyringError: the key is the primary, or not installed.
+        """
+        k = _check_key(key)
+        if k not in self._keys:
+            raise KeyringError(f"key {self.fingerprint(k)} is not installed")
+        if k == self._keys[0]:
+            raise KeyringError(
+                f"key {self.fingerprint(k)} is the primary; use another key first"
+            )
+        self._keys.remove(k)
+        del self._aead[k]
+
+    # -- helpers -----------------------------------------------------------
+    @staticmethod
+    def fingerprint(key: bytes) -> str:
+        """Short, non-secret name for a key (first 8 hex of SHA-256)."""
+        return hashlib.sha256(bytes(key)).hexdigest()[:8]
+
+    @staticmethod
+    def decode_key(text: str) -> bytes:
+        """Decode one base64 key and check its size.
+
+        Raises:
+            KeyringError: not base64, or not 16/24/32 bytes.
+        """
+        try:
+            raw = base64.b64decode(text.strip(), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise KeyringError(f"key is not valid base64: {exc}") from None
+        return _check_key(raw)
+
+    @staticmethod
+    def encode_key(key: bytes) -> str:
+        return base64.b64encode(_check_key(key)).decode("ascii")
+
+    @staticmethod
+    def generate() -> str:
+        """A new AES-256 key, base64 (for ``peerd keygen``)."""
+        return base64.b64encode(os.urandom(32)).decode("ascii")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> "Keyring":
+        """Read one base64 key per line; blank lines and ``#`` comments skipped.
+
+        Raises:
+            KeyringError: the file cannot be read, a line is not a valid key
+                (the message names the file and line), or no key is found.
+        """
+        try:
+            with open(path, encoding="utf-8") as fh:
+                lines = fh.read().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KeyringError(f"{path}: cannot read key file: {exc}") from None
+        keys: list[bytes] = []
+        for lineno, line in enumerate(lines, start=1):
+            text = line.split("#", 1)[0].strip()
+            if not text:
+                continue
+            try:
+                keys.append(cls.decode_key(text))
+            except KeyringError as exc:
+                raise KeyringError(f"{path}:{lineno}: {exc}") from None
+        if not keys:
+            raise KeyringError(f"{path}: no key found (one base64 key per line)")
+        try:
+            return cls(keys)
+        except KeyringError as exc:
+            raise KeyringError(f"{path}: {exc}") from None
+
+
+@dataclass(slots=True)
+class _ReplayState:
+    epoch: int
+    top_seq: int  # highest seq accepted in this epoch
+    bitmap: int  # bit i set: seq (top_seq - i) was seen
+
+
+class Sealer:
+    """Seals outgoing bodies and opens incoming ones for one local node.
+
+    Args:
+        keyring: the shared, mutable keyring (changes take effect at once).
+            ``None`` only with ``insecure=True``.
+        sender: this node's name (1..48 utf-8 bytes), carried in every packet.
+        epoch: this node's boot epoch (wall-clock ms at start), strictly
+            greater after a restart.
+        nonce: source of 12-byte nonces (tests inject a deterministic one).
+        max_packet_bytes: bigger envelopes are rejected as ``oversized``
+            (callers may pass a larger ``max_bytes`` for stream frames).
+        insecure: send and accept plaintext (version 0) only.
+
+    Raises:
+        KeyringError: no keyring and not insecure.
+        ValueError: bad sender name or epoch.
+    """
+
+    def __init__(
+        self,
+        keyring: Keyring | None,
+        sender: str,
+        epoch: int,
+        *,
+        nonce: Callable[[int], bytes] = os.urandom,
+        max_packet_bytes: int = 65507,
+        insecure: bool = False,
+    ) -> None:
+        if keyring is None and not insecure:
+            raise KeyringError(
+                "no key configured; refusing to start (set insecure = true to run unsealed)"
+            )
+        name = sender.encode("utf-8") if isinstance(sender, str) else b""
+        if not 1 <= len(name) <= MAX_SENDER_NAME_BYTES:
+            raise ValueError(
+                f"node name must be 1..{MAX_SENDER_NAME_BYTES} utf-8 bytes, got {sender!r}"
+            )
+        if not isinstance(epoch, int) or not 0 <= epoch <= _UINT64_MAX:
+            raise ValueError(f"epoch must be a uint64, got {epoch!r}")
+        self.keyring = keyring
+        self.sender = sender
+        self.epoch = epoch
+        self.insecure = insecure
+        self.max_packet_bytes = max_packet_bytes
+        self._name = name
+        self._nonce = nonce
+        self._seq = 0
+        self._replay: collections.OrderedDict[str, _ReplayState] = collections.OrderedDict()
+
+    # -- sizes -------------------------------------------------------------
+    def overhead(self, sender_len: int | None = None) -> int:
+        """Bytes added to a body by ``seal`` for a sender name of that length."""
+        n = len(self._name) if sender_len is None else sender_len
+        header = 1 + n + _HEADER.size
+        if self.insecure:
+            return 1 + header
+        return 1 + NONCE_BYTES + TAG_BYTES + header
+
+    # -- sealing -----------------------------------------------------------
+    def seal(self, body: bytes) -> bytes:
+        """Wrap ``body`` in an envelope under the primary key.
+
+        Raises:
+            OverflowError: the sequence space is exhausted (2**64 packets).
+        """
+        if self._seq >= _UINT64_MAX:
+            raise OverflowError("sequence numbers exhausted; restart with a new epoch")
+        self._seq += 1
+        plain = b"".join(
+            (bytes((len(self._name),)), self._name, _HEADER.pack(self.epoch, self._seq), body)
+        )
+        if self.insecure:
+            return bytes((VERSION_INSECURE,)) + plain
+        assert self.keyring is not None
+        nonce = self._nonce(NONCE_BYTES)
+        if len(nonce) != NONCE_BYTES:
+            raise ValueError("nonce source must return 12 bytes")
+        version = bytes((VERSION_AESGCM,))
+        aead = self.keyring._aead[self.keyring.primary]
+        return version + nonce + aead.encrypt(nonce, plain, version)
+
+    # -- opening -----------------------------------------------------------
+    def open(self, data: bytes, *, max_bytes: int | None = None) -> tuple[str, bytes]:
+        """Check and unwrap one envelope.
+
+        Args:
+            data: the datagram or frame as received.
+            max_bytes: size limit for this envelope (default
+                ``max_packet_bytes``).
+
+        Returns:
+            ``(sender name, body)``.
+
+        Raises:
+            PacketRejected: for any bad input, with the reason.
+        """
+        try:
+            return self._open(data, self.max_packet_bytes if max_bytes is None else max_bytes)
+        except PacketRejected:
+            raise
+        except Exception as exc:  # defensive: nothing else may escape
+            raise PacketRejected("malformed", f"{type(exc).__name__}") from None
+
+    def _open(self, data: bytes, limit: int) -> tuple[str, bytes]:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise PacketRejected("malformed", "not bytes")
+        data = bytes(data)
+        if not data:
+            raise PacketRejected("truncated", "empty")
+        if len(data) > limit:
+            raise PacketRejected("oversized", f"{len(data)} > {limit} bytes")
+        version = data[0]
+        if version == VERSION_AESGCM:
+            if self.insecure:
+                raise PacketRejected("wrong_key", "sealed packet, insecure node")
+            if len(data) < 1 + NONCE_BYTES + TAG_BYTES:
+                raise PacketRejected("truncated", f"{len(data)} bytes")
+            nonce = data[1 : 1 + NONCE_BYTES]
+            ct = data[1 + NONCE_BYTES :]
+            aad = data[:1]
+            assert self.keyring is not None
+            plain = None
+            for aead in self.keyring._ciphers():
+                try:
+                    plain = aead.decrypt(nonce, ct, aad)
+                    break
+                except InvalidTag:
+                    continue
+            if plain is None:
+                raise PacketRejected("wrong_key", "no key in the ring opens it")
+            authenticated = True
+        elif version == VERSION_INSECURE:
+            if not self.insecure:
+                raise PacketRejected("wrong_key", "plaintext packet, secure node")
+            plain = data[1:]
+            authenticated = False
+        else:
+            raise PacketRejected("unknown_version", f"version byte {version}")
+        short = "malformed" if authenticated else "truncated"
+        if len(plain) < 1:
+            raise PacketRejected(short, "no header")
+        name_len = plain[0]
+        if not 1 <= name_len <= MAX_SENDER_NAME_BYTES:
+            raise PacketRejected("malformed", f"sender name length {name_len}")
+        end = 1 + name_len + _HEADER.size
+        if len(plain) < end:
+            raise PacketRejected(short, "header cut short")
+        try:
+            sender = plain[1 : 1 + name_len].decode("utf-8")
+        except UnicodeDecodeError:
+            raise PacketRejected("malformed", "sender name not utf-8") from None
+        epoch, seq = _HEADER.unpack_from(plain, 1 + name_len)
+        if seq == 0:
+            raise PacketRejected("malformed", "seq 0")
+        self._check_replay(sender, epoch, seq)
+        return sender, plain[end:]
+
+    def _check_replay(self, sender: str, epoch: int, seq: int) -> None:
+        state = self._replay.get(sender)
+        if state is None or epoch > state.epoch:
+            self._replay[sender] = _ReplayState(epoch, seq, 1)
+            self._replay.move_to_end(sender)
+            while len(self._replay) > MAX_TRACKED_SENDERS:
+                self._replay.popitem(last=False)
+            return
+        if epoch < state.epoch:
+            raise PacketRejected("replay", f"{sender}: epoch {epoch} < {state.epoch}")
+        self._replay.move_to_end(sender)
+        if seq > state.top_seq:
+            shift = seq - state.top_seq
+            state.bitmap = ((state.bitmap << shift) | 1) & ((1 << REPLAY_WINDOW) - 1) if shift < REPLAY_WINDOW else 1
+            state.top_seq = seq
+            return
+        offset = state.top_seq - seq
+        if offset >= REPLAY_WINDOW:
+            raise PacketRejected("replay", f"{sender}: seq {seq} older than window")
+        bit = 1 << offset
+        if state.bitmap & bit:
+            raise PacketRejected("replay", f"{sender}: duplicate seq {seq}")
+        state.bitmap |= bit
+
+    def tracked_senders(self) -> int:
+        """Number of senders in the replay table (bounded)."""
+        return len(self._replay)

@@ -1,0 +1,355 @@
+"""Node configuration: flags, config file and ``PEERD_*`` environment.
+
+Precedence (highest first): command-line flag, ``PEERD_<NAME>`` environment
+variable, config file (``--config``, TOML / YAML / JSON by extension),
+built-in default. Every knob below is listed with its default; the contract
+names (DESIGN.md §6) are the flag names with dashes turned into underscores.
+
+A config error raises :class:`ConfigError` naming the source (file, flag or
+environment variable), the key and the reason. Nothing here does network I/O.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+Addr = tuple[str, int]
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names where and why."""
+
+
+def parse_addr(text: str, *, what: str = "address", default_host: str | None = None) -> Addr:
+    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6).
+
+    Raises:
+        ConfigError: with ``what`` and the reason.
+    """
+    text = str(text).strip()
+    if not text:
+        raise ConfigError(f"{what}: empty address (expected HOST:PORT)")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise ConfigError(f"{what}: {text!r}: expected [IPv6]:PORT")
+        host, port_s = text[1:end], text[end + 2 :]
+    else:
+        if ":" not in text:
+            if default_host is not None and text.isdigit():
+                host, port_s = default_host, text
+            else:
+                raise ConfigError(f"{what}: {text!r}: expected HOST:PORT")
+        else:
+            host, _, port_s = text.rpartition(":")
+            if ":" in host:
+                raise ConfigError(f"{what}: {text!r}: IPv6 addresses need brackets, e.g. [::1]:7946")
+    if not host:
+        raise ConfigError(f"{what}: {text!r}: missing host")
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ConfigError(f"{what}: {text!r}: port {port_s!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{what}: {text!r}: port must be 0-65535")
+    return (host, port)
+
+
+def format_addr(addr: Addr) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _parse_list(value: Any, what: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        out = []
+        for v in value:
+            if not isinstance(v, str):
+                raise ConfigError(f"{what}: expected strings, got {type(v).__name__}")
+            out.append(v.strip())
+        return out
+    raise ConfigError(f"{what}: expected a comma-separated string or a list")
+
+
+def parse_tags(value: Any, what: str = "tags") -> dict[str, str]:
+    """``k=v,k2=v2`` or a mapping."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str) or not isinstance(v, (str, int, float, bool)):
+                raise ConfigError(f"{what}: keys and values must be strings")
+            out[k] = str(v)
+        return out
+    out = {}
+    for item in _parse_list(value, what):
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise ConfigError(f"{what}: {item!r}: expected key=value")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _parse_bool(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{what}: {value!r} is not a boolean (true/false)")
+
+
+def _parse_float(value: Any, what: str, *, minimum: float = 0.0) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: {value!r} is not a number") from None
+    if f < minimum:
+        raise ConfigError(f"{what}: must be >= {minimum}")
+    return f
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything a ``peerd`` node is started with.
+
+    Attributes:
+        name: member name, unique in the cluster (default: host name).
+        bind: gossip bind address, UDP and TCP on the same port (default
+            ``0.0.0.0:7946``, memberlist's port).
+        advertise: address other members use to reach us (default: bind, or
+            127.0.0.1 when bound to a wildcard).
+        seeds: addresses to join through; any member can be a seed; seeds that
+            are down are retried with backoff.
+        api: HTTP API and ``/metrics`` address (default ``127.0.0.1:7701``).
+        data_dir: directory for the SQLite state (default ``./peerd-data/<name>``).
+        key_file: gossip keyring file (one base64 AES key per line; the first
+            seals). Required unless ``insecure`` is true.
+        insecure: run gossip unsealed (tests and demos only).
+        api_token: bearer token for every API route that changes state or
+            runs code. Without one those routes refuse everything.
+        open_reads: let read-only routes answer without the token (default
+            false: reads need the token too; ``/metrics`` is always open).
+        tags: member tags ``k=v,...`` used by task placement.
+        etcd: etcd endpoints (``http://host:2379,...``); empty = no fencing.
+        etcd_prefix, etcd_user, etcd_password, etcd_ca_file: etcd options.
+        fencing_on_unavailable: ``skip`` (default, never risk a duplicate) or
+            ``fire`` (fire without a token while etcd is down).
+        fencing_retention_s: lease TTL of slot claims (default 1 day).
+        tasks: task file applied at start.
+        log_format: ``text`` or ``json``.
+        log_level: ``debug``, ``info`` (default), ``warning``.
+        profile: membership timing profile, ``lan`` (memberlist defaults) or
+            ``local`` (fast, for tests and the demo).
+        reap_interval_s: how long dead and left members stay listed (1 hour,
+            like serf's reconnect/tombstone timeouts).
+        shutdown_grace_s: on SIGTERM, how long running runs may finish
+            before they are handed back (default 30 s).
+        start_empty: if the state database is corrupt, move it aside and
+            start empty (refilled from peers) instead of refusing to start.
+        max_skew_s: members whose clocks are off by more than this are not
+            given ownership (default 2 s).
+    """
+
+    name: str = ""
+    bind: Addr = ("0.0.0.0", 7946)
+    advertise: Addr | None = None
+    seeds: tuple[Addr, ...] = ()
+    api: Addr = ("127.0.0.1", 7701)
+    data_dir: str = ""
+    key_file: str = ""
+    insecure: bool = False
+    api_token: str = ""
+    open_reads: bool = False
+    tags: Mapping[str, str] = field(default_factory=dict)
+    etcd: tuple[str, ...] = ()
+    etcd_prefix: str = "/peerd"
+    etcd_user: str = ""
+    etcd_password: str = ""
+    etcd_ca_file: str = ""
+    fencing_on_unavailable: str = "skip"
+    fencing_retention_s: float = 86400.0
+    tasks: str = ""
+    log_format: str = "text"
+    log_level: str = "info"
+    profile: str = "lan"
+    reap_interval_s: float = 3600.0
+    shutdown_grace_s: float = 30.0
+    start_empty: bool = False
+    max_skew_s: float = 2.0
+
+    def advertise_addr(self) -> Addr:
+        if self.advertise is not None:
+            return self.advertise
+        host, port = self.bind
+        if host in ("0.0.0.0", "", "::"):
+            host = "127.0.0.1" if host != "::" else "::1"
+        return (host, port)
+
+    def data_path(self) -> Path:
+        return Path(self.data_dir or os.path.join("peerd-data", self.name))
+
+
+# key -> (parser, description). Parsers take (value, what) and return the
+# typed value.
+def _addr_parser(value: Any, what: str) -> Addr:
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        value = f"{value[0]}:{value[1]}"
+    return parse_addr(str(value), what=what)
+
+
+def _seeds_parser(value: Any, what: str) -> tuple[Addr, ...]:
+    return tuple(parse_addr(s, what=what) for s in _parse_list(value, what))
+
+
+def _choice(*choices: str):
+    def parse(value: Any, what: str) -> str:
+        if value not in choices:
+            raise ConfigError(f"{what}: {value!r}: must be one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _str(value: Any, what: str) -> str:
+    if not isinstance(value, (str, int)):
+        raise ConfigError(f"{what}: expected a string")
+    return str(value)
+
+
+def _name(value: Any, what: str) -> str:
+    v = _str(value, what)
+    if not v or len(v.encode()) > 48 or any(c.isspace() for c in v):
+        raise ConfigError(f"{what}: {v!r}: a name is 1-48 bytes without spaces")
+    return v
+
+
+PARSERS: dict[str, Any] = {
+    "name": _name,
+    "bind": _addr_parser,
+    "advertise": _addr_parser,
+    "seeds": _seeds_parser,
+    "api": _addr_parser,
+    "data_dir": _str,
+    "key_file": _str,
+    "insecure": _parse_bool,
+    "api_token": _str,
+    "open_reads": _parse_bool,
+    "tags": parse_tags,
+    "etcd": lambda v, w: tuple(_parse_list(v, w)),
+    "etcd_prefix": _str,
+    "etcd_user": _str,
+    "etcd_password": _str,
+    "etcd_ca_file": _str,
+    "fencing_on_unavailable": _choice("skip", "fire"),
+    "fencing_retention_s": lambda v, w: _parse_float(v, w, minimum=1.0),
+    "tasks": _str,
+    "log_format": _choice("text", "json"),
+    "log_level": _choice("debug", "info", "warning", "error"),
+    "profile": _choice("lan", "local"),
+    "reap_interval_s": lambda v, w: _parse_float(v, w, minimum=0.0),
+    "shutdown_grace_s": lambda v, w: _parse_float(v, w, minimum=0.0),
+    "start_empty": _parse_bool,
+    "max_skew_s": lambda v, w: _parse_float(v, w, minimum=0.0),
+}
+assert set(PARSERS) == {f.name for f in fields(NodeConfig)}
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a TOML / YAML / JSON config file into a flat dict.
+
+    Raises:
+        ConfigError: unreadable file, bad syntax, not a mapping.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from None
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"{path}: unknown config format {suffix!r} (use .toml, .yaml or .json)")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: syntax error: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a table/mapping of settings")
+    # accept dashes as in the flags
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(
+    *,
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> NodeConfig:
+    """Merge the three sources over the defaults.
+
+    Args:
+        flags: values given on the command line (``None`` = not given).
+        environ: environment (``os.environ`` by default).
+        config_file: path of a config file, or None.
+
+    Raises:
+        ConfigError: names the source, the key and the reason.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    if config_file:
+        data = load_config_file(config_file)
+        for key, value in data.items():
+            if key not in PARSERS:
+                raise ConfigError(f"{config_file}: unknown key {key!r}")
+            values[key] = PARSERS[key](value, f"{config_file}: {key}")
+    for key, parser in PARSERS.items():
+        env_name = "PEERD_" + key.upper()
+        if env_name in environ:
+            values[key] = parser(environ[env_name], f"environment {env_name}")
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key not in PARSERS:
+            raise ConfigError(f"--{key.replace('_', '-')}: unknown option")
+        values[key] = parser_value = PARSERS[key](value, f"--{key.replace('_', '-')}")
+        del parser_value
+    cfg = replace(NodeConfig(), **values)
+    if not cfg.name:
+        import socket
+
+        cfg = replace(cfg, name=socket.gethostname().split(".")[0] or "peerd")
+    return validate(cfg)
+
+
+def validate(cfg: NodeConfig) -> NodeConfig:
+    """Cross-field checks."""
+    if not cfg.insecure and not cfg.key_file:
+        raise ConfigError(
+            "key_file: no gossip key configured; refusing to start "
+            "(create one with `peerd keygen > key` and pass --key-file, "
+            "or set insecure = true for a throwaway test cluster)"
+        )
+    for url in cfg.etcd:
+        if not (url.startswith("http://") or url.startswith("https://")):
+            raise ConfigError(f"etcd: {url!r}: endpoints are http:// or https:// URLs")
+    return cfg

@@ -1,0 +1,126 @@
+"""``peerd``: run one node, make a key, or run a local demo cluster.
+
+    peerd --name n1 --bind 127.0.0.1:7946 --api 127.0.0.1:7701 \\
+          --seeds 127.0.0.1:7947 --key-file key --api-token T [--config FILE]
+    peerd keygen            print a new base64 AES-256 gossip key
+    peerd demo              start a local 3-node cluster with example tasks
+
+Every flag can also come from ``--config FILE`` (TOML/YAML/JSON) and from
+``PEERD_<NAME>`` environment variables (flag > environment > file).
+SIGTERM / SIGINT: leave the cluster gracefully, stop taking new slots, let
+running runs finish within ``shutdown_grace_s``, flush state, exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+import trio
+
+from .config import ConfigError, build_config
+
+log = logging.getLogger("peerd")
+
+RUN_FLAGS = [
+    ("name", "member name, unique in the cluster (default: host name)"),
+    ("bind", "gossip bind address HOST:PORT, UDP and TCP (default 0.0.0.0:7946)"),
+    ("advertise", "address peers use to reach this node (default: bind)"),
+    ("seeds", "comma-separated HOST:PORT of members to join through"),
+    ("api", "HTTP API and /metrics address (default 127.0.0.1:7701)"),
+    ("data_dir", "directory for the node's SQLite state (default ./peerd-data/NAME)"),
+    ("key_file", "gossip keyring file: base64 AES keys, one per line, first seals"),
+    ("api_token", "bearer token required by API routes that change state or run code"),
+    ("tags", "member tags k=v,... used by task placement"),
+    ("etcd", "etcd endpoints http://HOST:PORT,... (enables fencing tokens)"),
+    ("tasks", "task file (YAML/JSON/TOML) applied at start"),
+    ("log_format", "json or text (default text)"),
+    ("log_level", "debug, info, warning, error (default info)"),
+    ("profile", "membership timing: lan (memberlist defaults) or local (fast, for tests)"),
+    ("reap_interval_s", "seconds dead/left members stay listed (default 3600)"),
+    ("shutdown_grace_s", "seconds running runs may finish on SIGTERM (default 30)"),
+    ("fencing_on_unavailable", "skip (default) or fire when etcd is unreachable"),
+    ("etcd_prefix", "etcd key prefix (default /peerd)"),
+    ("max_skew_s", "members with clocks off by more than this own nothing (default 2)"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="peerd",
+        description="peerd: a masterless distributed task scheduler node. "
+        "Subcommands: `peerd keygen` (print a new gossip key), `peerd demo` (local 3-node cluster).",
+        epilog="Each flag may also be set in --config FILE or as PEERD_<NAME> (e.g. PEERD_API_TOKEN).",
+    )
+    p.add_argument("--config", help="config file (TOML, YAML or JSON) with the same keys as the flags")
+    for key, help_ in RUN_FLAGS:
+        p.add_argument("--" + key.replace("_", "-"), dest=key, default=None, help=help_)
+    p.add_argument("--insecure", dest="insecure", action="store_const", const=True, default=None,
+                   help="run gossip without encryption (throwaway test clusters only)")
+    p.add_argument("--open-reads", dest="open_reads", action="store_const", const=True, default=None,
+                   help="let read-only API routes answer without the token")
+    p.add_argument("--start-empty", dest="start_empty", action="store_const", const=True, default=None,
+                   help="if the state database is corrupt, move it aside and start empty")
+    return p
+
+
+def cmd_keygen() -> int:
+    from gossip.seal import Keyring
+
+    print(Keyring.generate())
+    return 0
+
+
+def cmd_run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k != "config"}
+    try:
+        cfg = build_config(flags=flags, config_file=args.config)
+    except ConfigError as e:
+        print(f"peerd: config error: {e}", file=sys.stderr)
+        return 2
+    from .logs import setup_logging
+
+    setup_logging(cfg.name, cfg.log_format, cfg.log_level)
+    from .node import Node, StartupError
+
+    async def main_async() -> int:
+        try:
+            node = await Node.create(cfg)
+        except StartupError as e:
+            log.error("cannot start: %s", e)
+            return 1
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+
+            async def signals():
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                    async for signum in sigs:
+                        log.info("received %s: leaving the cluster", signal.Signals(signum).name)
+                        await node.shutdown()
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(signals)
+        return 0
+
+    try:
+        return trio.run(main_async)
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "keygen":
+        return cmd_keygen()
+    if argv and argv[0] == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
+    return cmd_run(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

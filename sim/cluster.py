@@ -1,0 +1,699 @@
+"""Simulated nodes driving the real SWIM core, and the cluster event loop.
+
+Each :class:`SimNode` wraps one ``gossip.swim.Swim`` core and one
+``gossip.seal.Sealer``, exactly as the trio shell (``gossip/udp.py``) wraps
+them for a real node: datagrams are sealed at the sender and opened at the
+receiver (rejections go to ``core.note_rejected``), push-pull state travels
+as sealed stream frames, and the core's timers are driven by
+``core.next_deadline()`` / ``core.tick(now)``. No protocol decision is made
+here.
+
+Theory of operation
+-------------------
+One :class:`~sim.loop.EventLoop` holds every pending thing as a tuple
+``(time_s, seq, kind, a, b, c)``; kinds are the ``K_*`` constants below.
+``run`` pops entries in order and dispatches. Per-node timers are armed
+lazily: after anything touches a core we ask for its next deadline and push a
+timer entry only if it is earlier than the one already armed; each push bumps
+the node's ``timer_gen`` and stale entries are skipped when popped.
+
+Clocks: node ``i`` sees ``now = rate_i * t + offset_i`` where ``t`` is virtual
+time; offsets differ by up to ``clock_offset_max_s`` and rates by up to
+``clock_drift_max_ppm`` (TigerBeetle ``TimeSim``). Deadlines convert back
+with ``t = (deadline - offset) / rate``.
+
+Faults (see ``sim/scenarios.py``): crash drops the core (state gone,
+datagrams to it are dropped as ``down``); restart builds a new core at
+incarnation 0 with a greater sealer epoch and joins through the seeds (the
+dead-reclaim path); pause stops the node from handling anything: datagrams
+queue in its socket buffer (bounded), timers wait, and at resume it drains
+the buffer and then runs its timers (the Lifeguard case); leave calls
+``core.leave`` and stops the process ``leave_linger_s`` later.
+
+Push-pull: ``StartPushPull`` opens a modelled TCP stream. It fails (the
+initiator gets ``push_pull_failed``) one round trip later if the peer is not
+running (connection refused), or after ``stream_timeout_s`` if the link is
+cut either way or the peer stays paused past the timeout.
+
+Determinism: one root seed; the network, the cluster's own choices and every
+node (core RNG, nonce RNG) get child RNGs from ``child_rng(seed, label)``;
+nothing iterates an unsorted set or dict of ``str`` on a decision path.
+
+App hook: a node may carry ``apps`` (objects with ``on_member_event(event,
+now)``, ``handle_user(sender, data, now)``, ``tick(now)``,
+``next_deadline()``, each returning a list of effects) so the scheduler and
+store cores can ride on the same node later; their non-gossip effects go to
+``Cluster.app_effect``.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import time as _wallclock  # only for wall_seconds in the report, never on a decision path
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Protocol
+
+from gossip.effects import MemberEvent, SendPacket, StartPushPull, UserMessage
+from sim.loop import EventLoop, Trace, child_rng
+from sim.metrics import Metrics
+from sim.network import Network, NetworkOptions
+from sim.scenarios import Fault
+
+__all__ = ["ClusterOptions", "SimNode", "Cluster", "NodeApp"]
+
+# Event kinds.
+K_DELIVER = 0   # a=dst, b=src, c=sealed datagram
+K_TIMER = 1     # a=node, b=timer_gen
+K_PP_REQ = 2    # a=dst, b=src, c=(sealed request, src_epoch, started_s, join)
+K_PP_REPLY = 3  # a=initiator, b=responder, c=(sealed reply, initiator_epoch)
+K_PP_FAIL = 4   # a=initiator, b=target addr, c=initiator_epoch
+K_FAULT = 5     # a=Fault
+K_RESUME = 6    # a=node, b=pause token
+K_CHECK = 7     # periodic convergence check
+K_INJECT = 8    # inject a user update for the dissemination measurement
+K_JOIN = 9      # a=node, b=epoch: node calls core.join(seeds)
+K_STOP = 10     # a=node, b=epoch: a leaving node's process exits
+
+STREAM_FRAME_MAX_BYTES = 4 * 1024 * 1024  # gossip.transport.MAX_FRAME_BYTES
+# Stream frames are ``seal(type byte + payload)`` behind a 4-byte length, as
+# in gossip/udp.py (PUSH_PULL = 1); the sim sends the same bytes.
+STREAM_PUSH_PULL = b"\x01"
+STREAM_FRAME_HEADER_BYTES = 4
+INF = math.inf
+
+
+class NodeApp(Protocol):
+    """An extra per-node core (scheduler, store) riding on a simulated node."""
+
+    def on_member_event(self, event: MemberEvent, now: float) -> list: ...
+    def handle_user(self, sender: str, data: bytes, now: float) -> list: ...
+    def tick(self, now: float) -> list: ...
+    def next_deadline(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterOptions:
+    """Everything a run depends on besides the schedule (all seeded)."""
+
+    nodes: int = 20
+    seed: int = 0
+    # Seeds every node joins through (the first ``seeds`` nodes).
+    seeds: int = 3
+    # Nodes start joining over [0, join_stagger_s] (uniform, seeded).
+    join_stagger_s: float = 0.5
+    # Clock offsets between nodes differ by up to this much (monotonic
+    # clocks start anywhere; SWIM must only use differences).
+    clock_offset_max_s: float = 5.0
+    # Clock rates differ from 1 by up to this many parts per million
+    # (quartz is within ~100 ppm).
+    clock_drift_max_ppm: float = 100.0
+    # A leaving node keeps running this long so its leave broadcast spreads.
+    leave_linger_s: float = 1.0
+    # A user update is injected this often for the dissemination measure
+    # (0 disables).
+    update_interval_s: float = 5.0
+    # Convergence is re-checked at most this often (only when views changed).
+    check_interval_s: float = 0.1
+    # Keep the last records of the trace for failure reports (0 = none).
+    trace_keep: int = 0
+    network: NetworkOptions = field(default_factory=NetworkOptions)
+
+
+def _state_code(state: Any) -> tuple[bool, bool, bool]:
+    """(in_view, is_dead, is_suspect) from a MemberState (by name)."""
+    name = getattr(state, "name", None) or str(state)
+    name = name.upper()
+    return (name in ("ALIVE", "SUSPECT"), name == "DEAD", name == "SUSPECT")
+
+
+class SimNode:
+    """One simulated process: a core, its sealer, its clock and its faults."""
+
+    __slots__ = (
+        "idx", "name", "addr", "core", "sealer", "rate", "offset", "up", "leaving",
+        "paused_until", "pause_token", "pending", "timer_at", "timer_gen", "epoch",
+        "boots", "apps", "tags", "meta",
+    )
+
+    def __init__(self, idx: int, name: str, addr: tuple[str, int], rate: float, offset: float) -> None:
+        self.idx = idx
+        self.name = name
+        self.addr = addr
+        self.core = None
+        self.sealer = None
+        self.rate = rate
+        self.offset = offset
+        self.up = False
+        self.leaving = False
+        self.paused_until = 0.0
+        self.pause_token = 0
+        self.pending: list[tuple] = []
+        self.timer_at = INF
+        self.timer_gen = 0
+        self.epoch = 0
+        self.boots = 0
+        self.apps: list = []
+        self.tags: dict[str, str] = {}
+        self.meta = b""
+
+    def local(self, t_s: float) -> float:
+        """This node's clock reading at virtual time ``t_s``."""
+        return self.rate * t_s + self.offset
+
+
+class Cluster:
+    """N simulated nodes on one virtual network, driven by one event loop.
+
+    Args:
+        config: the ``gossip.config.Config`` every core runs with.
+        options: cluster, clock and network options (with the seed).
+        schedule: faults to apply (``sim.scenarios``).
+        core_factory: builds a core; defaults to ``gossip.swim.Swim``.
+        sealer_factory: ``(keyring, name, epoch, nonce) -> Sealer``; defaults
+            to ``gossip.seal.Sealer`` under one shared keyring.
+    """
+
+    def __init__(self, config, options: ClusterOptions, schedule: list[Fault] = (), *,
+                 core_factory: Callable | None = None, sealer_factory: Callable | None = None,
+                 app_factory: Callable[["SimNode"], list] | None = None) -> None:
+        if options.nodes < 1:
+            raise ValueError("need at least one node")
+        self.config = config
+        self.options = options
+        self.seed = options.seed
+        self.loop = EventLoop()
+        self.trace = Trace(keep=options.trace_keep)
+        self.rng = child_rng(options.seed, "cluster")
+        net_rng = child_rng(options.seed, "network")
+        self.net = Network(options.nodes, options.network, net_rng, self.loop.heap,
+                           self.loop.next_seq, K_DELIVER, self.trace)
+        self.base_network = options.network
+        gossip_interval_s = getattr(config, "gossip_interval_s", None) or config.probe_interval_s
+        self.metrics = Metrics(gossip_interval_s)
+        self.app_factory = app_factory
+        self.app_effect: Callable[[SimNode, Any, float], None] | None = None
+        self.stats = {"rejected": {}, "timer_spins": 0, "pp_started": 0, "pp_failed": 0,
+                      "pp_ok": 0, "paused_deferred": 0, "events": 0, "unknown_effects": 0}
+        if core_factory is None:
+            from gossip.swim import Swim
+            core_factory = Swim
+        self.core_factory = core_factory
+        if sealer_factory is None:
+            from gossip.seal import Keyring, Sealer
+            keyring = Keyring([child_rng(options.seed, "key").randbytes(32)])
+
+            def sealer_factory(name, epoch, nonce, _k=keyring):
+                return Sealer(_k, name, epoch, nonce=nonce)
+        self.sealer_factory = sealer_factory
+        from gossip.seal import PacketRejected
+        self._rejected_exc = PacketRejected
+
+        width = max(3, len(str(options.nodes - 1)))
+        clock_rng = child_rng(options.seed, "clocks")
+        self.nodes: list[SimNode] = []
+        self.by_name: dict[str, SimNode] = {}
+        self.by_addr: dict[tuple[str, int], int] = {}
+        for i in range(options.nodes):
+            name = f"n{i:0{width}d}"
+            addr = (f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}", 7946)
+            rate = 1.0 + clock_rng.uniform(-1.0, 1.0) * options.clock_drift_max_ppm * 1e-6
+            offset = 1000.0 + clock_rng.uniform(0.0, options.clock_offset_max_s)
+            node = SimNode(i, name, addr, rate, offset)
+            self.nodes.append(node)
+            self.by_name[name] = node
+            self.by_addr[addr] = i
+        self.seed_addrs = [self.nodes[i].addr for i in range(min(options.seeds, options.nodes))]
+        self.schedule = sorted(schedule)
+        for f in self.schedule:
+            if f.node is not None and f.node not in self.by_name:
+                raise ValueError(f"fault {f.kind} at {f.at_s}s names unknown node {f.node!r}")
+        self._update_uid = 0
+        self.end_s = 0.0
+        self.wall_s = 0.0
+        self._measure_start: tuple[float, int, int, float] | None = None
+        self._up_node_s = 0.0
+        self._up_count = 0
+        self._up_count_t = 0.0
+
+    # -- node lifecycle ------------------------------------------------------
+
+    def _boot(self, node: SimNode, t_s: float, join_at_s: float) -> None:
+        node.boots += 1
+        node.epoch = int(t_s * 1000) + node.boots  # wall-clock ms at start, strictly increasing
+        rng = child_rng(self.seed, "node", node.name, node.boots)
+        nonce_rng = child_rng(self.seed, "nonce", node.name, node.boots)
+        node.core = self.core_factory(self.config, node.name, node.addr, rng=rng,
+                                      now=node.local(t_s), tags=dict(node.tags), meta=node.meta,
+                                      incarnation=0)
+        node.sealer = self.sealer_factory(node.name, node.epoch, nonce_rng.randbytes)
+        node.up = True
+        node.leaving = False
+        node.paused_until = 0.0
+        node.pending = []
+        node.timer_at = INF
+        node.timer_gen += 1
+        node.apps = self.app_factory(node) if self.app_factory else []
+        self._count_up(t_s, +1)
+        self.metrics.node_up(node.name, t_s)
+        self.trace.append((t_s, "boot", node.idx, node.boots))
+        self.loop.schedule(join_at_s, K_JOIN, node.idx, node.boots)
+        self._arm(node, t_s)
+
+    def _kill(self, node: SimNode, t_s: float, *, crashed: bool) -> None:
+        if not node.up:
+            return
+        node.up = False
+        node.core = None
+        node.sealer = None
+        node.pending = []
+        node.paused_until = 0.0
+        node.timer_at = INF
+        node.timer_gen += 1
+        node.apps = []
+        self._count_up(t_s, -1)
+        self.metrics.node_down(node.name, t_s, crashed=crashed)
+        self.trace.append((t_s, "down", node.idx, crashed))
+
+    def _count_up(self, t_s: float, delta: int) -> None:
+        self._up_node_s += self._up_count * (t_s - self._up_count_t)
+        self._up_count_t = t_s
+        self._up_count += delta
+
+    # -- timers ------------------------------------------------------------------
+
+    def _arm(self, node: SimNode, t_s: float) -> None:
+        d = node.core.next_deadline()
+        for app in node.apps:
+            ad = app.next_deadline()
+            if ad < d:
+                d = ad
+        if d == INF or d is None:
+            return
+        rate, offset = node.rate, node.offset
+        at_s = (d - offset) / rate
+        if rate * at_s + offset < d:  # float rounding: the core must see now >= d
+            at_s = math.nextafter(at_s, INF)
+            if rate * at_s + offset < d:
+                at_s = math.nextafter(math.nextafter(at_s, INF), INF)
+        if at_s < t_s:
+            at_s = t_s
+        if at_s < node.timer_at:
+            node.timer_at = at_s
+            node.timer_gen += 1
+            heapq.heappush(self.loop.heap, (at_s, self.loop.next_seq(), K_TIMER, node.idx, node.timer_gen, None))
+
+    # -- effects -------------------------------------------------------------------
+
+    def _effects(self, node: SimNode, effects, t_s: float) -> None:
+        if not effects:
+            return
+        for e in effects:
+            tp = type(e)
+            if tp is SendPacket:
+                sealed = node.sealer.seal(e.data)
+                dst = self.by_addr.get(e.addr)
+                if dst is None:
+                    self.net.count_stream(node.idx, len(sealed))
+                    self.net.count_drop(t_s, node.idx, -1, "unknown_addr")
+                else:
+                    self.net.transmit(t_s, node.idx, dst, sealed)
+            elif tp is MemberEvent:
+                m = e.member
+                in_view, is_dead, is_suspect = _state_code(m.state)
+                self.metrics.member_event(node.name, m.name, in_view, is_dead, is_suspect, t_s)
+                self.trace.append((t_s, "m", node.idx, m.name, e.kind.value, m.incarnation))
+                if node.apps:
+                    now = node.local(t_s)
+                    for app in node.apps:
+                        self._app_effects(node, app.on_member_event(e, now), t_s)
+            elif tp is UserMessage:
+                self.metrics.user_message(node.name, e.data, t_s)
+                self.trace.append((t_s, "u", node.idx, e.sender, len(e.data)))
+                if node.apps:
+                    now = node.local(t_s)
+                    for app in node.apps:
+                        self._app_effects(node, app.handle_user(e.sender, e.data, now), t_s)
+            elif tp is StartPushPull:
+                self._start_push_pull(node, e, t_s)
+            else:
+                self.stats["unknown_effects"] += 1
+
+    def _app_effects(self, node: SimNode, effects, t_s: float) -> None:
+        for e in effects or ():
+            if type(e) in (SendPacket, StartPushPull, MemberEvent, UserMessage):
+                self._effects(node, [e], t_s)
+            elif self.app_effect is not None:
+                self.app_effect(node, e, t_s)
+
+    # -- push-pull streams -----------------------------------------------------------
+
+    def _start_push_pull(self, node: SimNode, e: StartPushPull, t_s: float) -> None:
+        self.stats["pp_started"] += 1
+        net = self.net
+        sealed = node.sealer.seal(STREAM_PUSH_PULL + e.data)
+        net.count_stream(node.idx, len(sealed) + STREAM_FRAME_HEADER_BYTES)
+        dst = self.by_addr.get(e.addr)
+        timeout_s = net.options.stream_timeout_s
+        if dst is None:
+            self.loop.schedule(t_s + timeout_s, K_PP_FAIL, node.idx, e.addr, node.boots)
+            return
+        peer = self.nodes[dst]
+        if not net.stream_open(node.idx, dst):
+            self.loop.schedule(t_s + timeout_s, K_PP_FAIL, node.idx, e.addr, node.boots)
+            return
+        if not peer.up:  # connection refused one round trip later
+            self.loop.schedule(t_s + 2 * net.delay_s(), K_PP_FAIL, node.idx, e.addr, node.boots)
+            return
+        self.loop.schedule(t_s + net.delay_s(), K_PP_REQ, dst, node.idx,
+                           (sealed, node.boots, t_s, e.join))
+
+    def _pp_request(self, peer: SimNode, src: int, payload, t_s: float) -> None:
+        sealed, src_boots, started_s, _join = payload
+        init = self.nodes[src]
+        timeout_s = self.net.options.stream_timeout_s
+        if not peer.up:
+            self.loop.schedule(t_s + self.net.delay_s(), K_PP_FAIL, src, peer.addr, src_boots)
+            return
+        try:
+            sender, body = peer.sealer.open(sealed, max_bytes=STREAM_FRAME_MAX_BYTES)
+        except self._rejected_exc as exc:
+            self._reject(peer, exc.reason, t_s)
+            self.loop.schedule(t_s + self.net.delay_s(), K_PP_FAIL, src, peer.addr, src_boots)
+            return
+        body = body[1:]
+        if t_s - started_s > timeout_s:
+            return  # the initiator gave up already (its K_PP_FAIL is queued)
+        reply, effects = peer.core.handle_push_pull(init.addr, body, peer.local(t_s))
+        self._effects(peer, effects, t_s)
+        if peer.up:
+            self._arm(peer, t_s)
+        if reply is None:
+            self.loop.schedule(t_s + self.net.delay_s(), K_PP_FAIL, src, peer.addr, src_boots)
+            return
+        sealed_reply = peer.sealer.seal(STREAM_PUSH_PULL + reply)
+        self.net.count_stream(peer.idx, len(sealed_reply) + STREAM_FRAME_HEADER_BYTES)
+        self.loop.schedule(t_s + self.net.delay_s(), K_PP_REPLY, src, peer.idx,
+                           (sealed_reply, src_boots))
+
+    def _pp_reply(self, node: SimNode, responder: int, payload, t_s: float) -> None:
+        sealed, boots = payload
+        if not node.up or node.boots != boots:
+            return
+        peer = self.nodes[responder]
+        try:
+            _sender, body = node.sealer.open(sealed, max_bytes=STREAM_FRAME_MAX_BYTES)
+        except self._rejected_exc as exc:
+            self._reject(node, exc.reason, t_s)
+            self.stats["pp_failed"] += 1
+            self._effects(node, node.core.push_pull_failed(peer.addr, node.local(t_s)), t_s)
+            return
+        self.stats["pp_ok"] += 1
+        self._effects(node, node.core.handle_push_pull_reply(peer.addr, body[1:], node.local(t_s)), t_s)
+
+    def _reject(self, node: SimNode, reason: str, t_s: float) -> None:
+        r = self.stats["rejected"]
+        r[reason] = r.get(reason, 0) + 1
+        self._effects(node, node.core.note_rejected(reason), t_s)
+
+    # -- faults ---------------------------------------------------------------------------
+
+    def _apply_fault(self, f: Fault, t_s: float) -> None:
+        self.metrics.fault(t_s)
+        self.trace.append((t_s, "fault", f.kind, f.node, repr(f.args)))
+        net = self.net
+        node = self.by_name.get(f.node) if f.node is not None else None
+        kind = f.kind
+        if kind == "crash":
+            self._kill(node, t_s, crashed=True)
+        elif kind == "restart":
+            if node.up:
+                self._kill(node, t_s, crashed=False)
+            self.metrics.node_restarting(node.name)
+            self._boot(node, t_s, t_s)
+        elif kind == "leave":
+            if node.up and not node.leaving:
+                if node.paused_until > t_s:
+                    self._resume(node, t_s)
+                node.leaving = True
+                self.metrics.node_leaving(node.name, t_s)
+                self._effects(node, node.core.leave(node.local(t_s)), t_s)
+                if node.up:
+                    self._arm(node, t_s)
+                self.loop.schedule(t_s + self.options.leave_linger_s, K_STOP, node.idx, node.boots)
+        elif kind == "pause":
+            if node.up:
+                until = t_s + float(f.args[0])
+                if until > node.paused_until:
+                    node.paused_until = until
+                    node.pause_token += 1
+                    self.metrics.node_paused(node.name)
+                    self.loop.schedule(until, K_RESUME, node.idx, node.pause_token)
+        elif kind == "partition":
+            groups = f.args[0]
+            net.partition([[self.by_name[n].idx for n in g] for g in groups])
+        elif kind == "heal":
+            net.heal()
+            net.set_options(self.base_network)
+        elif kind == "loss":
+            net.set_options(replace(net.options, packet_loss_probability=float(f.args[0])))
+        elif kind == "block":
+            net.block(node.idx, self.by_name[f.args[0]].idx)
+        elif kind == "unblock":
+            net.unblock(node.idx, self.by_name[f.args[0]].idx)
+        elif kind == "drift":
+            rate = float(f.args[0])
+            if not 0.5 <= rate <= 2.0:
+                raise ValueError(f"drift rate {rate} out of range 0.5..2.0")
+            # keep the clock continuous (monotonic): same reading at t_s
+            node.offset = node.local(t_s) - rate * t_s
+            node.rate = rate
+            if node.up and node.paused_until <= t_s:
+                node.timer_at = INF
+                node.timer_gen += 1
+                self._arm(node, t_s)
+
+    def _resume(self, node: SimNode, t_s: float) -> None:
+        node.paused_until = 0.0
+        pending, node.pending = node.pending, []
+        self.trace.append((t_s, "resume", node.idx, len(pending)))
+        for entry in pending:
+            if not node.up:
+                break
+            self._dispatch_node(entry, node, t_s)
+        if node.up:
+            node.timer_at = INF
+            node.timer_gen += 1
+            self._arm(node, t_s)
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    def _dispatch_node(self, entry: tuple, node: SimNode, t_s: float) -> None:
+        """Handle a node-bound entry (delivery, stream, failure) at ``t_s``."""
+        kind = entry[2]
+        if kind == K_DELIVER:
+            self._deliver(node, entry[4], entry[5], t_s)
+        elif kind == K_PP_REQ:
+            self._pp_request(node, entry[4], entry[5], t_s)
+        elif kind == K_PP_REPLY:
+            self._pp_reply(node, entry[4], entry[5], t_s)
+        elif kind == K_PP_FAIL:
+            if node.boots == entry[5]:
+                self.stats["pp_failed"] += 1
+                self._effects(node, node.core.push_pull_failed(entry[4], node.local(t_s)), t_s)
+        if node.up:
+            self._arm(node, t_s)
+
+    def _deliver(self, node: SimNode, src: int, data: bytes, t_s: float) -> None:
+        try:
+            _sender, body = node.sealer.open(data)
+        except self._rejected_exc as exc:
+            self.net.drops["rejected"] += 1
+            self.trace.append((t_s, "x", src, node.idx, "rejected:" + exc.reason))
+            self._reject(node, exc.reason, t_s)
+            return
+        self._effects(node, node.core.handle_packet(self.nodes[src].addr, body, node.local(t_s)), t_s)
+
+    def _inject_update(self, t_s: float) -> None:
+        if self.net.partitioned:
+            return
+        candidates = [n for n in self.nodes if n.up and not n.leaving and n.paused_until <= t_s]
+        if not candidates:
+            return
+        node = candidates[self.rng.randrange(len(candidates))]
+        self._update_uid += 1
+        uid = self._update_uid
+        self.metrics.update_injected(uid, node.name, t_s)
+        self.trace.append((t_s, "inject", node.idx, uid))
+        out = node.core.queue_user_broadcast(f"sim/u/{uid}", b"sim/u/%d" % uid)
+        if out:
+            self._effects(node, out, t_s)
+        self._arm(node, t_s)
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def run(self, duration_s: float) -> dict:
+        """Run ``duration_s`` virtual seconds; returns the report dict."""
+        if duration_s <= 0:
+            raise ValueError("duration must be positive")
+        wall0 = _wallclock.perf_counter()
+        loop = self.loop
+        heap = loop.heap
+        opts = self.options
+        boot_rng = child_rng(self.seed, "boot")
+        for node in self.nodes:
+            join_at_s = 0.0 if node.idx == 0 else boot_rng.uniform(0.0, opts.join_stagger_s)
+            self._boot(node, 0.0, join_at_s)
+        for f in self.schedule:
+            if f.at_s <= duration_s:
+                loop.schedule(f.at_s, K_FAULT, f)
+        loop.schedule(opts.check_interval_s, K_CHECK)
+        if opts.update_interval_s > 0:
+            loop.schedule(opts.update_interval_s, K_INJECT)
+        nodes = self.nodes
+        metrics = self.metrics
+        net = self.net
+        trace = self.trace
+        heappop = heapq.heappop
+        deliver = self._deliver
+        effects_fn = self._effects
+        arm = self._arm
+        buffer_max = net.options.paused_buffer_packets_max
+        events = 0
+        while heap:
+            entry = heap[0]
+            t_s = entry[0]
+            if t_s > duration_s:
+                break
+            heappop(heap)
+            loop.now_s = t_s
+            events += 1
+            kind = entry[2]
+            if kind == K_DELIVER:
+                node = nodes[entry[3]]
+                if not node.up:
+                    net.count_drop(t_s, entry[4], node.idx, "down")
+                    continue
+                if node.paused_until > t_s:
+                    if len(node.pending) >= buffer_max:
+                        net.count_drop(t_s, entry[4], node.idx, "queue_full")
+                    else:
+                        node.pending.append(entry)
+                        self.stats["paused_deferred"] += 1
+                    continue
+                deliver(node, entry[4], entry[5], t_s)
+                if node.up:
+                    arm(node, t_s)
+            elif kind == K_TIMER:
+                node = nodes[entry[3]]
+                if entry[4] != node.timer_gen or not node.up:
+                    continue
+                node.timer_at = INF
+                if node.paused_until > t_s:
+                    continue  # resume re-arms
+                now = node.local(t_s)
+                effects_fn(node, node.core.tick(now), t_s)
+                for app in node.apps:
+                    self._app_effects(node, app.tick(now), t_s)
+                if node.up:
+                    arm(node, t_s)
+                    if node.timer_at <= t_s:
+                        # The core still says "due now" right after a tick:
+                        # step a little so the loop always makes progress.
+                        self.stats["timer_spins"] += 1
+                        node.timer_gen += 1
+                        node.timer_at = t_s + 1e-4
+                        loop.schedule(node.timer_at, K_TIMER, node.idx, node.timer_gen)
+            elif kind in (K_PP_REQ, K_PP_REPLY, K_PP_FAIL):
+                node = nodes[entry[3]]
+                if not node.up:
+                    if kind == K_PP_REQ:
+                        self._pp_request(node, entry[4], entry[5], t_s)  # refused
+                    continue
+                if node.paused_until > t_s:
+                    if kind == K_PP_REQ and node.paused_until - entry[5][2] > net.options.stream_timeout_s:
+                        loop.schedule(entry[5][2] + net.options.stream_timeout_s, K_PP_FAIL,
+                                      entry[4], node.addr, entry[5][1])
+                    else:
+                        node.pending.append(entry)
+                    continue
+                self._dispatch_node(entry, node, t_s)
+            elif kind == K_FAULT:
+                self._apply_fault(entry[3], t_s)
+            elif kind == K_RESUME:
+                node = nodes[entry[3]]
+                if node.up and entry[4] == node.pause_token and node.paused_until:
+                    self._resume(node, t_s)
+            elif kind == K_CHECK:
+                was = metrics.converged
+                if metrics.check_converged(t_s) and self._measure_start is None:
+                    self._start_measuring(t_s)
+                if metrics.converged != was:
+                    trace.append((t_s, "converged", metrics.converged))
+                loop.schedule(t_s + opts.check_interval_s, K_CHECK)
+            elif kind == K_INJECT:
+                if self._measure_start is not None:
+                    self._inject_update(t_s)
+                loop.schedule(t_s + opts.update_interval_s, K_INJECT)
+            elif kind == K_JOIN:
+                node = nodes[entry[3]]
+                if node.up and node.boots == entry[4]:
+                    seeds = [a for a in self.seed_addrs if a != node.addr]
+                    effects_fn(node, node.core.join(seeds, node.local(t_s)), t_s)
+                    if node.up:
+                        arm(node, t_s)
+            elif kind == K_STOP:
+                node = nodes[entry[3]]
+                if node.up and node.boots == entry[4] and node.leaving:
+                    self._kill(node, t_s, crashed=False)
+        loop.now_s = duration_s
+        self.end_s = duration_s
+        self.stats["events"] = events
+        metrics.dirty = True
+        metrics.check_converged(duration_s)
+        self.wall_s = _wallclock.perf_counter() - wall0
+        return self.report()
+
+    def _start_measuring(self, t_s: float) -> None:
+        self._count_up(t_s, 0)
+        self._measure_start = (t_s, sum(self.net.sent_msgs), sum(self.net.sent_bytes), self._up_node_s)
+
+    # -- report ----------------------------------------------------------------------------------
+
+    def report(self) -> dict:
+        """The run's figures (the ``--json`` document)."""
+        end_s = self.end_s
+        self._count_up(end_s, 0)
+        res = self.metrics.results(end_s)
+        start = self._measure_start or (0.0, 0, 0, 0.0)
+        up_node_s = self._up_node_s - start[3]
+        msgs = sum(self.net.sent_msgs) - start[1]
+        nbytes = sum(self.net.sent_bytes) - start[2]
+        n = self.options.nodes
+        out = {
+            "seed": self.seed,
+            "nodes": n,
+            "virtual_seconds": end_s,
+            "wall_seconds": round(self.wall_s, 3),
+            "node_seconds_per_wall_second": round(n * end_s / self.wall_s, 1) if self.wall_s else None,
+            "trace_hash": self.trace.hexdigest(),
+            "trace_records": self.trace.count,
+            **{k: res[k] for k in ("detection_latency_s",)},
+            "false_positives": res["false_positives"],
+            "dissemination_rounds": res["dissemination_rounds"],
+            "msgs_per_node_per_s": round(msgs / up_node_s, 3) if up_node_s > 0 else None,
+            "bytes_per_node_per_s": round(nbytes / up_node_s, 1) if up_node_s > 0 else None,
+            "converged": res["converged"],
+            "convergence_s": res["convergence_s"],
+            "slots_due": None,
+            "slots_fired": None,
+            "duplicate_fires": None,
+            "missed_slots": None,
+        }
+        for k, v in res.items():
+            out.setdefault(k, v)
+        out["measure_start_s"] = start[0] if self._measure_start else None
+        out["drops"] = {k: v for k, v in sorted(self.net.drops.items()) if v}
+        out["stats"] = dict(sorted(self.stats.items()))
+        out["nodes_running_at_end"] = sum(1 for n in self.nodes if n.up)
+        out["disagreement"] = [] if res["converged"] else self.metrics.disagreement()
+        return out

@@ -1,0 +1,70 @@
+"""Node config: precedence flag > env > file > default; errors name the source."""
+import json
+
+import pytest
+
+from node.config import ConfigError, build_config, parse_addr
+
+
+def test_parse_addr_forms():
+    assert parse_addr("127.0.0.1:7946") == ("127.0.0.1", 7946)
+    assert parse_addr("[::1]:7946") == ("::1", 7946)
+    assert parse_addr("example.org:1") == ("example.org", 1)
+    for bad, reason in [("nohost", "HOST:PORT"), (":7", "missing host"), ("h:99999", "0-65535"),
+                        ("h:x", "not a number"), ("::1:7", "brackets"), ("[::1]7", "IPv6")]:
+        with pytest.raises(ConfigError, match=reason):
+            parse_addr(bad)
+
+
+def test_precedence_flag_env_file(tmp_path):
+    f = tmp_path / "n.toml"
+    f.write_text('name = "fromfile"\napi = "127.0.0.1:1000"\ninsecure = true\ntags = "a=1"\n')
+    env = {"PEERD_API": "127.0.0.1:2000", "PEERD_NAME": "fromenv"}
+    cfg = build_config(flags={"name": "fromflag"}, environ=env, config_file=str(f))
+    assert cfg.name == "fromflag"
+    assert cfg.api == ("127.0.0.1", 2000)
+    assert cfg.tags == {"a": "1"}
+    assert cfg.insecure is True
+
+
+def test_yaml_and_json_files(tmp_path):
+    y = tmp_path / "n.yaml"
+    y.write_text("name: y\ninsecure: true\nseeds: [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n")
+    assert build_config(flags={}, environ={}, config_file=str(y)).seeds == (("127.0.0.1", 1), ("127.0.0.1", 2))
+    j = tmp_path / "n.json"
+    j.write_text(json.dumps({"name": "j", "insecure": True, "log-format": "json"}))
+    assert build_config(flags={}, environ={}, config_file=str(j)).log_format == "json"
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ('name = "x"\nbogus = 1\ninsecure = true\n', "unknown key 'bogus'"),
+        ('name = "x"\napi = "nope"\ninsecure = true\n', "n.toml: api"),
+        ('name = "x"\nlog_format = "xml"\ninsecure = true\n', "must be one of"),
+        ('name = "x"\ninsecure = "maybe"\n', "not a boolean"),
+        ("name = [\n", "syntax error"),
+    ],
+)
+def test_file_errors_name_file_and_key(tmp_path, content, needle):
+    f = tmp_path / "n.toml"
+    f.write_text(content)
+    with pytest.raises(ConfigError, match=needle) as e:
+        build_config(flags={}, environ={}, config_file=str(f))
+    assert "n.toml" in str(e.value)
+
+
+def test_env_error_names_variable():
+    with pytest.raises(ConfigError, match="PEERD_API"):
+        build_config(flags={"name": "a", "insecure": True}, environ={"PEERD_API": "bad"})
+
+
+def test_no_key_refuses_unless_insecure():
+    with pytest.raises(ConfigError, match="refusing to start"):
+        build_config(flags={"name": "a"}, environ={})
+    assert build_config(flags={"name": "a", "insecure": True}, environ={}).insecure
+
+
+def test_flag_error_names_flag():
+    with pytest.raises(ConfigError, match="--bind"):
+        build_config(flags={"name": "a", "insecure": True, "bind": "x"}, environ={})
