@@ -14,7 +14,8 @@ Rules
    most-transmitted, then oldest, are dropped (memberlist ``Prune``).
 
 Broadcasts are stored pre-encoded, so filling a datagram is a walk over
-byte lengths: ``O(items examined)``, bounded by ``scan_max``.
+byte lengths: ``O(items examined)``, bounded by ``scan_max`` and by 16
+consecutive items that do not fit.
 """
 from __future__ import annotations
 
@@ -59,16 +60,20 @@ class TransmitLimitedQueue:
     def __bool__(self) -> bool:
         return bool(self._by_key)
 
-    def queue(self, key: str, data: bytes) -> None:
-        """Add a broadcast, superseding any queued one with the same key."""
+    def queue(self, key: str, data: bytes, transmits: int = 0) -> None:
+        """Add a broadcast, superseding any queued one with the same key.
+
+        ``transmits`` > 0 queues it as already sent that many times (fewer
+        copies, lower priority: for news that is probably not news).
+        """
         old = self._by_key.pop(key, None)
         if old is not None:
             del self._levels[old.transmits][old.id]
         self._next_id += 1
-        b = Broadcast(key, data, 0, self._next_id)
-        if not self._levels:
+        b = Broadcast(key, data, transmits, self._next_id)
+        while len(self._levels) <= transmits:
             self._levels.append({})
-        self._levels[0][b.id] = b
+        self._levels[transmits][b.id] = b
         self._by_key[key] = b
         while len(self._by_key) > self.max_len:
             self._drop_one()
@@ -115,6 +120,7 @@ class TransmitLimitedQueue:
         out: list[bytes] = []
         picked: list[Broadcast] = []
         scanned = 0
+        misses = 0
         levels = self._levels
         for t in range(len(levels)):
             lvl = levels[t]
@@ -133,11 +139,16 @@ class TransmitLimitedQueue:
                     out.append(b.data)
                     picked.append(b)
                     space_bytes -= need
+                    misses = 0
                     if space_bytes < 8:
+                        break
+                else:
+                    misses += 1
+                    if misses >= 16:  # nearly full: stop looking for a small one
                         break
                 if scanned >= self.scan_max:
                     break
-            if space_bytes < 8 or scanned >= self.scan_max:
+            if space_bytes < 8 or misses >= 16 or scanned >= self.scan_max:
                 break
         for b in picked:
             del levels[b.transmits][b.id]

@@ -43,8 +43,10 @@ State merge (one total order). A claim about a member is a pair
    refuted: ``incarnation = max(ours, claimed) + 1`` and ALIVE is broadcast.
 5. Every accepted claim from a datagram is re-broadcast (infection style).
    Push-pull records are merged with the same rules; a remote DEAD becomes a
-   SUSPECT here (memberlist: prefer suspicion to instant death); the reply to
-   our own *join* push-pull is not re-broadcast (it is news to us only).
+   SUSPECT here (memberlist: prefer suspicion to instant death). What we learn
+   from the reply to our own *join* push-pull is mostly news to us only, so it
+   is re-broadcast "weakly": twice, after fresher news (memberlist sends it
+   the full retransmit count; we still cover simultaneous joins).
 
 Events (``MemberEvent``) come out in decision order: JOIN when a member
 becomes alive or suspect from unknown/dead/left, SUSPECT, DEAD, LEFT,
@@ -89,8 +91,8 @@ from .config import Config
 from .effects import Addr, Effect, EventKind, MemberEvent, SendPacket, StartPushPull, UserMessage
 from .suspicion import Suspicion
 from .wire import (
-    COMPOUND_HEADER_MAX_BYTES, Ack, Alive, Dead, IndirectPing, LocalProtocolError, MsgType,
-    Nack, Ping, RemoteProtocolError, Suspect, UnknownMsg, User, WireState,
+    COMPOUND_HEADER_MAX_BYTES, Alive, LocalProtocolError, MsgType, RemoteProtocolError, User,
+    WireState,
 )
 
 __all__ = ["MemberState", "Member", "SwimStats", "Swim"]
@@ -256,6 +258,7 @@ class Swim:
         self._join_backoff_s = config.join_retry_initial_s
         self._join_retry_at: float | None = None
         self._leaving = False
+        self._weak = False                   # re-broadcast weakly (join reply merge)
         self._now = now                      # latest time seen (for next_deadline only)
         # counters
         self._c = dict.fromkeys(
@@ -341,8 +344,14 @@ class Swim:
     def _alive_fields(self, n: _Node) -> list:
         return [MsgType.ALIVE, n.incarnation, n.name, n.addr[0], n.addr[1], dict(n.tags), n.meta]
 
-    def _broadcast(self, name: str, data: bytes) -> None:
-        self._queue.queue("m:" + name, data)
+    def _broadcast(self, name: str, data: bytes, weak: bool = False) -> None:
+        if weak:
+            # probably not news to the cluster: queue as already sent so it
+            # goes out twice, after fresher news
+            limit = self.config.retransmit_limit(self._live_n())
+            self._queue.queue("m:" + name, data, max(0, limit - 2))
+        else:
+            self._queue.queue("m:" + name, data)
 
     def _send(self, out: list, addr: Addr, msgs: list[bytes]) -> None:
         """Emit one datagram with ``msgs`` and as many broadcasts as fit."""
@@ -441,7 +450,7 @@ class Swim:
             self._add_peer(name)
             self._event(out, EventKind.JOIN, n)
             if rebroadcast:
-                self._broadcast(name, _pack(self._alive_fields(n)))
+                self._broadcast(name, _pack(self._alive_fields(n)), self._weak)
             return
         if inc <= n.incarnation:
             if inc < n.incarnation:
@@ -464,7 +473,7 @@ class Swim:
         elif old is SUSPECT or changed:
             self._event(out, EventKind.UPDATE, n)
         if rebroadcast:
-            self._broadcast(name, _pack(self._alive_fields(n)))
+            self._broadcast(name, _pack(self._alive_fields(n)), self._weak)
 
     def _on_suspect(self, out: list, now: float, name: str, inc: int, sender: str,
                     rebroadcast: bool) -> None:
@@ -484,7 +493,7 @@ class Swim:
                 if s is not None and s.confirm(sender):
                     self._push_timer(s.deadline(), _T_SUSP, name, s)
                     if rebroadcast:
-                        self._broadcast(name, _pack([MsgType.SUSPECT, inc, name, sender]))
+                        self._broadcast(name, _pack([MsgType.SUSPECT, inc, name, sender]), self._weak)
                 return
             if n.state is not ALIVE:
                 return  # dead/left beat suspect at equal incarnation
@@ -507,7 +516,7 @@ class Swim:
                 self._event(out, EventKind.JOIN, n)
             self._event(out, EventKind.SUSPECT, n)
         if rebroadcast:
-            self._broadcast(name, _pack([MsgType.SUSPECT, inc, name, sender]))
+            self._broadcast(name, _pack([MsgType.SUSPECT, inc, name, sender]), self._weak)
 
     def _on_dead(self, out: list, now: float, name: str, inc: int, sender: str,
                  rebroadcast: bool) -> None:
@@ -532,7 +541,7 @@ class Swim:
             self._probe = None  # nothing left to learn; the next round starts on time
         self._event(out, EventKind.LEFT if new is LEFT else EventKind.DEAD, n)
         if rebroadcast:
-            self._broadcast(name, _pack([MsgType.DEAD, inc, name, sender]))
+            self._broadcast(name, _pack([MsgType.DEAD, inc, name, sender]), self._weak)
 
     def _apply_awareness(self, delta: int) -> None:
         a = self._awareness + delta
@@ -553,42 +562,43 @@ class Swim:
         c["packets_in"] += 1
         c["bytes_in"] += len(data)
         try:
-            msgs = wire.decode_compound(data)
+            items = wire.decode_compound_raw(data)
         except RemoteProtocolError as exc:
             self._reject(exc.reason)
             return out
-        for m in msgs:
+        for it in items:
             try:
-                self._dispatch(out, src, m, now)
+                self._dispatch(out, src, it, now)
             except Exception:  # a bug; count it rather than kill the receive loop
                 self._reject("internal_error")
         return out
 
-    def _dispatch(self, out: list, src: Addr, m, now: float) -> None:
-        t = type(m)
-        if t is Ping:
-            if m.target != self._name:
+    def _dispatch(self, out: list, src: Addr, it: list, now: float) -> None:
+        # ``it`` is a validated ``[type, field, ...]`` list (wire.decode_compound_raw)
+        t = it[0]
+        if t == 5:    # ALIVE
+            self._on_alive(out, now, it[2], it[1], (it[3], it[4]), it[5], it[6], True)
+        elif t == 0:  # PING
+            if it[2] != self._name:
                 self._reject("wrong_target")
                 return
-            self._send(out, src, [_pack([MsgType.ACK, m.seq])])
-        elif t is Ack:
-            self._on_ack(out, src, m.seq, now)
-        elif t is Alive:
-            self._on_alive(out, now, m.node, m.incarnation, (m.host, m.port), m.tags, m.meta, True)
-        elif t is Suspect:
-            self._on_suspect(out, now, m.node, m.incarnation, m.sender, True)
-        elif t is Dead:
-            self._on_dead(out, now, m.node, m.incarnation, m.sender, True)
-        elif t is IndirectPing:
-            self._on_indirect_ping(out, src, m, now)
-        elif t is Nack:
+            self._send(out, src, [_pack([MsgType.ACK, it[1]])])
+        elif t == 2:  # ACK
+            self._on_ack(out, src, it[1], now)
+        elif t == 4:  # SUSPECT
+            self._on_suspect(out, now, it[2], it[1], it[3], True)
+        elif t == 6:  # DEAD
+            self._on_dead(out, now, it[2], it[1], it[3], True)
+        elif t == 1:  # INDIRECT_PING
+            self._on_indirect_ping(out, src, it[1], it[2], (it[3], it[4]), it[5], now)
+        elif t == 3:  # NACK
             p = self._probe
-            if p is not None and p.seq == m.seq:
+            if p is not None and p.seq == it[1]:
                 p.nacks += 1
                 self._c["nacks"] += 1
-        elif t is User:
-            out.append(UserMessage(m.sender, m.data))
-        elif t is UnknownMsg:
+        elif t == 7:  # USER
+            out.append(UserMessage(it[1], it[3]))
+        else:
             self._reject("unknown_type")
 
     def _on_ack(self, out: list, src: Addr, seq: int, now: float) -> None:
@@ -604,14 +614,15 @@ class Swim:
             requester, orig_seq, _nack = relay
             self._send(out, requester, [_pack([MsgType.ACK, orig_seq])])
 
-    def _on_indirect_ping(self, out: list, src: Addr, m: IndirectPing, now: float) -> None:
+    def _on_indirect_ping(self, out: list, src: Addr, req_seq: int, target: str,
+                          target_addr: Addr, nack: bool, now: float) -> None:
         if len(self._relays) >= 1024:
             self._reject("relay_overflow")
             return
         seq = self._next_seq()
-        self._relays[seq] = (src, m.seq, m.nack)
+        self._relays[seq] = (src, req_seq, nack)
         self._push_timer(now + self.config.probe_timeout_s, _T_RELAY, seq, None)
-        self._send(out, (m.host, m.port), [_pack([MsgType.PING, seq, m.target, self._name])])
+        self._send(out, target_addr, [_pack([MsgType.PING, seq, target, self._name])])
 
     # -- timers ------------------------------------------------------------------
     def next_deadline(self) -> float:
@@ -794,6 +805,8 @@ class Swim:
         self._join_ok = False
         self._join_backoff_s = self.config.join_retry_initial_s
         self._join_retry_at = None
+        # memberlist setAlive: announce ourselves; rides on our first datagrams
+        self._broadcast(self._name, _pack(self._alive_fields(self._me)))
         out: list = []
         self._join_attempt(out, now)
         return out
@@ -848,21 +861,17 @@ class Swim:
                          int(_TO_WIRE[n.state])])
         return wire.encode_push_pull_rows(rows, join, self._name)
 
-    def _merge(self, out: list, pp: wire.PushPull, now: float, rebroadcast: bool) -> None:
-        sender = pp.sender or "?"
-        for r in pp.members:
-            st = r.state
+    def _merge(self, out: list, sender: str, rows: list[list], now: float) -> None:
+        accuser = sender or "?"
+        for name, host, port, inc, tags, meta, st in rows:
             try:
-                if st is WireState.ALIVE:
-                    self._on_alive(out, now, r.name, r.incarnation, (r.host, r.port), r.tags,
-                                   r.meta, rebroadcast)
-                elif st is WireState.LEFT:
-                    self._on_dead(out, now, r.name, r.incarnation, r.name, rebroadcast)
-                else:  # SUSPECT, and DEAD softened to SUSPECT (memberlist mergeState)
-                    if r.name not in self._nodes:
-                        continue
-                    self._on_suspect(out, now, r.name, r.incarnation,
-                                     sender if sender != r.name else "?" + sender, rebroadcast)
+                if st == 0:    # ALIVE
+                    self._on_alive(out, now, name, inc, (host, port), tags, meta, True)
+                elif st == 3:  # LEFT
+                    self._on_dead(out, now, name, inc, name, True)
+                elif name in self._nodes:
+                    # SUSPECT, and DEAD softened to SUSPECT (memberlist mergeState)
+                    self._on_suspect(out, now, name, inc, accuser, True)
             except Exception:
                 self._reject("internal_error")
 
@@ -876,11 +885,11 @@ class Swim:
         out: list = []
         self._c["bytes_in"] += len(data)
         try:
-            pp = wire.decode_push_pull(data)
+            _join, sender, rows = wire.decode_push_pull_raw(data)
         except RemoteProtocolError as exc:
             self._reject(exc.reason)
             return None, out
-        self._merge(out, pp, now, rebroadcast=True)
+        self._merge(out, sender, rows, now)
         reply = self._encode_state(join=False)
         self._c["bytes_out"] += len(reply)
         return reply, out
@@ -891,13 +900,17 @@ class Swim:
         a = (src[0], int(src[1]))
         self._c["bytes_in"] += len(data)
         try:
-            pp = wire.decode_push_pull(data)
+            _join, sender, rows = wire.decode_push_pull_raw(data)
         except RemoteProtocolError as exc:
             self._reject(exc.reason)
             self._join_attempt_failed(a, now)
             return out
         was_join = a in self._join_pending
-        self._merge(out, pp, now, rebroadcast=not was_join)
+        self._weak = was_join
+        try:
+            self._merge(out, sender, rows, now)
+        finally:
+            self._weak = False
         if was_join:
             self._join_pending.clear()
             self._join_ok = True

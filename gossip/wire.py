@@ -42,6 +42,7 @@ __all__ = [
     "Ping", "IndirectPing", "Ack", "Nack", "Suspect", "Alive", "Dead", "User", "UnknownMsg",
     "Msg", "MemberRecord", "PushPull",
     "encode_msg", "encoded_size", "encode_compound", "join_compound", "decode_compound",
+    "decode_compound_raw", "decode_push_pull_raw", "encode_push_pull_rows",
     "encode_push_pull", "decode_push_pull", "COMPOUND_HEADER_MAX_BYTES",
     "NAME_MAX_BYTES", "HOST_MAX_BYTES", "META_MAX_BYTES", "TAGS_MAX", "TAG_KEY_MAX_BYTES",
     "TAG_VALUE_MAX_BYTES", "USER_MAX_BYTES", "UINT64_MAX", "PUSH_PULL_VERSION",
@@ -420,40 +421,53 @@ def _unpack(data: bytes, max_len: int, max_array: int, max_map: int) -> Any:
         return msgpack.unpackb(
             data, raw=False, use_list=True, strict_map_key=True,
             max_str_len=max_len, max_bin_len=max_len, max_array_len=max_array,
-            max_map_len=max_map, max_ext_len=0, max_buffer_size=max_len,
+            max_map_len=max_map, max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises many kinds; all mean "bad bytes"
         raise _R("malformed", f"msgpack: {type(exc).__name__}") from None
 
 
-def _dec_tags(v: Any) -> Mapping[str, str]:
-    if type(v) is not dict:
-        raise _R("malformed", "tags must be a map")
-    _chk_tags(v, _R)
-    return MappingProxyType(v)
+def _check_item(item: Any) -> int:
+    """Validate one compound item in place; return its type code.
 
-
-def _dec_item(item: Any) -> Msg | UnknownMsg:
+    Unknown (newer) type codes are returned as is, unchecked.
+    """
     if type(item) is not list or not item:
         raise _R("malformed", "message must be a non-empty array")
     t = item[0]
     if type(t) is not int:
         raise _R("malformed", "message type must be an integer")
     n = len(item)
-    if t == 0:  # PING
+    if t == 5:  # ALIVE (the most common item)
+        if n != 7:
+            raise _R("malformed", "alive arity")
+        _, inc, node, host, port, tags, meta = item
+        _chk_uint(inc, "alive.incarnation", _R)
+        _chk_str(node, "alive.node", _R, NAME_MAX_BYTES)
+        _chk_str(host, "alive.host", _R, HOST_MAX_BYTES)
+        _chk_uint(port, "alive.port", _R, 65535)
+        if type(tags) is not dict:
+            raise _R("malformed", "tags must be a map")
+        if tags:
+            _chk_tags(tags, _R)
+        _chk_bytes(meta, "alive.meta", _R, META_MAX_BYTES)
+    elif t == 0:  # PING
         if n != 4:
             raise _R("malformed", "ping arity")
-        _, seq, target, sender = item
-        _chk_uint(seq, "ping.seq", _R)
-        _chk_str(target, "ping.target", _R, NAME_MAX_BYTES)
-        _chk_str(sender, "ping.sender", _R, NAME_MAX_BYTES)
-        return _trusted(Ping, seq, target, sender)
-    if t == 2 or t == 3:  # ACK / NACK
+        _chk_uint(item[1], "ping.seq", _R)
+        _chk_str(item[2], "ping.target", _R, NAME_MAX_BYTES)
+        _chk_str(item[3], "ping.sender", _R, NAME_MAX_BYTES)
+    elif t == 2 or t == 3:  # ACK / NACK
         if n != 2:
             raise _R("malformed", "ack arity")
         _chk_uint(item[1], "ack.seq", _R)
-        return _trusted(Ack if t == 2 else Nack, item[1])
-    if t == 1:  # INDIRECT_PING
+    elif t == 4 or t == 6:  # SUSPECT / DEAD
+        if n != 4:
+            raise _R("malformed", "suspect/dead arity")
+        _chk_uint(item[1], "incarnation", _R)
+        _chk_str(item[2], "node", _R, NAME_MAX_BYTES)
+        _chk_str(item[3], "sender", _R, NAME_MAX_BYTES)
+    elif t == 1:  # INDIRECT_PING
         if n != 7:
             raise _R("malformed", "indirect_ping arity")
         _, seq, target, host, port, nack, sender = item
@@ -463,39 +477,51 @@ def _dec_item(item: Any) -> Msg | UnknownMsg:
         _chk_uint(port, "indirect_ping.port", _R, 65535)
         _chk_bool(nack, "indirect_ping.nack", _R)
         _chk_str(sender, "indirect_ping.sender", _R, NAME_MAX_BYTES)
-        return _trusted(IndirectPing, seq, target, host, port, nack, sender)
-    if t == 4 or t == 6:  # SUSPECT / DEAD
-        if n != 4:
-            raise _R("malformed", "suspect/dead arity")
-        _, inc, node, sender = item
-        _chk_uint(inc, "incarnation", _R)
-        _chk_str(node, "node", _R, NAME_MAX_BYTES)
-        _chk_str(sender, "sender", _R, NAME_MAX_BYTES)
-        return _trusted(Suspect if t == 4 else Dead, inc, node, sender)
-    if t == 5:  # ALIVE
-        if n != 7:
-            raise _R("malformed", "alive arity")
-        _, inc, node, host, port, tags, meta = item
-        _chk_uint(inc, "alive.incarnation", _R)
-        _chk_str(node, "alive.node", _R, NAME_MAX_BYTES)
-        _chk_str(host, "alive.host", _R, HOST_MAX_BYTES)
-        _chk_uint(port, "alive.port", _R, 65535)
-        tags = _dec_tags(tags)
-        _chk_bytes(meta, "alive.meta", _R, META_MAX_BYTES)
-        return _trusted(Alive, inc, node, host, port, tags, meta)
-    if t == 7:  # USER
+    elif t == 7:  # USER
         if n != 4:
             raise _R("malformed", "user arity")
-        _, sender, key, data = item
-        _chk_str(sender, "user.sender", _R, NAME_MAX_BYTES)
-        _chk_str(key, "user.key", _R, USER_KEY_MAX_BYTES, allow_empty=True)
-        _chk_bytes(data, "user.data", _R, USER_MAX_BYTES)
-        return _trusted(User, sender, key, data)
-    if t < 0:
+        _chk_str(item[1], "user.sender", _R, NAME_MAX_BYTES)
+        _chk_str(item[2], "user.key", _R, USER_KEY_MAX_BYTES, allow_empty=True)
+        _chk_bytes(item[3], "user.data", _R, USER_MAX_BYTES)
+    elif t < 0:
         raise _R("malformed", "negative message type")
-    if t == MsgType.PUSH_PULL:
+    elif t == 8:
         raise _R("malformed", "push-pull inside a datagram")
-    return UnknownMsg(t)
+    return t
+
+
+_CLASSES = {0: Ping, 1: IndirectPing, 2: Ack, 3: Nack, 4: Suspect, 5: Alive, 6: Dead, 7: User}
+
+
+def _to_msg(item: list) -> Msg | UnknownMsg:
+    cls = _CLASSES.get(item[0])
+    if cls is None:
+        return UnknownMsg(item[0])
+    if cls is Alive:
+        item = list(item)
+        item[5] = MappingProxyType(item[5])
+    return _trusted(cls, *item[1:])
+
+
+def decode_compound_raw(data: bytes) -> list[list]:
+    """Decode and validate a compound into ``[type, field, ...]`` lists
+    (the core's fast path: no objects built). Field order is that of the
+    message classes; ALIVE tags are a plain (validated) dict.
+
+    Raises:
+        RemoteProtocolError: as :func:`decode_compound`.
+    """
+    obj = _unpack(data, PACKET_MAX_BYTES, COMPOUND_MAX_ITEMS, TAGS_MAX)
+    if type(obj) is not list:
+        raise _R("malformed", "compound must be an array")
+    try:
+        for it in obj:
+            _check_item(it)
+    except RemoteProtocolError:
+        raise
+    except Exception as exc:  # defensive: a validation path we did not foresee
+        raise _R("malformed", f"{type(exc).__name__}") from None
+    return obj
 
 
 def decode_compound(data: bytes) -> list[Msg | UnknownMsg]:
@@ -508,15 +534,7 @@ def decode_compound(data: bytes) -> list[Msg | UnknownMsg]:
         RemoteProtocolError: for any other problem with ``data`` (and never
         anything else).
     """
-    obj = _unpack(data, PACKET_MAX_BYTES, COMPOUND_MAX_ITEMS, TAGS_MAX)
-    if type(obj) is not list:
-        raise _R("malformed", "compound must be an array")
-    try:
-        return [_dec_item(it) for it in obj]
-    except RemoteProtocolError:
-        raise
-    except Exception as exc:  # defensive: a validation path we did not foresee
-        raise _R("malformed", f"{type(exc).__name__}") from None
+    return [_to_msg(it) for it in decode_compound_raw(data)]
 
 
 def encode_push_pull(states: list[MemberRecord], join: bool, sender: str = "") -> bytes:
@@ -529,8 +547,10 @@ def encode_push_pull(states: list[MemberRecord], join: bool, sender: str = "") -
     )
 
 
-def decode_push_pull(data: bytes) -> PushPull:
-    """Decode a push-pull body.
+def decode_push_pull_raw(data: bytes) -> tuple[bool, str, list[list]]:
+    """Decode and validate a push-pull body into ``(join, sender, rows)``;
+    each row is ``[name, host, port, incarnation, tags(dict), meta, state(int)]``
+    (the core's fast path).
 
     Raises:
         RemoteProtocolError: "malformed", "oversized" or "unknown_version".
@@ -540,7 +560,7 @@ def decode_push_pull(data: bytes) -> PushPull:
         if type(obj) is not list or len(obj) != 5:
             raise _R("malformed", "push-pull must be a 5-array")
         t, version, join, sender, states = obj
-        if t != MsgType.PUSH_PULL or type(t) is not int:
+        if type(t) is not int or t != MsgType.PUSH_PULL:
             raise _R("malformed", "not a push-pull body")
         if type(version) is not int or version != PUSH_PULL_VERSION:
             raise _R("unknown_version", f"push-pull version {version!r:.20}")
@@ -548,7 +568,6 @@ def decode_push_pull(data: bytes) -> PushPull:
         _chk_str(sender, "push_pull.sender", _R, NAME_MAX_BYTES, allow_empty=True)
         if type(states) is not list:
             raise _R("malformed", "push-pull states must be an array")
-        out = []
         for s in states:
             if type(s) is not list or len(s) != 7:
                 raise _R("malformed", "member record must be a 7-array")
@@ -557,16 +576,30 @@ def decode_push_pull(data: bytes) -> PushPull:
             _chk_str(host, "record.host", _R, HOST_MAX_BYTES)
             _chk_uint(port, "record.port", _R, 65535)
             _chk_uint(inc, "record.incarnation", _R)
-            tags = _dec_tags(tags)
+            if type(tags) is not dict:
+                raise _R("malformed", "tags must be a map")
+            if tags:
+                _chk_tags(tags, _R)
             _chk_bytes(meta, "record.meta", _R, META_MAX_BYTES)
             if type(st) is not int or not 0 <= st <= 3:
                 raise _R("malformed", f"record.state {st!r:.20}")
-            out.append(_trusted(MemberRecord, name, host, port, inc, tags, meta, WireState(st)))
-        return PushPull(join=join, sender=sender, members=tuple(out))
+        return join, sender, states
     except RemoteProtocolError:
         raise
     except Exception as exc:
         raise _R("malformed", f"{type(exc).__name__}") from None
+
+
+def decode_push_pull(data: bytes) -> PushPull:
+    """Decode a push-pull body.
+
+    Raises:
+        RemoteProtocolError: "malformed", "oversized" or "unknown_version".
+    """
+    join, sender, rows = decode_push_pull_raw(data)
+    return PushPull(join=join, sender=sender, members=tuple(
+        _trusted(MemberRecord, r[0], r[1], r[2], r[3], MappingProxyType(r[4]), r[5],
+                 WireState(r[6])) for r in rows))
 
 
 def encode_push_pull_rows(rows: list[list], join: bool, sender: str = "") -> bytes:

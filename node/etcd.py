@@ -25,8 +25,9 @@ Rules
 * ``https://`` endpoints use TLS (``trio.SSLStream``) verified against
   ``ca_file`` (or the system store); ``cert_file``/``key_file`` add a client
   certificate.
-* One TCP connection per request (no pooling): claims are rare (one per
-  slot), and a fresh connection never hits a half-closed idle socket.
+* One TCP connection per request (no pooling; ``node/http_client.py``, trio
+  + h11): claims are rare (one per slot), and a fresh connection never hits
+  a half-closed idle socket.
 """
 from __future__ import annotations
 
@@ -35,12 +36,11 @@ import ssl
 import urllib.parse
 from dataclasses import dataclass
 
-import h11
-import trio
+from node import http_client
 
 from node.fencing import (
     Compare, EtcdClientError, EtcdError, EtcdProtocolError, EtcdUnavailable, KeyValue,
-    LeaseGrant, Op, RangeResponse, Status, TxnResult, b64, decode_body, decode_error,
+    LeaseGrant, Op, RangeResponse, Status, TxnResult, b64, decode_body, decode_error, decode_int64,
     decode_keepalive, decode_lease_grant, decode_put, decode_range, decode_status,
     decode_txn, encode_txn, is_auth_error, is_retryable_error,
 )
@@ -50,7 +50,6 @@ __all__ = ["EtcdClient", "Endpoint", "parse_endpoint", "EtcdError", "EtcdUnavail
 
 #: Largest response body accepted (a range over many claim keys stays far below).
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
-_READ_CHUNK = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +163,6 @@ class EtcdClient:
 
     async def delete(self, key: bytes | str) -> int:
         obj = await self.call_raw("/v3/kv/deleterange", {"key": b64(key)})
-        from node.fencing import decode_int64
         return decode_int64(obj, "deleted")
 
     async def lease_grant(self, ttl_s: int) -> int:
@@ -246,61 +244,22 @@ class EtcdClient:
     async def _exchange(self, ep: Endpoint, path: str, body: dict, token: str | None) -> dict:
         """One HTTP POST to one endpoint; bounded by ``request_timeout_s``."""
         payload = json.dumps(body, separators=(",", ":")).encode()
-        headers = [("Host", f"{ep.host}:{ep.port}"), ("Content-Type", "application/json"),
-                   ("Content-Length", str(len(payload))), ("Connection", "close")]
+        headers = [("Content-Type", "application/json")]
         if token:
             headers.append(("Authorization", token))
         try:
-            with trio.fail_after(self.request_timeout_s):
-                status, raw = await self._post(ep, path, headers, payload)
-        except trio.TooSlowError:
-            raise _EndpointFailed(f"timed out after {self.request_timeout_s} s") from None
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
-                ssl.SSLError, h11.ProtocolError) as exc:
+            resp = await http_client.request(
+                "POST", ep.url + path, headers=headers, body=payload,
+                timeout_s=self.request_timeout_s, max_body_bytes=MAX_RESPONSE_BYTES,
+                ssl_context=self._ssl_context if ep.tls else None)
+        except http_client.HttpError as exc:
             raise _EndpointFailed(f"{type(exc).__name__}: {exc}") from None
+        if resp.body_truncated_bytes:
+            raise _EndpointFailed(f"response larger than {MAX_RESPONSE_BYTES} bytes")
         try:
-            obj = decode_body(raw)
+            obj = decode_body(resp.body_tail)
         except EtcdProtocolError as exc:
-            raise _EndpointFailed(f"HTTP {status}: {exc}") from None
-        if status >= 400 and decode_error(obj) is None:
-            raise _EndpointFailed(f"HTTP {status} without an etcd error")
+            raise _EndpointFailed(f"HTTP {resp.status}: {exc}") from None
+        if resp.status >= 400 and decode_error(obj) is None:
+            raise _EndpointFailed(f"HTTP {resp.status} without an etcd error")
         return obj
-
-    async def _post(self, ep: Endpoint, path: str, headers: list, payload: bytes) -> tuple[int, bytes]:
-        stream: trio.abc.Stream = await trio.open_tcp_stream(ep.host, ep.port)
-        try:
-            if ep.tls:
-                assert self._ssl_context is not None
-                stream = trio.SSLStream(stream, self._ssl_context, server_hostname=ep.host,
-                                        https_compatible=True)
-                await stream.do_handshake()
-            conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
-            data = conn.send(h11.Request(method="POST", target=path, headers=headers))
-            data += conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage())
-            await stream.send_all(data)
-            status = 0
-            chunks: list[bytes] = []
-            size = 0
-            while True:
-                ev = conn.next_event()
-                if ev is h11.NEED_DATA:
-                    got = await stream.receive_some(_READ_CHUNK)
-                    conn.receive_data(got)  # b"" means EOF; h11 handles it
-                    continue
-                if isinstance(ev, h11.Response):
-                    status = ev.status_code
-                elif isinstance(ev, h11.InformationalResponse):
-                    continue
-                elif isinstance(ev, h11.Data):
-                    size += len(ev.data)
-                    if size > MAX_RESPONSE_BYTES:
-                        raise h11.RemoteProtocolError(f"response larger than {MAX_RESPONSE_BYTES} bytes")
-                    chunks.append(bytes(ev.data))
-                elif isinstance(ev, (h11.EndOfMessage, h11.ConnectionClosed)):
-                    if isinstance(ev, h11.ConnectionClosed) and status == 0:
-                        raise h11.RemoteProtocolError("connection closed before a response")
-                    return status, b"".join(chunks)
-        finally:
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(1):
-                    await stream.aclose()

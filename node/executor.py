@@ -51,6 +51,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from http import HTTPStatus
 from typing import Any, Union
 
 import trio
@@ -147,10 +148,15 @@ def _check_text(value: Any, where: str, *, allow_empty: bool = False) -> str:
 def parse_command(command: Any) -> Command:
     """Check a command dict and return its typed form.
 
+    ``command`` may also be an object with a ``to_dict()`` method returning
+    such a dict (``node.tasks`` command classes).
+
     Raises:
         CommandError: naming the field and the reason
             (``command.argv[1] must be a string, got int``).
     """
+    if not isinstance(command, Mapping) and callable(getattr(command, "to_dict", None)):
+        command = command.to_dict()
     if not isinstance(command, Mapping):
         raise CommandError(f"command must be a mapping, got {type(command).__name__}")
     ctype = command.get("type")
@@ -223,12 +229,12 @@ def parse_command(command: Any) -> Command:
         raise CommandError(f"command.body must be a string, got {type(body).__name__}")
     expect = command.get("expect_status")
     expect_t: tuple[int, ...] | None
-    if expect is None:
-        expect_t = None
+    if expect is None or (isinstance(expect, (list, tuple)) and not expect):
+        expect_t = None  # any 2xx
     else:
         items = expect if isinstance(expect, (list, tuple)) else [expect]
         if not items or not all(isinstance(s, int) and not isinstance(s, bool) and 100 <= s <= 599 for s in items):
-            raise CommandError(f"command.expect_status must be a status 100-599 or a non-empty list of them, got {expect!r}")
+            raise CommandError(f"command.expect_status must be a status 100-599 or a list of them, got {expect!r}")
         expect_t = tuple(sorted(set(items)))
     return HttpCommand(method=method.upper(), url=url, headers=tuple(headers), body=body, expect_status=expect_t)
 
@@ -333,8 +339,8 @@ def _check_ctx(ctx: Any) -> str | None:
         return f"kill_grace_s must be a finite number >= 0, got {ctx.kill_grace_s!r}"
     if not isinstance(ctx.output_limit_bytes, int) or ctx.output_limit_bytes < 0:
         return f"output_limit_bytes must be an int >= 0, got {ctx.output_limit_bytes!r}"
-    if ctx.cwd is not None and not os.path.isdir(ctx.cwd):
-        return f"cwd {ctx.cwd!r} does not exist or is not a directory"
+    if ctx.cwd is not None and not isinstance(ctx.cwd, str):
+        return f"cwd must be a string, got {type(ctx.cwd).__name__}"
     if ctx.env is not None and not isinstance(ctx.env, Mapping):
         return f"env must be a mapping, got {type(ctx.env).__name__}"
     for k, v in (ctx.env or {}).items():
@@ -395,6 +401,8 @@ async def _execute_process(cmd: Command, ctx: RunContext) -> RunResult:
         spec = {"target": cmd.target, "args": list(cmd.args), "kwargs": dict(cmd.kwargs)}
         stdin_data = json.dumps(spec).encode()
     started = time.time()
+    if ctx.cwd is not None and not os.path.isdir(ctx.cwd):
+        return _error(f"cwd {ctx.cwd!r} does not exist or is not a directory", started)
     try:
         outcome = await run_child(argv, env=env, cwd=ctx.cwd, timeout_s=ctx.timeout_s,
                                   output_limit_bytes=ctx.output_limit_bytes,
@@ -438,8 +446,16 @@ async def _execute_http(cmd: HttpCommand, ctx: RunContext, ssl_context: Any) -> 
     if ok:
         return done("succeeded", None, resp.status, output)
     expected = "2xx" if cmd.expect_status is None else ", ".join(map(str, cmd.expect_status))
-    return done("failed", f"HTTP {resp.status} {resp.reason}".rstrip() + f", expected {expected}",
+    reason = resp.reason or _status_phrase(resp.status)
+    return done("failed", f"HTTP {resp.status} {reason}".rstrip() + f", expected {expected}",
                 resp.status, output)
+
+
+def _status_phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 async def execute(command: Any, ctx: RunContext, *, ssl_context: Any = None) -> RunResult:
@@ -478,13 +494,19 @@ class RetryPolicy:
     backoff_s: float = 1.0
     max_backoff_s: float = 300.0
     multiplier: float = 2.0
-    jitter: str = "full"
+    jitter: str = "equal"
+
+
+_RETRY_ALIASES = {"backoff": "backoff_s", "max_backoff": "max_backoff_s"}
 
 
 def parse_retries(retries: Mapping[str, Any] | RetryPolicy | None) -> RetryPolicy:
     """Check ``{max, backoff_s, max_backoff_s, multiplier[, jitter]}``.
 
     Missing keys take :class:`RetryPolicy`'s defaults; None means no retries.
+    The task-file spellings ``backoff`` / ``max_backoff`` are accepted too,
+    and so is any object with ``max``, ``backoff_s``, ``max_backoff_s`` and
+    ``multiplier`` attributes (``node.tasks.RetryPolicy``).
 
     Raises:
         ValueError: naming the field.
@@ -496,7 +518,13 @@ def parse_retries(retries: Mapping[str, Any] | RetryPolicy | None) -> RetryPolic
                                   "max_backoff_s": retries.max_backoff_s,
                                   "multiplier": retries.multiplier, "jitter": retries.jitter}
     elif isinstance(retries, Mapping):
-        raw = retries
+        raw = {_RETRY_ALIASES.get(k, k): v for k, v in retries.items()}
+        if len(raw) != len(retries):
+            raise ValueError("retries: both a field and its alias given (backoff/backoff_s, max_backoff/max_backoff_s)")
+    elif all(hasattr(retries, a) for a in ("max", "backoff_s", "max_backoff_s", "multiplier")):
+        raw = {a: getattr(retries, a) for a in ("max", "backoff_s", "max_backoff_s", "multiplier")}
+        if hasattr(retries, "jitter"):
+            raw["jitter"] = retries.jitter
     else:
         raise ValueError(f"retries must be a mapping, got {type(retries).__name__}")
     unknown = sorted(str(k) for k in set(raw) - {"max", "backoff_s", "max_backoff_s", "multiplier", "jitter"})
@@ -525,6 +553,7 @@ async def execute_with_retries(
     rng: random.Random,
     on_attempt: Callable[[RunContext, RunResult], Awaitable[None] | None] | None = None,
     *,
+    on_start: Callable[[RunContext], Awaitable[None] | None] | None = None,
     execute_fn: Callable[[Any, RunContext], Awaitable[RunResult]] | None = None,
 ) -> RunResult:
     """Run ``command`` until it succeeds, fails in a non-retryable way, or
@@ -538,6 +567,9 @@ async def execute_with_retries(
         rng: randomness for the jitter.
         on_attempt: called (and awaited if it returns an awaitable) after
             every attempt with its context and result.
+        on_start: called (and awaited) with the context just before each
+            attempt starts (after the backoff sleep), e.g. to record a
+            ``running`` run record.
         execute_fn: replaces :func:`execute` (tests).
 
     Returns:
@@ -563,6 +595,10 @@ async def execute_with_retries(
                                              max_s=policy.max_backoff_s, rng=rng,
                                              jitter=policy.jitter))
         ctx = ctx_factory(attempt)
+        if on_start is not None:
+            maybe = on_start(ctx)
+            if inspect.isawaitable(maybe):
+                await maybe
         result = await run(command, ctx)
         await _report(on_attempt, ctx, result)
         if result.status not in RETRYABLE_STATUSES:

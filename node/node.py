@@ -584,7 +584,7 @@ class Node:
         token = None
         if self.fencer is not None:
             window = float(getattr(task, "catchup_window_s", 3600.0) or 3600.0)
-            res = await self.fencer.claim(task.id, fire.slot, base, deadline=fire.slot + window)
+            res = await self.fencer.claim(task.id, fire.slot, base, deadline=trio.current_time() + max(0.0, fire.slot + window - _wall()))
             self.metrics.fencing_claims.labels(res.reason).inc()
             if not res.won and res.reason != "fire_without_token":
                 self.metrics.slots.labels("claim_" + res.reason).inc()
@@ -629,16 +629,26 @@ class Node:
             log.info("run finished: %s (exit %s)", r.status, r.exit_code,
                      extra={"task_id": task.id, "run_id": c.run_id, "status": r.status})
 
+        current: list[RunContext] = []
+
+        async def on_start(c: RunContext) -> None:
+            current[:] = [c]
+            await on_attempt_start(c)
+
+        async def on_done(c: RunContext, r) -> None:
+            current.clear()
+            await on_attempt(c, r)
+
         try:
             with cancel:
-                await execute_with_retries(
-                    dict(task.command),
-                    ctx,
-                    task.retries_dict() if hasattr(task, "retries_dict") else dict(task.retries),
-                    self.rng,
-                    on_attempt,
-                    on_start=on_attempt_start,
-                )
+                await execute_with_retries(task.command, ctx, task.retries, self.rng, on_done, on_start=on_start)
+            if cancel.cancelled_caught and current:
+                c = current[0]
+                now = _wall()
+                rec = self._record(task.id, fire.slot, c.run_id, c.attempt, "cancelled", None, now, now, token, "")
+                rec["error"] = "cancelled (overlap replace or shutdown)"
+                self._commit(self.store.put_run(rec), run_task=task.id)
+                self.metrics.runs.labels("cancelled").inc()
         except Exception:
             log.exception("executor failed", extra={"task_id": task.id, "run_id": base})
         finally:
@@ -745,7 +755,7 @@ class Node:
             out.append({
                 "id": tid,
                 "schedule": t.schedule,
-                "type": t.command.get("type"),
+                "type": t.command.to_dict().get("type"),
                 "owner": self.ring.owner(tid),
                 "paused": bool(ctl.paused),
                 "last_fired": ctl.last_fired_slot,
@@ -797,13 +807,14 @@ class Node:
         entries = []
         now = _wall()
         for t in tasks:
+            t = t.resolve_now(now)
             d = t.to_dict()
             view = self.store.get_task(t.id)
             ctx = view.context if view is not None else None
             if view is not None and not view.deleted and view.value == d and len(view.siblings) <= 1:
                 continue  # unchanged: no new version, no churn
             entries.extend(self.store.put_task(t.id, d, ctx, now))
-            if t.paused is not None:
+            if bool(self.store.control(t.id).paused) != bool(t.paused):
                 entries.extend(self.store.set_paused(t.id, bool(t.paused), now))
         self._commit(entries)
         return {"applied": [t.id for t in tasks]}

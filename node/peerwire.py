@@ -59,8 +59,8 @@ def decode(data: bytes) -> dict[str, Any]:
     if not isinstance(msg, dict):
         raise PeerProtocolError("message is not a map")
     t = msg.get("t")
-    if t not in _FIELDS:
-        raise PeerProtocolError(f"unknown message type {t!r}")
+    if not isinstance(t, str) or t not in _FIELDS:
+        raise PeerProtocolError(f"unknown message type {t!r:.40}")
     for name, types in _FIELDS[t].items():
         if name not in msg:
             raise PeerProtocolError(f"{t}: missing field {name!r}")

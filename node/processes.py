@@ -246,6 +246,17 @@ async def _feed_stdin(stream: trio.abc.SendStream, data: bytes) -> None:
             await trio.aclose_forcefully(stream)
 
 
+def _only_cancelled(exc: BaseException) -> trio.Cancelled | None:
+    """The first ``Cancelled`` if ``exc`` is one or a group made only of them."""
+    if isinstance(exc, trio.Cancelled):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [_only_cancelled(e) for e in exc.exceptions]
+        if leaves and all(leaf is not None for leaf in leaves):
+            return leaves[0]
+    return None
+
+
 async def run_child(
     argv: Sequence[str],
     *,
@@ -312,11 +323,16 @@ async def run_child(
             with trio.move_on_after(DRAIN_S):
                 await reader_done.wait()
             nursery.cancel_scope.cancel()
-    except BaseException:
+    except BaseException as exc:
         # Cancelled from outside (or a bug): never leave the group running.
         with trio.CancelScope(shield=True):
             if proc.returncode is None or group_alive(proc.pid):
                 await _terminate_group(proc, kill_grace_s)
+        cancelled = _only_cancelled(exc)
+        if cancelled is not None and cancelled is not exc:
+            # The nursery wraps the Cancelled of each of its tasks in a group;
+            # hand the caller one plain Cancelled (trio matches it by scope).
+            raise cancelled from None
         raise
     finally:
         with trio.CancelScope(shield=True):

@@ -17,11 +17,14 @@ and the delay follows one of the two schemes of Marc Brooker, "Exponential
 Backoff And Jitter", AWS Architecture Blog, 2015-03-04
 (https://aws.amazon.com/blogs/architecture/exponential-backoff-and-jitter/):
 
-* ``"full"`` (the default): ``uniform(0, ceiling)``. The blog measured it as
-  the best at spreading contending clients (least total work, about as fast
-  as "decorrelated"). Its drawback is that a retry can come almost at once.
-* ``"equal"``: ``ceiling / 2 + uniform(0, ceiling / 2)``. It always waits at
-  least half the ceiling, for commands where an immediate retry is pointless.
+* ``"equal"`` (the default): ``ceiling / 2 + uniform(0, ceiling / 2)``. It
+  always waits at least half the ceiling. We pick it because a task that just
+  failed (a service down, a lock held) rarely succeeds if retried at once,
+  and our contention is small (one owner per task, not thousands of clients
+  on one resource); it also matches ``node.tasks.RetryPolicy.delay_s``.
+* ``"full"``: ``uniform(0, ceiling)``. The blog measured it as the best at
+  spreading many contending clients (least total work); its drawback is that
+  a retry can come almost at once.
 
 Rules: ``0 <= delay <= max_s`` always; the ceiling is monotone non-decreasing
 in ``attempt``; with an injected ``random.Random`` the result is
@@ -71,9 +74,13 @@ def backoff_ceiling_s(attempt: int, *, base_s: float, multiplier: float, max_s: 
         return 0.0
     # Compare in log space so multiplier ** 10_000 never overflows a float.
     exponent = attempt - 1
-    if multiplier > 1 and exponent * math.log(multiplier) >= math.log(max_s / base_s):
+    if multiplier > 1 and exponent * math.log(multiplier) >= math.log(max_s) - math.log(base_s):
         return float(max_s)
-    return float(min(max_s, base_s * multiplier**exponent))
+    try:
+        value = base_s * multiplier**exponent
+    except OverflowError:  # tiny base, huge power: the product itself is finite
+        value = math.exp(math.log(base_s) + exponent * math.log(multiplier))
+    return float(min(max_s, value))
 
 
 def backoff_delay_s(
@@ -83,7 +90,7 @@ def backoff_delay_s(
     multiplier: float,
     max_s: float,
     rng: random.Random,
-    jitter: str = "full",
+    jitter: str = "equal",
 ) -> float:
     """The jittered delay to sleep before retry ``attempt``.
 
@@ -93,8 +100,8 @@ def backoff_delay_s(
         multiplier: growth factor per retry (>= 1; 2 doubles the ceiling).
         max_s: cap (seconds, >= 0); the delay never exceeds it.
         rng: source of randomness (inject a seeded ``random.Random``).
-        jitter: ``"full"`` (default, ``uniform(0, ceiling)``) or ``"equal"``
-            (``ceiling/2 + uniform(0, ceiling/2)``); see the module docstring.
+        jitter: ``"equal"`` (default, ``ceiling/2 + uniform(0, ceiling/2)``)
+            or ``"full"`` (``uniform(0, ceiling)``); see the module docstring.
 
     Returns:
         A delay in seconds with ``0 <= delay <= min(max_s, ceiling)``.

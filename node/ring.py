@@ -151,16 +151,38 @@ class RingStatistics:
 
 
 class _Group:
-    """Members eligible for one tag requirement, packed for vector scoring."""
+    """Members eligible for one tag requirement (packed for vector scoring),
+    and the tasks with that requirement in dense arrays (swap-remove), so a
+    join scores every task in one vector pass and filters with a C-level loop."""
 
-    __slots__ = ("names", "packed", "tids", "tids_sorted", "tids_packed")
+    __slots__ = ("names", "packed", "tids", "pos", "thr", "keybuf")
 
     def __init__(self) -> None:
         self.names: list[str] | None = None
         self.packed = 0
-        self.tids: set[str] = set()
-        self.tids_sorted: list[str] | None = None
-        self.tids_packed = 0
+        self.tids: list[str] = []           # dense, order of arrival (order is irrelevant)
+        self.pos: dict[str, int] = {}       # tid -> index in tids
+        self.thr: list[int] = []            # aligned: see Ring._threshold
+        self.keybuf = bytearray()           # aligned: 16-byte lanes of key hashes
+
+    def add(self, tid: str, h: int) -> None:
+        self.pos[tid] = len(self.tids)
+        self.tids.append(tid)
+        self.thr.append(-1)
+        self.keybuf += h.to_bytes(8, "little") + bytes(8)
+
+    def remove(self, tid: str) -> None:
+        i = self.pos.pop(tid)
+        last = len(self.tids) - 1
+        if i != last:
+            moved = self.tids[last]
+            self.tids[i] = moved
+            self.thr[i] = self.thr[last]
+            self.keybuf[16 * i : 16 * i + 16] = self.keybuf[16 * last : 16 * last + 16]
+            self.pos[moved] = i
+        self.tids.pop()
+        self.thr.pop()
+        del self.keybuf[16 * last :]
 
 
 class Ring:
@@ -272,8 +294,7 @@ class Ring:
             self._req[tid] = key
             self._h[tid] = key_hash(tid)
             g = self._group(key)
-            g.tids.add(tid)
-            g.tids_sorted = None
+            g.add(tid, self._h[tid])
             self._full_scan(tid)
             touched.add(tid)
         if not touched:
@@ -294,6 +315,11 @@ class Ring:
         """Ordered preference list: up to ``replicas`` distinct eligible members,
         ``[0]`` is the owner; ``[]`` if the task is unknown or none is eligible."""
         return list(self._pref.get(task_id, ()))
+
+    def first_choice(self, task_id: str) -> str | None:
+        """The plain-HRW owner (Rule 1, ignoring the cap); for metrics/benchmarks."""
+        ranked = self._rank.get(task_id)
+        return ranked[0][1] if ranked else None
 
     def owner(self, task_id: str) -> str | None:
         p = self._pref.get(task_id, ())
@@ -350,6 +376,16 @@ class Ring:
             self._in_rank.setdefault(m, set()).add(tid)
         if ranked:
             self._first.setdefault(ranked[0][1], set()).add(tid)
+        self._set_thr(tid)
+
+    def _threshold(self, tid: str) -> int:
+        """A joiner enters the task's kept list iff its score exceeds this."""
+        ranked = self._rank[tid]
+        return -1 if tid in self._complete or not ranked else -ranked[-1][0]
+
+    def _set_thr(self, tid: str) -> None:
+        g = self._groups[self._req[tid]]
+        g.thr[g.pos[tid]] = self._threshold(tid)
 
     def _full_scan(self, tid: str, keep: int | None = None) -> None:
         g = self._group(self._req[tid])
@@ -360,7 +396,8 @@ class Ring:
             ranked = sorted(zip((-s for s in scores), names))
             self._set_rank(tid, ranked, True)
         else:
-            ranked = heapq.nsmallest(keep, zip((-s for s in scores), names))
+            th = heapq.nlargest(keep, scores)[-1]
+            ranked = sorted([(-s, names[i]) for i, s in enumerate(scores) if s >= th])[:keep]
             self._set_rank(tid, ranked, False)
 
     def _forget_task(self, tid: str) -> None:
@@ -371,8 +408,7 @@ class Ring:
                 self._in_rank.get(m, set()).discard(tid)
         self._complete.discard(tid)
         g = self._groups[self._req[tid]]
-        g.tids.discard(tid)
-        g.tids_sorted = None
+        g.remove(tid)
         del self._req[tid]
         del self._h[tid]
         self._moved.pop(tid, None)
@@ -387,8 +423,10 @@ class Ring:
             ranked[:] = [e for e in ranked if e[1] != m]
             if len(ranked) < self._replicas and tid not in self._complete:
                 self._full_scan(tid)  # _set_rank unindexes the shortened list
-            elif was_first and ranked:
-                self._first.setdefault(ranked[0][1], set()).add(tid)
+            else:
+                self._set_thr(tid)
+                if was_first and ranked:
+                    self._first.setdefault(ranked[0][1], set()).add(tid)
         return touched
 
     def _add_member(self, m: str) -> set[str]:
@@ -400,29 +438,27 @@ class Ring:
             g.names = None
             if not g.tids or not _eligible(key, tags):
                 continue
-            if g.tids_sorted is None:
-                g.tids_sorted = sorted(g.tids)
-                g.tids_packed = _pack([self._h[t] for t in g.tids_sorted])
-            tids = g.tids_sorted
-            scores = _mix_many(seed, g.tids_packed, len(tids))
+            tids = g.tids
+            scores = _mix_many(seed, int.from_bytes(g.keybuf, "little"), len(tids))
             rank = self._rank
             complete = self._complete
-            for tid, s in zip(tids, scores):
+            hits = [tids[i] for i, (s, th) in enumerate(zip(scores, g.thr)) if s > th]
+            for tid in hits:
                 ranked = rank[tid]
-                entry = (-s, m)
-                if tid in complete or not ranked or entry < ranked[-1]:
-                    touched.add(tid)
-                    was = ranked[0][1] if ranked else None
-                    bisect.insort(ranked, entry)
-                    self._in_rank.setdefault(m, set()).add(tid)
-                    if len(ranked) > self._keep:
-                        _, dropped = ranked.pop()
-                        self._in_rank[dropped].discard(tid)
-                        complete.discard(tid)
-                    if ranked[0][1] != was:
-                        if was is not None:
-                            self._first[was].discard(tid)
-                        self._first.setdefault(m, set()).add(tid)
+                s = -_mix(self._h[tid], seed)
+                touched.add(tid)
+                was = ranked[0][1] if ranked else None
+                bisect.insort(ranked, (s, m))
+                self._in_rank.setdefault(m, set()).add(tid)
+                if len(ranked) > self._keep:
+                    _, dropped = ranked.pop()
+                    self._in_rank[dropped].discard(tid)
+                    complete.discard(tid)
+                self._set_thr(tid)
+                if ranked[0][1] != was:
+                    if was is not None:
+                        self._first[was].discard(tid)
+                    self._first.setdefault(m, set()).add(tid)
         return touched
 
     def _entry(self, tid: str, i: int) -> tuple[int, str] | None:
@@ -435,7 +471,9 @@ class Ring:
     def _reassign(self, touched: set[str]) -> set[str]:
         """Deferred acceptance from the first-choice sets; returns changed tasks."""
         n = len(self._members)
-        t_count = sum(1 for r in self._rank.values() if r)
+        t_count = len(self._req) - sum(
+            len(g.tids) for key, g in self._groups.items() if not self._group(key).names
+        )
         if math.isinf(self._load_cap) or n == 0:
             cap = t_count + 1
         else:
@@ -495,16 +533,19 @@ class Ring:
         cand = set(touched)
         cand.update(old_moved, moved, old_over, over)
         changed: set[str] = set()
+        reps = self._replicas
         for tid in cand:
             ranked = rank.get(tid)
             if ranked is None:
                 continue
             if not ranked:
                 new: tuple[str, ...] = ()
+            elif tid not in moved:
+                new = tuple([e[1] for e in ranked[:reps]])
             else:
-                own = moved.get(tid, ranked[0][1])
+                own = moved[tid]
                 rest = [nm for _, nm in ranked if nm != own]
-                new = (own, *rest[: self._replicas - 1])
+                new = (own, *rest[: reps - 1])
             if self._pref.get(tid) != new:
                 self._pref[tid] = new
                 changed.add(tid)

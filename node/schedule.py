@@ -63,6 +63,7 @@ next slot and fires stay in slot order.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import re
@@ -167,6 +168,8 @@ def parse_duration(value: object) -> float:
     text = value.strip().replace(" ", "")
     if not text:
         raise ScheduleError("empty duration")
+    if text.startswith("-"):
+        raise ScheduleError("must not be negative")
     try:
         number = float(text)
     except ValueError:
@@ -260,6 +263,23 @@ def _field_value(token: str, idx: int) -> int | None:
 
 
 def validate_cron(expr: str) -> list[str]:
+    """Validate a 5- or 6-field cron expression (aliases allowed).
+
+    Returns:
+        The fields (aliases expanded).
+
+    Raises:
+        ScheduleError: with a precise reason such as ``minute must be 0-59``.
+    """
+    return list(_validate_cron_cached(expr))
+
+
+@functools.lru_cache(maxsize=4096)
+def _validate_cron_cached(expr: str) -> tuple[str, ...]:
+    return tuple(_validate_cron(expr))
+
+
+def _validate_cron(expr: str) -> list[str]:
     """Validate a 5- or 6-field cron expression (aliases allowed).
 
     Returns:

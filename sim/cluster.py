@@ -59,7 +59,7 @@ from sim.metrics import Metrics
 from sim.network import Network, NetworkOptions
 from sim.scenarios import Fault
 
-__all__ = ["ClusterOptions", "SimNode", "Cluster", "NodeApp"]
+__all__ = ["ClusterOptions", "SimNode", "Cluster", "NodeApp", "node_names", "simulate"]
 
 # Event kinds.
 K_DELIVER = 0   # a=dst, b=src, c=sealed datagram
@@ -79,7 +79,15 @@ STREAM_FRAME_MAX_BYTES = 4 * 1024 * 1024  # gossip.transport.MAX_FRAME_BYTES
 # in gossip/udp.py (PUSH_PULL = 1); the sim sends the same bytes.
 STREAM_PUSH_PULL = b"\x01"
 STREAM_FRAME_HEADER_BYTES = 4
+# Tag set by ``core.update_local`` to measure dissemination (see sim/metrics.py).
+UPDATE_TAG = "simu"
 INF = math.inf
+
+
+def node_names(n: int) -> list[str]:
+    """The names of an ``n``-node cluster: ``n000``, ``n001``, ..."""
+    width = max(3, len(str(n - 1)))
+    return [f"n{i:0{width}d}" for i in range(n)]
 
 
 class NodeApp(Protocol):
@@ -109,9 +117,11 @@ class ClusterOptions:
     clock_drift_max_ppm: float = 100.0
     # A leaving node keeps running this long so its leave broadcast spreads.
     leave_linger_s: float = 1.0
-    # A user update is injected this often for the dissemination measure
-    # (0 disables).
-    update_interval_s: float = 5.0
+    # An update (``core.update_local``) is injected this often for the
+    # dissemination measure; None: 20 probe intervals (20 s on lan). Each
+    # update costs every node a few gossip rounds, so keep it sparse or it
+    # inflates msgs_per_node_per_s. 0 disables.
+    update_interval_s: float | None = None
     # Convergence is re-checked at most this often (only when views changed).
     check_interval_s: float = 0.1
     # Keep the last records of the trace for failure reports (0 = none).
@@ -187,7 +197,9 @@ class Cluster:
         net_rng = child_rng(options.seed, "network")
         self.net = Network(options.nodes, options.network, net_rng, self.loop.heap,
                            self.loop.next_seq, K_DELIVER, self.trace)
-        self.base_network = options.network
+        if options.network.stream_timeout_s is None:
+            self.net.set_options(replace(options.network, stream_timeout_s=config.stream_timeout_s))
+        self.base_network = self.net.options
         gossip_interval_s = getattr(config, "gossip_interval_s", None) or config.probe_interval_s
         self.metrics = Metrics(gossip_interval_s)
         self.app_factory = app_factory
@@ -208,13 +220,13 @@ class Cluster:
         from gossip.seal import PacketRejected
         self._rejected_exc = PacketRejected
 
-        width = max(3, len(str(options.nodes - 1)))
+        names = node_names(options.nodes)
         clock_rng = child_rng(options.seed, "clocks")
         self.nodes: list[SimNode] = []
         self.by_name: dict[str, SimNode] = {}
         self.by_addr: dict[tuple[str, int], int] = {}
         for i in range(options.nodes):
-            name = f"n{i:0{width}d}"
+            name = names[i]
             addr = (f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}", 7946)
             rate = 1.0 + clock_rng.uniform(-1.0, 1.0) * options.clock_drift_max_ppm * 1e-6
             offset = 1000.0 + clock_rng.uniform(0.0, options.clock_offset_max_s)
@@ -227,6 +239,10 @@ class Cluster:
         for f in self.schedule:
             if f.node is not None and f.node not in self.by_name:
                 raise ValueError(f"fault {f.kind} at {f.at_s}s names unknown node {f.node!r}")
+        self.update_interval_s = (options.update_interval_s if options.update_interval_s is not None
+                                  else 20.0 * config.probe_interval_s)
+        self.spin_examples: list[tuple] = []
+        self.on_spin: Callable[[SimNode, float], None] | None = None  # debugging hook
         self._update_uid = 0
         self.end_s = 0.0
         self.wall_s = 0.0
@@ -320,14 +336,14 @@ class Cluster:
             elif tp is MemberEvent:
                 m = e.member
                 in_view, is_dead, is_suspect = _state_code(m.state)
-                self.metrics.member_event(node.name, m.name, in_view, is_dead, is_suspect, t_s)
+                self.metrics.member_event(node.name, m.name, in_view, is_dead, is_suspect, t_s,
+                                          m.tags)
                 self.trace.append((t_s, "m", node.idx, m.name, e.kind.value, m.incarnation))
                 if node.apps:
                     now = node.local(t_s)
                     for app in node.apps:
                         self._app_effects(node, app.on_member_event(e, now), t_s)
             elif tp is UserMessage:
-                self.metrics.user_message(node.name, e.data, t_s)
                 self.trace.append((t_s, "u", node.idx, e.sender, len(e.data)))
                 if node.apps:
                     now = node.local(t_s)
@@ -418,9 +434,14 @@ class Cluster:
     # -- faults ---------------------------------------------------------------------------
 
     def _apply_fault(self, f: Fault, t_s: float) -> None:
-        self.metrics.fault(t_s)
+        """Apply one fault. ``metrics.last_fault_s`` moves only when the
+        fault changed something (a final ``heal`` of a healthy network is
+        not a fault)."""
         self.trace.append((t_s, "fault", f.kind, f.node, repr(f.args)))
         net = self.net
+        if f.kind != "heal" or (net.partitioned or net.blocked or net.link_loss
+                                or net.options != self.base_network):
+            self.metrics.fault(t_s)
         node = self.by_name.get(f.node) if f.node is not None else None
         kind = f.kind
         if kind == "crash":
@@ -524,9 +545,7 @@ class Cluster:
         uid = self._update_uid
         self.metrics.update_injected(uid, node.name, t_s)
         self.trace.append((t_s, "inject", node.idx, uid))
-        out = node.core.queue_user_broadcast(f"sim/u/{uid}", b"sim/u/%d" % uid)
-        if out:
-            self._effects(node, out, t_s)
+        self._effects(node, node.core.update_local(node.local(t_s), tags={UPDATE_TAG: str(uid)}), t_s)
         self._arm(node, t_s)
 
     # -- the run ----------------------------------------------------------------------------
@@ -546,9 +565,12 @@ class Cluster:
         for f in self.schedule:
             if f.at_s <= duration_s:
                 loop.schedule(f.at_s, K_FAULT, f)
-        loop.schedule(opts.check_interval_s, K_CHECK)
-        if opts.update_interval_s > 0:
-            loop.schedule(opts.update_interval_s, K_INJECT)
+        loop.schedule(opts.check_interval_s, K_CHECK, 1)
+        # No update is injected in the last stretch: it could not finish.
+        update_interval_s = self.update_interval_s
+        inject_until_s = duration_s - max(update_interval_s, 50 * self.metrics.gossip_interval_s)
+        if update_interval_s > 0:
+            loop.schedule(update_interval_s, K_INJECT, 1)
         nodes = self.nodes
         metrics = self.metrics
         net = self.net
@@ -600,6 +622,10 @@ class Cluster:
                         # The core still says "due now" right after a tick:
                         # step a little so the loop always makes progress.
                         self.stats["timer_spins"] += 1
+                        if len(self.spin_examples) < 5:
+                            self.spin_examples.append((t_s, node.name, node.core.next_deadline(), now))
+                        if self.on_spin is not None:
+                            self.on_spin(node, t_s)
                         node.timer_gen += 1
                         node.timer_at = t_s + 1e-4
                         loop.schedule(node.timer_at, K_TIMER, node.idx, node.timer_gen)
@@ -629,11 +655,13 @@ class Cluster:
                     self._start_measuring(t_s)
                 if metrics.converged != was:
                     trace.append((t_s, "converged", metrics.converged))
-                loop.schedule(t_s + opts.check_interval_s, K_CHECK)
+                k = entry[3] + 1
+                loop.schedule(k * opts.check_interval_s, K_CHECK, k)
             elif kind == K_INJECT:
-                if self._measure_start is not None:
+                if self._measure_start is not None and t_s <= inject_until_s:
                     self._inject_update(t_s)
-                loop.schedule(t_s + opts.update_interval_s, K_INJECT)
+                k = entry[3] + 1
+                loop.schedule(k * update_interval_s, K_INJECT, k)
             elif kind == K_JOIN:
                 node = nodes[entry[3]]
                 if node.up and node.boots == entry[4]:
@@ -697,3 +725,39 @@ class Cluster:
         out["nodes_running_at_end"] = sum(1 for n in self.nodes if n.up)
         out["disagreement"] = [] if res["converged"] else self.metrics.disagreement()
         return out
+
+
+def simulate(*, nodes: int, duration_s: float, seed: int, scenario: str = "steady",
+             loss: float | None = None, profile: str = "lan", config=None,
+             network: NetworkOptions | None = None, schedule: list[Fault] | None = None,
+             **cluster_kw) -> tuple[dict, "Cluster"]:
+    """Build and run one simulation (what ``peersim run`` does).
+
+    Args:
+        nodes, duration_s, seed: size, virtual length and root seed.
+        scenario: a name from ``sim.scenarios.SCENARIOS`` (ignored when
+            ``schedule`` is given).
+        loss: ``--loss``; None keeps the scenario default.
+        profile: ``lan`` or ``local`` (``gossip.config.Config`` profiles),
+            unless ``config`` is given.
+        network: network options (default ``NetworkOptions()``).
+        schedule: explicit faults instead of a named scenario.
+        cluster_kw: other ``ClusterOptions`` fields.
+
+    Returns:
+        ``(report, cluster)``.
+    """
+    from gossip.config import Config
+    from sim import scenarios as _sc
+    if config is None:
+        if profile not in ("lan", "local"):
+            raise ValueError(f"unknown profile {profile!r}; lan or local")
+        config = Config.lan() if profile == "lan" else Config.local()
+    opts = ClusterOptions(nodes=nodes, seed=seed, network=network or NetworkOptions(), **cluster_kw)
+    if schedule is None:
+        names = node_names(nodes)
+        schedule = _sc.build(scenario, names, duration_s, child_rng(seed, "scenario"), loss=loss)
+    cluster = Cluster(config, opts, schedule)
+    report = cluster.run(duration_s)
+    report["scenario"] = scenario
+    return report, cluster

@@ -23,8 +23,10 @@ Definitions
   Declarations about members that were paused at some point are also
   counted separately (``false_positives_paused``).
 * **Dissemination rounds**: an update is injected with
-  ``core.queue_user_broadcast`` on a random running node every
-  ``update_interval_s``; its rounds are (time the last eligible node
+  ``core.update_local(tags={"simu": uid})`` on a random running node every
+  ``update_interval_s`` (an ALIVE at a new incarnation, spread by the core's
+  own infection-style gossip); a node received it when it emits an event
+  about that member with ``simu >= uid``. Its rounds are (time the last eligible node
   received it - injection time) / ``gossip_interval_s``. Eligible: running
   from before the injection until the end. Updates some eligible node never
   received count as ``incomplete``. Also per crash: (last observer's DEAD -
@@ -88,7 +90,7 @@ class Metrics:
     """Ground truth plus per-node views, fed by the cluster.
 
     The cluster calls ``node_up``/``node_down``/``node_paused`` on faults and
-    ``member_event``/``user_message`` for each effect.
+    ``member_event`` for each membership effect.
     """
 
     def __init__(self, gossip_interval_s: float) -> None:
@@ -102,9 +104,11 @@ class Metrics:
         self.crashes: list[_Crash] = []
         self.open_crash: dict[str, _Crash] = {}
         self.updates: dict[int, _Update] = {}
+        self.updates_by_origin: dict[str, list[int]] = {}
         self.false_positives = 0
         self.false_suspicions = 0
         self.false_positives_paused = 0
+        self.false_suspicions_paused = 0
         self.fp_examples: list[tuple] = []
         self.dirty = True
         self.converged = False
@@ -158,9 +162,14 @@ class Metrics:
     # -- what the cores say ----------------------------------------------------
 
     def member_event(self, observer: str, target: str, in_view: bool, is_dead: bool,
-                     is_suspect: bool, t_s: float) -> None:
+                     is_suspect: bool, t_s: float, tags=None) -> None:
         if target == observer:
             return
+        if tags and self.updates_by_origin:
+            v = tags.get("simu")
+            uids = self.updates_by_origin.get(target)
+            if v is not None and uids:
+                self._received(observer, uids, v, t_s)
         view = self.views.get(observer)
         if view is None:
             return
@@ -188,20 +197,23 @@ class Metrics:
                         self.fp_examples.append((round(t_s, 6), observer, target))
                 else:
                     self.false_suspicions += 1
+                    if target in self.ever_paused:
+                        self.false_suspicions_paused += 1
 
     def update_injected(self, uid: int, origin: str, t_s: float) -> None:
         self.updates[uid] = _Update(uid, t_s, origin)
+        self.updates_by_origin.setdefault(origin, []).append(uid)
 
-    def user_message(self, observer: str, data: bytes, t_s: float) -> None:
-        if not data.startswith(b"sim/u/"):
-            return
+    def _received(self, observer: str, uids: list[int], value: str, t_s: float) -> None:
         try:
-            uid = int(data[6:])
+            v = int(value)
         except ValueError:
             return
-        upd = self.updates.get(uid)
-        if upd is not None and observer not in upd.received:
-            upd.received[observer] = t_s
+        for uid in uids:
+            if uid <= v:
+                rec = self.updates[uid].received
+                if observer not in rec:
+                    rec[observer] = t_s
 
     # -- convergence -------------------------------------------------------------
 
@@ -275,6 +287,7 @@ class Metrics:
             "false_positives": self.false_positives,
             "false_suspicions": self.false_suspicions,
             "false_positives_paused": self.false_positives_paused,
+            "false_suspicions_paused": self.false_suspicions_paused,
             "false_positive_examples": self.fp_examples,
             "dissemination_rounds": {k: v for k, v in summary(rounds).items() if k in ("p50", "p99")},
             "dissemination_updates": len(rounds),

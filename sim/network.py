@@ -76,8 +76,10 @@ class NetworkOptions:
     # SWIM core's 1400-byte budget (memberlist's default) stays below it.
     datagram_size_max_bytes: int = 1472
     # A push-pull stream that gets no reply within this long fails and the
-    # initiator hears ``push_pull_failed``. memberlist's TCPTimeout is 10 s.
-    stream_timeout_s: float = 10.0
+    # initiator hears ``push_pull_failed``. None: the gossip Config's
+    # ``stream_timeout_s`` (the real shell enforces that one; memberlist's
+    # TCPTimeout is 10 s).
+    stream_timeout_s: float | None = None
     # Datagrams a paused node's socket buffer holds before dropping more
     # (``queue_full``): about 200 KB of 1400-byte datagrams.
     paused_buffer_packets_max: int = 150

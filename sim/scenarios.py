@@ -173,3 +173,26 @@ def build(name: str, names: list[str], duration_s: float, rng: random.Random, *,
         raise ValueError(f"unknown scenario {name!r}; one of {', '.join(SCENARIOS)}") from None
     kwargs = {} if loss is None else {"loss": loss}
     return sorted(fn(list(names), duration_s, rng, **kwargs))
+
+
+# Scenarios whose runs must have no false DEAD declaration when ``--loss`` is
+# 0: nothing in them drops a datagram of a running node or stalls one.
+NO_FALSE_POSITIVE_SCENARIOS = ("steady", "crash", "churn")
+
+
+def check_invariants(report: dict, *, scenario: str, loss: float) -> list[str]:
+    """The checkers run at the end of every ``peersim run``.
+
+    Returns:
+        One line per violated invariant (empty when all hold):
+        views converged after the faults stopped; with no loss and no pause
+        (and no partition), no member that never failed was declared dead.
+    """
+    failures = []
+    if not report.get("converged"):
+        failures.append("views did not converge after the faults stopped: "
+                        + "; ".join(report.get("disagreement") or []))
+    if scenario in NO_FALSE_POSITIVE_SCENARIOS and not loss and report.get("false_positives"):
+        failures.append(f"{report['false_positives']} false positive(s) with no loss and no pause: "
+                        f"(t, observer, target) {report.get('false_positive_examples')}")
+    return failures

@@ -29,10 +29,10 @@ def test_ceiling_table(attempt, base_s, multiplier, max_s, ceiling):
 
 
 def test_full_jitter_is_uniform_below_ceiling_and_seeded():
-    a = [backoff_delay_s(3, base_s=1, multiplier=2, max_s=60, rng=random.Random(7)) for _ in range(3)]
+    a = [backoff_delay_s(3, base_s=1, multiplier=2, max_s=60, rng=random.Random(7), jitter="full") for _ in range(3)]
     assert a[0] == a[1] == a[2]  # same seed, same delay
     rng = random.Random(1)
-    draws = [backoff_delay_s(3, base_s=1, multiplier=2, max_s=60, rng=rng) for _ in range(2000)]
+    draws = [backoff_delay_s(3, base_s=1, multiplier=2, max_s=60, rng=rng, jitter="full") for _ in range(2000)]
     assert all(0 <= d <= 4.0 for d in draws)
     # full jitter spreads over the whole [0, 4] range
     assert min(draws) < 0.2 and max(draws) > 3.8
@@ -43,6 +43,9 @@ def test_equal_jitter_waits_at_least_half():
     rng = random.Random(2)
     draws = [backoff_delay_s(3, base_s=1, multiplier=2, max_s=60, rng=rng, jitter="equal") for _ in range(2000)]
     assert all(2.0 <= d <= 4.0 for d in draws)
+    # equal jitter is the default
+    assert backoff_delay_s(3, base_s=1, multiplier=2, max_s=60, rng=random.Random(5)) == \
+        backoff_delay_s(3, base_s=1, multiplier=2, max_s=60, rng=random.Random(5), jitter="equal")
     assert min(draws) < 2.2 and max(draws) > 3.8
 
 

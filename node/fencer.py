@@ -1,0 +1,342 @@
+"""Fencer: claims slots in etcd before they fire (trio shell, DESIGN.md §5).
+
+The decisions (who won, which token, may we reclaim, is etcd stale) are in
+the pure ``node/fencing.py``; this shell sends the transactions, retries,
+and keeps the node's lease fresh.
+
+Rules
+-----
+* ``claim()`` runs the claim txn (``fencing.claim_txn``). ``won`` -> fire with
+  ``token``; ``lost`` -> someone else fired (or will); ``stale_epoch`` -> etcd
+  went backwards (restore without an epoch raise: see ``node/fencing.py``,
+  Rule 4, for the operator's ``etcdctl put <prefix>/epoch N``): never fire.
+* etcd unreachable (every endpoint failed, or the attempt exceeded
+  ``request_timeout_s``, or etcd answered an error):
+    - ``on_unavailable="skip"`` (default): retry with exponential backoff
+      with full jitter (``node/retry.py``; 0.1 s doubling to 2 s) until
+      ``deadline`` (``trio.current_time()`` clock: the end of the misfire
+      window) and then return ``unavailable``: the slot is missed, never
+      duplicated.
+    - ``on_unavailable="fire"``: after the first failed attempt (which has
+      already tried every endpoint) return ``fire_without_token``: fire now,
+      with no token; logged at WARNING and counted.
+* A retry after a timed-out attempt may find the key already written by us
+  (the first attempt was applied, its reply lost): that is ``won`` with the
+  token of that write (fencing Rule 6), so a lost reply does not lose a slot.
+* Leases (claims expire after a retention): claims are attached to the
+  node's current lease. A lease is granted with TTL = ``retention_s +
+  rotation_s`` where ``rotation_s = retention_s / 2``, and a NEW lease is
+  granted every ``rotation_s``; old leases are never refreshed and expire by
+  themselves. So every claim is kept at least ``retention_s`` and at most
+  ``1.5 * retention_s``. (A single lease kept alive forever would never let
+  any claim of a live node expire.) If etcd reports the lease gone (restore,
+  long outage), the next claim grants a new one and retries at once.
+* ``reclaim()`` (fencing Rule 7): read the key; if its claimer is the dead
+  node, txn ``mod_revision == observed`` -> put a claim naming us, with
+  ``reclaims + 1`` and the dead node appended. At most once per death.
+* Everything is bounded: attempts by the deadline (and ``MAX_ATTEMPTS``),
+  each attempt by ``request_timeout_s``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+
+import trio
+
+from node.etcd import EtcdClient
+from node.fencing import (
+    ClaimDecision, ClaimValue, EtcdClientError, EtcdError, EtcdProtocolError, EtcdUnavailable,
+    Reason, decide_claim, decide_reclaim, epoch_key, fire_key, is_lease_not_found,
+    parse_epoch, plan_reclaim, reclaim_txn, claim_txn, split_token,
+)
+from node.retry import backoff_delay_s
+
+__all__ = ["Fencer", "ClaimResult", "FencerStats", "MAX_ATTEMPTS"]
+
+log = logging.getLogger("peerd.fencer")
+
+#: Hard cap on attempts of one claim, whatever the deadline.
+MAX_ATTEMPTS = 1000
+RETRY_BASE_S = 0.1
+RETRY_MAX_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """``won`` -> fire, with ``token`` (int, see ``fencing.make_token``) or,
+    for ``fire_without_token``, ``token is None`` and ``won`` is True too.
+    ``holder`` names the node holding the claim when lost."""
+
+    won: bool
+    token: int | None
+    reason: Reason
+    detail: str = ""
+    attempts: int = 1
+    holder: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FencerStats:
+    claims: int
+    won: int
+    lost: int
+    unavailable: int          # slots missed because etcd was unreachable
+    fired_without_token: int
+    stale_epoch: int
+    reclaims_won: int
+    reclaims_refused: int
+    lease_grants: int
+    attempts_failed: int
+    high_water_token: int
+    epoch: int
+    lease_id: int
+
+
+class Fencer:
+    """Claims slots in etcd for one node.
+
+    Args:
+        client: the etcd client (endpoints, TLS, auth already set).
+        node: this node's name (written in every claim).
+        prefix: key prefix, e.g. ``/peerd``.
+        retention_s: minimum time a claim is kept (lease TTL, see Rules).
+        on_unavailable: ``"skip"`` or ``"fire"``.
+        request_timeout_s: bound on one claim attempt (all endpoints).
+        max_reclaims: a slot is reclaimed at most this many times in all.
+        rng: jitter source for retry backoff.
+    """
+
+    def __init__(self, client: EtcdClient, node: str, *, prefix: str = "/peerd",
+                 retention_s: float = 86400.0, on_unavailable: str = "skip",
+                 request_timeout_s: float = 2.0, max_reclaims: int = 3,
+                 rng: random.Random | None = None):
+        if on_unavailable not in ("skip", "fire"):
+            raise ValueError(f"on_unavailable: {on_unavailable!r} is not 'skip' or 'fire'")
+        if retention_s < 2:
+            raise ValueError("retention_s must be >= 2 (etcd's minimum lease TTL)")
+        if not node:
+            raise ValueError("node name is empty")
+        epoch_key(prefix)  # validates the prefix
+        self.client = client
+        self.node = node
+        self.prefix = prefix
+        self.retention_s = float(retention_s)
+        self.rotation_s = self.retention_s / 2
+        self.lease_ttl_s = int(math.ceil(self.retention_s + self.rotation_s))
+        self.on_unavailable = on_unavailable
+        self.request_timeout_s = request_timeout_s
+        self.max_reclaims = max_reclaims
+        self._rng = rng or random.Random(0)
+        self._lease_id = 0
+        self._lease_granted_at = -math.inf
+        self._lease_lock = trio.Lock()
+        self._high_water = 0
+        self._epoch = 0
+        self._c = dict(claims=0, won=0, lost=0, unavailable=0, fired_without_token=0,
+                       stale_epoch=0, reclaims_won=0, reclaims_refused=0, lease_grants=0,
+                       attempts_failed=0)
+
+    # ---------------------------------------------------------------- running
+
+    async def start(self) -> None:
+        """Grant the first lease and read the epoch; tolerates etcd being
+        down (claims then grant lazily)."""
+        try:
+            with trio.fail_after(self.request_timeout_s):
+                await self._ensure_lease(force=True)
+                kv = await self.client.get(epoch_key(self.prefix))
+            self._epoch = parse_epoch(kv.value if kv else None)
+            log.info("fencer started: lease %x, epoch %d", self._lease_id, self._epoch)
+        except (EtcdClientError, trio.TooSlowError) as exc:
+            log.warning("fencer start: etcd not reachable yet (%s); will retry on claims", exc)
+        except ValueError as exc:
+            log.error("fencer start: %s", exc)
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """``start()``, then rotate the lease every ``rotation_s`` forever.
+        Run inside a nursery: ``await nursery.start(fencer.run)``."""
+        await self.start()
+        task_status.started()
+        failures = 0
+        while True:
+            due = self._lease_granted_at + self.rotation_s
+            if failures:
+                due = trio.current_time() + backoff_delay_s(
+                    min(failures, 30), base_s=1.0, multiplier=2.0, max_s=60.0, rng=self._rng)
+            await trio.sleep_until(due)
+            try:
+                with trio.fail_after(self.request_timeout_s):
+                    await self._ensure_lease()  # rotates when due (a claim may have done it)
+                failures = 0
+            except (EtcdClientError, trio.TooSlowError) as exc:
+                failures += 1
+                log.warning("fencer: lease rotation failed (%s); retrying", exc)
+
+    async def aclose(self) -> None:
+        """Nothing to release: claims must outlive the process (retention)."""
+
+    # ----------------------------------------------------------------- claims
+
+    async def claim(self, task_id: str, slot: int, run_id: str, *, deadline: float) -> ClaimResult:
+        """Claim slot ``slot`` of ``task_id`` for run ``run_id``.
+
+        Args:
+            deadline: ``trio.current_time()`` value after which an
+                unavailable etcd gives up (end of the misfire window). At least
+                one attempt is always made.
+        Returns:
+            ClaimResult; fire iff ``won``.
+        Raises:
+            ValueError: empty ``task_id`` or non-int ``slot`` (caller bug).
+        """
+        self._c["claims"] += 1
+        value = ClaimValue(self.node, run_id, self._epoch)
+        res = await self._attempt_loop(
+            deadline,
+            lambda lease: claim_txn(self.prefix, task_id, slot, value, lease),
+            lambda r, hw0: decide_claim(r, node=self.node, run_id=run_id,
+                                        high_water_before=hw0, high_water_now=self._high_water),
+            what=f"claim {task_id}/{slot}")
+        self._count(res, task_id, slot, run_id)
+        return res
+
+    async def reclaim(self, task_id: str, slot: int, run_id: str, dead_node: str, *,
+                      deadline: float | None = None) -> ClaimResult:
+        """Re-claim a slot whose claimer ``dead_node`` was declared dead.
+
+        Returns ``won`` with a token greater than the dead claimer's, or
+        ``lost`` (not claimed by ``dead_node``, already reclaimed for this
+        death, reclaim cap reached, or another node was faster). etcd
+        unreachable: as for ``claim`` (``unavailable`` after ``deadline``,
+        default ``now + request_timeout_s``; ``fire_without_token`` in fire mode).
+        """
+        if deadline is None:
+            deadline = trio.current_time() + self.request_timeout_s
+        key = fire_key(self.prefix, task_id, slot)
+        plan_holder: list = []
+
+        def build(lease):
+            plan = plan_holder[0]
+            return reclaim_txn(self.prefix, task_id, slot, plan.value, lease, plan.mod_revision)
+
+        async def prepare() -> ClaimResult | None:
+            kv = await self.client.get(key)
+            plan = plan_reclaim(kv, node=self.node, run_id=run_id, dead_node=dead_node,
+                                epoch=self._epoch, max_reclaims=self.max_reclaims)
+            if plan.value is None:
+                return ClaimResult(False, None, "lost", plan.refusal)
+            plan_holder[:] = [plan]
+            return None
+
+        res = await self._attempt_loop(
+            deadline, build,
+            lambda r, hw0: decide_reclaim(r, node=self.node, run_id=run_id,
+                                          high_water_before=hw0, high_water_now=self._high_water),
+            what=f"reclaim {task_id}/{slot} from {dead_node}", prepare=prepare)
+        if res.reason == "won":
+            self._c["reclaims_won"] += 1
+            log.warning("reclaimed %s/%s from dead %s, token %d", task_id, slot, dead_node,
+                        res.token, extra={"task_id": task_id, "slot": slot, "token": res.token})
+        elif res.reason == "lost":
+            self._c["reclaims_refused"] += 1
+            log.info("reclaim of %s/%s from %s refused: %s", task_id, slot, dead_node, res.detail)
+        else:
+            self._count(res, task_id, slot, run_id)
+        return res
+
+    def statistics(self) -> FencerStats:
+        return FencerStats(**self._c, high_water_token=self._high_water, epoch=self._epoch,
+                           lease_id=self._lease_id)
+
+    # -------------------------------------------------------------- internals
+
+    async def _attempt_loop(self, deadline: float, build, decide, *, what: str,
+                            prepare=None) -> ClaimResult:
+        last_err = ""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            decision: ClaimDecision | None = None
+            try:
+                with trio.fail_after(self.request_timeout_s):
+                    if prepare is not None:
+                        early = await prepare()
+                        if early is not None:
+                            return ClaimResult(early.won, early.token, early.reason,
+                                               early.detail, attempt)
+                    lease = await self._ensure_lease()
+                    hw0 = self._high_water
+                    result = await self.client.txn(*build(lease))
+                decision = decide(result, hw0)
+            except EtcdError as exc:
+                if is_lease_not_found(exc):
+                    log.warning("%s: lease %x gone (%s); granting a new one", what,
+                                self._lease_id, exc.message)
+                    self._lease_id = 0
+                    last_err = str(exc)
+                    if attempt < 3:
+                        continue  # at once: the lease is the only problem
+                else:
+                    log.error("%s: etcd error %s", what, exc)
+                    last_err = str(exc)
+            except EtcdUnavailable as exc:
+                last_err = str(exc)
+            except EtcdProtocolError as exc:
+                log.error("%s: bad answer from etcd: %s", what, exc)
+                last_err = str(exc)
+            except trio.TooSlowError:
+                last_err = f"attempt took longer than {self.request_timeout_s} s"
+            if decision is not None:
+                self._high_water = decision.high_water
+                if decision.token is not None:
+                    self._high_water = max(self._high_water, decision.token)
+                self._epoch = max(self._epoch, split_token(self._high_water)[0])
+                holder = decision.holder.node if decision.holder else None
+                return ClaimResult(decision.won, decision.token, decision.reason,
+                                   decision.detail, attempt, holder)
+            self._c["attempts_failed"] += 1
+            if self.on_unavailable == "fire":
+                return ClaimResult(True, None, "fire_without_token",
+                                   f"etcd unavailable: {last_err}", attempt)
+            now = trio.current_time()
+            if now >= deadline:
+                return ClaimResult(False, None, "unavailable",
+                                   f"etcd unavailable until the deadline: {last_err}", attempt)
+            delay = backoff_delay_s(min(attempt, 30), base_s=RETRY_BASE_S, multiplier=2.0,
+                                    max_s=RETRY_MAX_S, rng=self._rng)
+            await trio.sleep(min(delay, deadline - now))
+        return ClaimResult(False, None, "unavailable", f"gave up after {MAX_ATTEMPTS} attempts",
+                           MAX_ATTEMPTS)
+
+    async def _ensure_lease(self, force: bool = False) -> int:
+        async with self._lease_lock:
+            now = trio.current_time()
+            if (force or not self._lease_id
+                    or now >= self._lease_granted_at + self.rotation_s):
+                g = await self.client.lease_grant_full(self.lease_ttl_s)
+                self._lease_id = g.lease_id
+                self._lease_granted_at = now
+                self._c["lease_grants"] += 1
+                if g.ttl_s < self.retention_s:
+                    log.warning("etcd granted lease TTL %d s < retention %.0f s", g.ttl_s,
+                                self.retention_s)
+            return self._lease_id
+
+    def _count(self, res: ClaimResult, task_id: str, slot: int, run_id: str) -> None:
+        extra = {"task_id": task_id, "slot": slot, "run_id": run_id, "reason": res.reason,
+                 "token": res.token}
+        if res.reason == "won":
+            self._c["won"] += 1
+        elif res.reason == "lost":
+            self._c["lost"] += 1
+        elif res.reason == "unavailable":
+            self._c["unavailable"] += 1
+            log.warning("slot %s/%s missed: %s", task_id, slot, res.detail, extra=extra)
+        elif res.reason == "fire_without_token":
+            self._c["fired_without_token"] += 1
+            log.warning("FIRING WITHOUT A FENCING TOKEN %s/%s: %s", task_id, slot, res.detail,
+                        extra=extra)
+        elif res.reason == "stale_epoch":
+            self._c["stale_epoch"] += 1
+            log.error("REFUSING TO FIRE %s/%s: %s", task_id, slot, res.detail, extra=extra)

@@ -1,0 +1,645 @@
+"""Scheduler core: which slots of which tasks fire now (sans-IO).
+
+The daemon (or the simulator) feeds the core with tasks, ownership,
+replicated control state and run lifecycle events, calls :meth:`Scheduler.tick`
+at :meth:`Scheduler.next_deadline`, and carries out the returned effects. The
+core never reads a clock, never does I/O and iterates in a deterministic
+order (heap ordered by ``(fire_at, task_id)``; other task sets sorted), so
+one input sequence gives one output sequence.
+
+Effects (frozen dataclasses)
+----------------------------
+- :class:`Fire` ``(task_id, slot, fire_at, reason)``: start a run of ``slot``.
+  ``reason`` is ``due`` (on time), ``catchup`` (missed, fired by the misfire
+  policy), ``buffered`` (queued by the overlap policy, released when the
+  previous run ended), ``run_now``, ``backfill`` or ``rerun_owner_loss``.
+- :class:`SlotSkipped` ``(task_id, slot, reason)``: the slot is decided and
+  will not run. Reasons: ``misfire_skip``, ``coalesced`` (folded into another
+  run by ``run_once`` or ``buffer_one``), ``expired`` (older than
+  ``catchup_window``; one effect names the first such slot, the rest are not
+  enumerated), ``catchup_limit`` (beyond :attr:`max_catchup_slots`),
+  ``overlap_forbid``, ``buffer_full``, ``paused``, ``owner_lost``.
+- :class:`Cancel` ``(task_id, run_id, reason)``: stop a running run
+  (``replace``).
+- :class:`Advance` ``(task_id, slot)``: persist and replicate the task's
+  ``last_fired_slot``, a max register meaning "every slot <= this one has been
+  decided" (fired, queued or skipped). At most one per task per call.
+
+Contract with the shell
+-----------------------
+For every :class:`Fire` the shell calls :meth:`Scheduler.run_started` when the
+run starts (with its run id) and :meth:`Scheduler.run_finished` when it ends
+(after its last retry), or :meth:`Scheduler.fire_abandoned` if it never
+starts (lost fencing claim, ownership moved). Until then the fire counts as
+"running" for the overlap policy.
+
+Rules
+-----
+1. Only tasks that this node owns *and* whose handoff is complete fire from
+   ``tick``. ``run_now``, ``backfill`` and ``unfinished_run`` act on request
+   (the daemon routes those requests to the owner).
+2. A slot fires at most once per scheduler: the core keeps a cursor per task
+   (max of its own decisions and the replicated ``last_fired_slot``) and never
+   decides a slot ``<= cursor`` again. One-shot tasks (``once:``) have one
+   slot, so ``last_fired_slot`` makes them fire once cluster-wide.
+3. A due slot is **on time** if ``now - fire_at <= misfire_grace_s`` (default
+   2 s) and **missed** otherwise. Missed slots exist after downtime, a pause
+   of the process, or a takeover; slots older than ``catchup_window`` are
+   ``expired`` and never run. Within the window, by ``misfire``:
+   ``skip`` skips them all; ``run_once`` fires the latest once (``catchup``)
+   and ``coalesced`` the rest; ``run_all`` fires each, oldest first, at most
+   :attr:`max_catchup_slots` (default 1000, the latest ones).
+4. A slot about to fire passes the **overlap** policy when a run of the task
+   is still going: ``allow`` fires; ``forbid`` skips; ``replace`` cancels the
+   running run(s) and fires; ``buffer_one`` queues it, replacing (coalescing)
+   an older queued slot; ``buffer_all`` queues it, at most :attr:`max_buffer`
+   (default 100), beyond that ``buffer_full``. Queued slots fire one at a
+   time when no run is going.
+5. Paused tasks keep their slots ticking but each one is ``paused``-skipped,
+   so resuming does not replay the paused period.
+6. New task without a ``last_fired_slot``: a recurring task starts at the
+   first slot after it was first seen (no history replay); a one-shot task
+   counts its instant as due (so ``now`` resolved at apply time fires even
+   when replication took a moment) within its catch-up window.
+7. Backfill slots fire one at a time, when nothing else of the task runs, and
+   do not move the cursor. Ownership loss drops queued and backfill slots.
+
+Cost: a heap of ``(fire_at, task_id, generation)``; ``tick`` pops only due
+entries (stale generations are dropped lazily), so a tick is O(due * log n).
+Schedules with the same spec share a memoised rule (see
+:mod:`node.schedule`), so 10,000 tasks on one cron cost one croniter step per
+slot.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from .schedule import Schedule
+from .tasks import Task
+
+__all__ = [
+    "Advance",
+    "Cancel",
+    "Effect",
+    "Fire",
+    "Scheduler",
+    "SchedulerStatistics",
+    "SlotSkipped",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Fire:
+    task_id: str
+    slot: int
+    fire_at: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SlotSkipped:
+    task_id: str
+    slot: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    task_id: str
+    run_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Advance:
+    task_id: str
+    slot: int
+
+
+Effect = Fire | SlotSkipped | Cancel | Advance
+
+
+@dataclass(frozen=True)
+class SchedulerStatistics:
+    tasks: int
+    owned: int
+    held: int
+    paused: int
+    heap_size: int
+    running: int
+    queued: int
+    fired: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)
+    cancelled: int = 0
+
+
+def _iso(slot: int | None) -> str | None:
+    if slot is None:
+        return None
+    return datetime.fromtimestamp(slot, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class _Entry:
+    __slots__ = (
+        "task", "sched", "paused", "owned", "ready", "last_fired", "cursor",
+        "next_slot", "gen", "running", "pending", "queue", "backfill",
+    )
+
+    def __init__(self, task: Task, sched: Schedule, paused: bool, cursor: int,
+                 last_fired: int | None) -> None:
+        self.task = task
+        self.sched = sched
+        self.paused = paused
+        self.owned = False
+        self.ready = False
+        self.last_fired = last_fired
+        self.cursor = cursor
+        self.next_slot = sched.next_after(cursor)
+        self.gen = 0
+        self.running: dict[str, int] = {}
+        self.pending: dict[int, int] = {}
+        self.queue: deque[tuple[int, str]] = deque()
+        self.backfill: deque[int] = deque()
+
+    def busy(self) -> bool:
+        return bool(self.running) or bool(self.pending)
+
+
+class Scheduler:
+    """Sans-IO scheduler for the tasks one node owns.
+
+    Args:
+        node: this node's name (reported by ``explain``).
+        misfire_grace_s: lateness up to which a slot is still on time.
+        max_catchup_slots: bound on slots handled per task per catch-up.
+        max_buffer: bound on queued slots per task (``buffer_all``).
+    """
+
+    def __init__(self, node: str, *, misfire_grace_s: float = 2.0,
+                 max_catchup_slots: int = 1000, max_buffer: int = 100) -> None:
+        self.node = node
+        self.misfire_grace_s = float(misfire_grace_s)
+        self.max_catchup_slots = int(max_catchup_slots)
+        self.max_buffer = int(max_buffer)
+        self._entries: dict[str, _Entry] = {}
+        self._heap: list[tuple[float, str, int]] = []
+        self._wake: dict[str, float] = {}
+        self._seen_lost_runs: OrderedDict[str, None] = OrderedDict()
+        self._fired: dict[str, int] = {}
+        self._skipped: dict[str, int] = {}
+        self._cancelled = 0
+
+    # ------------------------------------------------------------ task state
+
+    def set_task(self, task: Task, *, paused: bool | None = None,
+                 last_fired_slot: int | None = None, now: float) -> None:
+        """Add or update a task (its definition and merged control state).
+
+        Args:
+            task: validated task; ``schedule: now`` must be resolved first.
+            paused: replicated pause flag (None: ``task.paused``).
+            last_fired_slot: replicated max register (None: never fired).
+            now: current time (epoch seconds).
+
+        Raises:
+            ValueError: unresolved ``now`` schedule.
+        """
+        if task.schedule == "now":
+            raise ValueError(f"task {task.id!r}: resolve 'now' before scheduling (Task.resolve_now)")
+        sched = Schedule.from_task(task)
+        paused = task.paused if paused is None else bool(paused)
+        e = self._entries.get(task.id)
+        if e is None:
+            if last_fired_slot is not None:
+                cursor = int(last_fired_slot)
+            elif sched.kind == "once":
+                cursor = sched._rule.instant - 1  # type: ignore[attr-defined]
+            else:
+                cursor = math.ceil(now) - 1
+            e = _Entry(task, sched, paused, cursor, last_fired_slot)
+            self._entries[task.id] = e
+            return
+        e.task = task
+        e.sched = sched
+        e.paused = paused
+        self._merge_last_fired(e, last_fired_slot)
+        e.next_slot = sched.next_after(e.cursor)
+        self._push(e)
+
+    def remove_task(self, task_id: str) -> None:
+        """Forget a task (runs already started are the shell's business)."""
+        self._entries.pop(task_id, None)
+        self._wake.pop(task_id, None)
+
+    def set_owned(self, task_id: str, owned: bool, now: float, *,
+                  handoff_ready: bool = True) -> None:
+        """Ownership of a task changed (or its handoff completed).
+
+        Taking over (owned and ready) resumes from max(local cursor,
+        replicated ``last_fired_slot``); the next ``tick`` catches up missed
+        slots by the misfire policy. Owned but not ready: held, no fires.
+        Losing ownership drops queued and backfill slots.
+        """
+        e = self._entries.get(task_id)
+        if e is None:
+            raise KeyError(task_id)
+        was_active = e.owned and e.ready
+        e.owned = bool(owned)
+        e.ready = bool(owned) and bool(handoff_ready)
+        if not e.owned:
+            e.queue.clear()
+            e.backfill.clear()
+            self._wake.pop(task_id, None)
+        if e.owned and e.ready and not was_active:
+            e.next_slot = e.sched.next_after(e.cursor)
+        self._push(e)
+
+    def update_control(self, task_id: str, *, paused: bool | None = None,
+                       last_fired_slot: int | None = None) -> None:
+        """Merge replicated control state (pause flag, last fired slot)."""
+        e = self._entries.get(task_id)
+        if e is None:
+            raise KeyError(task_id)
+        if paused is not None:
+            e.paused = bool(paused)
+        if self._merge_last_fired(e, last_fired_slot):
+            e.next_slot = e.sched.next_after(e.cursor)
+            self._push(e)
+
+    def _merge_last_fired(self, e: _Entry, slot: int | None) -> bool:
+        if slot is None:
+            return False
+        slot = int(slot)
+        if e.last_fired is None or slot > e.last_fired:
+            e.last_fired = slot
+        if slot > e.cursor:
+            e.cursor = slot
+            return True
+        return False
+
+    # ------------------------------------------------------------ runs
+
+    def run_started(self, task_id: str, slot: int, run_id: str, now: float) -> None:
+        """The shell started the run of a Fire."""
+        e = self._entries.get(task_id)
+        if e is None:
+            return
+        n = e.pending.get(slot, 0)
+        if n > 1:
+            e.pending[slot] = n - 1
+        else:
+            e.pending.pop(slot, None)
+        e.running[run_id] = slot
+
+    def run_finished(self, task_id: str, run_id: str, now: float) -> None:
+        """A run ended (all attempts); queued slots may now be released."""
+        e = self._entries.get(task_id)
+        if e is None:
+            return
+        e.running.pop(run_id, None)
+        self._maybe_wake(e, now)
+
+    def fire_abandoned(self, task_id: str, slot: int, now: float) -> None:
+        """A Fire was not started (claim lost, shutdown...)."""
+        e = self._entries.get(task_id)
+        if e is None:
+            return
+        n = e.pending.get(slot, 0)
+        if n > 1:
+            e.pending[slot] = n - 1
+        else:
+            e.pending.pop(slot, None)
+        self._maybe_wake(e, now)
+
+    def _maybe_wake(self, e: _Entry, now: float) -> None:
+        if not e.busy() and (e.queue or e.backfill):
+            t = self._wake.get(e.task.id)
+            self._wake[e.task.id] = now if t is None else min(t, now)
+
+    def unfinished_run(self, task_id: str, run_record: dict, now: float) -> list[Effect]:
+        """The owner found a ``running`` record left by a dead node.
+
+        Acts once per run id by ``on_owner_loss``: ``rerun`` offers the slot
+        again (overlap policy applies; reason ``rerun_owner_loss``), ``skip``
+        reports it as ``owner_lost``.
+
+        Args:
+            run_record: mapping with at least ``run_id`` and ``slot``.
+        """
+        e = self._entries.get(task_id)
+        if e is None:
+            return []
+        run_id = str(run_record.get("run_id"))
+        slot = run_record.get("slot")
+        if not isinstance(slot, int) or isinstance(slot, bool):
+            return []
+        key = f"{task_id}\x00{run_id}"
+        if key in self._seen_lost_runs:
+            return []
+        self._seen_lost_runs[key] = None
+        while len(self._seen_lost_runs) > 4096:
+            self._seen_lost_runs.popitem(last=False)
+        effects: list[Effect] = []
+        if e.task.on_owner_loss == "rerun":
+            self._offer(e, slot, "rerun_owner_loss", now, effects)
+        else:
+            self._skip(e, slot, "owner_lost", effects)
+        return effects
+
+    def run_now(self, task_id: str, now: float) -> list[Effect]:
+        """Fire the task now (manual run); slot = floor(now); overlap applies.
+
+        Does not move the cursor or ``last_fired_slot``.
+
+        Raises:
+            KeyError: unknown task.
+        """
+        e = self._entries[task_id]
+        effects: list[Effect] = []
+        self._offer(e, int(now // 1), "run_now", now, effects)
+        return effects
+
+    def backfill(self, task_id: str, start: int, end: int, now: float,
+                 dry_run: bool = False) -> list[int]:
+        """Slots ``start <= s <= end`` of a past window; queue them unless dry run.
+
+        Queued slots fire one at a time (reason ``backfill``) from ``tick``.
+
+        Raises:
+            KeyError: unknown task.
+            ValueError: end before start, end in the future, or more than
+                ``max_catchup_slots`` slots (queued included).
+        """
+        e = self._entries[task_id]
+        start, end = int(start), int(end)
+        if end < start:
+            raise ValueError("backfill: --to is before --from")
+        if end > now:
+            raise ValueError("backfill: window must be in the past")
+        slots: list[int] = []
+        for s in e.sched.slots_between(start - 1, end):
+            slots.append(s)
+            if len(slots) + len(e.backfill) > self.max_catchup_slots:
+                raise ValueError(f"backfill: more than {self.max_catchup_slots} slots in window")
+        if not dry_run and slots:
+            e.backfill.extend(slots)
+            t = self._wake.get(task_id)
+            self._wake[task_id] = now if t is None else min(t, now)
+        return slots
+
+    # ------------------------------------------------------------ time
+
+    def _push(self, e: _Entry) -> None:
+        e.gen += 1
+        if e.owned and e.ready and e.next_slot is not None:
+            heapq.heappush(self._heap, (e.sched.fire_time(e.next_slot), e.task.id, e.gen))
+            if len(self._heap) > 4 * len(self._entries) + 64:
+                self._compact()
+
+    def _compact(self) -> None:
+        heap = []
+        for tid, e in self._entries.items():
+            if e.owned and e.ready and e.next_slot is not None:
+                heap.append((e.sched.fire_time(e.next_slot), tid, e.gen))
+        heapq.heapify(heap)
+        self._heap = heap
+
+    def next_deadline(self) -> float | None:
+        """When ``tick`` has something to do next (None: nothing scheduled)."""
+        heap = self._heap
+        entries = self._entries
+        while heap:
+            _, tid, gen = heap[0]
+            e = entries.get(tid)
+            if e is not None and e.gen == gen:
+                break
+            heapq.heappop(heap)
+        best = heap[0][0] if heap else None
+        if self._wake:
+            w = min(self._wake.values())
+            best = w if best is None else min(best, w)
+        return best
+
+    def tick(self, now: float) -> list[Effect]:
+        """Decide every slot due at ``now``; return effects in deterministic order."""
+        effects: list[Effect] = []
+        heap = self._heap
+        entries = self._entries
+        while heap and heap[0][0] <= now:
+            _, tid, gen = heapq.heappop(heap)
+            e = entries.get(tid)
+            if e is None or e.gen != gen:
+                continue
+            self._process_due(e, now, effects)
+            self._push(e)
+        if self._wake:
+            for tid in sorted(t for t, w in self._wake.items() if w <= now):
+                del self._wake[tid]
+                e = entries.get(tid)
+                if e is not None:
+                    self._release(e, now, effects)
+        return effects
+
+    def _process_due(self, e: _Entry, now: float, effects: list[Effect]) -> None:
+        task = e.task
+        sched = e.sched
+        tid = task.id
+        s = e.next_slot
+        decided = e.cursor
+        window_start = now - task.catchup_window_s
+        if s is not None and s >= window_start and not e.paused:
+            # Fast path: exactly one due slot, on time.
+            nxt = sched.next_after(s)
+            if (nxt is None or sched.fire_time(nxt) > now) and now - sched.fire_time(s) <= self.misfire_grace_s:
+                self._offer(e, s, "due", now, effects)
+                e.next_slot = nxt
+                if s > e.cursor:
+                    e.cursor = s
+                    if e.last_fired is None or s > e.last_fired:
+                        e.last_fired = s
+                    effects.append(Advance(tid, s))
+                return
+        if s is not None and s < window_start:
+            self._skip(e, s, "expired", effects)
+            decided = max(decided, math.ceil(window_start) - 1)
+            s = sched.next_after(decided)
+        due: deque[int] = deque()
+        limit = self.max_catchup_slots
+        scanned = 0
+        dropped = 0
+        while s is not None and scanned < 100 * limit and sched.fire_time(s) <= now:
+            if len(due) == limit:
+                # Report the first slot beyond the limit; count the others.
+                old = due.popleft()
+                if dropped == 0:
+                    self._skip(e, old, "catchup_limit", effects)
+                else:
+                    self._skipped["catchup_limit"] += 1
+                dropped += 1
+            due.append(s)
+            scanned += 1
+            s = sched.next_after(s)
+        e.next_slot = s
+        if due:
+            decided = max(decided, due[-1])
+            if e.paused:
+                for x in due:
+                    self._skip(e, x, "paused", effects)
+            else:
+                grace = self.misfire_grace_s
+                missed = []
+                while due and now - sched.fire_time(due[0]) > grace:
+                    missed.append(due.popleft())
+                if missed:
+                    policy = task.misfire
+                    if policy == "skip":
+                        for x in missed:
+                            self._skip(e, x, "misfire_skip", effects)
+                    elif policy == "run_once":
+                        for x in missed[:-1]:
+                            self._skip(e, x, "coalesced", effects)
+                        self._offer(e, missed[-1], "catchup", now, effects)
+                    else:
+                        for x in missed:
+                            self._offer(e, x, "catchup", now, effects)
+                for x in due:
+                    self._offer(e, x, "due", now, effects)
+        if decided > e.cursor:
+            e.cursor = decided
+            if e.last_fired is None or decided > e.last_fired:
+                e.last_fired = decided
+            effects.append(Advance(tid, decided))
+
+    def _skip(self, e: _Entry, slot: int, reason: str, effects: list[Effect]) -> None:
+        effects.append(SlotSkipped(e.task.id, slot, reason))
+        self._skipped[reason] = self._skipped.get(reason, 0) + 1
+
+    def _fire(self, e: _Entry, slot: int, reason: str, effects: list[Effect]) -> None:
+        effects.append(Fire(e.task.id, slot, e.sched.fire_time(slot), reason))
+        e.pending[slot] = e.pending.get(slot, 0) + 1
+        self._fired[reason] = self._fired.get(reason, 0) + 1
+
+    def _offer(self, e: _Entry, slot: int, reason: str, now: float, effects: list[Effect]) -> None:
+        """Fire ``slot`` unless the overlap policy says otherwise."""
+        policy = e.task.overlap
+        if policy == "allow" or not e.busy():
+            self._fire(e, slot, reason, effects)
+        elif policy == "forbid":
+            self._skip(e, slot, "overlap_forbid", effects)
+        elif policy == "replace":
+            for run_id in sorted(e.running):
+                effects.append(Cancel(e.task.id, run_id, "replace"))
+                self._cancelled += 1
+            self._fire(e, slot, reason, effects)
+        elif policy == "buffer_one":
+            while e.queue:
+                old, _ = e.queue.popleft()
+                self._skip(e, old, "coalesced", effects)
+            e.queue.append((slot, reason))
+        else:  # buffer_all
+            if len(e.queue) >= self.max_buffer:
+                self._skip(e, slot, "buffer_full", effects)
+            else:
+                e.queue.append((slot, reason))
+
+    def _release(self, e: _Entry, now: float, effects: list[Effect]) -> None:
+        if e.busy():
+            return
+        if e.queue:
+            slot, _reason = e.queue.popleft()
+            self._fire(e, slot, "buffered", effects)
+        elif e.backfill:
+            self._fire(e, e.backfill.popleft(), "backfill", effects)
+
+    # ------------------------------------------------------------ introspection
+
+    def last_fired_slot(self, task_id: str) -> int | None:
+        return self._entries[task_id].last_fired
+
+    def explain(self, task_id: str, now: float, n: int = 5) -> dict:
+        """Why a task fires (or not) here, and its next ``n`` fires.
+
+        Returns:
+            dict with ``task_id``, ``node``, ``owned``, ``handoff_ready``,
+            ``paused``, ``last_fired_slot`` (+ ``_utc``), ``cursor``,
+            ``next`` (list of ``slot``, ``utc``, ``local``, ``local_zone``,
+            ``fire_at``, ``dst_note``), ``overlap``, ``misfire``,
+            ``catchup_window_s``, ``running`` (run ids), ``pending``,
+            ``queued``, ``backfill_queued``, ``missed_now`` and ``why``
+            (sentences).
+
+        Raises:
+            KeyError: unknown task.
+        """
+        e = self._entries[task_id]
+        task = e.task
+        nxt = e.sched.describe(max(e.cursor, int(now // 1) - 1) if e.owned else int(now // 1), n)
+        why: list[str] = []
+        if not e.owned:
+            why.append(f"not owned by {self.node}: another node fires it")
+        elif not e.ready:
+            why.append("owned, waiting for handoff of the latest task state before firing")
+        else:
+            why.append(f"owned by {self.node}")
+        if e.paused:
+            why.append("paused: each slot is skipped until resumed")
+        if e.busy():
+            why.append(f"a run is in progress; overlap={task.overlap} decides the next slot")
+        missed = 0
+        window_start = now - task.catchup_window_s
+        for s in e.sched.slots_between(max(e.cursor, math.ceil(window_start) - 1), int(now // 1)):
+            if now - e.sched.fire_time(s) > self.misfire_grace_s:
+                missed += 1
+            if missed >= self.max_catchup_slots:
+                break
+        if missed:
+            action = {"skip": "skip them", "run_once": "fire the latest once",
+                      "run_all": "fire each"}[task.misfire]
+            why.append(f"{missed} slot(s) missed since last fired within catchup_window "
+                       f"{task.catchup_window_s:g}s: misfire={task.misfire} will {action}")
+        if not nxt:
+            why.append("no future slots (one-shot task already fired or past)")
+        pol = e.sched.policy
+        return {
+            "task_id": task_id,
+            "node": self.node,
+            "owned": e.owned,
+            "handoff_ready": e.ready,
+            "paused": e.paused,
+            "schedule": task.schedule,
+            "timezone": task.timezone,
+            "dst": pol.to_dict() if pol else None,
+            "last_fired_slot": e.last_fired,
+            "last_fired_utc": _iso(e.last_fired),
+            "cursor": e.cursor,
+            "next": nxt,
+            "overlap": task.overlap,
+            "misfire": task.misfire,
+            "catchup_window_s": task.catchup_window_s,
+            "running": sorted(e.running),
+            "pending": sum(e.pending.values()),
+            "queued": [s for s, _ in e.queue],
+            "backfill_queued": len(e.backfill),
+            "missed_now": missed,
+            "why": why,
+        }
+
+    def statistics(self) -> SchedulerStatistics:
+        es = self._entries.values()
+        return SchedulerStatistics(
+            tasks=len(self._entries),
+            owned=sum(1 for e in es if e.owned and e.ready),
+            held=sum(1 for e in es if e.owned and not e.ready),
+            paused=sum(1 for e in es if e.paused),
+            heap_size=len(self._heap),
+            running=sum(len(e.running) + sum(e.pending.values()) for e in es),
+            queued=sum(len(e.queue) + len(e.backfill) for e in es),
+            fired=dict(sorted(self._fired.items())),
+            skipped=dict(sorted(self._skipped.items())),
+            cancelled=self._cancelled,
+        )

@@ -1,0 +1,665 @@
+"""Task model and task-file validation (pure, no I/O except reading a file).
+
+A :class:`Task` is a frozen, validated value. It has one canonical dict form
+(:meth:`Task.to_dict`, msgpack- and JSON-able) that is also the file format:
+the keys of a task in a YAML/JSON/TOML file are the keys of ``to_dict``.
+:meth:`Task.from_dict` validates everything, because a dict may come from the
+network.
+
+Rules
+-----
+1. Errors name the source, the task and the field with the reason::
+
+       tasks.yaml: task 'backup': schedule '61 * * * *': minute must be 0-59
+
+   All errors of a file are collected (:class:`TaskError` ``.errors``); a file
+   with any error yields no tasks.
+2. Unknown fields are errors (with a "did you mean" hint): a typo must not
+   silently drop a setting.
+3. Duplicate ids in one file are errors.
+4. Durations accept ``"30s"``, ``"5m"``, ``"1h30m"``, ``"500ms"``, ``"2d"`` or
+   numbers of seconds; they are stored as float seconds (``*_s`` attributes)
+   and written back as numbers.
+
+Schedules (see :mod:`node.schedule`): a cron string (5 or 6 fields, the 6th
+being seconds at the end, croniter's convention), an alias (``@hourly``...),
+``@every 30s``, ``now`` or a one-shot time. In YAML write a one-shot time as
+``schedule: {once: "2026-12-01T10:00:00Z"}`` (TOML: ``schedule = {once =
+2026-12-01T10:00:00Z}``) or as the string ``"once:2026-12-01T10:00:00Z"``; a
+time without an offset is read in the task's ``timezone``. The canonical form
+is the string ``once:YYYY-MM-DDTHH:MM:SSZ``. ``schedule: now`` stays ``now``
+in the task; the daemon calls :meth:`Task.resolve_now` when it applies the
+task, so the cluster stores one instant and fires it once.
+
+Defaults (and why):
+- ``timeout`` 3600 s (one hour: long jobs must say so; cron has no timeout,
+  Kubernetes' activeDeadlineSeconds none, so we pick a finite bound);
+- ``retries`` ``max 0`` (cron does not retry), ``backoff 1s``,
+  ``max_backoff 60s``, ``multiplier 2.0``;
+- ``overlap forbid`` (Kubernetes CronJob's ``Forbid`` / systemd timers never
+  start a second instance);
+- ``misfire run_once`` with ``catchup_window 1h`` (anacron runs a missed job
+  once; APScheduler's ``coalesce=True``);
+- ``on_owner_loss rerun``; ``history 100``; ``timezone UTC``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar, Union
+
+from .schedule import (
+    DstPolicy,
+    ScheduleError,
+    load_zone,
+    parse_duration,
+    resolve_now,
+    validate_schedule,
+)
+
+__all__ = [
+    "COMMAND_TYPES",
+    "ExecCommand",
+    "HttpCommand",
+    "MISFIRE_POLICIES",
+    "OVERLAP_POLICIES",
+    "OWNER_LOSS_POLICIES",
+    "PythonCommand",
+    "RetryPolicy",
+    "ShellCommand",
+    "Task",
+    "TaskError",
+    "load_task_file",
+    "parse_tasks",
+]
+
+ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+OVERLAP_POLICIES = ("allow", "forbid", "replace", "buffer_one", "buffer_all")
+MISFIRE_POLICIES = ("skip", "run_once", "run_all")
+OWNER_LOSS_POLICIES = ("rerun", "skip")
+COMMAND_TYPES = ("shell", "exec", "python", "http")
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+_TARGET_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# Limits (TigerStyle: put a limit on everything).
+MAX_NAME_LEN = 256
+MAX_TIMEOUT_S = 7 * 86400.0
+MAX_JITTER_S = 86400.0
+MAX_CATCHUP_WINDOW_S = 7 * 86400.0
+MAX_RETRIES = 100
+MAX_HISTORY = 10_000
+MAX_TAGS = 64
+MAX_ENV = 256
+MAX_TASKS_PER_FILE = 100_000
+
+
+class TaskError(ValueError):
+    """One or more validation errors; ``errors`` lists every message."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+# ---------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True, slots=True)
+class ShellCommand:
+    """``/bin/sh -c run``."""
+
+    run: str
+    type: ClassVar[str] = "shell"
+
+    def to_dict(self) -> dict:
+        return {"type": "shell", "run": self.run}
+
+
+@dataclass(frozen=True, slots=True)
+class ExecCommand:
+    """``argv[0]`` executed directly (no shell)."""
+
+    argv: tuple[str, ...]
+    type: ClassVar[str] = "exec"
+
+    def to_dict(self) -> dict:
+        return {"type": "exec", "argv": list(self.argv)}
+
+
+@dataclass(frozen=True, slots=True)
+class PythonCommand:
+    """``module:function(*args, **kwargs)`` in a child process."""
+
+    target: str
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    type: ClassVar[str] = "python"
+
+    @property
+    def module(self) -> str:
+        return self.target.split(":", 1)[0]
+
+    @property
+    def function(self) -> str:
+        return self.target.split(":", 1)[1]
+
+    def to_dict(self) -> dict:
+        return {"type": "python", "target": self.target, "args": list(self.args),
+                "kwargs": dict(self.kwargs)}
+
+
+@dataclass(frozen=True, slots=True)
+class HttpCommand:
+    """An HTTP request; success when the status is in ``expect_status``.
+
+    ``expect_status`` empty means any 2xx.
+    """
+
+    url: str
+    method: str = "GET"
+    headers: dict = field(default_factory=dict)
+    body: str | None = None
+    expect_status: tuple[int, ...] = ()
+    type: ClassVar[str] = "http"
+
+    def status_ok(self, status: int) -> bool:
+        return status in self.expect_status if self.expect_status else 200 <= status < 300
+
+    def to_dict(self) -> dict:
+        return {"type": "http", "method": self.method, "url": self.url,
+                "headers": dict(self.headers), "body": self.body,
+                "expect_status": list(self.expect_status)}
+
+
+Command = Union[ShellCommand, ExecCommand, PythonCommand, HttpCommand]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Retries of a failed run: attempt n (1-based retry) waits
+    ``min(max_backoff_s, backoff_s * multiplier**(n-1))`` scaled by jitter."""
+
+    max: int = 0
+    backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+    multiplier: float = 2.0
+
+    def delay_s(self, retry: int, rng) -> float:
+        """Delay before retry number ``retry`` (1 = first retry), with
+        "equal jitter" (half fixed, half uniform) from ``rng`` (random.Random)."""
+        base = min(self.max_backoff_s, self.backoff_s * self.multiplier ** max(0, retry - 1))
+        return base / 2 + rng.uniform(0, base / 2)
+
+    def to_dict(self) -> dict:
+        return {"max": self.max, "backoff": self.backoff_s,
+                "max_backoff": self.max_backoff_s, "multiplier": self.multiplier}
+
+
+# ---------------------------------------------------------------- task
+
+
+@dataclass(frozen=True)
+class Task:
+    """A validated task. Build with :meth:`from_dict` (or :func:`parse_tasks`).
+
+    Durations are float seconds; dict fields are plain dicts (treat as
+    read-only).
+    """
+
+    id: str
+    schedule: str
+    command: Command
+    name: str = ""
+    timezone: str = "UTC"
+    dst: DstPolicy | None = None
+    jitter_s: float = 0.0
+    timeout_s: float = 3600.0
+    retries: RetryPolicy = RetryPolicy()
+    overlap: str = "forbid"
+    misfire: str = "run_once"
+    catchup_window_s: float = 3600.0
+    on_owner_loss: str = "rerun"
+    tags: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)
+    cwd: str | None = None
+    paused: bool = False
+    history: int = 100
+
+    FIELDS: ClassVar[tuple[str, ...]] = (
+        "id", "name", "schedule", "timezone", "dst", "jitter", "command", "timeout",
+        "retries", "overlap", "misfire", "catchup_window", "on_owner_loss", "tags",
+        "env", "cwd", "paused", "history",
+    )
+
+    @property
+    def is_immediate(self) -> bool:
+        """True for one-shot tasks (``now`` or ``once:``)."""
+        return self.schedule == "now" or self.schedule.startswith("once:")
+
+    def resolve_now(self, now: float) -> "Task":
+        """Return the task with ``schedule: now`` turned into ``once:<now>``."""
+        spec = resolve_now(self.schedule, now)
+        return self if spec == self.schedule else replace(self, schedule=spec)
+
+    def to_dict(self) -> dict:
+        """Canonical dict (msgpack/JSON-able); ``from_dict`` round-trips it."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "schedule": self.schedule,
+            "timezone": self.timezone,
+            "dst": self.dst.to_dict() if self.dst else None,
+            "jitter": self.jitter_s,
+            "command": self.command.to_dict(),
+            "timeout": self.timeout_s,
+            "retries": self.retries.to_dict(),
+            "overlap": self.overlap,
+            "misfire": self.misfire,
+            "catchup_window": self.catchup_window_s,
+            "on_owner_loss": self.on_owner_loss,
+            "tags": dict(self.tags),
+            "env": dict(self.env),
+            "cwd": self.cwd,
+            "paused": self.paused,
+            "history": self.history,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, *, source: str | None = None, index: int | None = None) -> "Task":
+        """Validate ``d`` and build a Task.
+
+        Args:
+            d: a mapping with the task-file keys.
+            source: prefix for error messages (a file name), or None.
+            index: position in a file (for messages about tasks without id).
+
+        Raises:
+            TaskError: every problem found, one message each.
+        """
+        v = _Validator(source, index)
+        task = v.task(d)
+        if v.errors:
+            raise TaskError(v.errors)
+        assert task is not None
+        return task
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _fmt_value(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_plain(value: Any, depth: int = 0) -> bool:
+    """JSON/msgpack-able plain data (python command args/kwargs)."""
+    if depth > 16:
+        return False
+    if value is None or isinstance(value, (bool, int, str)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(x, depth + 1) for x in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(x, depth + 1) for k, x in value.items())
+    return False
+
+
+class _Validator:
+    def __init__(self, source: str | None, index: int | None) -> None:
+        self.source = source
+        self.index = index
+        self.tid: str | None = None
+        self.errors: list[str] = []
+
+    def _prefix(self) -> str:
+        who = f"task {self.tid!r}" if self.tid else (
+            f"task #{self.index + 1}" if self.index is not None else "task")
+        return f"{self.source}: {who}" if self.source else who
+
+    def err(self, fld: str, reason: str, value: Any = None, show: bool = True) -> None:
+        head = f"{fld} {_fmt_value(value)}" if show and value is not None else fld
+        self.errors.append(f"{self._prefix()}: {head}: {reason}")
+
+    def _unknown(self, d: dict, allowed: tuple[str, ...], where: str) -> None:
+        for k in sorted((k for k in d if k not in allowed), key=str):
+            hint = difflib.get_close_matches(str(k), allowed, n=1)
+            tip = f" (did you mean {hint[0]!r}?)" if hint else ""
+            self.err(f"{where}{k}" if isinstance(k, str) else f"{where}{k!r}",
+                     f"unknown field{tip}", show=False)
+
+    def _choice(self, d: dict, key: str, choices: tuple[str, ...], default: str) -> str:
+        value = d.get(key, default)
+        if value not in choices:
+            self.err(key, "must be one of " + ", ".join(choices), value)
+            return default
+        return value
+
+    def _duration(self, d: dict, key: str, default: float, *, low: float, high: float,
+                  name: str | None = None) -> float:
+        name = name or key
+        if key not in d or d[key] is None:
+            return default
+        value = d[key]
+        try:
+            secs = parse_duration(value)
+        except ScheduleError as exc:
+            self.err(name, str(exc), value)
+            return default
+        if not low <= secs <= high:
+            self.err(name, f"must be between {low:g}s and {high:g}s", value)
+            return default
+        return secs
+
+    def _int(self, d: dict, key: str, default: int, low: int, high: int, name: str | None = None) -> int:
+        name = name or key
+        value = d.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.err(name, "must be an integer", value)
+            return default
+        if not low <= value <= high:
+            self.err(name, f"must be between {low} and {high}", value)
+            return default
+        return value
+
+    def _str_map(self, d: dict, key: str, max_items: int, key_re: re.Pattern | None = None) -> dict:
+        value = d.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.err(key, "must be a mapping of strings", value)
+            return {}
+        if len(value) > max_items:
+            self.err(key, f"at most {max_items} entries")
+            return {}
+        out = {}
+        for k in sorted(value, key=str):
+            x = value[k]
+            if not isinstance(k, str) or not k or (key_re is not None and not key_re.match(k)):
+                self.err(f"{key}.{k}", "invalid key", show=False)
+                continue
+            if not isinstance(x, str):
+                self.err(f"{key}.{k}", "must be a string (quote it in YAML)", x)
+                continue
+            if "\x00" in x:
+                self.err(f"{key}.{k}", "must not contain NUL", show=False)
+                continue
+            out[k] = x
+        return out
+
+    def task(self, d: Any) -> Task | None:
+        if not isinstance(d, dict):
+            self.errors.append(f"{self._prefix()}: not a mapping")
+            return None
+        # id first, so later messages name the task.
+        tid = d.get("id")
+        if tid is None:
+            self.err("id", "required", show=False)
+        elif not isinstance(tid, str) or not ID_RE.match(tid):
+            self.err("id", "must be 1-128 characters of A-Z a-z 0-9 . _ -", tid)
+        else:
+            self.tid = tid
+        self._unknown(d, Task.FIELDS, "")
+
+        name = d.get("name", tid if isinstance(tid, str) else "")
+        if not isinstance(name, str) or len(name) > MAX_NAME_LEN:
+            self.err("name", f"must be a string of at most {MAX_NAME_LEN} characters", name)
+            name = ""
+
+        tz_name = d.get("timezone", "UTC")
+        zone = None
+        try:
+            zone = load_zone(tz_name)
+        except ScheduleError as exc:
+            self.err("timezone", str(exc), tz_name)
+            tz_name = "UTC"
+
+        dst = None
+        if d.get("dst") is not None:
+            raw = d["dst"]
+            if not isinstance(raw, dict):
+                self.err("dst", "must be a mapping {gap: shift|skip, overlap: once|twice}", raw)
+            else:
+                self._unknown(raw, ("gap", "overlap"), "dst.")
+                gap = raw.get("gap", "shift")
+                ovl = raw.get("overlap", "once")
+                ok = True
+                if gap not in ("shift", "skip"):
+                    self.err("dst.gap", "must be one of shift, skip", gap)
+                    ok = False
+                if ovl not in ("once", "twice"):
+                    self.err("dst.overlap", "must be one of once, twice", ovl)
+                    ok = False
+                if ok:
+                    dst = DstPolicy(gap, ovl)
+
+        schedule = "now"
+        if "schedule" not in d or d["schedule"] is None:
+            self.err("schedule", "required", show=False)
+        else:
+            raw = d["schedule"]
+            try:
+                schedule = validate_schedule(raw, zone)
+            except ScheduleError as exc:
+                self.err("schedule", str(exc), raw)
+
+        jitter_s = self._duration(d, "jitter", 0.0, low=0.0, high=MAX_JITTER_S)
+        command = self.command(d.get("command"))
+        timeout_s = self._duration(d, "timeout", 3600.0, low=0.001, high=MAX_TIMEOUT_S)
+        retries = self.retries(d.get("retries"))
+        overlap = self._choice(d, "overlap", OVERLAP_POLICIES, "forbid")
+        misfire = self._choice(d, "misfire", MISFIRE_POLICIES, "run_once")
+        window_s = self._duration(d, "catchup_window", 3600.0, low=0.0, high=MAX_CATCHUP_WINDOW_S)
+        owner_loss = self._choice(d, "on_owner_loss", OWNER_LOSS_POLICIES, "rerun")
+        tags = self._str_map(d, "tags", MAX_TAGS)
+        env = self._str_map(d, "env", MAX_ENV, _ENV_RE)
+        cwd = d.get("cwd")
+        if cwd is not None and (not isinstance(cwd, str) or not cwd or "\x00" in cwd):
+            self.err("cwd", "must be a non-empty path string", cwd)
+            cwd = None
+        paused = d.get("paused", False)
+        if not isinstance(paused, bool):
+            self.err("paused", "must be true or false", paused)
+            paused = False
+        history = self._int(d, "history", 100, 1, MAX_HISTORY)
+
+        if self.errors or command is None:
+            return None
+        return Task(
+            id=tid, name=name or tid, schedule=schedule, timezone=tz_name, dst=dst,
+            jitter_s=jitter_s, command=command, timeout_s=timeout_s, retries=retries,
+            overlap=overlap, misfire=misfire, catchup_window_s=window_s,
+            on_owner_loss=owner_loss, tags=tags, env=env, cwd=cwd, paused=paused,
+            history=history,
+        )
+
+    def retries(self, raw: Any) -> RetryPolicy:
+        if raw is None:
+            return RetryPolicy()
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            raw = {"max": raw}
+        if not isinstance(raw, dict):
+            self.err("retries", "must be a mapping {max, backoff, max_backoff, multiplier}", raw)
+            return RetryPolicy()
+        self._unknown(raw, ("max", "backoff", "max_backoff", "multiplier"), "retries.")
+        mx = self._int(raw, "max", 0, 0, MAX_RETRIES, name="retries.max")
+        backoff = self._duration(raw, "backoff", 1.0, low=0.0, high=86400.0, name="retries.backoff")
+        max_backoff = self._duration(raw, "max_backoff", 60.0, low=0.0, high=86400.0,
+                                     name="retries.max_backoff")
+        mult = raw.get("multiplier", 2.0)
+        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not 1.0 <= mult <= 10.0:
+            self.err("retries.multiplier", "must be a number between 1 and 10", mult)
+            mult = 2.0
+        if max_backoff < backoff:
+            self.err("retries.max_backoff", "must be at least retries.backoff", raw.get("max_backoff"))
+        return RetryPolicy(mx, backoff, max_backoff, float(mult))
+
+    def command(self, raw: Any) -> Command | None:
+        if raw is None:
+            self.err("command", "required", show=False)
+            return None
+        if not isinstance(raw, dict):
+            self.err("command", "must be a mapping with type: shell|exec|python|http", raw)
+            return None
+        ctype = raw.get("type")
+        if ctype not in COMMAND_TYPES:
+            self.err("command.type", "must be one of " + ", ".join(COMMAND_TYPES), ctype)
+            return None
+        n = len(self.errors)
+        if ctype == "shell":
+            self._unknown(raw, ("type", "run"), "command.")
+            run = raw.get("run")
+            if not isinstance(run, str) or not run.strip() or "\x00" in run:
+                self.err("command.run", "must be a non-empty string", run)
+                return None
+            return ShellCommand(run) if len(self.errors) == n else None
+        if ctype == "exec":
+            self._unknown(raw, ("type", "argv"), "command.")
+            argv = raw.get("argv")
+            if (not isinstance(argv, list) or not argv
+                    or not all(isinstance(a, str) and "\x00" not in a for a in argv) or not argv[0]):
+                self.err("command.argv", "must be a non-empty list of strings", argv)
+                return None
+            return ExecCommand(tuple(argv)) if len(self.errors) == n else None
+        if ctype == "python":
+            self._unknown(raw, ("type", "target", "args", "kwargs"), "command.")
+            target = raw.get("target")
+            ok = True
+            if not isinstance(target, str) or not _TARGET_RE.match(target):
+                self.err("command.target", "must be 'module:function' (dotted names)", target)
+                ok = False
+            args = raw.get("args", [])
+            if not isinstance(args, list) or not _is_plain(args):
+                self.err("command.args", "must be a list of plain values", args)
+                ok = False
+            kwargs = raw.get("kwargs", {})
+            if not isinstance(kwargs, dict) or not _is_plain(kwargs):
+                self.err("command.kwargs", "must be a mapping of str to plain values", kwargs)
+                ok = False
+            if not ok or len(self.errors) != n:
+                return None
+            return PythonCommand(target, tuple(args), dict(kwargs))
+        # http
+        self._unknown(raw, ("type", "method", "url", "headers", "body", "expect_status"), "command.")
+        url = raw.get("url")
+        ok = True
+        if not isinstance(url, str) or not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
+            self.err("command.url", "must be an http:// or https:// URL", url)
+            ok = False
+        method = raw.get("method", "GET")
+        if not isinstance(method, str) or method.upper() not in HTTP_METHODS:
+            self.err("command.method", "must be one of " + ", ".join(HTTP_METHODS), method)
+            ok = False
+            method = "GET"
+        headers = self._str_map(raw, "headers", 64)
+        body = raw.get("body")
+        if body is not None and not isinstance(body, str):
+            self.err("command.body", "must be a string", body)
+            ok = False
+        exp = raw.get("expect_status", [])
+        if isinstance(exp, int) and not isinstance(exp, bool):
+            exp = [exp]
+        if (not isinstance(exp, list)
+                or not all(isinstance(x, int) and not isinstance(x, bool) and 100 <= x <= 599 for x in exp)):
+            self.err("command.expect_status", "must be a status code 100-599 or a list of them", exp)
+            ok = False
+            exp = []
+        if not ok or len(self.errors) != n:
+            return None
+        return HttpCommand(url=url, method=method.upper(), headers=headers, body=body,
+                           expect_status=tuple(sorted(set(exp))))
+
+
+# ---------------------------------------------------------------- files
+
+
+def parse_tasks(data: Any, source: str) -> list[Task]:
+    """Validate already-decoded task-file data.
+
+    Args:
+        data: a list of task mappings, or ``{"tasks": [...]}``.
+        source: name used in error messages (usually the file name).
+
+    Returns:
+        The tasks, in file order.
+
+    Raises:
+        TaskError: every error in the file; no tasks are returned then.
+    """
+    if isinstance(data, dict):
+        extra = sorted(str(k) for k in data if k != "tasks")
+        if extra or "tasks" not in data:
+            raise TaskError([f"{source}: expected a list of tasks or a mapping with only 'tasks'"
+                             + (f" (unknown keys: {', '.join(extra)})" if extra else "")])
+        data = data["tasks"]
+    if data is None:
+        data = []
+    if not isinstance(data, list):
+        raise TaskError([f"{source}: expected a list of tasks or a mapping with 'tasks'"])
+    if len(data) > MAX_TASKS_PER_FILE:
+        raise TaskError([f"{source}: more than {MAX_TASKS_PER_FILE} tasks"])
+    errors: list[str] = []
+    tasks: list[Task] = []
+    first_index: dict[str, int] = {}
+    for i, item in enumerate(data):
+        try:
+            task = Task.from_dict(item, source=source, index=i)
+        except TaskError as exc:
+            errors.extend(exc.errors)
+            task = None
+        tid = item.get("id") if isinstance(item, dict) else None
+        if isinstance(tid, str):
+            if tid in first_index:
+                errors.append(f"{source}: task {tid!r}: id: duplicate (also task #{first_index[tid] + 1})")
+            else:
+                first_index[tid] = i
+        if task is not None:
+            tasks.append(task)
+    if errors:
+        raise TaskError(errors)
+    return tasks
+
+
+def load_task_file(path: str | os.PathLike) -> list[Task]:
+    """Load and validate a YAML (.yaml/.yml), JSON (.json) or TOML (.toml) file.
+
+    TOML files hold a top-level array of tables ``[[tasks]]``; YAML and JSON
+    hold a list or ``{tasks: [...]}``.
+
+    Raises:
+        TaskError: unreadable, undecodable or invalid; messages start with the
+            file name.
+    """
+    p = Path(path)
+    source = str(path)
+    suffix = p.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".json", ".toml"):
+        raise TaskError([f"{source}: unknown file type (use .yaml, .yml, .json or .toml)"])
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TaskError([f"{source}: cannot read: {exc}"]) from None
+    try:
+        if suffix == ".json":
+            data = json.loads(text)
+        elif suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # each parser has its own error type
+        kind = {".json": "JSON", ".toml": "TOML"}.get(suffix, "YAML")
+        msg = " ".join(str(exc).split())
+        raise TaskError([f"{source}: not valid {kind}: {msg}"]) from None
+    return parse_tasks(data, source)

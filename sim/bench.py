@@ -1,0 +1,168 @@
+"""Benchmark runner for the simulator: speed and protocol figures.
+
+    python -m sim.bench speed  [--nodes 1000] [--duration 600]
+    python -m sim.bench protocol [--sizes 100,300] [--duration 300] [--jobs 2]
+    python -m sim.bench table          # markdown table of bench/results/sim.json
+
+Every run is one ``simulate(...)`` call (the same code path as ``peersim
+run``) with a fixed seed; results are merged into ``bench/results/sim.json``
+keyed by (kind, scenario, nodes, loss, duration, seed), so runs can be added
+one at a time. Figures and commands are in ``bench/README-sim.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import time
+
+__all__ = ["main", "run_one", "PROTOCOL_RUNS"]
+
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "bench", "results", "sim.json")
+SEED = 1
+
+# (scenario, loss): loss None = scenario default.
+PROTOCOL_RUNS = [
+    ("steady", None),
+    ("crash", None),
+    ("flaky", 0.05),
+    ("flaky", 0.20),
+    ("crash", 0.05),   # detection latency under loss
+    ("crash", 0.20),
+    ("pause", None),
+]
+
+ROW_KEYS = (
+    "wall_seconds", "node_seconds_per_wall_second", "detection_latency_s", "detections",
+    "undetected", "first_suspicion_s", "false_positives", "false_suspicions",
+    "false_positives_paused", "dissemination_rounds", "dissemination_incomplete",
+    "dead_dissemination_rounds", "msgs_per_node_per_s", "bytes_per_node_per_s", "converged",
+    "convergence_s", "first_converged_s", "trace_hash", "drops",
+)
+
+
+def run_one(job: tuple) -> dict:
+    """Run one (kind, scenario, nodes, loss, duration_s, seed, profile) job."""
+    from sim.cluster import simulate
+    from sim.scenarios import check_invariants
+    kind, scenario, nodes, loss, duration_s, seed, profile = job
+    cpu0 = time.process_time()
+    r, _ = simulate(nodes=nodes, duration_s=duration_s, seed=seed, scenario=scenario, loss=loss,
+                    profile=profile)
+    cpu_s = time.process_time() - cpu0
+    eff_loss = loss if loss is not None else (0.05 if scenario == "flaky" else 0.0)
+    row = {"kind": kind, "scenario": scenario, "nodes": nodes, "loss": eff_loss,
+           "duration_s": duration_s, "seed": seed, "profile": profile,
+           "cpu_seconds": round(cpu_s, 2),
+           "node_seconds_per_cpu_second": round(nodes * duration_s / cpu_s, 1) if cpu_s else None,
+           "invariants_failed": check_invariants(r, scenario=scenario, loss=eff_loss),
+           "command": (f"peersim run --nodes {nodes} --duration {duration_s:g} --seed {seed} "
+                       f"--scenario {scenario} --profile {profile}"
+                       + (f" --loss {loss:g}" if loss is not None else ""))}
+    for k in ROW_KEYS:
+        row[k] = r.get(k)
+    print(json.dumps({k: row[k] for k in ("scenario", "nodes", "loss", "wall_seconds", "cpu_seconds",
+                                          "converged", "false_positives", "detection_latency_s",
+                                          "msgs_per_node_per_s", "bytes_per_node_per_s")}),
+          flush=True)
+    return row
+
+
+def _key(row: dict) -> str:
+    return f"{row['kind']}|{row['scenario']}|{row['nodes']}|{row['loss']}|{row['duration_s']}|{row['seed']}"
+
+
+def _merge(rows: list[dict], path: str = RESULTS) -> None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except (OSError, ValueError):
+        doc = {"runs": {}}
+    doc["machine"] = {"python": platform.python_version(), "cpus": os.cpu_count(),
+                      "platform": platform.platform()}
+    for row in rows:
+        doc["runs"][_key(row)] = row
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=2, sort_keys=True, default=str)
+        fh.write("\n")
+
+
+def _run(jobs: list[tuple], n_jobs: int) -> list[dict]:
+    if n_jobs > 1 and len(jobs) > 1:
+        with multiprocessing.Pool(n_jobs) as pool:
+            return pool.map(run_one, jobs, chunksize=1)
+    return [run_one(j) for j in jobs]
+
+
+def table(path: str = RESULTS) -> str:
+    """Markdown table of the stored results."""
+    with open(path, encoding="utf-8") as fh:
+        doc = json.load(fh)
+    rows = sorted(doc["runs"].values(), key=lambda r: (r["kind"], r["nodes"], r["scenario"], r["loss"]))
+
+    def f(v, nd=2):
+        return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+    out = ["| kind | scenario | N | loss | virt s | wall s | cpu s | node-s/cpu-s | detect p50/p99/max s "
+           "| 1st suspect p50 s | FP dead (suspect) | dissem. rounds p50/p99 | msgs/node/s | B/node/s "
+           "| converged (s after fault) |",
+           "|---" * 15 + "|"]
+    for r in rows:
+        d = r["detection_latency_s"] or {}
+        s = r["first_suspicion_s"] or {}
+        dr = r["dissemination_rounds"] or {}
+        out.append(
+            f"| {r['kind']} | {r['scenario']} | {r['nodes']} | {r['loss']:g} | {r['duration_s']:g} "
+            f"| {f(r['wall_seconds'], 1)} | {f(r['cpu_seconds'], 1)} | {f(r['node_seconds_per_cpu_second'], 0)} "
+            f"| {f(d.get('p50'))}/{f(d.get('p99'))}/{f(d.get('max'))} | {f(s.get('p50'))} "
+            f"| {r['false_positives']} ({r['false_suspicions']}) | {f(dr.get('p50'))}/{f(dr.get('p99'))} "
+            f"| {f(r['msgs_per_node_per_s'])} | {f(r['bytes_per_node_per_s'], 0)} "
+            f"| {r['converged']} ({f(r['convergence_s'], 1)}) |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sim.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sp = sub.add_parser("speed", help="1000 nodes x 600 virtual s, steady, lan")
+    sp.add_argument("--nodes", type=int, default=1000)
+    sp.add_argument("--duration", type=float, default=600.0)
+    pp = sub.add_parser("protocol", help="protocol figures per scenario and size")
+    pp.add_argument("--sizes", default="100,300")
+    pp.add_argument("--duration", type=float, default=300.0)
+    pp.add_argument("--scenarios", default=None,
+                    help="comma list of scenario[@loss] (default: the PROTOCOL_RUNS set)")
+    pp.add_argument("--jobs", type=int, default=1)
+    for q in (sp, pp):
+        q.add_argument("--profile", default="lan", choices=("lan", "local"))
+        q.add_argument("--seed", type=int, default=SEED)
+    sub.add_parser("table", help="print the markdown table of bench/results/sim.json")
+    args = p.parse_args(argv)
+    if args.cmd == "table":
+        print(table())
+        return 0
+    if args.cmd == "speed":
+        jobs = [("speed", "steady", args.nodes, None, args.duration, args.seed, args.profile)]
+        rows = _run(jobs, 1)
+    else:
+        runs = PROTOCOL_RUNS
+        if args.scenarios:
+            runs = []
+            for item in args.scenarios.split(","):
+                name, _, loss = item.partition("@")
+                runs.append((name, float(loss) if loss else None))
+        jobs = [("protocol", sc, int(n), loss, args.duration, args.seed, args.profile)
+                for n in args.sizes.split(",") for sc, loss in runs]
+        rows = _run(jobs, args.jobs)
+    _merge(rows)
+    print(f"wrote {RESULTS}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""etcd as the simulator sees it: a linearizable register with outages (pure).
+
+Theory of operation
+-------------------
+The real fencer (``node/fencer.py``) needs four things from etcd: a global
+revision counter, per-key ``version``/``mod_revision``, an atomic
+"create if absent" and "replace if mod_revision == m", and leases that delete
+keys after a TTL. This model keeps exactly those, in one process, with no
+clock of its own: every call takes the virtual time ``now_s``.
+
+Rule 1 (linearizable): calls are applied in the order the simulator makes
+    them; each write bumps ``revision`` by one and stamps the key with it.
+Rule 2 (outages): ``outages`` is a list of ``(start_s, end_s)`` windows; at
+    ``start_s <= now_s < end_s`` every call raises ``EtcdModelUnavailable``
+    and changes nothing (a real client sees a timeout). ``lost_reply=True``
+    on a write models the nastier case: applied, but the caller gets
+    ``EtcdModelUnavailable`` anyway (a reply lost in flight).
+Rule 3 (leases): a key written with ``ttl_s`` disappears at ``now_s + ttl_s``.
+    Expiry happens lazily before each call, in ``(expires_at_s, key)`` order,
+    and each expired key costs one revision (etcd deletes via a revision too).
+Rule 4 (tokens): ``token = node.fencing.make_token(epoch, revision)`` exactly
+    as the real fencer computes it; ``restore(snapshot)`` puts revisions back
+    (a restore from backup), ``raise_epoch()`` is the operator's fix.
+
+Determinism: no randomness here; dict iteration only after sorting.
+"""
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+from dataclasses import dataclass
+
+from node.fencing import make_token
+
+__all__ = ["EtcdModel", "EtcdModelUnavailable", "ModelKV", "ModelClaim", "ModelSnapshot"]
+
+
+class EtcdModelUnavailable(Exception):
+    """etcd is in an outage window at this time (or the reply was lost)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelKV:
+    value: object
+    create_revision: int
+    mod_revision: int
+    version: int
+    expires_at_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelClaim:
+    """``won`` -> fire with ``token``; ``holder`` is the current value when lost."""
+
+    won: bool
+    token: int | None
+    holder: object = None
+    mod_revision: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSnapshot:
+    revision: int
+    keys: tuple[tuple[str, ModelKV], ...]
+
+
+class EtcdModel:
+    """Args:
+        outages: ``(start_s, end_s)`` windows, ``start_s < end_s``; may overlap.
+    Raises:
+        ValueError: a window with ``end_s <= start_s`` or a non-finite start
+            (``end_s`` may be ``inf``: etcd never comes back).
+    """
+
+    def __init__(self, outages: list[tuple[float, float]] | tuple = ()):
+        wins = sorted((float(a), float(b)) for a, b in outages)
+        for a, b in wins:
+            if not math.isfinite(a) or math.isnan(b) or not a < b:
+                raise ValueError(f"outage window ({a}, {b}): need start_s < end_s")
+        # merge overlaps so available() is one bisect
+        merged: list[list[float]] = []
+        for a, b in wins:
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        self._starts = [a for a, _ in merged]
+        self._ends = [b for _, b in merged]
+        self.revision = 1  # a fresh etcd answers revision 1
+        self.epoch = 0
+        self._kv: dict[str, ModelKV] = {}
+        self._expiry: list[tuple[float, str, int]] = []  # (expires_at_s, key, mod_revision)
+        self.writes = 0
+        self.rejected_unavailable = 0
+
+    # -------------------------------------------------------------- outages
+
+    def available(self, now_s: float) -> bool:
+        i = bisect.bisect_right(self._starts, now_s) - 1
+        return not (i >= 0 and now_s < self._ends[i])
+
+    def next_available_s(self, now_s: float) -> float:
+        """The first time ``>= now_s`` at which etcd is available."""
+        i = bisect.bisect_right(self._starts, now_s) - 1
+        if i >= 0 and now_s < self._ends[i]:
+            return self._ends[i]
+        return now_s
+
+    def _enter(self, now_s: float) -> None:
+        if not self.available(now_s):
+            self.rejected_unavailable += 1
+            raise EtcdModelUnavailable(f"etcd down at t={now_s}")
+        self._expire(now_s)
+
+    def _expire(self, now_s: float) -> None:
+        while self._expiry and self._expiry[0][0] <= now_s:
+            _, key, mod = heapq.heappop(self._expiry)
+            kv = self._kv.get(key)
+            if kv is not None and kv.mod_revision == mod:  # not overwritten since
+                del self._kv[key]
+                self.revision += 1
+
+    # ----------------------------------------------------------------- ops
+
+    def get(self, key: str, now_s: float) -> ModelKV | None:
+        self._enter(now_s)
+        return self._kv.get(key)
+
+    def _write(self, key: str, value: object, now_s: float, ttl_s: float | None) -> int:
+        self.revision += 1
+        self.writes += 1
+        old = self._kv.get(key)
+        exp = None if ttl_s is None else now_s + ttl_s
+        self._kv[key] = ModelKV(value, old.create_revision if old else self.revision,
+                                self.revision, (old.version if old else 0) + 1, exp)
+        if exp is not None:
+            heapq.heappush(self._expiry, (exp, key, self.revision))
+        return self.revision
+
+    def txn_create_if_absent(self, key: str, value: object, now_s: float, *,
+                             ttl_s: float | None = None, lost_reply: bool = False) -> int | None:
+        """``if version(key) == 0: put``. Returns the token, or None if the
+        key exists. Raises EtcdModelUnavailable in an outage (nothing done)
+        or, with ``lost_reply``, after applying the write."""
+        self._enter(now_s)
+        if key in self._kv:
+            return None
+        rev = self._write(key, value, now_s, ttl_s)
+        if lost_reply:
+            raise EtcdModelUnavailable("reply lost (write applied)")
+        return make_token(self.epoch, rev)
+
+    def reclaim(self, key: str, expected_mod_rev: int, value: object, now_s: float, *,
+                ttl_s: float | None = None, lost_reply: bool = False) -> int | None:
+        """``if mod_revision(key) == expected: put``; token or None."""
+        self._enter(now_s)
+        kv = self._kv.get(key)
+        if kv is None or kv.mod_revision != expected_mod_rev:
+            return None
+        rev = self._write(key, value, now_s, ttl_s)
+        if lost_reply:
+            raise EtcdModelUnavailable("reply lost (write applied)")
+        return make_token(self.epoch, rev)
+
+    def claim(self, key: str, value: object, now_s: float, *, ttl_s: float | None = None,
+              lost_reply: bool = False) -> ModelClaim:
+        """What the real fencer does in one txn: create if absent; if present
+        and equal to ``value`` (our own write whose reply was lost) we won
+        with that write's token; else lost."""
+        self._enter(now_s)
+        kv = self._kv.get(key)
+        if kv is None:
+            token = self.txn_create_if_absent(key, value, now_s, ttl_s=ttl_s, lost_reply=lost_reply)
+            return ModelClaim(True, token, value, self.revision)
+        if kv.value == value:
+            return ModelClaim(True, make_token(self.epoch, kv.mod_revision), kv.value, kv.mod_revision)
+        return ModelClaim(False, None, kv.value, kv.mod_revision)
+
+    # ------------------------------------------------------- backup/restore
+
+    def snapshot(self) -> ModelSnapshot:
+        return ModelSnapshot(self.revision, tuple(sorted(self._kv.items())))
+
+    def restore(self, snap: ModelSnapshot, now_s: float) -> None:
+        """Replace the state with ``snap`` (revisions go BACK). Lease expiry
+        times are kept. The epoch is not part of the data: it stays."""
+        self.revision = snap.revision
+        self._kv = dict(snap.keys)
+        self._expiry = [(kv.expires_at_s, k, kv.mod_revision)
+                        for k, kv in sorted(self._kv.items()) if kv.expires_at_s is not None]
+        heapq.heapify(self._expiry)
+        self._expire(now_s)
+
+    def raise_epoch(self, epoch: int | None = None) -> int:
+        """The operator's ``etcdctl put <prefix>/epoch N`` (default: +1)."""
+        new = self.epoch + 1 if epoch is None else epoch
+        if new < self.epoch:
+            raise ValueError(f"epoch must not go down ({self.epoch} -> {new})")
+        make_token(new, 0)  # validates the range
+        self.epoch = new
+        return new
+
+    def keys(self, now_s: float) -> list[str]:
+        """Live keys, sorted (no availability check: for checkers)."""
+        self._expire(now_s)
+        return sorted(self._kv)
+
+    def peek(self, key: str) -> ModelKV | None:
+        """The stored value without availability or expiry (for checkers)."""
+        return self._kv.get(key)

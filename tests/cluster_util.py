@@ -1,0 +1,148 @@
+"""Start real ``peerd`` processes on loopback for end-to-end tests.
+
+Each node is a real OS process (``python -m node.daemon``) with its own free
+UDP+TCP gossip port and API port, a real SQLite data dir and a real key file.
+Waiting is always on a condition with a deadline, never a fixed sleep.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from node.demo import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "test-token-123"
+
+
+@dataclass
+class Proc:
+    name: str
+    gossip: int
+    api: int
+    data_dir: Path
+    log_path: Path
+    args: list[str]
+    popen: subprocess.Popen | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def api_addr(self) -> str:
+        return f"127.0.0.1:{self.api}"
+
+    def start(self, env=None) -> None:
+        e = dict(os.environ)
+        e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+        if env:
+            e.update(env)
+        log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "node.daemon", *self.args], stdout=log, stderr=subprocess.STDOUT, env=e, cwd=str(ROOT)
+        )
+        log.close()
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+class Cluster:
+    def __init__(self, tmp: Path, n: int, *, profile: str = "local", extra_args: list[str] | None = None):
+        from gossip.seal import Keyring
+
+        self.tmp = tmp
+        self.key_file = tmp / "gossip.key"
+        self.key_file.write_text(Keyring.generate() + "\n")
+        self.procs: list[Proc] = []
+        ports = [(free_port(), free_port()) for _ in range(n)]
+        seeds = ",".join(f"127.0.0.1:{g}" for g, _ in ports[:2])
+        for i, (g, a) in enumerate(ports):
+            name = f"n{i + 1}"
+            args = [
+                "--name", name, "--bind", f"127.0.0.1:{g}", "--api", f"127.0.0.1:{a}",
+                "--seeds", seeds, "--data-dir", str(tmp / name), "--key-file", str(self.key_file),
+                "--api-token", TOKEN, "--profile", profile, "--shutdown-grace-s", "3",
+                "--log-level", "info",
+            ] + (extra_args or [])
+            self.procs.append(Proc(name, g, a, tmp / name, tmp / f"{name}.log", args))
+
+    def start(self) -> None:
+        for p in self.procs:
+            p.start()
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.alive():
+                p.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for p in self.procs:
+            if p.popen is None:
+                continue
+            try:
+                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait()
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {p.name} =====\n{p.log_text()[-6000:]}" for p in self.procs)
+
+
+def api(addr: str, method: str, path: str, body=None, token: str | None = TOKEN, timeout: float = 10.0):
+    """Returns (status, decoded JSON or text)."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://{addr}{path}", data=data, method=method)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw, status = r.read(), r.status
+    except urllib.error.HTTPError as e:
+        raw, status = e.read(), e.code
+    try:
+        return status, json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return status, raw.decode(errors="replace")
+
+
+def wait_for(cond, *, timeout: float, what: str, cluster: Cluster | None = None, interval: float = 0.1):
+    """Poll ``cond()`` until truthy or the deadline; the failure says what."""
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while time.monotonic() < deadline:
+        try:
+            v = cond()
+            if v:
+                return v
+        except (OSError, urllib.error.URLError, KeyError, ValueError, TypeError) as e:
+            last_exc = e
+        time.sleep(interval)
+    msg = f"timed out after {timeout}s waiting for {what}"
+    if last_exc:
+        msg += f" (last error: {last_exc!r})"
+    if cluster is not None:
+        msg += "\n" + cluster.logs()
+    raise AssertionError(msg)
+
+
+def peerctl(*args: str, node: str, token: str = TOKEN, timeout: float = 30):
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    e["PEERCTL_NODE"] = node
+    e["PEERCTL_TOKEN"] = token
+    return subprocess.run(
+        [sys.executable, "-m", "node.peerctl", *args], capture_output=True, text=True, env=e, timeout=timeout, cwd=str(ROOT)
+    )

@@ -1,0 +1,338 @@
+"""Simulator tests: loop, network, determinism, every scenario at N=20, CLI.
+
+Every run prints its replay command on failure (``_why``), so a red CI line
+can be reproduced with ``peersim run ...``.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gossip.config import Config
+from sim import scenarios
+from sim.cli import main as peersim_main
+from sim.cluster import ClusterOptions, simulate
+from sim.loop import EventLoop, Trace, child_rng, stable_seed
+from sim.network import Network, NetworkOptions
+from sim.scenarios import Fault, check_invariants
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+REQUIRED_KEYS = (
+    "seed", "nodes", "virtual_seconds", "wall_seconds", "trace_hash", "detection_latency_s",
+    "false_positives", "dissemination_rounds", "msgs_per_node_per_s", "bytes_per_node_per_s",
+    "converged", "convergence_s", "slots_due", "slots_fired", "duplicate_fires", "missed_slots",
+)
+
+
+def _why(r: dict, **kw) -> str:
+    bits = " ".join(f"--{k} {v}" for k, v in kw.items())
+    return (f"seed={r['seed']} replay: peersim run --nodes {r['nodes']} --duration "
+            f"{r['virtual_seconds']:g} --seed {r['seed']} {bits} | report: "
+            + json.dumps({k: r.get(k) for k in ("converged", "false_positives", "false_suspicions",
+                                                  "detection_latency_s", "undetected", "disagreement",
+                                                  "drops")}, default=str))
+
+
+# -- loop and RNGs ---------------------------------------------------------------
+
+def test_loop_pops_in_time_then_push_order_and_refuses_the_past():
+    loop = EventLoop()
+    loop.schedule(2.0, 1, "b")
+    loop.schedule(1.0, 1, "a")
+    loop.schedule(2.0, 1, "c")
+    assert [loop.pop()[3] for _ in range(3)] == ["a", "b", "c"]
+    assert loop.now_s == 2.0
+    assert loop.pop() is None
+    with pytest.raises(ValueError, match="backwards"):
+        loop.schedule(1.5, 1)
+
+
+def test_child_rngs_are_stable_across_processes_and_independent():
+    # A literal: sha256-derived, so PYTHONHASHSEED cannot change it.
+    assert stable_seed(1, "a") == 3031550534146327381
+    assert child_rng(1, "a").random() == child_rng(1, "a").random()
+    assert child_rng(1, "a").random() != child_rng(1, "b").random()
+    assert child_rng(1, "a").random() != child_rng(2, "a").random()
+
+
+def test_trace_hash_depends_on_order_and_content():
+    def h(records):
+        t = Trace(chunk=2)
+        for r in records:
+            t.append(r)
+        return t.hexdigest()
+    assert h([(0.1, "p", 1, 2)]) == h([(0.1, "p", 1, 2)])
+    assert h([(0.1, "p", 1, 2), (0.2, "p", 2, 1)]) != h([(0.2, "p", 2, 1), (0.1, "p", 1, 2)])
+
+
+# -- network ---------------------------------------------------------------------
+
+def _net(**kw):
+    loop = EventLoop()
+    net = Network(4, NetworkOptions(**kw), child_rng(0, "net"), loop.heap, loop.next_seq, 0)
+    return net, loop
+
+
+def test_network_delivers_with_jitter_and_reorders():
+    net, loop = _net(one_way_delay_min_s=0.001, one_way_delay_mean_s=0.005)
+    for i in range(200):
+        net.transmit(0.0 + i * 1e-4, 0, 1, bytes([i % 256]) * 10)
+    got = [heapq.heappop(loop.heap) for _ in range(len(loop.heap))]
+    assert len(got) == 200
+    delays = [e[0] - int.from_bytes(e[5][:1], "big") * 1e-4 for e in got]
+    assert all(d >= 0.001 - 1e-12 for d in delays)
+    payload_order = [e[5][0] for e in got]
+    assert payload_order != sorted(payload_order)  # jitter reorders
+    assert net.sent_msgs[0] == 200 and net.sent_bytes[0] == 2000
+
+
+def test_network_loss_partition_block_oversize_and_replay():
+    net, loop = _net(packet_loss_probability=1.0)
+    net.transmit(0.0, 0, 1, b"x")
+    assert net.drops["loss"] == 1 and not loop.heap
+
+    net, loop = _net(datagram_size_max_bytes=100)
+    net.transmit(0.0, 0, 1, b"x" * 101)
+    assert net.drops["oversize"] == 1 and not loop.heap
+
+    net, loop = _net()
+    net.partition([[0, 1], [2]])  # 3 is alone in the implicit last group
+    net.transmit(0.0, 0, 1, b"ok")
+    net.transmit(0.0, 0, 2, b"no")
+    net.transmit(0.0, 2, 3, b"no")
+    assert net.drops["partition"] == 2 and len(loop.heap) == 1
+    net.heal()
+    net.transmit(0.0, 0, 2, b"ok")
+    assert len(loop.heap) == 2
+
+    net, loop = _net()
+    net.block(0, 1)  # 1 does not hear 0; 0 still hears 1
+    net.transmit(0.0, 0, 1, b"no")
+    net.transmit(0.0, 1, 0, b"ok")
+    assert net.drops["blocked"] == 1 and len(loop.heap) == 1
+    assert not net.stream_open(0, 1) and not net.stream_open(1, 0)
+
+    net, loop = _net(packet_replay_probability=1.0)
+    net.transmit(0.0, 0, 1, b"twice")
+    assert len(loop.heap) == 2
+
+
+def test_network_options_are_validated():
+    with pytest.raises(ValueError):
+        NetworkOptions(packet_loss_probability=1.5)
+    with pytest.raises(ValueError):
+        NetworkOptions(one_way_delay_min_s=0.01, one_way_delay_mean_s=0.001)
+
+
+# -- determinism -----------------------------------------------------------------
+
+def _hash_in_subprocess(seed: int, hashseed: str) -> str:
+    code = ("from sim.cluster import simulate; "
+            f"r, _ = simulate(nodes=12, duration_s=15, seed={seed}, scenario='churn', profile='local'); "
+            "print(r['trace_hash'])")
+    env = dict(os.environ, PYTHONHASHSEED=hashseed)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_same_seed_same_trace_hash_across_processes_different_seed_differs():
+    a = _hash_in_subprocess(5, "1")
+    b = _hash_in_subprocess(5, "2")  # str hashing differs between the processes
+    c, _ = simulate(nodes=12, duration_s=15, seed=5, scenario="churn", profile="local")
+    d, _ = simulate(nodes=12, duration_s=15, seed=6, scenario="churn", profile="local")
+    assert a == b == c["trace_hash"], "seed=5: same seed gave different traces"
+    assert d["trace_hash"] != a
+    assert c["trace_records"] > 1000
+
+
+# -- scenarios at N=20 -------------------------------------------------------------
+
+SCENARIO_RUNS = [
+    # (scenario, profile, duration_s)
+    ("steady", "local", 40),
+    ("crash", "local", 60),
+    # partition: see test_partition_scenario_heals (xfail) and
+    # test_short_partition_heals below.
+    ("flaky", "local", 60),
+    ("pause", "lan", 60),
+    ("churn", "local", 60),
+]
+
+
+@pytest.mark.parametrize("scenario,profile,duration_s", SCENARIO_RUNS)
+def test_scenario_invariants_hold_at_n20(scenario, profile, duration_s):
+    seed = 20
+    r, cluster = simulate(nodes=20, duration_s=duration_s, seed=seed, scenario=scenario,
+                          profile=profile)
+    why = _why(r, scenario=scenario, profile=profile)
+    loss = 0.05 if scenario == "flaky" else 0.0
+    assert check_invariants(r, scenario=scenario, loss=loss) == [], why
+    for k in REQUIRED_KEYS:
+        assert k in r, k
+    assert r["converged"] is True, why
+    assert r["dissemination_updates"] >= 1, why
+    assert r["msgs_per_node_per_s"] > 0.5, why
+    if scenario == "crash":
+        assert r["detections"] == 2 * 18, why  # 2 crashed x 18 surviving observers
+        assert r["undetected"] == 0, why
+        # local profile, N=20: suspicion min 0.78 s, max 4.7 s after a probe round
+        assert 0.2 < r["detection_latency_s"]["max"] < 6.0, why
+        assert r["nodes_running_at_end"] == 18
+    if scenario == "flaky":
+        assert r["drops"].get("loss", 0) > 100, why
+    if scenario == "pause":
+        assert r["stats"]["paused_deferred"] > 0, why
+        # Lifeguard case on lan timers: a 1.5-3 s stall is shorter than the
+        # suspicion timeout, so nobody is declared dead.
+        assert r["false_positives"] == 0, why
+    if scenario == "steady":
+        assert r["false_suspicions"] == 0, why
+        assert r["undetected"] == 0 and r["detections"] == 0
+
+
+@pytest.mark.xfail(reason="gossip core has no reconnect to dead members (serf's reconnect_interval): "
+                          "once both halves declared each other dead, nothing crosses the healed "
+                          "link except gossip-to-the-dead while a broadcast happens to be queued",
+                   strict=False)
+@pytest.mark.parametrize("profile,duration_s", [("local", 60), ("lan", 90)])
+def test_partition_scenario_heals(profile, duration_s):
+    r, _ = simulate(nodes=20, duration_s=duration_s, seed=20, scenario="partition", profile=profile)
+    assert r["drops"].get("partition", 0) > 0
+    assert r["converged"], _why(r, scenario="partition", profile=profile)
+
+
+def test_short_partition_heals_without_false_dead():
+    # 3 s apart on lan timers: shorter than the suspicion timeout
+    # (4 * log10(20) * 1 s = 5.2 s), so members are suspected, never dead.
+    n = _names(20)
+    groups = (tuple(n[:10]), tuple(n[10:]))
+    sched = [Fault(10.0, "partition", args=(groups,)), Fault(13.0, "heal")]
+    r, _ = simulate(nodes=20, duration_s=40, seed=21, profile="lan", schedule=sched)
+    assert r["drops"].get("partition", 0) > 0, _why(r)
+    assert r["false_positives"] == 0, _why(r)
+    assert r["converged"], _why(r)
+
+
+# -- composed fault schedules ----------------------------------------------------------
+
+def _names(n):
+    from sim.cluster import node_names
+    return node_names(n)
+
+
+def test_asymmetric_link_causes_no_false_dead_thanks_to_indirect_probes():
+    n = _names(10)
+    sched = [Fault(2.0, "block", n[3], (n[4],)), Fault(2.0, "block", n[5], (n[6],)),
+             Fault(25.0, "heal")]
+    r, cl = simulate(nodes=10, duration_s=30, seed=3, profile="local", schedule=sched)
+    assert r["drops"].get("blocked", 0) > 10, _why(r)
+    assert r["false_positives"] == 0, _why(r)
+    assert r["converged"], _why(r)
+
+
+def test_restart_reclaims_a_dead_member():
+    n = _names(10)
+    sched = [Fault(5.0, "crash", n[4]), Fault(12.0, "restart", n[4])]
+    r, cl = simulate(nodes=10, duration_s=25, seed=4, profile="local", schedule=sched)
+    assert r["detections"] == 9 and r["undetected"] == 0, _why(r)
+    assert r["converged"] and r["nodes_running_at_end"] == 10, _why(r)
+    assert cl.nodes[4].boots == 2 and cl.nodes[4].core.incarnation > 0, _why(r)
+
+
+def test_clock_drift_and_duplication_keep_the_cluster_converged():
+    n = _names(8)
+    sched = [Fault(1.0, "drift", n[1], (1.05,)), Fault(1.0, "drift", n[2], (0.95,))]
+    net = NetworkOptions(packet_replay_probability=0.2)
+    r, cl = simulate(nodes=8, duration_s=20, seed=5, profile="local", schedule=sched, network=net)
+    assert r["converged"] and r["false_positives"] == 0, _why(r)
+    assert r["stats"]["rejected"].get("replay", 0) > 0, _why(r)  # the Sealer drops the duplicates
+
+
+def test_graceful_leave_is_not_a_failure():
+    n = _names(8)
+    r, cl = simulate(nodes=8, duration_s=20, seed=6, profile="local",
+                     schedule=[Fault(5.0, "leave", n[3])])
+    assert r["converged"] and r["nodes_running_at_end"] == 7, _why(r)
+    assert r["false_positives"] == 0 and r["detections"] == 0, _why(r)
+
+
+def test_unknown_fault_node_and_kind_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown fault kind"):
+        Fault(1.0, "explode")
+    with pytest.raises(ValueError, match="unknown node"):
+        simulate(nodes=3, duration_s=1, seed=1, schedule=[Fault(0.5, "crash", "zz")])
+    with pytest.raises(ValueError, match="unknown scenario"):
+        scenarios.build("nope", ["a"], 10, child_rng(0, "x"))
+
+
+def test_scenario_schedules_follow_their_definitions():
+    names = _names(20)
+    rng = child_rng(1, "s")
+    crash = scenarios.crash(names, 90, rng)
+    crashes = [f for f in crash if f.kind == "crash"]
+    assert len(crashes) == 2 and all(f.at_s == 30.0 for f in crashes)
+    part = scenarios.partition(names, 90, rng)
+    (p,) = [f for f in part if f.kind == "partition"]
+    groups = p.args[0]
+    assert sorted(groups[0] + groups[1]) == names and len(groups[0]) == 10
+    pauses = [f for f in scenarios.pause(names, 90, rng) if f.kind == "pause"]
+    assert len(pauses) == 2 and all(1.5 <= f.args[0] <= 3.0 for f in pauses)
+    churn = scenarios.churn(names, 90, rng)
+    assert {f.kind for f in churn} >= {"crash", "leave", "restart", "heal"}
+    for sched in (crash, part, churn):
+        assert max(f.at_s for f in sched) <= 0.8 * 90
+
+
+# -- CLI ---------------------------------------------------------------------------------
+
+def test_cli_run_prints_seed_first_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = peersim_main(["run", "--nodes", "8", "--duration", "15", "--seed", "9", "--scenario", "crash",
+                       "--profile", "local", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert text.splitlines()[0] == "SEED=9"
+    assert "replay: peersim run --nodes 8 --duration 15 --seed 9 --scenario crash" in text
+    assert "detection latency" in text and "invariants: ok" in text
+    r = json.loads(out.read_text())
+    for k in REQUIRED_KEYS:
+        assert k in r, k
+    assert r["seed"] == 9 and r["nodes"] == 8 and r["slots_fired"] is None
+    assert set(r["detection_latency_s"]) == {"p50", "p99", "max"}
+    assert set(r["dissemination_rounds"]) == {"p50", "p99"}
+
+
+def test_cli_failing_invariant_prints_replay_and_exits_nonzero(monkeypatch, capsys):
+    import sim.scenarios
+    monkeypatch.setattr(sim.scenarios, "check_invariants", lambda r, **kw: ["forced failure"])
+    rc = peersim_main(["run", "--nodes", "4", "--duration", "3", "--seed", "77", "--profile", "local",
+                       "--quiet"])
+    text = capsys.readouterr().out
+    assert rc == 1
+    assert "INVARIANT FAILED" in text and "forced failure" in text
+    assert "SEED=77" in text
+    assert "replay: peersim run --nodes 4 --duration 3 --seed 77 --scenario steady --profile local" in text
+
+
+def test_cli_help_and_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        peersim_main(["run", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("--nodes", "--duration", "--seed", "--loss", "--scenario", "--json", "--profile",
+                 "churn", "partition"):
+        assert word in text
+    with pytest.raises(SystemExit) as e:
+        peersim_main(["run", "--nodes", "0", "--duration", "5"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        peersim_main(["run", "--nodes", "3", "--duration", "5", "--loss", "2"])
+    assert e.value.code == 2
+    assert "must be within [0, 1]" in capsys.readouterr().err

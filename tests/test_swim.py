@@ -1,0 +1,444 @@
+"""Swim core scenarios on an in-memory network with a fake clock.
+
+``Cluster`` is the harness (h11 ``ConnectionPair`` / memberlist
+``MockNetwork`` idea): it routes ``SendPacket`` and ``StartPushPull``
+effects between N ``Swim`` cores through a heap of ``(time, seq, event)``,
+calls ``tick`` when each core's ``next_deadline`` comes, and records every
+``MemberEvent``. Faults: ``crash(name)`` (nothing in or out),
+``drop_out`` / ``drop_in`` sets, seeded loss.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import random
+
+import pytest
+
+from gossip import wire
+from gossip.config import Config
+from gossip.effects import EventKind, MemberEvent, SendPacket, StartPushPull, UserMessage
+from gossip.swim import MemberState, Swim
+
+LAT_S = 0.001
+_PKT, _PP_REQ, _PP_REP, _PP_FAIL, _TICK = range(5)
+
+
+class Cluster:
+    def __init__(self, config: Config | None = None, seed: int = 0, loss: float = 0.0) -> None:
+        self.config = config or Config.local()
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.loss = loss
+        self.now = 0.0
+        self.heap: list = []
+        self.seq = 0
+        self.cores: dict[str, Swim] = {}
+        self.by_addr: dict[tuple, str] = {}
+        self.crashed: set[str] = set()
+        self.drop_out: set[str] = set()
+        self.drop_in: set[str] = set()
+        self.events: dict[str, list[MemberEvent]] = {}
+        self.user: dict[str, list[UserMessage]] = {}
+        self.tick_at: dict[str, float] = {}
+        self.max_packet = 0
+        self.packets = 0
+
+    # -- building ---------------------------------------------------------------
+    def add(self, name: str, *, seeds: list[str] | None = None, port: int | None = None,
+            incarnation: int = 0, config: Config | None = None, **kw) -> Swim:
+        port = port or 7000 + len(self.cores)
+        addr = ("10.0.0.1", port)
+        core = Swim(config or self.config, name, addr, rng=random.Random(f"{self.seed}-{name}-{len(self.cores)}"),
+                    now=self.now, incarnation=incarnation, **kw)
+        self.cores[name] = core
+        self.by_addr[addr] = name
+        self.crashed.discard(name)
+        self.events.setdefault(name, [])
+        self.user.setdefault(name, [])
+        self.tick_at.pop(name, None)
+        if seeds is not None:
+            self.apply(name, core.join([self.cores[s].addr for s in seeds], self.now))
+        self._schedule_tick(name)
+        return core
+
+    def addr(self, name: str):
+        return self.cores[name].addr
+
+    def _push(self, at: float, kind: int, *payload) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (at, self.seq, kind, payload))
+
+    def _schedule_tick(self, name: str) -> None:
+        core = self.cores[name]
+        t = max(core.next_deadline(), self.now)
+        if math.isinf(t):
+            return
+        cur = self.tick_at.get(name)
+        if cur is None or t < cur:
+            self.tick_at[name] = t
+            self._push(t, _TICK, name, t)
+
+    # -- effects ------------------------------------------------------------------
+    def apply(self, name: str, effects) -> None:
+        for eff in effects or ():
+            if isinstance(eff, SendPacket):
+                assert len(eff.data) <= self.config.payload_budget_bytes, len(eff.data)
+                self.max_packet = max(self.max_packet, len(eff.data))
+                self.packets += 1
+                self._route(name, eff.addr, eff.data)
+            elif isinstance(eff, StartPushPull):
+                dst = self.by_addr.get(eff.addr)
+                if dst is None or self._blocked(name, dst):
+                    self._push(self.now + 5 * LAT_S, _PP_FAIL, name, eff.addr)
+                else:
+                    self._push(self.now + LAT_S, _PP_REQ, name, dst, eff.addr, eff.data)
+            elif isinstance(eff, MemberEvent):
+                self.events[name].append(eff)
+            elif isinstance(eff, UserMessage):
+                self.user[name].append(eff)
+            else:  # pragma: no cover
+                raise AssertionError(f"unknown effect {eff!r}")
+        if name in self.cores and name not in self.crashed:
+            self._schedule_tick(name)
+
+    def _blocked(self, src: str, dst: str) -> bool:
+        return (src in self.crashed or dst in self.crashed or src in self.drop_out
+                or dst in self.drop_in)
+
+    def _route(self, src: str, addr, data: bytes) -> None:
+        dst = self.by_addr.get(addr)
+        if dst is None or self._blocked(src, dst):
+            return
+        if self.loss and self.rng.random() < self.loss:
+            return
+        self._push(self.now + LAT_S, _PKT, src, dst, data)
+
+    # -- running ------------------------------------------------------------------
+    def run_until(self, t_end: float, stop=None) -> bool:
+        """Process events until ``t_end`` (or until ``stop()`` is true)."""
+        while self.heap and self.heap[0][0] <= t_end:
+            at, _s, kind, p = heapq.heappop(self.heap)
+            self.now = at
+            if kind == _TICK:
+                name, t = p
+                if self.tick_at.get(name) != t or name in self.crashed:
+                    continue
+                del self.tick_at[name]
+                self.apply(name, self.cores[name].tick(at))
+            elif kind == _PKT:
+                src, dst, data = p
+                if self._blocked(src, dst):
+                    continue
+                self.apply(dst, self.cores[dst].handle_packet(self.cores[src].addr, data, at))
+            elif kind == _PP_REQ:
+                src, dst, addr, data = p
+                if self._blocked(src, dst):
+                    self._push(at + LAT_S, _PP_FAIL, src, addr)
+                    continue
+                reply, effs = self.cores[dst].handle_push_pull(self.cores[src].addr, data, at)
+                self.apply(dst, effs)
+                if reply is None:
+                    self._push(at + LAT_S, _PP_FAIL, src, addr)
+                else:
+                    self._push(at + LAT_S, _PP_REP, src, addr, reply)
+            elif kind == _PP_REP:
+                src, addr, reply = p
+                if src in self.crashed:
+                    continue
+                self.apply(src, self.cores[src].handle_push_pull_reply(addr, reply, at))
+            elif kind == _PP_FAIL:
+                src, addr = p
+                if src in self.crashed:
+                    continue
+                self.apply(src, self.cores[src].push_pull_failed(addr, at))
+            if stop is not None and stop():
+                return True
+        self.now = max(self.now, t_end)
+        return stop() if stop is not None else True
+
+    def run_until_true(self, cond, limit_s: float) -> float:
+        """Run until ``cond()``; returns the virtual time it took."""
+        start = self.now
+        ok = self.run_until(start + limit_s, cond)
+        assert ok, f"condition not met within {limit_s}s (seed={self.seed})"
+        return self.now - start
+
+    # -- faults and views -----------------------------------------------------------
+    def crash(self, name: str) -> None:
+        self.crashed.add(name)
+
+    def state_of(self, viewer: str, name: str):
+        m = self.cores[viewer].member(name)
+        return None if m is None else m.state
+
+    def live(self) -> list[str]:
+        return sorted(n for n in self.cores if n not in self.crashed)
+
+    def all_see(self, name: str, state: MemberState, viewers=None) -> bool:
+        viewers = viewers if viewers is not None else [v for v in self.live() if v != name]
+        return all(self.state_of(v, name) is state for v in viewers)
+
+    def converged_alive(self, names) -> bool:
+        return all(self.all_see(n, MemberState.ALIVE, [v for v in names if v != n]) for n in names)
+
+    def no_internal_errors(self) -> None:
+        for name, core in self.cores.items():
+            rej = core.statistics().rejected
+            assert "internal_error" not in rej, (name, rej, self.seed)
+            assert "malformed" not in rej, (name, rej, self.seed)
+
+
+def kinds(cluster: Cluster, viewer: str, about: str) -> list[EventKind]:
+    return [e.kind for e in cluster.events[viewer] if e.member.name == about]
+
+
+def make_cluster(n: int, seed: int = 0, config: Config | None = None, **kw) -> Cluster:
+    c = Cluster(config, seed=seed, **kw)
+    c.add("n0")
+    for i in range(1, n):
+        c.add(f"n{i}", seeds=["n0"])
+    return c
+
+
+# -- scenarios ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_join_through_one_seed(seed):
+    c = make_cluster(5, seed)
+    names = list(c.cores)
+    took = c.run_until_true(lambda: c.converged_alive(names), 5.0)
+    assert took < 2.0, f"join took {took}s seed={seed}"
+    for name in names:
+        alive = [m.name for m in c.cores[name].alive_members()]
+        assert alive == sorted(names)
+    # stays converged under steady state, no false suspicion
+    c.run_until(c.now + 10.0)
+    assert c.converged_alive(names)
+    for name in names:
+        for other in names:
+            if other != name:
+                assert kinds(c, name, other) == [EventKind.JOIN], (name, other, seed)
+    c.no_internal_errors()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_crash_detected_by_all_and_nobody_else(seed):
+    c = make_cluster(6, seed)
+    names = list(c.cores)
+    c.run_until_true(lambda: c.converged_alive(names), 5.0)
+    c.run_until(c.now + 2.0)
+    c.crash("n3")
+    took = c.run_until_true(lambda: c.all_see("n3", MemberState.DEAD), 30.0)
+    cfg = c.config
+    # bounded by one probe round plus the max suspicion timeout, with slack
+    assert took < 6 * cfg.probe_interval_s + cfg.suspicion_max_s(6) + 1.0, (took, seed)
+    c.run_until(c.now + 5.0)
+    for v in c.live():
+        for other in c.live():
+            if other != v:
+                assert c.state_of(v, other) is MemberState.ALIVE, (v, other, seed)
+        assert EventKind.DEAD in kinds(c, v, "n3")
+        assert EventKind.LEFT not in kinds(c, v, "n3")
+    c.no_internal_errors()
+
+
+def test_graceful_leave_is_left_not_dead():
+    c = make_cluster(5, 7)
+    names = list(c.cores)
+    c.run_until_true(lambda: c.converged_alive(names), 5.0)
+    c.apply("n2", c.cores["n2"].leave(c.now))
+    assert c.cores["n2"].member("n2").state is MemberState.LEFT
+    c.run_until_true(lambda: c.all_see("n2", MemberState.LEFT), 2.0)
+    c.crash("n2")  # the process exits after leaving
+    c.run_until(c.now + 20.0)
+    for v in c.live():
+        assert c.state_of(v, "n2") is MemberState.LEFT
+        assert kinds(c, v, "n2") == [EventKind.JOIN, EventKind.LEFT], (v, kinds(c, v, "n2"))
+    c.no_internal_errors()
+
+
+def test_refutes_false_suspicion():
+    c = make_cluster(5, 3)
+    names = list(c.cores)
+    c.run_until_true(lambda: c.converged_alive(names), 5.0)
+    inc0 = c.cores["n4"].incarnation
+    # n4 cannot receive for a while: others suspect it
+    c.drop_in.add("n4")
+    c.run_until_true(lambda: any(c.state_of(v, "n4") is MemberState.SUSPECT
+                                 for v in names if v != "n4"), 10.0)
+    c.drop_in.discard("n4")
+    c.run_until_true(lambda: c.converged_alive(names), 5.0)
+    assert c.cores["n4"].incarnation > inc0
+    assert c.cores["n4"].statistics().refutes >= 1
+    for v in names:
+        if v != "n4":
+            ks = kinds(c, v, "n4")
+            assert EventKind.DEAD not in ks, (v, ks)
+    c.no_internal_errors()
+
+
+def test_restarted_node_rejoins_with_higher_incarnation():
+    c = make_cluster(5, 11)
+    names = list(c.cores)
+    c.run_until_true(lambda: c.converged_alive(names), 5.0)
+    c.crash("n2")
+    c.run_until_true(lambda: c.all_see("n2", MemberState.DEAD), 30.0)
+    dead_inc = c.cores["n0"].member("n2").incarnation
+    port = c.addr("n2")[1]
+    c.add("n2", seeds=["n0"], port=port)  # same name, same address, incarnation 0
+    c.run_until_true(lambda: c.converged_alive(names), 5.0)
+    assert c.cores["n2"].incarnation > dead_inc
+    for v in names:
+        if v != "n2":
+            assert kinds(c, v, "n2")[-1] == EventKind.JOIN
+    c.no_internal_errors()
+
+
+def test_restart_on_new_address_reclaims_dead_member():
+    c = make_cluster(4, 12)
+    names = list(c.cores)
+    c.run_until_true(lambda: c.converged_alive(names), 5.0)
+    c.crash("n3")
+    c.run_until_true(lambda: c.all_see("n3", MemberState.DEAD), 30.0)
+    new = c.add("n3", seeds=["n1"], port=9999)
+    c.run_until_true(lambda: c.converged_alive(names), 5.0)
+    for v in names:
+        assert c.cores[v].member("n3").addr == new.addr
+
+
+def test_join_retries_while_seed_down():
+    c = Cluster(seed=5)
+    c.add("seed")
+    c.crash("seed")
+    j = c.add("joiner", seeds=["seed"])
+    c.run_until(3.0)
+    failed = j.statistics().rejected.get("push_pull_failed", 0)
+    assert failed >= 4, failed  # retried with backoff, not once
+    assert failed < 30          # ... but backed off
+    c.crashed.discard("seed")
+    c._schedule_tick("seed")
+    c.run_until_true(lambda: c.converged_alive(["seed", "joiner"]), c.config.join_retry_max_s + 2)
+
+
+def test_alone_member_retries_seeds():
+    c = make_cluster(2, 6)
+    c.run_until_true(lambda: c.converged_alive(["n0", "n1"]), 3.0)
+    c.crash("n0")
+    c.run_until_true(lambda: c.state_of("n1", "n0") is MemberState.DEAD, 30.0)
+    before = c.packets
+    c.crashed.discard("n0")  # n0 comes back (it never saw itself dead)
+    c.cores["n0"] = c.cores["n0"]
+    c._schedule_tick("n0")
+    c.run_until_true(lambda: c.state_of("n1", "n0") is MemberState.ALIVE, 10.0)
+    assert c.packets > before
+
+
+def test_packets_never_exceed_budget_with_many_broadcasts():
+    cfg = Config.local()
+    c = make_cluster(6, 9, config=cfg)
+    names = list(c.cores)
+    c.run_until_true(lambda: c.converged_alive(names), 5.0)
+    for i in range(200):
+        c.cores["n1"].queue_user_broadcast(f"k{i}", i.to_bytes(2, "big") + bytes(50 + i % 150))
+    c.apply("n1", c.cores["n1"].update_local(c.now, meta=b"x" * cfg.meta_max_bytes,
+                                             tags={"role": "worker" * 10}))
+    c.run_until(c.now + 5.0)
+    assert 0 < c.max_packet <= cfg.payload_budget_bytes
+    # every broadcast reached someone (user broadcasts are not re-gossiped
+    # by receivers; each is sent retransmit_limit times by n1)
+    got = {u.data for v in names if v != "n1" for u in c.user[v]}
+    assert len(got) == 200
+    assert c.cores["n1"].statistics().packets_out < 200
+    assert c.cores["n3"].member("n1").meta == b"x" * cfg.meta_max_bytes
+    with pytest.raises(ValueError):
+        c.cores["n1"].update_local(c.now, meta=b"x" * (cfg.meta_max_bytes + 1))
+    with pytest.raises(ValueError):
+        c.cores["n1"].queue_user_broadcast("big", b"x" * 2000)
+
+
+def test_awareness_rises_when_outbound_dropped_and_interval_scales():
+    c = make_cluster(5, 4)
+    names = list(c.cores)
+    c.run_until_true(lambda: c.converged_alive(names), 5.0)
+    core = c.cores["n1"]
+    assert core.awareness == 0
+    c.drop_out.add("n1")
+    c.run_until(c.now + 3.0)
+    assert core.awareness >= 2
+    assert core.probe_interval_now_s() == pytest.approx(
+        c.config.probe_interval_s * (core.awareness + 1))
+    # fewer probes per second while unhealthy
+    p0, t0 = core.statistics().probes_sent, c.now
+    c.run_until(c.now + 4.0)
+    rate = (core.statistics().probes_sent - p0) / (c.now - t0)
+    assert rate < 0.6 / c.config.probe_interval_s
+    c.drop_out.discard("n1")
+    c.run_until(c.now + 30.0)
+    assert core.awareness == 0
+    assert c.converged_alive(names)
+
+
+def test_user_messages_direct_and_broadcast():
+    c = make_cluster(3, 2)
+    names = list(c.cores)
+    c.run_until_true(lambda: c.converged_alive(names), 5.0)
+    c.apply("n0", c.cores["n0"].send_user(c.addr("n2"), b"hello"))
+    c.cores["n1"].queue_user_broadcast("v", b"one")
+    c.cores["n1"].queue_user_broadcast("v", b"two")  # supersedes "one"
+    c._schedule_tick("n1")
+    c.run_until(c.now + 1.0)
+    assert [u.data for u in c.user["n2"] if u.sender == "n0"] == [b"hello"]
+    datas = {u.data for u in c.user["n2"] if u.sender == "n1"}
+    assert datas == {b"two"}
+
+
+def test_reap_removes_dead_after_interval():
+    cfg = Config.local().replace(reap_interval_s=5.0)
+    c = make_cluster(4, 8, config=cfg)
+    names = list(c.cores)
+    c.run_until_true(lambda: c.converged_alive(names), 5.0)
+    c.crash("n3")
+    c.run_until_true(lambda: c.all_see("n3", MemberState.DEAD), 30.0)
+    c.run_until_true(lambda: all(c.cores[v].member("n3") is None for v in c.live()), 10.0)
+    for v in c.live():
+        assert kinds(c, v, "n3")[-1] == EventKind.REAPED
+
+
+def test_handle_packet_counts_malformed_and_stale():
+    core = Swim(Config.local(), "a", ("h", 1), rng=random.Random(0), now=0.0)
+    assert core.handle_packet(("h", 2), b"\xc1garbage", 0.0) == []
+    alive = wire.encode_compound([wire.Alive(5, "b", "h", 2, {}, b"")])
+    effs = core.handle_packet(("h", 2), alive, 0.0)
+    assert [e.kind for e in effs if isinstance(e, MemberEvent)] == [EventKind.JOIN]
+    core.handle_packet(("h", 2), wire.encode_compound([wire.Suspect(4, "b", "c")]), 0.0)
+    st = core.statistics()
+    assert st.rejected == {"malformed": 1, "stale_incarnation": 1}
+    assert core.member("b").state is MemberState.ALIVE
+    # a ping for someone else (address reuse) is dropped
+    core.handle_packet(("h", 2), wire.encode_compound([wire.Ping(1, "zz", "b")]), 0.0)
+    assert core.statistics().rejected["wrong_target"] == 1
+
+
+def test_suspected_member_told_directly_refutes_and_raises_awareness():
+    core = Swim(Config.local(), "a", ("h", 1), rng=random.Random(0), now=0.0)
+    effs = core.handle_packet(("h", 2), wire.encode_compound([wire.Suspect(0, "a", "b")]), 0.0)
+    assert core.incarnation == 1
+    assert core.awareness == 1
+    # the refutation is queued and rides on the next datagram
+    effs = core.handle_packet(("h", 2), wire.encode_compound([wire.Ping(9, "a", "b")]), 0.0)
+    (pkt,) = [e for e in effs if isinstance(e, SendPacket)]
+    msgs = wire.decode_compound(pkt.data)
+    assert msgs[0] == wire.Ack(9)
+    assert any(isinstance(m, wire.Alive) and m.node == "a" and m.incarnation == 1 for m in msgs)
+
+
+def test_deterministic_given_seed():
+    def trace(seed):
+        c = make_cluster(5, seed)
+        c.run_until(5.0)
+        c.crash("n2")
+        c.run_until(20.0)
+        return [(v, [(e.kind.value, e.member.name, e.member.state_change) for e in c.events[v]])
+                for v in sorted(c.events)], c.packets
+    assert trace(21) == trace(21)

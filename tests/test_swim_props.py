@@ -1,0 +1,147 @@
+"""Property tests of the Swim core: merge order, no resurrection, no crash."""
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gossip import wire
+from gossip.config import Config
+from gossip.swim import MemberState, Swim
+
+RANK = {MemberState.ALIVE: 0, MemberState.SUSPECT: 1, MemberState.DEAD: 2, MemberState.LEFT: 3}
+BY_RANK = {v: k for k, v in RANK.items()}
+X_ADDR = ("10.0.0.2", 7000)
+
+# a claim about member "x": (kind, incarnation, sender)
+claims = st.tuples(st.sampled_from(["alive", "suspect", "dead", "left"]), st.integers(0, 6),
+                   st.sampled_from(["a", "b", "c"]))
+
+
+def _msg(kind, inc, sender):
+    if kind == "alive":
+        return wire.Alive(inc, "x", X_ADDR[0], X_ADDR[1], {}, b"")
+    if kind == "suspect":
+        return wire.Suspect(inc, "x", sender)
+    if kind == "dead":
+        return wire.Dead(inc, "x", sender)
+    return wire.Dead(inc, "x", "x")
+
+
+def _rank(kind):
+    return {"alive": 0, "suspect": 1, "dead": 2, "left": 3}[kind]
+
+
+def _core(seed=0):
+    core = Swim(Config.local(), "me", ("10.0.0.1", 7000), rng=random.Random(seed), now=0.0)
+    core.handle_packet(X_ADDR, wire.encode_compound([_msg("alive", 0, "x")]), 0.0)
+    assert core.member("x").state is MemberState.ALIVE
+    return core
+
+
+def _deliver(core, seq, t=1.0, batch=False):
+    if batch:
+        core.handle_packet(X_ADDR, wire.encode_compound([_msg(*c) for c in seq]), t)
+    else:
+        for c in seq:
+            core.handle_packet(X_ADDR, wire.encode_compound([_msg(*c)]), t)
+
+
+@given(st.lists(claims, max_size=20), st.booleans())
+def test_merge_is_max_of_incarnation_then_rank(seq, batch):
+    core = _core()
+    _deliver(core, seq, batch=batch)
+    expected = max([(0, 0)] + [(inc, _rank(k)) for k, inc, _ in seq])
+    m = core.member("x")
+    assert (m.incarnation, RANK[m.state]) == expected, (seq, m)
+    stale = sum(1 for i, (k, inc, _) in enumerate(seq)
+                if inc < max([0] + [p[1] for p in seq[:i]]))
+    assert core.statistics().rejected.get("stale_incarnation", 0) == stale
+
+
+@given(st.lists(claims, max_size=15), st.randoms(use_true_random=False))
+def test_order_does_not_matter(seq, rnd):
+    a, b = _core(), _core()
+    _deliver(a, seq)
+    shuffled = list(seq)
+    rnd.shuffle(shuffled)
+    _deliver(b, shuffled)
+    ma, mb = a.member("x"), b.member("x")
+    assert (ma.state, ma.incarnation) == (mb.state, mb.incarnation)
+
+
+@given(st.lists(claims, min_size=1, max_size=15), st.randoms(use_true_random=False))
+def test_replay_never_resurrects_dead_or_left(seq, rnd):
+    core = _core()
+    _deliver(core, seq)
+    m = core.member("x")
+    if m.state not in (MemberState.DEAD, MemberState.LEFT):
+        # make it dead at the highest incarnation seen, then replay everything
+        _deliver(core, [("dead", m.incarnation, "a")])
+        m = core.member("x")
+        assert m.state in (MemberState.DEAD, MemberState.LEFT)
+    replay = list(seq) * 2
+    rnd.shuffle(replay)
+    _deliver(core, replay, t=2.0)
+    after = core.member("x")
+    assert (after.state, after.incarnation) == (m.state, m.incarnation)
+    # and a push-pull carrying old states cannot either
+    rec = [wire.MemberRecord("x", X_ADDR[0], X_ADDR[1], inc, {}, b"", st_)
+           for _, inc, _ in seq[:5] for st_ in wire.WireState if inc <= m.incarnation]
+    core.handle_push_pull(X_ADDR, wire.encode_push_pull(rec, False, "b"), 3.0)
+    after = core.member("x")
+    # (a LEFT record may upgrade DEAD to LEFT at the same incarnation)
+    assert after.state in (MemberState.DEAD, MemberState.LEFT)
+    assert after.incarnation == m.incarnation and RANK[after.state] >= RANK[m.state]
+
+
+@given(st.lists(claims, max_size=10))
+def test_claims_about_self_are_refuted(seq):
+    core = Swim(Config.local(), "x", X_ADDR, rng=random.Random(0), now=0.0)
+    for kind, inc, sender in seq:
+        before = core.incarnation
+        core.handle_packet(("10.0.0.3", 1), wire.encode_compound([_msg(kind, inc, sender)]), 1.0)
+        m = core.member("x")
+        assert m.state is MemberState.ALIVE
+        if kind != "alive" and inc >= before:
+            assert core.incarnation == max(before, inc) + 1
+        if kind == "alive" and inc > before:
+            assert core.incarnation == inc + 1
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=1500))
+def test_handle_packet_never_raises(data):
+    core = _core()
+    effs = core.handle_packet(("10.0.0.9", 1), data, 1.0)
+    assert isinstance(effs, list)
+    reply, effs = core.handle_push_pull(("10.0.0.9", 1), data, 1.0)
+    assert reply is None or isinstance(reply, bytes)
+    core.handle_push_pull_reply(("10.0.0.9", 1), data, 1.0)
+    assert "internal_error" not in core.statistics().rejected
+
+
+@given(st.lists(st.one_of(claims.map(lambda c: _msg(*c)),
+                          st.builds(wire.Ping, st.integers(0, 5), st.sampled_from(["me", "x"]),
+                                    st.just("x")),
+                          st.builds(wire.Ack, st.integers(0, 2**64 - 1)),
+                          st.builds(wire.IndirectPing, st.integers(0, 9), st.just("x"),
+                                    st.just("10.0.0.2"), st.just(7000), st.booleans(),
+                                    st.just("y"))), max_size=30),
+       st.lists(st.floats(0, 5), max_size=10))
+def test_random_valid_traffic_keeps_invariants(msgs, ticks):
+    core = _core()
+    t = 1.0
+    budget = core.config.payload_budget_bytes
+    for i, m in enumerate(msgs):
+        effs = core.handle_packet(X_ADDR, wire.encode_compound([m]), t)
+        if i < len(ticks):
+            t += ticks[i]
+            effs += core.tick(t)
+        for e in effs:
+            if hasattr(e, "data") and hasattr(e, "addr") and not hasattr(e, "join"):
+                assert len(e.data) <= budget
+    st_ = core.statistics()
+    assert "internal_error" not in st_.rejected
+    assert sum(st_.members_by_state.values()) == len(core.members())
+    assert core.member("me").state is MemberState.ALIVE
+    assert core.next_deadline() >= t or core.tick(t) is not None
