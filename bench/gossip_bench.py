@@ -340,6 +340,38 @@ def kinship_available() -> str | None:
     return r.stdout.strip() if r.returncode == 0 else None
 
 
+def summarize(results: list[dict]) -> list[dict]:
+    """Median of each figure per (impl, N) over the repetitions."""
+    import statistics
+
+    out = []
+    keys = sorted({(r["impl"], r["n"]) for r in results}, key=lambda k: (k[1], k[0]))
+    for impl, n in keys:
+        rs = [r for r in results if r["impl"] == impl and r["n"] == n]
+
+        def med(get):
+            vals = [v for v in (get(r) for r in rs) if isinstance(v, (int, float))]
+            return round(statistics.median(vals), 3) if vals else None
+
+        row: dict = {"impl": impl, "n": n, "runs": len(rs)}
+        for k in ("first_suspicion_s", "dead_at_all_s", "join_known_by_all_s", "converge_s"):
+            row[k] = med(lambda r, k=k: r.get(k))
+        row["steady"] = {
+            k: med(lambda r, k=k: r.get("steady", {}).get(k))
+            for k in ("lo_bytes_per_member_s", "udp_datagrams_per_member_s",
+                      "udp_payload_bytes_out_per_member_s", "tcp_bytes_out_per_member_s",
+                      "cpu_pct_per_member", "suspicions_at_rest")
+        }
+        row["steady"] = {k: v for k, v in row["steady"].items() if v is not None}
+        if any("freeze" in r for r in rs):
+            row["freeze"] = {
+                "false_suspicions": med(lambda r: r.get("freeze", {}).get("false_suspicions")),
+                "false_deaths": max(r.get("freeze", {}).get("false_deaths", 0) for r in rs),
+            }
+        out.append(row)
+    return out
+
+
 def print_table(results: list[dict]) -> None:
     cols = [
         ("impl", lambda r: r["impl"]),
@@ -375,6 +407,7 @@ def main() -> None:
     p.add_argument("--freeze-cycles", type=int, default=6)
     p.add_argument("--freeze-grace-s", type=float, default=10.0)
     p.add_argument("--out", default=os.path.join(HERE, "results", "gossip.json"))
+    p.add_argument("--repeat", type=int, default=1, help="runs per (N, implementation)")
     p.add_argument("--no-netns", action="store_true")
     args = p.parse_args(argv)
 
@@ -398,11 +431,14 @@ def main() -> None:
     port_base = 31000
     started = time.time()
     try:
-        for n in sizes:
-            for impl in impls:
-                results.append(run_one(impl, n, port_base, key_file, args))
-                port_base += 200
-                time.sleep(1.0)
+        for rep in range(args.repeat):
+            for n in sizes:
+                for impl in impls:  # alternate implementations so drift hits both
+                    r = run_one(impl, n, port_base, key_file, args)
+                    r["rep"] = rep
+                    results.append(r)
+                    port_base += 200
+                    time.sleep(1.0)
     finally:
         shutil.rmtree(key_dir, ignore_errors=True)
     doc = {
@@ -416,11 +452,15 @@ def main() -> None:
         "profile": "lan",
         "notes": notes,
         "results": results,
+        "summary": summarize(results),
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(doc, fh, indent=2)
     print_table(results)
+    if args.repeat > 1:
+        print("medians:")
+        print_table(doc["summary"])
     for note in notes:
         print("note:", note)
     print(f"wrote {args.out}")

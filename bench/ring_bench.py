@@ -6,7 +6,7 @@ relative to the ideal (T/N' keys), max/mean owned load, and the wall time for
 leaves). Writes bench/results/ownership.json.
 
     .venv/bin/python bench/ring_bench.py                 # N 3,10,100,1000 x T 1e3,1e5
-    .venv/bin/python bench/ring_bench.py --big           # adds T=1e6 for N 3,10,100
+    .venv/bin/python bench/ring_bench.py --big           # adds T=1e6 for N 3,10
     .venv/bin/python bench/ring_bench.py --quick         # small sizes, seconds
 """
 from __future__ import annotations
@@ -86,27 +86,35 @@ def bench_hrw(n: int, tids: list[str], repeats: int) -> dict:
     r.set_members(members(n))
     cap0 = [r.owner(x) for x in tids]
     plain0 = [r.first_choice(x) for x in tids]
-    join_ms, leave_ms = [], []
-    cap_j = plain_j = cap_l = plain_l = None
+    join_ms, leave_ms, cpu_ms = [], [], []
+    cap_j = plain_j = None
     for i in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         r.set_members(members(n, 1))
         join_ms.append((time.perf_counter() - t0) * 1000)
+        cpu_ms.append((time.process_time() - c0) * 1000)
         if i == 0:
             cap_j = [r.owner(x) for x in tids]
             plain_j = [r.first_choice(x) for x in tids]
         t0 = time.perf_counter()
         r.set_members(members(n))
         leave_ms.append((time.perf_counter() - t0) * 1000)
-    leaver = f"node-{0:04d}"
-    view = {k: v for k, v in members(n).items() if k != leaver}
+    # leaves: three different leavers, each against the full view
+    leave_ratio, leave_vs_owned, plain_leave = [], [], []
     if n > 1:
-        t0 = time.perf_counter()
-        r.set_members(view)
-        leave_ms.append((time.perf_counter() - t0) * 1000)
-        cap_l = [r.owner(x) for x in tids]
-        plain_l = [r.first_choice(x) for x in tids]
-        r.set_members(members(n))
+        for leaver in sorted(members(n))[:3]:
+            view = {k: v for k, v in members(n).items() if k != leaver}
+            owned = sum(1 for o in cap0 if o == leaver)
+            t0 = time.perf_counter()
+            r.set_members(view)
+            leave_ms.append((time.perf_counter() - t0) * 1000)
+            cap_l = [r.owner(x) for x in tids]
+            plain_l = [r.first_choice(x) for x in tids]
+            mv = sum(x != y for x, y in zip(cap0, cap_l))
+            leave_ratio.append(mv / (t / n))
+            leave_vs_owned.append(mv / max(1, owned))
+            plain_leave.append(sum(x != y for x, y in zip(plain0, plain_l)) / (t / n))
+            r.set_members(members(n))
     st = r.statistics()
 
     def moved(a, b, ideal):
@@ -117,15 +125,17 @@ def bench_hrw(n: int, tids: list[str], repeats: int) -> dict:
         "recompute_join_ms_median": round(statistics.median(join_ms), 1),
         "recompute_leave_ms_median": round(statistics.median(leave_ms), 1),
         "recompute_ms_max": round(max(join_ms + leave_ms), 1),
+        "recompute_join_cpu_ms_median": round(statistics.median(cpu_ms), 1),
         "plain_hrw": {
             "max_mean_load": round(load_ratio(plain0, n), 3),
             "join_moved_vs_ideal": moved(plain0, plain_j, t / (n + 1)),
-            "leave_moved_vs_ideal": moved(plain0, plain_l, t / n),
+            "leave_moved_vs_ideal_mean3": round(statistics.mean(plain_leave), 3) if plain_leave else None,
         },
         "hrw_cap_1.25": {
             "max_mean_load": round(load_ratio(cap0, n), 3),
             "join_moved_vs_ideal": moved(cap0, cap_j, t / (n + 1)),
-            "leave_moved_vs_ideal": moved(cap0, cap_l, t / n),
+            "leave_moved_vs_ideal_mean3": round(statistics.mean(leave_ratio), 3) if leave_ratio else None,
+            "leave_moved_vs_leaver_owned_mean3": round(statistics.mean(leave_vs_owned), 3) if leave_vs_owned else None,
             "cap": st.cap,
             "displaced": st.displaced,
         },
@@ -136,6 +146,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--big", action="store_true")
+    ap.add_argument("--only-big", action="store_true", help="just the 1e6 rows")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "ownership.json"))
     a = ap.parse_args()
@@ -144,7 +155,11 @@ def main() -> None:
     else:
         grid = [(n, t) for n in (3, 10, 100, 1000) for t in (1000, 100000)]
         if a.big:
-            grid += [(3, 1000000), (10, 1000000), (100, 1000000)]
+            grid += [(3, 1000000), (10, 1000000)]
+        if a.only_big:
+            grid = [(3, 1000000), (10, 1000000)]
+            if a.out == ap.get_default("out"):
+                a.out = a.out.replace("ownership.json", "ownership-1e6.json")
     rows = []
     for n, t in grid:
         tids = [f"task-{i:07d}" for i in range(t)]
@@ -154,7 +169,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     out = {
-        "command": "python bench/ring_bench.py" + (" --big" if a.big else "") + (" --quick" if a.quick else ""),
+        "command": "python bench/ring_bench.py" + (" --big" if a.big else "") + (" --quick" if a.quick else "")
+        + (" --only-big" if a.only_big else ""),
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),

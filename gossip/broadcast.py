@@ -41,13 +41,16 @@ class TransmitLimitedQueue:
         max_len: cap on queued broadcasts (rule 4).
     """
 
-    __slots__ = ("_levels", "_by_key", "_next_id", "max_len", "dropped", "scan_max")
+    __slots__ = ("_levels", "_holes", "_by_key", "_next_id", "max_len", "dropped", "scan_max")
 
     def __init__(self, max_len: int = 1024, scan_max: int = 256) -> None:
         if max_len < 1:
             raise ValueError("max_len must be >= 1")
         # _levels[t] = {id: Broadcast} in insertion order (oldest first)
         self._levels: list[dict[int, Broadcast]] = []
+        # deletions per level since its last compaction: CPython dicts keep
+        # deleted slots until resized, and a reversed walk pays for each one
+        self._holes: list[int] = []
         self._by_key: dict[str, Broadcast] = {}
         self._next_id = 0
         self.max_len = max_len
@@ -68,22 +71,33 @@ class TransmitLimitedQueue:
         """
         old = self._by_key.pop(key, None)
         if old is not None:
-            del self._levels[old.transmits][old.id]
+            self._del(old)
         self._next_id += 1
         b = Broadcast(key, data, transmits, self._next_id)
         while len(self._levels) <= transmits:
             self._levels.append({})
+            self._holes.append(0)
         self._levels[transmits][b.id] = b
         self._by_key[key] = b
         while len(self._by_key) > self.max_len:
             self._drop_one()
 
+    def _del(self, b: Broadcast) -> None:
+        t = b.transmits
+        lvl = self._levels[t]
+        del lvl[b.id]
+        h = self._holes[t] + 1
+        if h > 32 and h > len(lvl):
+            self._levels[t] = dict(lvl)  # a copy is compact
+            h = 0
+        self._holes[t] = h
+
     def _drop_one(self) -> None:
         for t in range(len(self._levels) - 1, -1, -1):
             lvl = self._levels[t]
             if lvl:
-                bid = next(iter(lvl))  # oldest at the highest transmit count
-                b = lvl.pop(bid)
+                b = lvl[next(iter(lvl))]  # oldest at the highest transmit count
+                self._del(b)
                 del self._by_key[b.key]
                 self.dropped += 1
                 return
@@ -97,10 +111,11 @@ class TransmitLimitedQueue:
     def discard(self, key: str) -> None:
         b = self._by_key.pop(key, None)
         if b is not None:
-            del self._levels[b.transmits][b.id]
+            self._del(b)
 
     def reset(self) -> None:
         self._levels = []
+        self._holes = []
         self._by_key = {}
 
     def take(self, space_bytes: int, limit: int, per_item_overhead: int = 0) -> list[bytes]:
@@ -130,7 +145,8 @@ class TransmitLimitedQueue:
                 # the limit shrank (fewer members): these are done
                 for b in list(lvl.values()):
                     del self._by_key[b.key]
-                lvl.clear()
+                levels[t] = {}
+                self._holes[t] = 0
                 continue
             for b in reversed(lvl.values()):
                 scanned += 1
@@ -151,13 +167,14 @@ class TransmitLimitedQueue:
             if space_bytes < 8 or misses >= 16 or scanned >= self.scan_max:
                 break
         for b in picked:
-            del levels[b.transmits][b.id]
+            self._del(b)
             b.transmits += 1
             if b.transmits >= limit:
                 del self._by_key[b.key]
                 continue
             while len(levels) <= b.transmits:
                 levels.append({})
+                self._holes.append(0)
             levels[b.transmits][b.id] = b
         return out
 

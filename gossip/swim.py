@@ -377,7 +377,7 @@ class Swim:
         # memberlist: a new member goes to a random spot of the current round
         order = self._probe_order
         lo = min(self._probe_idx, len(order))
-        order.insert(self._rng.randint(lo, len(order)), name)
+        order.insert(lo + int(self._rng.random() * (len(order) - lo + 1)), name)
 
     def _remove_peer(self, name: str) -> None:
         pos = self._peer_pos.pop(name)
@@ -395,9 +395,9 @@ class Swim:
         nodes = self._nodes
         chosen: list[_Node] = []
         seen: set[str] = set()
-        rnd = self._rng.randrange
+        rnd = self._rng.random
         for _ in range(min(3 * n, 8 * k + 16)):
-            name = peers[rnd(n)]
+            name = peers[int(rnd() * n)]
             if name in seen:
                 continue
             seen.add(name)
@@ -408,7 +408,7 @@ class Swim:
                     return chosen
         if len(seen) < n:
             # few eligible members: finish with a scan from a random offset
-            start = rnd(n)
+            start = int(rnd() * n)
             for i in range(n):
                 name = peers[(start + i) % n]
                 if name in seen:
@@ -561,12 +561,33 @@ class Swim:
         c = self._c
         c["packets_in"] += 1
         c["bytes_in"] += len(data)
+        # Validate the whole compound before acting on any of it. Fast path:
+        # an ALIVE we already know at the same or a higher incarnation (the
+        # bulk of gossip) is dropped after checking only the fields it needs.
+        nodes = self._nodes
+        me = self._me
+        todo = []
+        stale = 0
         try:
-            items = wire.decode_compound_raw(data)
+            items = wire.unpack_compound(data)
+            for it in items:
+                if type(it) is list and len(it) == 7 and it[0] == 5:
+                    name = it[2]
+                    inc = it[1]
+                    if type(name) is str and type(inc) is int and inc >= 0:
+                        n = nodes.get(name)
+                        if n is not None and n is not me and inc <= n.incarnation:
+                            if inc < n.incarnation:
+                                stale += 1
+                            continue
+                wire.check_item(it)
+                todo.append(it)
         except RemoteProtocolError as exc:
             self._reject(exc.reason)
             return out
-        for it in items:
+        if stale:
+            self._reject("stale_incarnation", stale)
+        for it in todo:
             try:
                 self._dispatch(out, src, it, now)
             except Exception:  # a bug; count it rather than kill the receive loop

@@ -45,6 +45,7 @@ import trio
 from gossip.config import Config
 from gossip.effects import Addr, MemberEvent, SendPacket, StartPushPull, UserMessage
 from gossip.seal import REJECT_REASONS, Keyring, KeyringError, PacketRejected, Sealer
+from gossip.swim import Swim
 from gossip.transport import (
     MAX_FRAME_BYTES,
     FramedStream,
@@ -217,23 +218,20 @@ class GossipNode:
 
         Calls ``task_status.started()`` once bound; ``bound_addr`` is then set.
         """
-        from gossip.swim import Swim  # late import: the core is a sibling module
-
         own_transport = self._transport is None
         if own_transport:
             self._transport = await UdpTcpTransport.open(self._bind)
         self._bound = self._transport.local_addr
-        now = trio.current_time()
-        self._core = Swim(
-            self.config,
-            self.name,
-            self.advertise_addr,
-            rng=self._rng,
-            now=now,
-            tags=self._tags,
-            meta=self._meta,
-        )
         try:
+            self._core = Swim(
+                self.config,
+                self.name,
+                self.advertise_addr,
+                rng=self._rng,
+                now=trio.current_time(),
+                tags=self._tags,
+                meta=self._meta,
+            )
             with trio.CancelScope() as cancel:
                 self._cancel = cancel
                 async with trio.open_nursery() as nursery:
@@ -453,7 +451,13 @@ class GossipNode:
 
     async def _receive_loop(self) -> None:
         while True:
-            src, data = await self._transport.recv()
+            try:
+                src, data = await self._transport.recv()
+            except OSError as exc:  # e.g. ENOBUFS; never fatal, never a spin
+                self._counters.peer_errors += 1
+                log.debug("receive failed: %s", exc)
+                await trio.sleep(0.01)
+                continue
             try:
                 _sender, body = self.sealer.open(data)
             except PacketRejected as exc:

@@ -42,7 +42,7 @@ __all__ = [
     "Ping", "IndirectPing", "Ack", "Nack", "Suspect", "Alive", "Dead", "User", "UnknownMsg",
     "Msg", "MemberRecord", "PushPull",
     "encode_msg", "encoded_size", "encode_compound", "join_compound", "decode_compound",
-    "decode_compound_raw", "decode_push_pull_raw", "encode_push_pull_rows",
+    "decode_compound_raw", "decode_push_pull_raw", "unpack_compound", "check_item", "encode_push_pull_rows",
     "encode_push_pull", "decode_push_pull", "COMPOUND_HEADER_MAX_BYTES",
     "NAME_MAX_BYTES", "HOST_MAX_BYTES", "META_MAX_BYTES", "TAGS_MAX", "TAG_KEY_MAX_BYTES",
     "TAG_VALUE_MAX_BYTES", "USER_MAX_BYTES", "UINT64_MAX", "PUSH_PULL_VERSION",
@@ -501,6 +501,33 @@ def _to_msg(item: list) -> Msg | UnknownMsg:
         item = list(item)
         item[5] = MappingProxyType(item[5])
     return _trusted(cls, *item[1:])
+
+
+def unpack_compound(data: bytes) -> list:
+    """Unpack a compound body with msgpack limits but without checking the
+    items (call :func:`check_item` on each one you use).
+
+    Raises:
+        RemoteProtocolError: not msgpack, too big, or not an array.
+    """
+    obj = _unpack(data, PACKET_MAX_BYTES, COMPOUND_MAX_ITEMS, TAGS_MAX)
+    if type(obj) is not list:
+        raise _R("malformed", "compound must be an array")
+    return obj
+
+
+def check_item(item: Any) -> int:
+    """Validate one unpacked compound item in place; return its type code.
+
+    Raises:
+        RemoteProtocolError: and nothing else.
+    """
+    try:
+        return _check_item(item)
+    except RemoteProtocolError:
+        raise
+    except Exception as exc:  # defensive
+        raise _R("malformed", f"{type(exc).__name__}") from None
 
 
 def decode_compound_raw(data: bytes) -> list[list]:

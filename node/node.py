@@ -102,6 +102,7 @@ class Node:
         self._tasks: dict[str, Task] = {}
         self._members_api: dict[str, str] = {}
         self._handoff_pending: dict[str, float] = {}
+        self._owned: set[str] = set()
         self._stopping = False
         self._nursery: trio.Nursery | None = None
         self._started_wall = _wall()
@@ -287,7 +288,14 @@ class Node:
             owners = self.ring.owners(tid)
             owned = bool(owners) and owners[0] == self.name
             others = [o for o in owners if o != self.name]
-            if owned and others and tid not in self._handoff_pending and not self.scheduler_owned(tid):
+            was_owned = tid in self._owned
+            if owned:
+                self._owned.add(tid)
+            else:
+                self._owned.discard(tid)
+            if was_owned and owned:
+                continue
+            if owned and others and tid not in self._handoff_pending:
                 # new owner: hold until a handoff exchange with another replica
                 self._handoff_pending[tid] = now + self.handoff_timeout_s
                 self.scheduler.set_owned(tid, True, now, handoff_ready=False)
@@ -300,10 +308,7 @@ class Node:
         self._wake.set()
 
     def scheduler_owned(self, tid: str) -> bool:
-        try:
-            return bool(self.scheduler.is_owned(tid))
-        except AttributeError:
-            return False
+        return tid in self._owned
 
     async def _handoff(self, task_id: str, others: list[str]) -> None:
         deadline = self._handoff_pending.get(task_id, _wall())
@@ -334,7 +339,8 @@ class Node:
                     self._commit(self.store.put_run(lost), run_task=tid)
                     log.warning("run of dead member %s was unfinished", dead,
                                 extra={"task_id": tid, "run_id": rec.get("run_id")})
-                    self.scheduler.unfinished_run(tid, rec, now)
+                    for eff in self.scheduler.unfinished_run(tid, rec, now):
+                        self._carry_out(eff, now)
         self._wake.set()
 
     def _recover_own_runs(self) -> None:
@@ -345,7 +351,8 @@ class Node:
                 if rec.get("node") == self.name and rec.get("status") == "running" and rec.get("run_id") not in self._running:
                     self._commit(self.store.put_run(dict(rec, status="lost", finished=now)), run_task=tid)
                     if self.ring.owner(tid) == self.name:
-                        self.scheduler.unfinished_run(tid, rec, now)
+                        for eff in self.scheduler.unfinished_run(tid, rec, now):
+                            self._carry_out(eff, now)
 
     # ------------------------------------------------------------ replication
     def _on_user_message(self, ev: UserMessage) -> None:
@@ -381,6 +388,7 @@ class Node:
             if view is None or view.deleted or view.value is None:
                 if tid in self._tasks:
                     del self._tasks[tid]
+                    self._owned.discard(tid)
                     self.ring.remove_task(tid)
                     self.scheduler.remove_task(tid)
                 continue
@@ -448,11 +456,12 @@ class Node:
                 self._merge_remote(msg["entries"], sender)
                 return peerwire.reply(True, wall)
             if t == "ae":
-                reply_msg, entries = self.store.handle_exchange(msg["msg"])
-                if entries:
-                    self._merge_remote(entries, sender)
-                self.metrics.antientropy_bytes.inc(len(data) + len(reply_msg or b""))
-                return peerwire.reply(True, _wall(), body=reply_msg)
+                res = self.store.handle_exchange(msg["msg"], tasks=self._shared_tasks(sender))
+                if res.changed:
+                    self.metrics.replication_updates.labels("in").inc(len(res.changed))
+                    self._after_change(res.changed)
+                self.metrics.antientropy_bytes.inc(len(data) + len(res.reply or b""))
+                return peerwire.reply(True, _wall(), body=res.reply)
             if t == "run_now":
                 return peerwire.reply(True, wall, body=await self._run_now_local(msg["task_id"]))
             if t == "backfill":
@@ -500,32 +509,43 @@ class Node:
             if gc:
                 self._dirty.set()
 
+    def _shared_tasks(self, peer: str) -> list[str]:
+        """Tasks whose run records both we and ``peer`` replicate."""
+        return [t for t in self.ring.tasks_of(self.name) if peer in self.ring.owners(t)]
+
     async def _anti_entropy_with(self, peer: str) -> bool:
-        """Run the store's exchange protocol with one peer; True if it completed."""
+        """Run the store's exchange protocol with one peer (catalogue, then
+        the run records we both replicate); True if it completed."""
         try:
-            msg = self.store.start_exchange()
-            rounds = 0
-            while msg is not None and rounds < 8:
-                rounds += 1
-                t0 = _wall()
-                rep = await self._request(peer, {"t": "ae", "wall": t0, "msg": msg}, timeout_s=10.0)
-                t1 = _wall()
-                self.skew.observe(peer, t0, float(rep["wall"]), t1)
-                body = rep.get("body")
-                self.metrics.antientropy_bytes.inc(len(msg) + len(body or b""))
-                if body is None:
-                    break
-                msg, entries = self.store.handle_exchange(body)
-                if entries:
-                    self._merge_remote(entries, peer)
+            for scope in ("catalogue", "runs"):
+                shared = self._shared_tasks(peer) if scope == "runs" else None
+                if scope == "runs" and not shared:
+                    continue
+                msg = self.store.start_exchange(scope, shared)
+                rounds = 0
+                while msg is not None and rounds < 8:
+                    rounds += 1
+                    t0 = _wall()
+                    rep = await self._request(peer, {"t": "ae", "wall": t0, "msg": msg}, timeout_s=10.0)
+                    t1 = _wall()
+                    self.skew.observe(peer, t0, float(rep["wall"]), t1)
+                    body = rep.get("body")
+                    self.metrics.antientropy_bytes.inc(len(msg) + len(body or b""))
+                    if body is None:
+                        break
+                    res = self.store.handle_exchange(body, tasks=shared)
+                    if res.changed:
+                        self.metrics.replication_updates.labels("in").inc(len(res.changed))
+                        self._after_change(res.changed)
+                    msg = res.reply
             self.metrics.antientropy_rounds.labels("ok").inc()
             if self.skew.skewed(self.cfg.max_skew_s) != getattr(self, "_last_skewed", set()):
                 self._last_skewed = self.skew.skewed(self.cfg.max_skew_s)
                 self._recompute_ownership()
             return True
-        except HTTPError as e:
+        except (HTTPError, ValueError) as e:
             self.metrics.antientropy_rounds.labels("failed").inc()
-            log.debug("anti-entropy with %s failed: %s", peer, e.message, extra={"peer": peer})
+            log.debug("anti-entropy with %s failed: %s", peer, getattr(e, "message", e), extra={"peer": peer})
             return False
 
     # ------------------------------------------------------------ persistence
@@ -674,12 +694,17 @@ class Node:
 
     # ------------------------------------------------------------ API facade
     def _snapshot(self) -> dict:
-        g = {}
+        g: dict = {}
         if self.gossip is not None:
             st = self.gossip.statistics()
-            g = {k: getattr(st, k) for k in getattr(st, "__dataclass_fields__", {})}
-            if not isinstance(g.get("members_by_state"), dict):
-                g["members_by_state"] = {}
+            core = st.core
+            if core is not None:
+                g = {k: getattr(core, k) for k in core.__dataclass_fields__}
+            # bytes on the wire are the sealed datagrams the transport moved
+            g["bytes_in"] = st.transport.udp_bytes_received
+            g["bytes_out"] = st.transport.udp_bytes_sent
+            g["packets_in"] = st.transport.udp_packets_received
+            g["packets_out"] = st.transport.udp_packets_sent
         st_store = self.store.statistics() if hasattr(self.store, "statistics") else {}
         if not isinstance(st_store, dict):
             st_store = {k: getattr(st_store, k) for k in getattr(st_store, "__dataclass_fields__", {})}
@@ -844,8 +869,17 @@ class Node:
         self._task_or_404(task_id)
         if self.ring.owner(task_id) != self.name:
             raise HTTPError(409, f"{self.name} does not own {task_id!r} (owner: {self.ring.owner(task_id)})")
-        slot = self.scheduler.run_now(task_id, _wall())
+        now = _wall()
+        effects = self.scheduler.run_now(task_id, now)
+        slot = None
+        for eff in effects:
+            if type(eff).__name__ == "Fire":
+                slot = eff.slot
+            self._carry_out(eff, now)
         self._wake.set()
+        if slot is None:
+            reasons = [getattr(e, "reason", "") for e in effects]
+            raise HTTPError(409, f"{task_id}: not run now ({', '.join(reasons) or 'overlap policy'})")
         return {"task_id": task_id, "node": self.name, "slot": slot}
 
     async def backfill(self, task_id: str, start: int, end: int, dry_run: bool) -> dict:

@@ -442,23 +442,31 @@ class Ring:
             scores = _mix_many(seed, int.from_bytes(g.keybuf, "little"), len(tids))
             rank = self._rank
             complete = self._complete
-            hits = [tids[i] for i, (s, th) in enumerate(zip(scores, g.thr)) if s > th]
-            for tid in hits:
+            thr = g.thr
+            keep = self._keep
+            in_rank = self._in_rank
+            mine = in_rank.setdefault(m, set())
+            first = self._first
+            hits = [i for i, (s, th) in enumerate(zip(scores, thr)) if s > th]
+            for i in hits:
+                tid = tids[i]
                 ranked = rank[tid]
-                s = -_mix(self._h[tid], seed)
-                touched.add(tid)
-                was = ranked[0][1] if ranked else None
-                bisect.insort(ranked, (s, m))
-                self._in_rank.setdefault(m, set()).add(tid)
-                if len(ranked) > self._keep:
-                    _, dropped = ranked.pop()
-                    self._in_rank[dropped].discard(tid)
+                entry = (-scores[i], m)
+                if not ranked:
+                    ranked.append(entry)
+                    first.setdefault(m, set()).add(tid)
+                elif entry < ranked[0]:
+                    first[ranked[0][1]].discard(tid)
+                    ranked.insert(0, entry)
+                    first.setdefault(m, set()).add(tid)
+                else:
+                    bisect.insort(ranked, entry)
+                mine.add(tid)
+                if len(ranked) > keep:
+                    in_rank[ranked.pop()[1]].discard(tid)
                     complete.discard(tid)
-                self._set_thr(tid)
-                if ranked[0][1] != was:
-                    if was is not None:
-                        self._first[was].discard(tid)
-                    self._first.setdefault(m, set()).add(tid)
+                thr[i] = -1 if tid in complete else -ranked[-1][0]
+            touched.update(tids[i] for i in hits)
         return touched
 
     def _entry(self, tid: str, i: int) -> tuple[int, str] | None:

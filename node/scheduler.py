@@ -44,8 +44,9 @@ Rules
    slot, so ``last_fired_slot`` makes them fire once cluster-wide.
 3. A due slot is **on time** if ``now - fire_at <= misfire_grace_s`` (default
    2 s) and **missed** otherwise. Missed slots exist after downtime, a pause
-   of the process, or a takeover; slots older than ``catchup_window`` are
-   ``expired`` and never run. Within the window, by ``misfire``:
+   of the process, or a takeover; slots older than ``catchup_window`` (or
+   the grace, if larger: on-time slots never expire) are ``expired`` and
+   never run. Within the window, by ``misfire``:
    ``skip`` skips them all; ``run_once`` fires the latest once (``catchup``)
    and ``coalesced`` the rest; ``run_all`` fires each, oldest first, at most
    :attr:`max_catchup_slots` (default 1000, the latest ones).
@@ -451,12 +452,19 @@ class Scheduler:
         tid = task.id
         s = e.next_slot
         decided = e.cursor
-        window_start = now - task.catchup_window_s
+        # On-time slots never expire, even with a catchup_window below the grace.
+        window_start = now - max(task.catchup_window_s, self.misfire_grace_s)
         if s is not None and s >= window_start and not e.paused:
             # Fast path: exactly one due slot, on time.
             nxt = sched.next_after(s)
-            if (nxt is None or sched.fire_time(nxt) > now) and now - sched.fire_time(s) <= self.misfire_grace_s:
-                self._offer(e, s, "due", now, effects)
+            fire_at = sched.fire_time(s)
+            if (nxt is None or sched.fire_time(nxt) > now) and now - fire_at <= self.misfire_grace_s:
+                if not e.running and not e.pending:
+                    effects.append(Fire(tid, s, fire_at, "due"))
+                    e.pending[s] = 1
+                    self._fired["due"] = self._fired.get("due", 0) + 1
+                else:
+                    self._offer(e, s, "due", now, effects)
                 e.next_slot = nxt
                 if s > e.cursor:
                     e.cursor = s
@@ -591,7 +599,7 @@ class Scheduler:
         if e.busy():
             why.append(f"a run is in progress; overlap={task.overlap} decides the next slot")
         missed = 0
-        window_start = now - task.catchup_window_s
+        window_start = now - max(task.catchup_window_s, self.misfire_grace_s)
         for s in e.sched.slots_between(max(e.cursor, math.ceil(window_start) - 1), int(now // 1)):
             if now - e.sched.fire_time(s) > self.misfire_grace_s:
                 missed += 1

@@ -25,8 +25,8 @@ associative and idempotent, so any order of deliveries converges):
 
 Anti-entropy (TicTac-style XOR buckets, maintained incrementally):
     Each key hashes to ``h(key, version_hash)`` (64 bits); a bucket (1024,
-    by hash of the key; run records by hash of their task ID) holds the XOR of
-    its keys' hashes. The root is blake2b-128 of the bucket array. Two scopes:
+    by hash of the key; run records by hash of their task ID), and each of its
+    64 sub-buckets, holds the XOR of its keys' hashes. The root is blake2b-128 of the bucket array. Two scopes:
     ``catalogue`` (task/ and ctl/, every node holds all) and ``runs``
     restricted to a task set both sides replicate (the lead passes the set
     from its ring; a differing view only costs extra shipped records).
@@ -36,13 +36,20 @@ Anti-entropy (TicTac-style XOR buckets, maintained incrementally):
       1. A -> B  ``[ROOT, scope, root16]``                       (~24 bytes)
       2. B -> A  ``[OK, scope]`` if roots match (done: ~4 bytes) else
                  ``[BUCKETS, scope, root16, 1024 x 8-byte bucket hashes]``
-      3. A -> B  ``[KEYS, scope, [bucket...], [[key, vhash]...]]``
-                 (A's keys in the differing buckets)
-      4. B -> A  ``[ENTRIES, scope, keys A lacks, keys B wants]`` (B wants
-                 every key whose hash differs or that B lacks)
-      5. A -> B  ``[ENTRIES, scope, wanted entries, []]``
-      6. B -> A  ``[ENTRIES, scope, merged entries, []]`` only for keys where
-                 B's merge differs from what A sent (concurrent versions).
+      3. A -> B  ``[SUBS, scope, [bucket...], 64 x 8-byte sub-hashes each]``
+                 for the differing buckets (level 3: cell = bucket*64 + sub)
+      4. B -> A  ``[KEYS, scope, [cell...], [[key, vhash, progress]...]]``
+                 (B's keys in the differing cells; progress: sum of a
+                 clock's counters, strictly larger when a state dominates)
+      5. A -> B  ``[ENTRIES, scope, entries, keys A wants]``: A ships the keys
+                 B lacks and those where A has more progress; wants the keys
+                 it lacks and those where B has as much or more
+      6. B -> A  ``[ENTRIES, scope, wanted entries, []]``
+      7. A -> B  ``[ENTRIES, scope, merged entries, []]`` only for keys where
+                 A's merge differs from what B sent (concurrent versions).
+    Messages 3-7 only happen when out of sync; the cost of a repair is ~8 KiB
+    of bucket hashes + 512 bytes per differing bucket + the keys of the
+    differing cells (about keys/65536 each) + the entries.
     Rule: a receiver of ENTRIES merges, then returns its result for every
     received key whose merged bytes differ from the received bytes, plus the
     wanted keys. Only keys whose version hash differs (or that one side
@@ -86,7 +93,8 @@ RUN_FIELDS = ("task_id", "run_id", "slot", "node", "attempt", "status", "exit_co
               "started", "finished", "fencing_token", "output")
 
 # message types (append only)
-M_ROOT, M_OK, M_BUCKETS, M_KEYS, M_ENTRIES = 1, 2, 3, 4, 5
+M_ROOT, M_OK, M_BUCKETS, M_KEYS, M_ENTRIES, M_SUBS = 1, 2, 3, 4, 5, 6
+SUBS = 64  # level 3: sub-buckets per bucket; a cell is bucket * SUBS + sub
 SCOPES = ("catalogue", "runs")
 
 
@@ -106,8 +114,13 @@ def _khash(key: str, vh: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode() + b"\0" + vh, digest_size=8).digest(), "little")
 
 
+def _cell(s: str) -> int:
+    h = int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "little")
+    return (h % BUCKETS) * SUBS + (h // BUCKETS) % SUBS
+
+
 def _bucket(s: str) -> int:
-    return int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "little") % BUCKETS
+    return _cell(s) // SUBS
 
 
 def _split(key: str) -> tuple[str, str, str]:
@@ -214,6 +227,7 @@ class Store:
         self._vh: dict[str, bytes] = {}
         self._kh: dict[str, int] = {}
         self._cat = [0] * BUCKETS             # catalogue buckets (task/, ctl/)
+        self._cat_keys: list[set[str]] = [set() for _ in range(BUCKETS)]
         self._runagg: dict[str, int] = {}     # task -> XOR of its run keys' hashes
         self._runs: dict[str, set[str]] = {}  # task -> run keys
         self._dirty: set[str] = set()
@@ -236,6 +250,7 @@ class Store:
         else:
             b = _bucket(key)
             self._cat[b] ^= (old or 0) ^ kh
+            self._cat_keys[b].add(key)
         self._state[key] = state
         self._bytes[key] = data
         self._vh[key] = vh
@@ -255,7 +270,9 @@ class Store:
                 del self._runs[tid]
                 del self._runagg[tid]
         else:
-            self._cat[_bucket(key)] ^= kh
+            b = _bucket(key)
+            self._cat[b] ^= kh
+            self._cat_keys[b].discard(key)
         del self._state[key], self._bytes[key], self._vh[key]
         self._dirty.add(key)
 
@@ -355,6 +372,18 @@ class Store:
         elif changed and key.startswith("task/"):
             self._trim(_split(key)[1])  # history may have shrunk
         return changed
+
+    def _progress(self, key: str) -> float:
+        """A number that strictly grows when a state strictly dominates another
+        (ties and concurrency fall back to shipping both ways)."""
+        st = self._state[key]
+        kind = key.split("/", 1)[0]
+        if kind == "task":
+            return float(sum(n for _, n, _ in st[0]))
+        if kind == "ctl":
+            return float(sum(n for _, n, _ in st["p"][0]) + (st["f"] or 0)
+                         + sum(_num(r[0]) for r in st["x"].values()))
+        return _STATUS_RANK.get(st.get("status"), 0) * 1e6 + _num(st.get("attempt"))
 
     def _entry(self, key: str) -> Entry:
         return (key, self._bytes[key])
@@ -543,18 +572,43 @@ class Store:
 
     def keys_in_buckets(self, buckets: Iterable[int], scope: str = "catalogue",
                         tasks: Iterable[str] | None = None) -> list[tuple[str, bytes]]:
-        want = set(buckets)
+        """``(key, version_hash)`` of the scope's keys in the given buckets."""
+        return self._keys_in(set(buckets), None, scope, tasks)
+
+    def _keys_in(self, buckets: set[int], cells: set[int] | None, scope: str,
+                 tasks: Iterable[str] | None) -> list[tuple[str, bytes]]:
         out = []
         if scope == "catalogue":
-            for k in self._state:
-                if not k.startswith("run/") and _bucket(k) in want:
-                    out.append((k, self._vh[k]))
+            for b in sorted(buckets):
+                if isinstance(b, int) and 0 <= b < BUCKETS:
+                    out.extend((k, self._vh[k]) for k in self._cat_keys[b]
+                               if cells is None or _cell(k) in cells)
         else:
             allowed = set(self._runs) if tasks is None else set(tasks)
             for tid in sorted(allowed):
-                if tid in self._runs and _bucket(tid) in want:
-                    out.extend((k, self._vh[k]) for k in self._runs[tid])
+                if tid in self._runs:
+                    c = _cell(tid)
+                    if (c // SUBS in buckets) and (cells is None or c in cells):
+                        out.extend((k, self._vh[k]) for k in self._runs[tid])
         return sorted(out)
+
+    def _sub_hashes(self, buckets: list[int], scope: str, tasks: Iterable[str] | None) -> list[int]:
+        """Level 3: SUBS hashes per given bucket, concatenated."""
+        pos = {b: i for i, b in enumerate(buckets)}
+        out = [0] * (len(buckets) * SUBS)
+        if scope == "catalogue":
+            for b in buckets:
+                for k in self._cat_keys[b]:
+                    out[pos[b] * SUBS + _cell(k) % SUBS] ^= self._kh[k]
+        else:
+            for tid in (sorted(self._runagg) if tasks is None else tasks):
+                agg = self._runagg.get(tid)
+                if agg:
+                    c = _cell(tid)
+                    i = pos.get(c // SUBS)
+                    if i is not None:
+                        out[i * SUBS + c % SUBS] ^= agg
+        return out
 
     def start_exchange(self, scope: str = "catalogue", tasks: Iterable[str] | None = None) -> bytes:
         """First message of an anti-entropy exchange (send to one peer)."""
@@ -599,28 +653,50 @@ class Store:
             diff = [i for i in range(BUCKETS) if mine[i] != theirs[i]]
             if not diff:
                 return ExchangeResult(None, [])
-            kv = self.keys_in_buckets(diff, scope, tasks)
-            return ExchangeResult(msgpack.packb([M_KEYS, si, diff, [[k, v] for k, v in kv]]), [])
+            subs = b"".join(h.to_bytes(8, "little") for h in self._sub_hashes(diff, scope, tasks))
+            return ExchangeResult(msgpack.packb([M_SUBS, si, diff, subs]), [])
+        if t == M_SUBS:
+            if (len(obj) != 4 or not isinstance(obj[2], list) or not isinstance(obj[3], bytes)
+                    or len(obj[2]) > BUCKETS or len(obj[3]) != 8 * SUBS * len(obj[2])):
+                raise RemoteProtocolError("exchange SUBS: expected [6, scope, [bucket], SUBS x 8 bytes each]")
+            diff = obj[2]
+            if not all(isinstance(b, int) and 0 <= b < BUCKETS for b in diff) or len(set(diff)) != len(diff):
+                raise RemoteProtocolError("exchange SUBS: bad bucket list")
+            mine = self._sub_hashes(diff, scope, tasks)
+            theirs = memoryview(obj[3]).cast("Q").tolist()
+            cells = [diff[i // SUBS] * SUBS + i % SUBS for i in range(len(mine)) if mine[i] != theirs[i]]
+            if not cells:
+                return ExchangeResult(None, [])
+            kv = self._keys_in({c // SUBS for c in cells}, set(cells), scope, tasks)
+            items = [[k, v, self._progress(k)] for k, v in kv]
+            return ExchangeResult(msgpack.packb([M_KEYS, si, cells, items]), [])
         if t == M_KEYS:
             if (len(obj) != 4 or not isinstance(obj[2], list) or not isinstance(obj[3], list)
-                    or len(obj[2]) > BUCKETS or len(obj[3]) > MAX_MSG_ENTRIES):
-                raise RemoteProtocolError("exchange KEYS: expected [4, scope, [bucket], [[key, vhash]]]")
-            buckets = obj[2]
-            if not all(isinstance(b, int) and 0 <= b < BUCKETS for b in buckets):
-                raise RemoteProtocolError("exchange KEYS: bucket out of range")
+                    or len(obj[2]) > BUCKETS * SUBS or len(obj[3]) > MAX_MSG_ENTRIES):
+                raise RemoteProtocolError("exchange KEYS: expected [4, scope, [cell], [[key, vhash]]]")
+            cells = obj[2]
+            if not all(isinstance(c, int) and 0 <= c < BUCKETS * SUBS for c in cells):
+                raise RemoteProtocolError("exchange KEYS: cell out of range")
             theirs: dict[str, bytes] = {}
+            prog: dict[str, float] = {}
             for i, kv in enumerate(obj[3]):
-                if (not isinstance(kv, list) or len(kv) != 2 or not isinstance(kv[0], str)
-                        or not isinstance(kv[1], bytes)):
-                    raise RemoteProtocolError(f"exchange KEYS: item {i} is not [key, vhash]")
+                if (not isinstance(kv, list) or len(kv) != 3 or not isinstance(kv[0], str)
+                        or not isinstance(kv[1], bytes) or not isinstance(kv[2], (int, float))):
+                    raise RemoteProtocolError(f"exchange KEYS: item {i} is not [key, vhash, progress]")
                 theirs[kv[0]] = kv[1]
-            mine = dict(self.keys_in_buckets(buckets, scope, tasks))
-            send = [k for k in sorted(mine) if k not in theirs]
-            want = [k for k in sorted(theirs) if mine.get(k) != theirs[k]]
+                prog[kv[0]] = kv[2]
+            mine = dict(self._keys_in({c // SUBS for c in cells}, set(cells), scope, tasks))
+            # differing on both sides: the side with more progress ships; on a
+            # tie we pull theirs and the ENTRIES rule sends back our merge
+            send = [k for k in sorted(mine) if k not in theirs
+                    or (theirs[k] != mine[k] and self._progress(k) > prog[k])]
+            want = [k for k in sorted(theirs) if mine.get(k) != theirs[k]
+                    and (k not in mine or self._progress(k) <= prog[k])]
             ents = [list(e) for e in self.entries(send)]
             return ExchangeResult(msgpack.packb([M_ENTRIES, si, ents, want]), [], len(ents))
         if t == M_ENTRIES:
-            if len(obj) != 4 or not isinstance(obj[2], list) or not isinstance(obj[3], list):
+            if (len(obj) != 4 or not isinstance(obj[2], list) or not isinstance(obj[3], list)
+                    or len(obj[2]) > MAX_MSG_ENTRIES):
                 raise RemoteProtocolError("exchange ENTRIES: expected [5, scope, entries, want]")
             want = obj[3]
             if len(want) > MAX_MSG_ENTRIES or not all(isinstance(k, str) for k in want):

@@ -49,20 +49,21 @@ def run_one(job: tuple) -> dict:
     """Run one (kind, scenario, nodes, loss, duration_s, seed, profile) job."""
     from sim.cluster import simulate
     from sim.scenarios import check_invariants
-    kind, scenario, nodes, loss, duration_s, seed, profile = job
+    kind, scenario, nodes, loss, duration_s, seed, profile, bootstrap = job
     cpu0 = time.process_time()
     r, _ = simulate(nodes=nodes, duration_s=duration_s, seed=seed, scenario=scenario, loss=loss,
-                    profile=profile)
+                    profile=profile, bootstrap=bootstrap)
     cpu_s = time.process_time() - cpu0
     eff_loss = loss if loss is not None else (0.05 if scenario == "flaky" else 0.0)
     row = {"kind": kind, "scenario": scenario, "nodes": nodes, "loss": eff_loss,
-           "duration_s": duration_s, "seed": seed, "profile": profile,
+           "duration_s": duration_s, "seed": seed, "profile": profile, "bootstrap": bootstrap,
            "cpu_seconds": round(cpu_s, 2),
            "node_seconds_per_cpu_second": round(nodes * duration_s / cpu_s, 1) if cpu_s else None,
            "invariants_failed": check_invariants(r, scenario=scenario, loss=eff_loss),
            "command": (f"peersim run --nodes {nodes} --duration {duration_s:g} --seed {seed} "
                        f"--scenario {scenario} --profile {profile}"
-                       + (f" --loss {loss:g}" if loss is not None else ""))}
+                       + (f" --loss {loss:g}" if loss is not None else "")
+                       + (f" --bootstrap {bootstrap}" if bootstrap != "join" else ""))}
     for k in ROW_KEYS:
         row[k] = r.get(k)
     print(json.dumps({k: row[k] for k in ("scenario", "nodes", "loss", "wall_seconds", "cpu_seconds",
@@ -73,7 +74,8 @@ def run_one(job: tuple) -> dict:
 
 
 def _key(row: dict) -> str:
-    return f"{row['kind']}|{row['scenario']}|{row['nodes']}|{row['loss']}|{row['duration_s']}|{row['seed']}"
+    return (f"{row['kind']}|{row['scenario']}|{row['nodes']}|{row['loss']}|{row['duration_s']}"
+            f"|{row['seed']}|{row.get('bootstrap')}")
 
 
 def _merge(rows: list[dict], path: str = RESULTS) -> None:
@@ -107,16 +109,17 @@ def table(path: str = RESULTS) -> str:
 
     def f(v, nd=2):
         return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
-    out = ["| kind | scenario | N | loss | virt s | wall s | cpu s | node-s/cpu-s | detect p50/p99/max s "
+    out = ["| kind | scenario | N | loss | boot | virt s | wall s | cpu s | node-s/cpu-s | detect p50/p99/max s "
            "| 1st suspect p50 s | FP dead (suspect) | dissem. rounds p50/p99 | msgs/node/s | B/node/s "
            "| converged (s after fault) |",
-           "|---" * 15 + "|"]
+           "|---" * 16 + "|"]
     for r in rows:
         d = r["detection_latency_s"] or {}
         s = r["first_suspicion_s"] or {}
         dr = r["dissemination_rounds"] or {}
         out.append(
-            f"| {r['kind']} | {r['scenario']} | {r['nodes']} | {r['loss']:g} | {r['duration_s']:g} "
+            f"| {r['kind']} | {r['scenario']} | {r['nodes']} | {r['loss']:g} | {r.get('bootstrap')} "
+            f"| {r['duration_s']:g} "
             f"| {f(r['wall_seconds'], 1)} | {f(r['cpu_seconds'], 1)} | {f(r['node_seconds_per_cpu_second'], 0)} "
             f"| {f(d.get('p50'))}/{f(d.get('p99'))}/{f(d.get('max'))} | {f(s.get('p50'))} "
             f"| {r['false_positives']} ({r['false_suspicions']}) | {f(dr.get('p50'))}/{f(dr.get('p99'))} "
@@ -141,13 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     for q in (sp, pp):
         q.add_argument("--profile", default="lan", choices=("lan", "local"))
         q.add_argument("--seed", type=int, default=SEED)
+        q.add_argument("--bootstrap", default="warm", choices=("join", "warm"),
+                       help="warm (default here) skips the join storm; see ClusterOptions.bootstrap")
     sub.add_parser("table", help="print the markdown table of bench/results/sim.json")
     args = p.parse_args(argv)
     if args.cmd == "table":
         print(table())
         return 0
     if args.cmd == "speed":
-        jobs = [("speed", "steady", args.nodes, None, args.duration, args.seed, args.profile)]
+        jobs = [("speed", "steady", args.nodes, None, args.duration, args.seed, args.profile,
+                 args.bootstrap)]
         rows = _run(jobs, 1)
     else:
         runs = PROTOCOL_RUNS
@@ -156,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             for item in args.scenarios.split(","):
                 name, _, loss = item.partition("@")
                 runs.append((name, float(loss) if loss else None))
-        jobs = [("protocol", sc, int(n), loss, args.duration, args.seed, args.profile)
+        jobs = [("protocol", sc, int(n), loss, args.duration, args.seed, args.profile, args.bootstrap)
                 for n in args.sizes.split(",") for sc, loss in runs]
         rows = _run(jobs, args.jobs)
     _merge(rows)

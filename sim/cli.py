@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0; flaky: 0.05)")
     r.add_argument("--profile", choices=("lan", "local"), default="lan",
                    help="gossip Config profile: lan (memberlist defaults, default) or local (fast timers)")
+    r.add_argument("--bootstrap", choices=("join", "warm"), default="join",
+                   help="join: every node joins through the seeds at t=0 (default); warm: start "
+                        "with every join push-pull already done (skips the N^2 log N join storm)")
     r.add_argument("--json", metavar="FILE", default=None, help="also write the report as JSON to FILE")
     r.add_argument("--quiet", action="store_true", help="print only the seed line and the verdict")
     return p
@@ -125,6 +128,8 @@ def replay_command(args: argparse.Namespace, seed: int) -> str:
              "--seed", str(seed), "--scenario", args.scenario, "--profile", args.profile]
     if args.loss is not None:
         parts += ["--loss", f"{args.loss:g}"]
+    if getattr(args, "bootstrap", "join") != "join":
+        parts += ["--bootstrap", args.bootstrap]
     return " ".join(parts)
 
 
@@ -202,7 +207,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**63)
     config = Config.lan() if args.profile == "lan" else Config.local()
     net_opts = NetworkOptions()
-    cluster_opts = ClusterOptions(nodes=args.nodes, seed=seed, network=net_opts)
+    cluster_opts = ClusterOptions(nodes=args.nodes, seed=seed, network=net_opts,
+                                  bootstrap=args.bootstrap)
     schedule = build(args.scenario, node_names(args.nodes), args.duration,
                      child_rng(seed, "scenario"), loss=args.loss)
     cluster = Cluster(config, cluster_opts, schedule)

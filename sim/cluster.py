@@ -107,6 +107,12 @@ class ClusterOptions:
     seed: int = 0
     # Seeds every node joins through (the first ``seeds`` nodes).
     seeds: int = 3
+    # How the cluster forms at t=0. "join": every node calls core.join(seeds)
+    # at a random time in [0, join_stagger_s] (the real thing; at N=1000 the
+    # resulting gossip storm is most of the run's cost). "warm": every node's
+    # join push-pull with n000 is completed at t=0 without latency (see
+    # Cluster._warm_bootstrap), then the run proceeds normally.
+    bootstrap: str = "join"
     # Nodes start joining over [0, join_stagger_s] (uniform, seeded).
     join_stagger_s: float = 0.5
     # Clock offsets between nodes differ by up to this much (monotonic
@@ -253,7 +259,7 @@ class Cluster:
 
     # -- node lifecycle ------------------------------------------------------
 
-    def _boot(self, node: SimNode, t_s: float, join_at_s: float) -> None:
+    def _boot(self, node: SimNode, t_s: float, join_at_s: float | None) -> None:
         node.boots += 1
         node.epoch = int(t_s * 1000) + node.boots  # wall-clock ms at start, strictly increasing
         rng = child_rng(self.seed, "node", node.name, node.boots)
@@ -272,8 +278,53 @@ class Cluster:
         self._count_up(t_s, +1)
         self.metrics.node_up(node.name, t_s)
         self.trace.append((t_s, "boot", node.idx, node.boots))
-        self.loop.schedule(join_at_s, K_JOIN, node.idx, node.boots)
+        if join_at_s is not None:
+            self.loop.schedule(join_at_s, K_JOIN, node.idx, node.boots)
         self._arm(node, t_s)
+
+    def _warm_bootstrap(self) -> None:
+        """Start with every node already joined (``bootstrap="warm"``).
+
+        Each node's real join push-pull (``core.join([seed])``, sealed and
+        opened) is served by the seed ``n000`` in index order, then every node
+        merges the seed's full-state reply (``handle_push_pull_reply``), all
+        at virtual time 0 and without latency. Only the bootstrap is fast
+        forwarded: the gossip the seed then spreads, and everything after,
+        runs normally. It skips the O(N^2 log N) storm of N nodes joining at
+        once (measured separately with ``bootstrap="join"``).
+        """
+        seed = self.nodes[0]
+        self._boot(seed, 0.0, None)
+        seed_now = seed.local(0.0)
+        requests = []
+        for node in self.nodes[1:]:
+            self._boot(node, 0.0, None)
+            effects = node.core.join([seed.addr], node.local(0.0))
+            for e in effects:
+                if type(e) is StartPushPull:
+                    sealed = node.sealer.seal(STREAM_PUSH_PULL + e.data)
+                    self.net.count_stream(node.idx, len(sealed) + STREAM_FRAME_HEADER_BYTES)
+                    _sender, body = seed.sealer.open(sealed, max_bytes=STREAM_FRAME_MAX_BYTES)
+                    reply, seed_effects = seed.core.handle_push_pull(node.addr, body[1:], seed_now)
+                    self._effects(seed, seed_effects, 0.0)
+                    requests.append((node, body[1:]))
+                else:
+                    self._effects(node, [e], 0.0)
+        if requests:
+            # The seed's state no longer changes: one more (duplicate) request
+            # yields the full reply every joiner gets.
+            last, body = requests[-1]
+            reply, seed_effects = seed.core.handle_push_pull(last.addr, body, seed_now)
+            self._effects(seed, seed_effects, 0.0)
+            for node, _body in requests:
+                sealed = seed.sealer.seal(STREAM_PUSH_PULL + reply)
+                self.net.count_stream(seed.idx, len(sealed) + STREAM_FRAME_HEADER_BYTES)
+                _sender, rbody = node.sealer.open(sealed, max_bytes=STREAM_FRAME_MAX_BYTES)
+                self.stats["pp_ok"] += 1
+                self._effects(node, node.core.handle_push_pull_reply(seed.addr, rbody[1:],
+                                                                     node.local(0.0)), 0.0)
+                self._arm(node, 0.0)
+        self._arm(seed, 0.0)
 
     def _kill(self, node: SimNode, t_s: float, *, crashed: bool) -> None:
         if not node.up:
@@ -559,9 +610,14 @@ class Cluster:
         heap = loop.heap
         opts = self.options
         boot_rng = child_rng(self.seed, "boot")
-        for node in self.nodes:
-            join_at_s = 0.0 if node.idx == 0 else boot_rng.uniform(0.0, opts.join_stagger_s)
-            self._boot(node, 0.0, join_at_s)
+        if opts.bootstrap == "warm":
+            self._warm_bootstrap()
+        elif opts.bootstrap == "join":
+            for node in self.nodes:
+                join_at_s = 0.0 if node.idx == 0 else boot_rng.uniform(0.0, opts.join_stagger_s)
+                self._boot(node, 0.0, join_at_s)
+        else:
+            raise ValueError(f"unknown bootstrap {opts.bootstrap!r}; join or warm")
         for f in self.schedule:
             if f.at_s <= duration_s:
                 loop.schedule(f.at_s, K_FAULT, f)

@@ -336,3 +336,12 @@ def test_cli_help_and_bad_arguments(capsys):
         peersim_main(["run", "--nodes", "3", "--duration", "5", "--loss", "2"])
     assert e.value.code == 2
     assert "must be within [0, 1]" in capsys.readouterr().err
+
+
+def test_warm_bootstrap_starts_converged_and_stays_deterministic():
+    opts = dict(nodes=30, duration_s=20, seed=8, scenario="crash", profile="local", bootstrap="warm")
+    r, cl = simulate(**opts)
+    assert r["first_converged_s"] is not None and r["first_converged_s"] <= 0.2, _why(r)
+    assert r["converged"] and r["undetected"] == 0 and r["detections"] == 3 * 27, _why(r)
+    r2, _ = simulate(**opts)
+    assert r2["trace_hash"] == r["trace_hash"]

@@ -208,3 +208,24 @@ def test_bucket_level_api():
     assert len(nz) == 1
     assert [k for k, _ in s.keys_in_buckets(nz)] == ["task/t"]
     assert len(s.digest_root()) == 16
+
+
+_plain = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 70000) | st.binary(max_size=20) | st.text(max_size=10),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300)
+@given(st.integers(0, 7), st.integers(-1, 2), st.lists(_plain, max_size=4))
+def test_handle_exchange_structured_fuzz(t, scope, rest):
+    s = Store("a")
+    s.put_task("t", {"v": 1}, None, 1.0)
+    s.put_run(run("t", "r", 1))
+    before = s.entries(s.keys())
+    try:
+        s.handle_exchange(msgpack.packb([t, scope, *rest]))
+    except RemoteProtocolError:
+        pass
+    assert s.entries(s.keys()) == before

@@ -148,3 +148,13 @@ def test_from_wire_rejects_garbage_with_valueerror(data):
 def test_from_wire_table(bad):
     with pytest.raises(ValueError):
         dv.from_wire(bad)
+
+
+def test_two_arg_update_equal_and_less():
+    c = dv.update(dv.new("v1"), "a")           # server-side: clock already the server's
+    assert dv.values(c) == ["v1"] and dv.join(c) == (("a", 1),)
+    c2 = dv.update(dv.new_with_context(dv.join(c), "v2"), c, "b")
+    assert dv.less(c, c2) and not dv.less(c2, c) and not dv.equal(c, c2)
+    assert dv.equal(c2, dv.sync(c2, c)) and dv.size(c2) == 1
+    with pytest.raises(ValueError):
+        dv.update(c2, "a")                      # no single new value to record

@@ -1,0 +1,182 @@
+"""SQLite persistence shell for the store core (``Store.drain_dirty`` / ``load``).
+
+One file per node, WAL journal, ``synchronous=NORMAL`` (durable across process
+crashes; a power loss may drop the last transactions, which peers refill by
+anti-entropy). One connection, used only from worker threads through
+``trio.to_thread.run_sync`` under a ``CapacityLimiter(1)``, so calls are
+serialised and the trio loop never blocks on disk.
+
+Schema (version 1): ``meta(k TEXT PRIMARY KEY, v TEXT)`` holding
+``schema_version``; ``kv(key TEXT PRIMARY KEY, value BLOB NOT NULL)``.
+
+A file that is not SQLite, fails ``PRAGMA quick_check`` or lacks our schema
+raises :class:`CorruptDatabase` naming the path and the reason; the daemon
+stops with that message unless started with ``start_empty=True``, which
+renames the file (and its -wal/-shm) to ``<path>.corrupt-<n>`` and starts
+empty (peers refill it). A schema newer than this code raises
+:class:`SchemaTooNew` and is never moved aside.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable
+
+import trio
+
+__all__ = ["SqliteStore", "CorruptDatabase", "SchemaTooNew", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+
+
+class CorruptDatabase(Exception):
+    """The database file cannot be used."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"database {path} is unusable: {reason} "
+            "(restore it, delete it to refill from peers, or start with start_empty to move it aside)"
+        )
+
+
+class SchemaTooNew(CorruptDatabase):
+    def __init__(self, path: str, version: int) -> None:
+        CorruptDatabase.__init__(self, path, f"schema version {version} is newer than this peerd ({SCHEMA_VERSION})")
+        self.version = version
+
+
+class SqliteStore:
+    """Async key/bytes persistence.
+
+    Args:
+        path: database file (its directory must exist).
+        start_empty: move a corrupt file aside instead of raising.
+    """
+
+    def __init__(self, path: str | os.PathLike, start_empty: bool = False) -> None:
+        self.path = os.fspath(path)
+        self.start_empty = start_empty
+        self.moved_aside: str | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def _run(self, fn, *args):
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    # ------------------------------------------------------------ thread side
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            if not mode or str(mode[0]).lower() != "wal":
+                raise CorruptDatabase(self.path, f"cannot enable WAL (journal_mode={mode})")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            res = conn.execute("PRAGMA quick_check").fetchall()
+            if res != [("ok",)]:
+                raise CorruptDatabase(self.path, "integrity check failed: " + "; ".join(str(r[0]) for r in res[:3]))
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not tables:
+                conn.execute("BEGIN")
+                conn.execute("CREATE TABLE meta(k TEXT PRIMARY KEY, v TEXT NOT NULL)")
+                conn.execute("CREATE TABLE kv(key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID")
+                conn.execute("INSERT INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
+                conn.execute("COMMIT")
+            elif not {"meta", "kv"} <= tables:
+                raise CorruptDatabase(self.path, f"not a peerd database (tables: {sorted(tables)})")
+            row = conn.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()
+            try:
+                version = int(row[0]) if row else -1
+            except ValueError:
+                version = -1
+            if version > SCHEMA_VERSION:
+                raise SchemaTooNew(self.path, version)
+            if version < 1:
+                raise CorruptDatabase(self.path, f"bad schema_version {row!r}")
+            return conn
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise CorruptDatabase(self.path, f"sqlite: {e}") from None
+        except BaseException:
+            conn.close()
+            raise
+
+    def _move_aside(self) -> str:
+        n = 1
+        while os.path.exists(f"{self.path}.corrupt-{n}"):
+            n += 1
+            if n > 10_000:
+                raise CorruptDatabase(self.path, "too many .corrupt-<n> files beside it")
+        dest = f"{self.path}.corrupt-{n}"
+        os.replace(self.path, dest)
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(self.path + suffix):
+                os.replace(self.path + suffix, dest + suffix)
+        return dest
+
+    def _open_sync(self) -> None:
+        try:
+            self._conn = self._connect()
+        except SchemaTooNew:
+            raise
+        except CorruptDatabase:
+            if not self.start_empty:
+                raise
+            self.moved_aside = self._move_aside()
+            self._conn = self._connect()
+
+    def _write_sync(self, rows: list[tuple[str, bytes | None]]) -> None:
+        conn = self._require()
+        conn.execute("BEGIN")
+        try:
+            conn.executemany("DELETE FROM kv WHERE key=?", [(k,) for k, v in rows if v is None])
+            conn.executemany(
+                "INSERT OR REPLACE INTO kv(key, value) VALUES(?, ?)", [(k, bytes(v)) for k, v in rows if v is not None]
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _load_sync(self) -> list[tuple[str, bytes]]:
+        conn = self._require()
+        try:
+            return [(k, bytes(v)) for k, v in conn.execute("SELECT key, value FROM kv ORDER BY key")]
+        except sqlite3.DatabaseError as e:
+            raise CorruptDatabase(self.path, f"sqlite while loading: {e}") from None
+
+    def _require(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError(f"{self.path}: not open")
+        return self._conn
+
+    def _close_sync(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # ------------------------------------------------------------ async API
+    async def open(self) -> None:
+        """Open (creating if absent). Raises CorruptDatabase / SchemaTooNew."""
+        await self._run(self._open_sync)
+
+    async def write(self, rows: Iterable[tuple[str, bytes | None]]) -> None:
+        """Upsert rows in one transaction; a ``None`` value deletes the key."""
+        batch = list(rows)
+        if batch:
+            await self._run(self._write_sync, batch)
+
+    async def load(self) -> list[tuple[str, bytes]]:
+        """Every row, sorted by key (feed to ``Store.load``)."""
+        return await self._run(self._load_sync)
+
+    async def close(self) -> None:
+        await self._run(self._close_sync)
+
+    async def __aenter__(self) -> SqliteStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
