@@ -75,8 +75,10 @@ def main(argv: list[str]) -> int:
             "--data-dir", str(base / n["name"]),
             "--key-file", str(key_file),
             "--api-token", token,
-            "--profile", "local",
+            "--profile", "lan",
             "--shutdown-grace-s", "5",
+            # two workers and one edge node, to show tag placement
+            "--tags", "role=worker" if i < 2 else "role=edge",
         ]
         if i == 0 and tasks:
             cmd += ["--tasks", tasks]
@@ -90,8 +92,8 @@ def main(argv: list[str]) -> int:
     print(f"  export PEERCTL_NODE={first} PEERCTL_TOKEN={token}")
     print("  peerctl members")
     print("  peerctl tasks ls")
-    print("  peerctl owner hello-every-10s")
-    print("  peerctl runs hello-every-10s")
+    print("  peerctl owner heartbeat")
+    print("  peerctl runs heartbeat")
     print("  peerctl tasks explain nightly-report")
     print(f"  curl -s http://{first}/metrics | grep ^peerd_")
     print("\nCtrl-C stops the cluster (each node leaves gracefully).\n", flush=True)

@@ -164,7 +164,8 @@ def run(args) -> int:
             emit(r, f"applied {len(r.get('applied', []))} task(s): {', '.join(r.get('applied', []))}")
         elif tc == "ls":
             ts = c.call("GET", "/v1/tasks")
-            emit(ts, table(ts, ["id", "schedule", "type", "owner", "paused", "last_fired", "conflict"]))
+            rows = [dict(t, last_fired=_ts(t.get("last_fired"))) for t in ts]
+            emit(ts, table(rows, ["id", "schedule", "type", "owner", "paused", "last_fired", "conflict"]))
         elif tc == "get":
             t = c.call("GET", f"/v1/tasks/{_q(args.id)}")
             text = json.dumps(t.get("task"), indent=2, sort_keys=True)
@@ -187,7 +188,7 @@ def run(args) -> int:
                 f"task {e.get('task_id')}: {e.get('schedule')} ({e.get('timezone')})",
                 f"owner: {e.get('owner') or '-'}   replicas: {', '.join(e.get('replicas') or []) or '-'}",
                 f"last fired: {_ts(e.get('last_fired_slot')) or '-'}",
-                f"why: {e.get('why')}",
+                "why: " + ("; ".join(e["why"]) if isinstance(e.get("why"), list) else str(e.get("why"))),
                 "next fires:",
             ]
             for f in e.get("next", []):

@@ -26,16 +26,19 @@ associative and idempotent, so any order of deliveries converges):
 Anti-entropy (TicTac-style XOR buckets, maintained incrementally):
     Each key hashes to ``h(key, version_hash)`` (64 bits); a bucket (1024,
     by hash of the key; run records by hash of their task ID), and each of its
-    64 sub-buckets, holds the XOR of its keys' hashes. The root is blake2b-128 of the bucket array. Two scopes:
+    64 sub-buckets, holds the XOR of its keys' hashes. The root is
+    blake2b-128 of the bucket array. Two scopes:
     ``catalogue`` (task/ and ctl/, every node holds all) and ``runs``
     restricted to a task set both sides replicate (the lead passes the set
     from its ring; a differing view only costs extra shipped records).
 
-    Protocol (every message is msgpack; ``handle_exchange`` never raises on
-    the local side, and raises :class:`RemoteProtocolError` on bad input):
-      1. A -> B  ``[ROOT, scope, root16]``                       (~24 bytes)
-      2. B -> A  ``[OK, scope]`` if roots match (done: ~4 bytes) else
-                 ``[BUCKETS, scope, root16, 1024 x 8-byte bucket hashes]``
+    Protocol (every message is msgpack; the lead calls ``start_exchange()``,
+    then hands each received message to ``handle_exchange()`` and sends back
+    ``reply`` until it is None; bad input raises :class:`RemoteProtocolError`
+    and changes nothing):
+      1. A -> B  ``[ROOT, scope, root16]``                        (21 bytes)
+      2. B -> A  ``[OK, scope]`` if roots match (done: 3 bytes) else
+                 ``[BUCKETS, scope, 1024 x 8-byte bucket hashes]``
       3. A -> B  ``[SUBS, scope, [bucket...], 64 x 8-byte sub-hashes each]``
                  for the differing buckets (level 3: cell = bucket*64 + sub)
       4. B -> A  ``[KEYS, scope, [cell...], [[key, vhash, progress]...]]``
