@@ -151,7 +151,11 @@ class Member:
         state: dict[str, str] = {}
         with self.lock:
             for e in self.lines:
-                if e["ev"] in ("join", "suspect", "dead", "left") and e.get("member") != self.name:
+                if e.get("member") in (None, self.name):
+                    continue
+                if "state" in e:  # e.g. suspect -> alive is an "update" event
+                    state[e["member"]] = e["state"]
+                elif e["ev"] in ("join", "suspect", "dead", "left"):
                     state[e["member"]] = {"join": "alive"}.get(e["ev"], e["ev"])
         return state
 

@@ -4,7 +4,8 @@ Used by ``bench/gossip_bench.py`` (one process per member). Output, one JSON
 object per line on stdout, flushed:
 
     {"t": <unix time>, "ev": "ready", "name": ..., "addr": "host:port"}
-    {"t": ..., "ev": "join"|"suspect"|"dead"|"left"|"update"|"reaped", "member": NAME}
+    {"t": ..., "ev": "join"|"suspect"|"dead"|"left"|"update"|"reaped", "member": NAME,
+     "state": "alive"|"suspect"|"dead"|"left"}   (state after the event)
     {"t": ..., "ev": "stats", "udp_out": B, "udp_in": B, "tcp_out": B, "tcp_in": B,
      "max_datagram": B, "members": {...}, "suspicions_raised": n, ...}   (every --stats-s)
 
@@ -66,7 +67,8 @@ async def main(args: argparse.Namespace) -> None:
         async def pump_events():
             async for ev in events:
                 if isinstance(ev, MemberEvent):
-                    emit({"ev": ev.kind.value, "member": ev.member.name, "inc": ev.member.incarnation})
+                    emit({"ev": ev.kind.value, "member": ev.member.name, "inc": ev.member.incarnation,
+                          "state": ev.member.state.value})
 
         async def pump_stats():
             while True:
@@ -144,7 +146,8 @@ async def main_kinship(args: argparse.Namespace) -> None:
         async for ev in events:
             kind = kinds.get(type(ev).__name__)
             if kind is not None:
-                emit({"ev": kind, "member": ev.member.name, "inc": ev.member.incarnation})
+                emit({"ev": kind, "member": ev.member.name, "inc": ev.member.incarnation,
+                      "state": ev.member.state.name.lower()})
 
     async def pump_stats():
         while True:

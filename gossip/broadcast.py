@@ -102,6 +102,13 @@ class TransmitLimitedQueue:
                 self.dropped += 1
                 return
 
+    def has_fresh(self, below: int = 1) -> bool:
+        """Is a broadcast transmitted fewer than ``below`` times queued?"""
+        for lvl in self._levels[:below]:
+            if lvl:
+                return True
+        return False
+
     def contains(self, key: str) -> bool:
         return key in self._by_key
 

@@ -46,6 +46,15 @@ class Config:
     packets on failure. They also reply NACK when the target stays silent
     (Lifeguard), which tells us whether *we* are the slow one."""
 
+    probe_suspect_share: float = 0.5
+    """Share of probe rounds spent, while some member is suspect, on a random
+    suspect member out of the round-robin turn (peerd addition; memberlist:
+    0). Its ping carries the SUSPECT, so a live member refutes within about
+    a probe interval even when the first direct notice was lost (e.g. a
+    partition that healed); a dead one collects independent confirmations
+    sooner. Costs: healthy members are probed less often while suspicions
+    last."""
+
     suspicion_mult: int = 4
     """Suspicion timeout minimum:
     ``suspicion_mult * max(1, log10(max(1, N))) * probe_interval_s``
@@ -71,6 +80,15 @@ class Config:
     queued; when the queue was idle for a full interval the first round runs
     at once, so news spreads at network speed and is then rate limited."""
 
+    gossip_fresh_interval_s: float = 0.02
+    """Fresh news (sent fewer than half its retransmit limit) does not wait
+    for the next gossip round: a round runs as soon as this long has passed
+    since the previous one. News then
+    crosses the cluster in a few network hops instead of a few gossip
+    intervals, for the same number of transmissions (the retransmit limit
+    bounds them) but less packing per datagram. 0 = only every
+    ``gossip_interval_s`` (memberlist behaviour)."""
+
     gossip_nodes: int = 3
     """Fan-out of each gossip round. More = faster spread, more packets."""
 
@@ -88,6 +106,14 @@ class Config:
     up with N like memberlist ``pushPullScale``: unchanged up to 32 members,
     then multiplied by ``ceil(log2(N) - log2(32)) + 1`` (doubles per
     doubling). 0 disables periodic push-pull (join still uses it)."""
+
+    reconnect_interval_s: float = 30.0
+    """Every this long, if some members are dead (not left), push-pull with
+    one of them at random (serf ``reconnect_interval``, default 30 s). This
+    heals a partition after both sides declared each other dead: the dead
+    member learns it, refutes, and the two views merge. memberlist alone
+    relies on gossip-to-the-dead. 0 disables. Cost: one stream per interval
+    while anyone is dead."""
 
     stream_timeout_s: float = 10.0
     """How long a push-pull may take (memberlist ``TCPTimeout``). The shell
@@ -183,6 +209,7 @@ class Config:
             probe_interval_s=0.2,
             probe_timeout_s=0.1,
             gossip_interval_s=0.05,
+            gossip_fresh_interval_s=0.005,
             push_pull_interval_s=5.0,
             suspicion_mult=3,
             gossip_to_the_dead_s=5.0,
@@ -190,6 +217,7 @@ class Config:
             join_retry_initial_s=0.1,
             join_retry_max_s=2.0,
             stream_timeout_s=2.0,
+            reconnect_interval_s=2.0,
         )
 
     def replace(self, **changes) -> "Config":
@@ -208,9 +236,12 @@ class Config:
         for name in ("suspicion_mult", "suspicion_max_timeout_mult", "retransmit_mult",
                      "awareness_max_multiplier", "gossip_nodes", "broadcast_queue_max"):
             pos(name)
+        if not 0.0 <= self.probe_suspect_share <= 1.0:
+            raise ValueError("Config.probe_suspect_share must be within 0..1")
         if self.indirect_checks < 0:
             raise ValueError("Config.indirect_checks must be >= 0")
-        if self.push_pull_interval_s < 0 or self.gossip_to_the_dead_s < 0:
+        if (self.push_pull_interval_s < 0 or self.gossip_to_the_dead_s < 0
+                or self.gossip_fresh_interval_s < 0 or self.reconnect_interval_s < 0):
             raise ValueError("Config intervals must be >= 0")
         if self.payload_budget_bytes < 256:
             raise ValueError("Config.packet_budget_bytes - seal_overhead_bytes must be >= 256")

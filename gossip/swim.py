@@ -17,6 +17,13 @@ the end of the (scaled) probe interval: we SUSPECT it, at the incarnation it
 had when the probe started, and tell it directly. A ping to a suspect member
 carries the SUSPECT too (Lifeguard: the accused learns at once).
 
+While some members are suspect, a share ``probe_suspect_share`` of probes
+goes to a random suspect member out of turn: its ping carries the SUSPECT
+(it refutes at once if it is alive; a partition that just healed does not
+wait for the round-robin to reach it), and a failure is an independent
+confirmation that shortens the suspicion of a member that is really down.
+memberlist probes strictly in turn.
+
 Awareness (Lifeguard local health), 0 .. ``awareness_max_multiplier - 1``:
 +1 per failed probe when no NACK was expected, else +1 per missing NACK;
 +1 each time we refute; -1 per ack received before the probe timeout.
@@ -61,10 +68,19 @@ Dissemination. Membership news and user broadcasts wait in a
 space of every datagram we send (pings, acks, ...), plus gossip rounds every
 ``gossip_interval_s`` to ``gossip_nodes`` random members (alive, suspect,
 or dead for less than ``gossip_to_the_dead_s``) while the queue is not empty.
-Every datagram is ``<= packet_budget_bytes - seal_overhead_bytes``.
+While some news has been sent fewer than half its retransmit limit, rounds
+may run every ``gossip_fresh_interval_s`` instead (news crosses the cluster
+in network hops, not gossip intervals; same transmission count). Every
+datagram is ``<= packet_budget_bytes - seal_overhead_bytes``.
+
+Performance. Per datagram the work is O(messages): an ALIVE we already
+know at that incarnation (most gossip) is screened after checking two
+fields; push-pull rows that cannot change anything are skipped the same
+way, and our own rows are cached packed. ``members()`` is O(N log N).
 
 Push-pull. Every ``Config.push_pull_interval_for(N)`` with one random live
-member, and to every seed on ``join``. Join keeps retrying the seeds with
+member, every ``reconnect_interval_s`` with one random dead member (serf's
+reconnect; heals partitions), and to every seed on ``join``. Join keeps retrying the seeds with
 exponential backoff (``join_retry_initial_s`` doubling to
 ``join_retry_max_s``) until one push-pull succeeds, and again whenever we find
 ourselves without any live peer.
@@ -106,9 +122,16 @@ class MemberState(enum.Enum):
 
 
 ALIVE, SUSPECT, DEAD, LEFT = MemberState.ALIVE, MemberState.SUSPECT, MemberState.DEAD, MemberState.LEFT
-_RANK = {ALIVE: 0, SUSPECT: 1, DEAD: 2, LEFT: 3}
+
+
+def _rank(st: MemberState) -> int:
+    """ALIVE 0 < SUSPECT 1 < DEAD 2 < LEFT 3 (identity tests: enum hashing is slow)."""
+    return 0 if st is ALIVE else 1 if st is SUSPECT else 2 if st is DEAD else 3
+
+
 _LIVE = (ALIVE, SUSPECT)
 _GONE = (DEAD, LEFT)
+_WIRE_RANK = (0, 1, 1, 3)   # wire state code -> rank it is merged at (DEAD as SUSPECT)
 _TO_WIRE = {ALIVE: WireState.ALIVE, SUSPECT: WireState.SUSPECT, DEAD: WireState.DEAD,
             LEFT: WireState.LEFT}
 _EMPTY_TAGS: Mapping[str, str] = MappingProxyType({})
@@ -146,6 +169,7 @@ class SwimStats:
     bytes_in: int
     bytes_out: int
     push_pulls: int
+    reconnects: int
     rejected: dict[str, int]
     awareness: int
     members_by_state: dict[str, int]
@@ -156,7 +180,7 @@ class SwimStats:
 
 class _Node:
     __slots__ = ("name", "addr", "state", "incarnation", "tags", "meta", "state_change",
-                 "snap", "susp")
+                 "snap", "row", "susp")
 
     def __init__(self, name: str, addr: Addr, state: MemberState, incarnation: int,
                  tags: Mapping[str, str], meta: bytes, now: float) -> None:
@@ -168,7 +192,15 @@ class _Node:
         self.meta = meta
         self.state_change = now
         self.snap: Member | None = None
+        self.row: bytes | None = None       # packed push-pull record (cache)
         self.susp: Suspicion | None = None
+
+    def packed_row(self) -> bytes:
+        r = self.row
+        if r is None:
+            r = self.row = _pack([self.name, self.addr[0], self.addr[1], self.incarnation,
+                                  dict(self.tags), self.meta, _rank(self.state)])
+        return r
 
     def snapshot(self) -> Member:
         s = self.snap
@@ -238,7 +270,8 @@ class Swim:
         self._nodes: dict[str, _Node] = {name: self._me}
         self._peers: list[str] = []          # every member but us, for O(1) random picks
         self._peer_pos: dict[str, int] = {}
-        self._counts = {ALIVE: 1, SUSPECT: 0, DEAD: 0, LEFT: 0}
+        self._counts = [1, 0, 0, 0]          # by rank: alive, suspect, dead, left
+        self._suspects: dict[str, None] = {}  # suspect members, in suspicion order
         self._queue = TransmitLimitedQueue(config.broadcast_queue_max)
         self._seq = rng.getrandbits(32)
         self._awareness = 0
@@ -250,8 +283,11 @@ class Swim:
         self._timers: list[tuple] = []       # (at, seq, kind, key, token)
         self._timer_seq = 0
         self._next_gossip_at = now
+        self._last_gossip_at = -math.inf
         pp = config.push_pull_interval_s
         self._next_push_pull_at = now + rng.uniform(0.5, 1.0) * pp if pp > 0 else math.inf
+        rc = config.reconnect_interval_s
+        self._next_reconnect_at = now + rng.uniform(0.5, 1.0) * rc if rc > 0 else math.inf
         self._seeds: list[Addr] = []
         self._join_pending: dict[Addr, float] = {}
         self._join_ok = False
@@ -264,7 +300,7 @@ class Swim:
         self._c = dict.fromkeys(
             ("probes_sent", "acks_received", "indirect_probes", "nacks", "suspicions_raised",
              "refutes", "deaths_declared", "packets_in", "packets_out", "bytes_in", "bytes_out",
-             "push_pulls"), 0)
+             "push_pulls", "reconnects"), 0)
         self._rejected: dict[str, int] = {}
 
     # -- properties ------------------------------------------------------------
@@ -321,22 +357,26 @@ class Swim:
     def _live_n(self) -> int:
         """Members alive or suspect, us included (N in every formula)."""
         c = self._counts
-        return max(1, c[ALIVE] + c[SUSPECT])
+        return max(1, c[0] + c[1])
 
     def _live_peers(self) -> int:
         c = self._counts
-        n = c[ALIVE] + c[SUSPECT]
+        n = c[0] + c[1]
         if self._me.state in _LIVE:
             n -= 1
         return n
 
     def _set_state(self, n: _Node, state: MemberState, now: float) -> None:
         if n.state is not state:
-            self._counts[n.state] -= 1
-            self._counts[state] += 1
+            self._counts[_rank(n.state)] -= 1
+            self._counts[_rank(state)] += 1
+            if n.state is SUSPECT:
+                del self._suspects[n.name]
+            elif state is SUSPECT:
+                self._suspects[n.name] = None
             n.state = state
             n.state_change = now
-        n.snap = None
+        n.snap = n.row = None
 
     def _event(self, out: list, kind: EventKind, n: _Node) -> None:
         out.append(MemberEvent(kind, n.snapshot()))
@@ -424,7 +464,7 @@ class Swim:
     def _refute(self, out: list, claimed: int) -> None:
         me = self._me
         me.incarnation = max(me.incarnation, claimed) + 1
-        me.snap = None
+        me.snap = me.row = None
         self._c["refutes"] += 1
         self._apply_awareness(1)
         self._broadcast(me.name, _pack(self._alive_fields(me)))
@@ -446,7 +486,7 @@ class Swim:
         if n is None:
             n = _Node(name, addr, ALIVE, inc, _freeze_tags(tags), meta, now)
             self._nodes[name] = n
-            self._counts[ALIVE] += 1
+            self._counts[0] += 1
             self._add_peer(name)
             self._event(out, EventKind.JOIN, n)
             if rebroadcast:
@@ -501,7 +541,7 @@ class Swim:
         n.incarnation = inc
         if old is SUSPECT and n.susp is not None:
             s = n.susp
-            n.snap = None
+            n.snap = n.row = None
             if s.confirm(sender):
                 self._push_timer(s.deadline(), _T_SUSP, name, s)
         else:
@@ -531,7 +571,7 @@ class Swim:
             if not self._leaving:
                 self._refute(out, inc)
             return
-        if inc == n.incarnation and _RANK[new] <= _RANK[n.state]:
+        if inc == n.incarnation and _rank(new) <= _rank(n.state):
             return
         n.incarnation = inc
         n.susp = None
@@ -657,11 +697,15 @@ class Swim:
                 t = self._next_probe_at
             if self._peers and self._next_push_pull_at < t:
                 t = self._next_push_pull_at
+            if self._counts[2] and self._next_reconnect_at < t:
+                t = self._next_reconnect_at
             r = self._join_retry_due()
             if r is not None and r < t:
                 t = r
-        if self._queue and self._next_gossip_at < t:
-            t = self._next_gossip_at
+        if self._queue:
+            g = self._gossip_due()
+            if g < t:
+                t = g
         if self._timers and self._timers[0][0] < t:
             t = self._timers[0][0]
         return t
@@ -684,6 +728,9 @@ class Swim:
             self._tick_probe(out, now)
             self._tick_join(out, now)
             self._tick_push_pull(out, now)
+            self._tick_reconnect(out, now)
+        # a confirmation above may have moved a suspicion deadline into the past
+        self._run_timers(out, now)
         self._tick_gossip(out, now)
         return out
 
@@ -705,7 +752,7 @@ class Swim:
                 if n is None or n.state not in _GONE or n.state_change != token:
                     continue
                 del self._nodes[key]
-                self._counts[n.state] -= 1
+                self._counts[_rank(n.state)] -= 1
                 self._remove_peer(key)
                 self._queue.discard("m:" + key)
                 self._event(out, EventKind.REAPED, n)
@@ -719,6 +766,12 @@ class Swim:
 
     def _pick_probe_target(self) -> _Node | None:
         nodes = self._nodes
+        share = self.config.probe_suspect_share
+        if self._suspects and share > 0 and self._rng.random() < share:
+            # out of turn: a suspect member (it learns it is suspected from
+            # the ping and refutes, or a failure confirms the suspicion)
+            names = list(self._suspects)
+            return nodes[names[int(self._rng.random() * len(names))]]
         for _ in range(len(self._probe_order) + 2):
             if self._probe_idx >= len(self._probe_order):
                 order = sorted(self._peers)
@@ -783,11 +836,25 @@ class Swim:
             self._c["probes_sent"] += 1
             self._send(out, target.addr, msgs)
 
+    def _gossip_due(self) -> float:
+        """Next gossip round: every ``gossip_interval_s``, or sooner (but
+        ``gossip_fresh_interval_s`` after the last one) while news sent fewer
+        than half its retransmit limit is queued."""
+        t = self._next_gossip_at
+        fast = self.config.gossip_fresh_interval_s
+        if fast > 0 and self._queue.has_fresh(
+                max(1, self.config.retransmit_limit(self._live_n()) // 2)):
+            f = self._last_gossip_at + fast
+            if f < t:
+                t = f
+        return t
+
     def _tick_gossip(self, out: list, now: float) -> None:
-        if now < self._next_gossip_at or not self._queue:
+        if not self._queue or now < self._gossip_due():
             return
         cfg = self.config
         self._next_gossip_at = now + cfg.gossip_interval_s
+        self._last_gossip_at = now
         dead_horizon = now - cfg.gossip_to_the_dead_s
 
         def ok(x: _Node) -> bool:
@@ -807,6 +874,18 @@ class Swim:
         targets = self._k_random(1, lambda x: x.state is ALIVE)
         if targets:
             self._c["push_pulls"] += 1
+            out.append(StartPushPull(targets[0].addr, self._encode_state(join=False), False))
+
+    def _tick_reconnect(self, out: list, now: float) -> None:
+        if now < self._next_reconnect_at:
+            return
+        self._next_reconnect_at = now + self.config.reconnect_interval_s
+        if not self._counts[2]:
+            return
+        targets = self._k_random(1, lambda x: x.state is DEAD)
+        if targets:
+            self._c["push_pulls"] += 1
+            self._c["reconnects"] += 1
             out.append(StartPushPull(targets[0].addr, self._encode_state(join=False), False))
 
     # -- join --------------------------------------------------------------------
@@ -876,11 +955,34 @@ class Swim:
 
     # -- push-pull ---------------------------------------------------------------
     def _encode_state(self, join: bool) -> bytes:
-        rows = []
-        for n in self._nodes.values():
-            rows.append([n.name, n.addr[0], n.addr[1], n.incarnation, dict(n.tags), n.meta,
-                         int(_TO_WIRE[n.state])])
-        return wire.encode_push_pull_rows(rows, join, self._name)
+        return wire.encode_push_pull_packed([n.packed_row() for n in self._nodes.values()],
+                                            join, self._name)
+
+    def _screen_rows(self, rows: list) -> list:
+        """Validate the push-pull rows that could change something; skip the
+        ones that cannot (known member, lower incarnation, or the same
+        incarnation at an equal or lower rank). All or nothing.
+
+        Raises:
+            RemoteProtocolError: a row is malformed.
+        """
+        nodes = self._nodes
+        me = self._me
+        todo = []
+        for r in rows:
+            if type(r) is list and len(r) == 7:
+                name, inc, st = r[0], r[3], r[6]
+                if type(name) is str and type(inc) is int and type(st) is int and 0 <= st <= 3:
+                    n = nodes.get(name)
+                    if n is not None and n is not me and 0 <= inc <= n.incarnation:
+                        if inc < n.incarnation:
+                            continue
+                        # remote DEAD is merged as SUSPECT (rank 1)
+                        if _WIRE_RANK[st] <= _rank(n.state):
+                            continue
+            wire.check_row(r)
+            todo.append(r)
+        return todo
 
     def _merge(self, out: list, sender: str, rows: list[list], now: float) -> None:
         accuser = sender or "?"
@@ -906,7 +1008,8 @@ class Swim:
         out: list = []
         self._c["bytes_in"] += len(data)
         try:
-            _join, sender, rows = wire.decode_push_pull_raw(data)
+            _join, sender, rows = wire.decode_push_pull_raw(data, check_rows=False)
+            rows = self._screen_rows(rows)
         except RemoteProtocolError as exc:
             self._reject(exc.reason)
             return None, out
@@ -921,7 +1024,8 @@ class Swim:
         a = (src[0], int(src[1]))
         self._c["bytes_in"] += len(data)
         try:
-            _join, sender, rows = wire.decode_push_pull_raw(data)
+            _join, sender, rows = wire.decode_push_pull_raw(data, check_rows=False)
+            rows = self._screen_rows(rows)
         except RemoteProtocolError as exc:
             self._reject(exc.reason)
             self._join_attempt_failed(a, now)
@@ -933,6 +1037,12 @@ class Swim:
         finally:
             self._weak = False
         if was_join:
+            # first periodic push-pull: spread over the interval scaled for
+            # the cluster we just learned (not all members at once)
+            pp = self.config.push_pull_interval_s
+            if pp > 0:
+                self._next_push_pull_at = now + self._rng.uniform(0.1, 1.0) * \
+                    self.config.push_pull_interval_for(self._live_n())
             self._join_pending.clear()
             self._join_ok = True
             self._join_retry_at = None
@@ -977,7 +1087,7 @@ class Swim:
         me.tags = new_tags
         me.meta = new_meta
         me.incarnation += 1
-        me.snap = None
+        me.snap = me.row = None
         self._broadcast(me.name, _pack(self._alive_fields(me)))
         self._event(out, EventKind.UPDATE, me)
         return out
@@ -1027,14 +1137,14 @@ class Swim:
     def num_alive(self) -> int:
         """Members alive or suspect, us included (O(1))."""
         c = self._counts
-        return c[ALIVE] + c[SUSPECT]
+        return c[0] + c[1]
 
     def statistics(self) -> SwimStats:
         return SwimStats(
             **self._c,
             rejected=dict(sorted(self._rejected.items())),
             awareness=self._awareness,
-            members_by_state={s.value: self._counts[s] for s in MemberState},
+            members_by_state={s.value: self._counts[_rank(s)] for s in MemberState},
             broadcast_queue=len(self._queue),
             broadcasts_dropped=self._queue.dropped,
             incarnation=self._me.incarnation,

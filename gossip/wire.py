@@ -42,7 +42,8 @@ __all__ = [
     "Ping", "IndirectPing", "Ack", "Nack", "Suspect", "Alive", "Dead", "User", "UnknownMsg",
     "Msg", "MemberRecord", "PushPull",
     "encode_msg", "encoded_size", "encode_compound", "join_compound", "decode_compound",
-    "decode_compound_raw", "decode_push_pull_raw", "unpack_compound", "check_item", "encode_push_pull_rows",
+    "decode_compound_raw", "decode_push_pull_raw", "unpack_compound", "check_item",
+    "check_row", "encode_push_pull_packed", "encode_push_pull_rows",
     "encode_push_pull", "decode_push_pull", "COMPOUND_HEADER_MAX_BYTES",
     "NAME_MAX_BYTES", "HOST_MAX_BYTES", "META_MAX_BYTES", "TAGS_MAX", "TAG_KEY_MAX_BYTES",
     "TAG_VALUE_MAX_BYTES", "USER_MAX_BYTES", "UINT64_MAX", "PUSH_PULL_VERSION",
@@ -574,47 +575,58 @@ def encode_push_pull(states: list[MemberRecord], join: bool, sender: str = "") -
     )
 
 
-def decode_push_pull_raw(data: bytes) -> tuple[bool, str, list[list]]:
-    """Decode and validate a push-pull body into ``(join, sender, rows)``;
-    each row is ``[name, host, port, incarnation, tags(dict), meta, state(int)]``
-    (the core's fast path).
+def check_row(s: Any) -> None:
+    """Validate one push-pull member row in place.
+
+    Raises:
+        RemoteProtocolError: and nothing else.
+    """
+    try:
+        if type(s) is not list or len(s) != 7:
+            raise _R("malformed", "member record must be a 7-array")
+        name, host, port, inc, tags, meta, st = s
+        _chk_str(name, "record.name", _R, NAME_MAX_BYTES)
+        _chk_str(host, "record.host", _R, HOST_MAX_BYTES)
+        _chk_uint(port, "record.port", _R, 65535)
+        _chk_uint(inc, "record.incarnation", _R)
+        if type(tags) is not dict:
+            raise _R("malformed", "tags must be a map")
+        if tags:
+            _chk_tags(tags, _R)
+        _chk_bytes(meta, "record.meta", _R, META_MAX_BYTES)
+        if type(st) is not int or not 0 <= st <= 3:
+            raise _R("malformed", f"record.state {st!r:.20}")
+    except RemoteProtocolError:
+        raise
+    except Exception as exc:  # defensive
+        raise _R("malformed", f"{type(exc).__name__}") from None
+
+
+def decode_push_pull_raw(data: bytes, check_rows: bool = True) -> tuple[bool, str, list]:
+    """Decode a push-pull body into ``(join, sender, rows)``; each row is
+    ``[name, host, port, incarnation, tags(dict), meta, state(int)]``.
+    With ``check_rows=False`` the rows are NOT validated: the caller must
+    run :func:`check_row` on every row it uses (the core's fast path).
 
     Raises:
         RemoteProtocolError: "malformed", "oversized" or "unknown_version".
     """
     obj = _unpack(data, PUSH_PULL_MAX_BYTES, PUSH_PULL_MAX_MEMBERS, TAGS_MAX)
-    try:
-        if type(obj) is not list or len(obj) != 5:
-            raise _R("malformed", "push-pull must be a 5-array")
-        t, version, join, sender, states = obj
-        if type(t) is not int or t != MsgType.PUSH_PULL:
-            raise _R("malformed", "not a push-pull body")
-        if type(version) is not int or version != PUSH_PULL_VERSION:
-            raise _R("unknown_version", f"push-pull version {version!r:.20}")
-        _chk_bool(join, "push_pull.join", _R)
-        _chk_str(sender, "push_pull.sender", _R, NAME_MAX_BYTES, allow_empty=True)
-        if type(states) is not list:
-            raise _R("malformed", "push-pull states must be an array")
+    if type(obj) is not list or len(obj) != 5:
+        raise _R("malformed", "push-pull must be a 5-array")
+    t, version, join, sender, states = obj
+    if type(t) is not int or t != MsgType.PUSH_PULL:
+        raise _R("malformed", "not a push-pull body")
+    if type(version) is not int or version != PUSH_PULL_VERSION:
+        raise _R("unknown_version", f"push-pull version {version!r:.20}")
+    _chk_bool(join, "push_pull.join", _R)
+    _chk_str(sender, "push_pull.sender", _R, NAME_MAX_BYTES, allow_empty=True)
+    if type(states) is not list:
+        raise _R("malformed", "push-pull states must be an array")
+    if check_rows:
         for s in states:
-            if type(s) is not list or len(s) != 7:
-                raise _R("malformed", "member record must be a 7-array")
-            name, host, port, inc, tags, meta, st = s
-            _chk_str(name, "record.name", _R, NAME_MAX_BYTES)
-            _chk_str(host, "record.host", _R, HOST_MAX_BYTES)
-            _chk_uint(port, "record.port", _R, 65535)
-            _chk_uint(inc, "record.incarnation", _R)
-            if type(tags) is not dict:
-                raise _R("malformed", "tags must be a map")
-            if tags:
-                _chk_tags(tags, _R)
-            _chk_bytes(meta, "record.meta", _R, META_MAX_BYTES)
-            if type(st) is not int or not 0 <= st <= 3:
-                raise _R("malformed", f"record.state {st!r:.20}")
-        return join, sender, states
-    except RemoteProtocolError:
-        raise
-    except Exception as exc:
-        raise _R("malformed", f"{type(exc).__name__}") from None
+            check_row(s)
+    return join, sender, states
 
 
 def decode_push_pull(data: bytes) -> PushPull:
@@ -627,6 +639,23 @@ def decode_push_pull(data: bytes) -> PushPull:
     return PushPull(join=join, sender=sender, members=tuple(
         _trusted(MemberRecord, r[0], r[1], r[2], r[3], MappingProxyType(r[4]), r[5],
                  WireState(r[6])) for r in rows))
+
+
+def encode_push_pull_packed(packed_rows: list[bytes], join: bool, sender: str = "") -> bytes:
+    """Like :func:`encode_push_pull` from rows each already packed with
+    msgpack (``packb(MemberRecord.fields())``; the core caches them)."""
+    head = msgpack.packb([int(MsgType.PUSH_PULL), PUSH_PULL_VERSION, bool(join), sender],
+                         use_bin_type=True)
+    # turn the 4-array header into a 5-array and append the rows array
+    return b"\x95" + head[1:] + _array32_header(len(packed_rows)) + b"".join(packed_rows)
+
+
+def _array32_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n <= 0xFFFF:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
 
 
 def encode_push_pull_rows(rows: list[list], join: bool, sender: str = "") -> bytes:

@@ -21,11 +21,13 @@ Flows:
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import random
 import secrets
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,8 @@ class Node:
         self._members_api: dict[str, str] = {}
         self._handoff_pending: dict[str, float] = {}
         self._owned: set[str] = set()
+        self._claims: dict[str, list[int]] = {}
+        self._claim_events: dict[str, trio.Event] = {}
         self._stopping = False
         self._nursery: trio.Nursery | None = None
         self._started_wall = _wall()
@@ -581,6 +585,10 @@ class Node:
         if kind == "Fire":
             if self._stopping:
                 return
+            if self.fencer is not None:
+                # register the claim turn now, in effect order, before the
+                # concurrently started _fire tasks race each other
+                heapq.heappush(self._claims.setdefault(eff.task_id, []), eff.slot)
             self._nursery.start_soon(self._fire, eff)
         elif kind == "SlotSkipped":
             self.metrics.slots.labels(eff.reason).inc()
@@ -599,16 +607,27 @@ class Node:
 
         task = self._tasks.get(fire.task_id)
         if task is None:
+            if self.fencer is not None:
+                async with self._claim_turn(fire.task_id, fire.slot):
+                    pass  # release the registered turn
             return
         base = f"{fire.slot}-{self.name}-{self.rng.getrandbits(32):08x}"
         token = None
         if self.fencer is not None:
             window = float(getattr(task, "catchup_window_s", 3600.0) or 3600.0)
-            res = await self.fencer.claim(task.id, fire.slot, base, deadline=trio.current_time() + max(0.0, fire.slot + window - _wall()))
+            # Claims of one task go to etcd one at a time in slot order, so
+            # tokens (etcd revisions) grow with the slot even when a catch-up
+            # fires many slots at once.
+            async with self._claim_turn(task.id, fire.slot):
+                res = await self.fencer.claim(
+                    task.id, fire.slot, base,
+                    deadline=trio.current_time() + max(0.0, fire.slot + window - _wall()),
+                )
             self.metrics.fencing_claims.labels(res.reason).inc()
             if not res.won and res.reason != "fire_without_token":
                 self.metrics.slots.labels("claim_" + res.reason).inc()
-                self.scheduler.run_finished(task.id, base, _wall())
+                self.scheduler.fire_abandoned(task.id, fire.slot, _wall())
+                self._wake.set()
                 log.info("slot not claimed (%s)", res.reason, extra={"task_id": task.id, "slot": fire.slot})
                 return
             token = res.token
@@ -676,6 +695,26 @@ class Node:
             self.metrics.running.dec()
             self.scheduler.run_finished(task.id, base, _wall())
             self._wake.set()
+
+    @asynccontextmanager
+    async def _claim_turn(self, task_id: str, slot: int):
+        """Wait until ``slot`` is the smallest pending claim of ``task_id``."""
+        pending = self._claims.setdefault(task_id, [])
+        if slot not in pending:  # normally registered in _carry_out already
+            heapq.heappush(pending, slot)
+        try:
+            while pending[0] != slot:
+                ev = self._claim_events.setdefault(task_id, trio.Event())
+                await ev.wait()
+            yield
+        finally:
+            pending.remove(slot)
+            heapq.heapify(pending)
+            if not pending:
+                self._claims.pop(task_id, None)
+            ev = self._claim_events.pop(task_id, None)
+            if ev is not None:
+                ev.set()
 
     def _record(self, task_id, slot, run_id, attempt, status, exit_code, started, finished, token, output) -> dict:
         return {

@@ -555,7 +555,7 @@ class Store:
         if scope == "catalogue":
             return self._cat
         out = [0] * BUCKETS
-        for tid in (sorted(self._runagg) if tasks is None else sorted(set(tasks))):
+        for tid in (self._runagg if tasks is None else set(tasks)):
             agg = self._runagg.get(tid)
             if agg:
                 out[_bucket(tid)] ^= agg
@@ -588,7 +588,7 @@ class Store:
                                if cells is None or _cell(k) in cells)
         else:
             allowed = set(self._runs) if tasks is None else set(tasks)
-            for tid in sorted(allowed):
+            for tid in allowed:  # order-free: output sorted below
                 if tid in self._runs:
                     c = _cell(tid)
                     if (c // SUBS in buckets) and (cells is None or c in cells):
@@ -604,7 +604,7 @@ class Store:
                 for k in self._cat_keys[b]:
                     out[pos[b] * SUBS + _cell(k) % SUBS] ^= self._kh[k]
         else:
-            for tid in (sorted(self._runagg) if tasks is None else tasks):
+            for tid in (self._runagg if tasks is None else tasks):
                 agg = self._runagg.get(tid)
                 if agg:
                     c = _cell(tid)
@@ -637,7 +637,7 @@ class Store:
             raise RemoteProtocolError("exchange: expected [type, scope, ...]")
         t, si = obj[0], obj[1]
         scope = SCOPES[si]
-        tasks = None if tasks is None else sorted(set(tasks))
+        tasks = None if tasks is None else set(tasks)  # XOR and sorted output: order-free
         if t == M_ROOT:
             if len(obj) != 3 or not isinstance(obj[2], bytes):
                 raise RemoteProtocolError("exchange ROOT: expected [1, scope, root]")

@@ -239,6 +239,9 @@ class Task:
         "env", "cwd", "paused", "history",
     )
 
+    def __hash__(self) -> int:  # dict fields are unhashable; equal tasks share these
+        return hash((self.id, self.schedule))
+
     @property
     def is_immediate(self) -> bool:
         """True for one-shot tasks (``now`` or ``once:``)."""

@@ -39,7 +39,7 @@ PROTOCOL_RUNS = [
 ROW_KEYS = (
     "wall_seconds", "node_seconds_per_wall_second", "detection_latency_s", "detections",
     "undetected", "first_suspicion_s", "false_positives", "false_suspicions",
-    "false_positives_paused", "dissemination_rounds", "dissemination_incomplete",
+    "false_positives_paused", "false_suspicions_paused", "dissemination_rounds", "dissemination_incomplete",
     "dead_dissemination_rounds", "msgs_per_node_per_s", "bytes_per_node_per_s", "converged",
     "convergence_s", "first_converged_s", "trace_hash", "drops",
 )
@@ -66,6 +66,7 @@ def run_one(job: tuple) -> dict:
                        + (f" --bootstrap {bootstrap}" if bootstrap != "join" else ""))}
     for k in ROW_KEYS:
         row[k] = r.get(k)
+    _merge([row])  # each run lands in the results file as soon as it is done
     print(json.dumps({k: row[k] for k in ("scenario", "nodes", "loss", "wall_seconds", "cpu_seconds",
                                           "converged", "false_positives", "detection_latency_s",
                                           "msgs_per_node_per_s", "bytes_per_node_per_s")}),
@@ -79,6 +80,7 @@ def _key(row: dict) -> str:
 
 
 def _merge(rows: list[dict], path: str = RESULTS) -> None:
+    """Read-modify-write the results file (runs keyed by ``_key``)."""
     try:
         with open(path, encoding="utf-8") as fh:
             doc = json.load(fh)

@@ -42,8 +42,9 @@ nothing iterates an unsorted set or dict of ``str`` on a decision path.
 App hook: a node may carry ``apps`` (objects with ``on_member_event(event,
 now)``, ``handle_user(sender, data, now)``, ``tick(now)``,
 ``next_deadline()``, each returning a list of effects) so the scheduler and
-store cores can ride on the same node later; their non-gossip effects go to
-``Cluster.app_effect``.
+store cores can ride on the same node later. An app's ``tick`` runs when its
+own deadline is due; its gossip effects are carried out like the core's, any
+other effect goes to ``Cluster.app_effect(node, effect, t_s)``.
 """
 from __future__ import annotations
 
@@ -449,7 +450,10 @@ class Cluster:
             return
         body = body[1:]
         if t_s - started_s > timeout_s:
-            return  # the initiator gave up already (its K_PP_FAIL is queued)
+            # Served too late (the peer was paused past the timeout): the
+            # initiator's stream timed out; tell it now.
+            self.loop.schedule(t_s, K_PP_FAIL, src, peer.addr, src_boots)
+            return
         reply, effects = peer.core.handle_push_pull(init.addr, body, peer.local(t_s))
         self._effects(peer, effects, t_s)
         if peer.up:
@@ -671,7 +675,8 @@ class Cluster:
                 now = node.local(t_s)
                 effects_fn(node, node.core.tick(now), t_s)
                 for app in node.apps:
-                    self._app_effects(node, app.tick(now), t_s)
+                    if app.next_deadline() <= now:
+                        self._app_effects(node, app.tick(now), t_s)
                 if node.up:
                     arm(node, t_s)
                     if node.timer_at <= t_s:

@@ -184,14 +184,16 @@ def test_cron_zone_slots_increase_and_next_after_consistent(expr, start, tz):
     sched = compile_schedule(expr, tz)
     seq = []
     t = start
-    for _ in range(20):
+    for _ in range(10):
         t = sched.next_after(t)
         if t is None:
             break
         seq.append(t)
     assert seq == sorted(set(seq))
     # Fresh look-ups from arbitrary points agree with the sequential ones.
-    for i, s in enumerate(seq[:-1]):
+    for i, s in enumerate(seq[:5]):
+        if i + 1 >= len(seq):
+            break
         mid = (s + seq[i + 1]) // 2
         if mid > s:
             assert compile_schedule(expr, tz).next_after(mid) == seq[i + 1]

@@ -125,7 +125,9 @@ class Cluster:
                 if self.tick_at.get(name) != t or name in self.crashed:
                     continue
                 del self.tick_at[name]
-                self.apply(name, self.cores[name].tick(at))
+                core = self.cores[name]
+                self.apply(name, core.tick(at))
+                assert core.next_deadline() > at, (name, at, self.seed)  # no busy loop
             elif kind == _PKT:
                 src, dst, data = p
                 if self._blocked(src, dst):
@@ -442,3 +444,91 @@ def test_deterministic_given_seed():
         return [(v, [(e.kind.value, e.member.name, e.member.state_change) for e in c.events[v]])
                 for v in sorted(c.events)], c.packets
     assert trace(21) == trace(21)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_no_false_death_under_loss(seed):
+    c = make_cluster(10, seed, loss=0.05)
+    names = list(c.cores)
+    c.run_until_true(lambda: c.converged_alive(names), 10.0)
+    c.run_until(c.now + 60.0)
+    for v in names:
+        deaths = [e for e in c.events[v] if e.kind in (EventKind.DEAD, EventKind.LEFT)]
+        assert deaths == [], (v, deaths[:3], seed)
+    assert c.converged_alive(names)
+
+
+def test_partition_heals_through_push_pull():
+    c = make_cluster(6, 13)
+    names = list(c.cores)
+    c.run_until_true(lambda: c.converged_alive(names), 5.0)
+    side_a, side_b = {"n0", "n1", "n2"}, {"n3", "n4", "n5"}
+    orig = c._blocked
+    c._blocked = lambda s, d: orig(s, d) or ((s in side_a) != (d in side_a))
+    c.run_until_true(lambda: all(c.state_of(a, b) is MemberState.DEAD
+                                 for a in side_a for b in side_b), 60.0)
+    c._blocked = orig
+    # dead members are not probed; seeds/push-pull and gossip-to-the-dead heal it
+    c.run_until_true(lambda: c.converged_alive(names), 60.0)
+    c.no_internal_errors()
+
+
+def test_indirect_probes_prevent_suspicion_over_a_broken_link():
+    c = make_cluster(5, 14)
+    names = list(c.cores)
+    c.run_until_true(lambda: c.converged_alive(names), 5.0)
+    orig = c._blocked
+    c._blocked = lambda s, d: orig(s, d) or {s, d} == {"n1", "n2"}
+    c.run_until(c.now + 30.0)
+    st = c.cores["n1"].statistics()
+    assert st.indirect_probes > 0
+    for v in names:
+        assert c.state_of(v, "n2") is MemberState.ALIVE and c.state_of(v, "n1") is MemberState.ALIVE
+        assert EventKind.DEAD not in kinds(c, v, "n2") + kinds(c, v, "n1")
+    # Lifeguard: the helpers' NACKs tell n1 that it is not the one at fault
+    assert c.cores["n1"].awareness <= 1
+
+
+def test_nack_when_target_silent():
+    core = Swim(Config.local(), "a", ("h", 1), rng=random.Random(0), now=0.0)
+    core.handle_packet(("h", 3), wire.encode_compound([wire.Alive(0, "t", "h", 3, {}, b"")]), 0.0)
+    req = wire.encode_compound([wire.IndirectPing(77, "t", "h", 3, True, "b")])
+    effs = core.handle_packet(("h", 2), req, 0.0)
+    (ping,) = [e for e in effs if isinstance(e, SendPacket)]
+    assert ping.addr == ("h", 3) and isinstance(wire.decode_compound(ping.data)[0], wire.Ping)
+    effs = core.tick(core.config.probe_timeout_s + 0.001)
+    nacks = [e for e in effs if isinstance(e, SendPacket) and e.addr == ("h", 2)]
+    assert len(nacks) == 1 and wire.decode_compound(nacks[0].data)[0] == wire.Nack(77)
+
+
+def test_push_pull_with_one_bad_row_is_rejected_whole():
+    core = Swim(Config.local(), "a", ("h", 1), rng=random.Random(0), now=0.0)
+    good = wire.MemberRecord("b", "h", 2, 0, {}, b"", wire.WireState.ALIVE).fields()
+    bad = ["c", "h", 70000, 0, {}, b"", 0]
+    import msgpack
+    body = msgpack.packb([8, 1, False, "b", [good, bad]], use_bin_type=True)
+    reply, effs = core.handle_push_pull(("h", 2), body, 0.0)
+    assert reply is None and effs == []
+    assert core.member("b") is None
+    assert core.statistics().rejected == {"malformed": 1}
+    ok = wire.encode_push_pull([wire.MemberRecord(*good[:6], wire.WireState.ALIVE)], False, "b")
+    reply, effs = core.handle_push_pull(("h", 2), ok, 0.0)
+    assert [e.kind for e in effs] == [EventKind.JOIN]
+    names = [r.name for r in wire.decode_push_pull(reply).members]
+    assert sorted(names) == ["a", "b"]
+
+
+def test_reconnect_reaches_dead_members():
+    cfg = Config.local().replace(gossip_to_the_dead_s=0.5, push_pull_interval_s=0)
+    c = make_cluster(4, 15, config=cfg)
+    names = list(c.cores)
+    c.run_until_true(lambda: c.converged_alive(names), 5.0)
+    side_a = {"n0", "n1"}
+    orig = c._blocked
+    c._blocked = lambda s, d: orig(s, d) or ((s in side_a) != (d in side_a))
+    c.run_until_true(lambda: c.state_of("n0", "n3") is MemberState.DEAD
+                     and c.state_of("n3", "n0") is MemberState.DEAD, 60.0)
+    c.run_until(c.now + 3.0)
+    c._blocked = orig
+    c.run_until_true(lambda: c.converged_alive(names), 4 * cfg.reconnect_interval_s + 2)
+    assert sum(c.cores[n].statistics().reconnects for n in names) > 0
