@@ -106,6 +106,7 @@ class Node:
         self._handoff_pending: dict[str, float] = {}
         self._owned: set[str] = set()
         self._claims: dict[str, list[int]] = {}
+        self._lost_claimers: dict[tuple[str, int], str] = {}
         self._claim_events: dict[str, trio.Event] = {}
         self._stopping = False
         self._nursery: trio.Nursery | None = None
@@ -343,6 +344,10 @@ class Node:
                     self._commit(self.store.put_run(lost), run_task=tid)
                     log.warning("run of dead member %s was unfinished", dead,
                                 extra={"task_id": tid, "run_id": rec.get("run_id")})
+                    if isinstance(rec.get("slot"), int):
+                        self._lost_claimers[(tid, rec["slot"])] = dead
+                        while len(self._lost_claimers) > 4096:
+                            self._lost_claimers.pop(next(iter(self._lost_claimers)))
                     for eff in self.scheduler.unfinished_run(tid, rec, now):
                         self._carry_out(eff, now)
         self._wake.set()
@@ -354,6 +359,8 @@ class Node:
             for rec in self.store.runs(tid):
                 if rec.get("node") == self.name and rec.get("status") == "running" and rec.get("run_id") not in self._running:
                     self._commit(self.store.put_run(dict(rec, status="lost", finished=now)), run_task=tid)
+                    if isinstance(rec.get("slot"), int):
+                        self._lost_claimers[(tid, rec["slot"])] = self.name
                     if self.ring.owner(tid) == self.name:
                         for eff in self.scheduler.unfinished_run(tid, rec, now):
                             self._carry_out(eff, now)
@@ -618,11 +625,16 @@ class Node:
             # Claims of one task go to etcd one at a time in slot order, so
             # tokens (etcd revisions) grow with the slot even when a catch-up
             # fires many slots at once.
+            deadline = trio.current_time() + max(0.0, fire.slot + window - _wall())
+            dead_claimer = self._lost_claimers.pop((task.id, fire.slot), None)
             async with self._claim_turn(task.id, fire.slot):
-                res = await self.fencer.claim(
-                    task.id, fire.slot, base,
-                    deadline=trio.current_time() + max(0.0, fire.slot + window - _wall()),
-                )
+                if fire.reason == "rerun_owner_loss" and dead_claimer:
+                    # the dead owner's claim stands in etcd: take it over once
+                    res = await self.fencer.reclaim(
+                        task.id, fire.slot, base, dead_claimer, deadline=max(deadline, trio.current_time() + 2.0)
+                    )
+                else:
+                    res = await self.fencer.claim(task.id, fire.slot, base, deadline=deadline)
             self.metrics.fencing_claims.labels(res.reason).inc()
             if not res.won and res.reason != "fire_without_token":
                 self.metrics.slots.labels("claim_" + res.reason).inc()

@@ -292,7 +292,6 @@ def test_without_etcd_tokens_are_empty(tmp_path):
     assert not _dupes(lines), _fmt(lines)
 
 
-@pytest.mark.slow
 def test_owner_killed_mid_run_slot_is_reclaimed_and_rerun(etcd, tmp_path):
     """Issue 7: a claimed slot whose claimer dies before the run finished is
     re-claimed once per death, with a greater token, and rerun by
@@ -333,12 +332,7 @@ def test_owner_killed_mid_run_slot_is_reclaimed_and_rerun(etcd, tmp_path):
         def rerun():
             return [ln for ln in _ledger(ledger) if ln.slot == slot and ln.node != owner]
 
-        try:
-            wait_for(rerun, timeout=30, what="the new owner reruns the slot")
-        except AssertionError:
-            pytest.xfail("node/node.py: a rerun_owner_loss Fire goes through fencer.claim(), which "
-                         "loses to the dead owner's claim; fencer.reclaim() is never called, so the "
-                         "slot is not rerun (issue 7)")
+        wait_for(rerun, timeout=30, what="the new owner reclaims and reruns the slot", cluster=cluster)
         first = [ln for ln in _ledger(ledger) if ln.slot == slot and ln.node == owner]
         again = rerun()
         assert len(first) == 1 and len(again) == 1, _fmt(_ledger(ledger))  # once per death

@@ -532,3 +532,38 @@ def test_reconnect_reaches_dead_members():
     c._blocked = orig
     c.run_until_true(lambda: c.converged_alive(names), 4 * cfg.reconnect_interval_s + 2)
     assert sum(c.cores[n].statistics().reconnects for n in names) > 0
+
+
+@pytest.mark.parametrize("seed", [101, 102, 103, 104])
+def test_swarm_faults_then_heal_converges(seed):
+    """VOPR-style: random faults for a while, then heal; must converge."""
+    rnd = random.Random(seed)
+    c = make_cluster(6, seed, loss=rnd.choice([0.0, 0.02, 0.1]))
+    names = list(c.cores)
+    c.run_until(3.0)
+    restarted = 0
+    for _ in range(8):
+        victim = rnd.choice(names[1:])
+        action = rnd.choice(["crash_restart", "deaf", "mute", "leave_rejoin"])
+        if action == "crash_restart":
+            c.crash(victim)
+            c.run_until(c.now + rnd.uniform(0.5, 8.0))
+            c.add(victim, seeds=["n0"], port=c.addr(victim)[1])
+            restarted += 1
+        elif action == "deaf":
+            c.drop_in.add(victim)
+            c.run_until(c.now + rnd.uniform(0.2, 3.0))
+            c.drop_in.discard(victim)
+        elif action == "mute":
+            c.drop_out.add(victim)
+            c.run_until(c.now + rnd.uniform(0.2, 3.0))
+            c.drop_out.discard(victim)
+        else:
+            c.apply(victim, c.cores[victim].leave(c.now))
+            c.run_until(c.now + 1.0)
+            c.crash(victim)
+            c.add(victim, seeds=["n0"], port=c.addr(victim)[1])
+        c.run_until(c.now + rnd.uniform(0.0, 2.0))
+    c.loss = 0.0
+    c.run_until_true(lambda: c.converged_alive(names), 60.0)
+    c.no_internal_errors()
