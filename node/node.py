@@ -592,6 +592,8 @@ class Node:
         if kind == "Fire":
             if self._stopping:
                 return
+            if eff.reason == "catchup":
+                self._count_misfire(eff.task_id)
             if self.fencer is not None:
                 # register the claim turn now, in effect order, before the
                 # concurrently started _fire tasks race each other
@@ -599,6 +601,8 @@ class Node:
             self._nursery.start_soon(self._fire, eff)
         elif kind == "SlotSkipped":
             self.metrics.slots.labels(eff.reason).inc()
+            if eff.reason in ("misfire_skip", "coalesced", "expired", "catchup_limit"):
+                self._count_misfire(eff.task_id)
             log.info("slot skipped: %s", eff.reason, extra={"task_id": eff.task_id, "slot": eff.slot})
         elif kind == "Cancel":
             r = self._running.get(eff.run_id)
@@ -606,8 +610,10 @@ class Node:
                 r.cancel.cancel()
         elif kind == "Advance":
             self._commit(self.store.advance_fired(eff.task_id, eff.slot))
-        elif kind == "Misfire":
-            self.metrics.misfires.labels(getattr(eff, "policy", "unknown")).inc()
+
+    def _count_misfire(self, task_id: str) -> None:
+        t = self._tasks.get(task_id)
+        self.metrics.misfires.labels(t.misfire if t else "unknown").inc()
 
     async def _fire(self, fire) -> None:
         from .executor import RunContext, execute_with_retries
