@@ -308,9 +308,10 @@ def _peerd_vars(ctx: RunContext) -> list[tuple[str, str]]:
 
 
 def run_env(ctx: RunContext, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The child environment: ``base`` (default ``os.environ``) + task env +
-    ``PEERD_*`` (which win)."""
-    env = dict(os.environ if base is None else base)
+    """The child environment: ``base`` (default ``os.environ``) without the
+    node's own ``PEERD_*`` settings (they may hold the API token or etcd
+    password), + task env + the run's ``PEERD_*`` variables (which win)."""
+    env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith("PEERD_")}
     env.update({str(k): str(v) for k, v in (ctx.env or {}).items()})
     for name, value in _peerd_vars(ctx):
         env[f"PEERD_{name}"] = value

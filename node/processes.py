@@ -220,6 +220,10 @@ async def _terminate_group(proc: trio.Process, kill_grace_s: float) -> tuple[boo
         sigkill_sent = True
     with trio.move_on_after(REAP_AFTER_KILL_S):
         await proc.wait()
+        if sigkill_sent:
+            # SIGKILL is delivered asynchronously: wait (bounded) until every
+            # member of the group is really gone, so "returned" means "dead"
+            await _wait_group_gone(pgid)
     return sigkill_sent, proc.returncode is not None
 
 

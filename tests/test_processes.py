@@ -156,7 +156,8 @@ async def test_env_vars_present_and_correct():
                    run_id="r-xyz")
     r = await execute({"type": "exec", "argv": [sys.executable, "-c",
                        "import os, json; print(json.dumps({k: v for k, v in os.environ.items()"
-                       " if k.startswith('PEERD_') or k == 'FOO'}))"]}, ctx)
+                       " if k in ('PEERD_TASK_ID', 'PEERD_SLOT', 'PEERD_RUN_ID', 'PEERD_ATTEMPT', 'PEERD_NODE',"
+                       " 'PEERD_FENCING_TOKEN', 'FOO')}))"]}, ctx)
     assert r.status == "succeeded", r
     env = json.loads(r.output)
     assert env == {
@@ -449,3 +450,12 @@ async def test_no_zombies_left_behind(tmp_path):
         await execute(cmd, make_ctx())
     await execute({"type": "shell", "run": "sleep 1000"}, make_ctx(timeout_s=0.3, kill_grace_s=0.2))
     assert _our_zombies() == []
+
+
+async def test_node_settings_in_environment_do_not_leak_into_runs(monkeypatch):
+    # an operator may pass the API token as PEERD_API_TOKEN: a task must not see it
+    monkeypatch.setenv("PEERD_API_TOKEN", "secret-token")
+    monkeypatch.setenv("PEERD_ETCD_PASSWORD", "pw")
+    r = await execute({"type": "shell", "run": 'echo "[${PEERD_API_TOKEN-}][${PEERD_ETCD_PASSWORD-}][$PEERD_TASK_ID]"'},
+                      make_ctx())
+    assert r.output == "[][][backup]\n", r
