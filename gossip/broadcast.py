@@ -137,12 +137,14 @@ class TransmitLimitedQueue:
         Returns:
             Encoded messages, least transmitted (then newest) first.
         """
-        if not self._by_key or space_bytes <= 0:
+        by_key = self._by_key
+        if not by_key or space_bytes <= 0:
             return []
         out: list[bytes] = []
         picked: list[Broadcast] = []
         scanned = 0
         misses = 0
+        scan_max = self.scan_max
         levels = self._levels
         for t in range(len(levels)):
             lvl = levels[t]
@@ -151,15 +153,16 @@ class TransmitLimitedQueue:
             if t >= limit:
                 # the limit shrank (fewer members): these are done
                 for b in list(lvl.values()):
-                    del self._by_key[b.key]
+                    del by_key[b.key]
                 levels[t] = {}
                 self._holes[t] = 0
                 continue
             for b in reversed(lvl.values()):
                 scanned += 1
-                need = len(b.data) + per_item_overhead
+                data = b.data
+                need = len(data) + per_item_overhead
                 if need <= space_bytes:
-                    out.append(b.data)
+                    out.append(data)
                     picked.append(b)
                     space_bytes -= need
                     misses = 0
@@ -169,20 +172,32 @@ class TransmitLimitedQueue:
                     misses += 1
                     if misses >= 16:  # nearly full: stop looking for a small one
                         break
-                if scanned >= self.scan_max:
+                if scanned >= scan_max:
                     break
-            if space_bytes < 8 or misses >= 16 or scanned >= self.scan_max:
+            if space_bytes < 8 or misses >= 16 or scanned >= scan_max:
                 break
+        if not picked:
+            return out
+        holes = self._holes
         for b in picked:
-            self._del(b)
-            b.transmits += 1
-            if b.transmits >= limit:
-                del self._by_key[b.key]
+            # inline _del(b)
+            t = b.transmits
+            lvl = levels[t]
+            del lvl[b.id]
+            h = holes[t] + 1
+            if h > 32 and h > len(lvl):
+                levels[t] = dict(lvl)  # a copy is compact
+                h = 0
+            holes[t] = h
+            t += 1
+            b.transmits = t
+            if t >= limit:
+                del by_key[b.key]
                 continue
-            while len(levels) <= b.transmits:
+            while len(levels) <= t:
                 levels.append({})
-                self._holes.append(0)
-            levels[b.transmits][b.id] = b
+                holes.append(0)
+            levels[t][b.id] = b
         return out
 
     def pending(self) -> list[tuple[str, int]]:

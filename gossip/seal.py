@@ -92,6 +92,12 @@ REJECT_REASONS = (
 )
 
 _HEADER = struct.Struct(">QQ")  # epoch, seq
+_HEADER_PACK = _HEADER.pack
+_HEADER_UNPACK_FROM = _HEADER.unpack_from
+_WINDOW_MASK = (1 << REPLAY_WINDOW) - 1
+_HEADER_SIZE = _HEADER.size
+_V_INSECURE = bytes((VERSION_INSECURE,))
+_V_AESGCM = bytes((VERSION_AESGCM,))
 _UINT64_MAX = 2**64 - 1
 
 
@@ -142,6 +148,12 @@ class Keyring:
             raise KeyringError(f"keyring holds at most {MAX_KEYS} keys")
         self._keys = checked
         self._aead = {k: AESGCM(k) for k in checked}
+        self._refresh()
+
+    def _refresh(self) -> None:
+        # cached per change (not per packet): primary cipher, all ciphers in order
+        self._cipher_list = tuple(self._aead[k] for k in self._keys)
+        self._primary_aead = self._cipher_list[0]
 
     # -- queries -----------------------------------------------------------
     @property
@@ -160,7 +172,7 @@ class Keyring:
         return key in self._keys
 
     def _ciphers(self) -> list[AESGCM]:
-        return [self._aead[k] for k in self._keys]
+        return list(self._cipher_list)
 
     # -- changes -----------------------------------------------------------
     def install(self, key: bytes) -> None:
@@ -172,6 +184,7 @@ class Keyring:
             raise KeyringError(f"keyring holds at most {MAX_KEYS} keys")
         self._keys.append(k)
         self._aead[k] = AESGCM(k)
+        self._refresh()
 
     def use(self, key: bytes) -> None:
         """Make an installed ``key`` the primary.
@@ -186,6 +199,7 @@ class Keyring:
             )
         self._keys.remove(k)
         self._keys.insert(0, k)
+        self._refresh()
 
     def remove(self, key: bytes) -> None:
         """Remove a secondary key.
@@ -202,6 +216,7 @@ class Keyring:
             )
         self._keys.remove(k)
         del self._aead[k]
+        self._refresh()
 
     # -- helpers -----------------------------------------------------------
     @staticmethod
@@ -314,6 +329,7 @@ class Sealer:
         self.insecure = insecure
         self.max_packet_bytes = max_packet_bytes
         self._name = name
+        self._prefix = bytes((len(name),)) + name
         self._nonce = nonce
         self._seq = 0
         self._replay: collections.OrderedDict[str, _ReplayState] = collections.OrderedDict()
@@ -337,18 +353,13 @@ class Sealer:
         if self._seq >= _UINT64_MAX:
             raise OverflowError("sequence numbers exhausted; restart with a new epoch")
         self._seq += 1
-        plain = b"".join(
-            (bytes((len(self._name),)), self._name, _HEADER.pack(self.epoch, self._seq), body)
-        )
+        plain = self._prefix + _HEADER_PACK(self.epoch, self._seq) + body
         if self.insecure:
-            return bytes((VERSION_INSECURE,)) + plain
-        assert self.keyring is not None
+            return _V_INSECURE + plain
         nonce = self._nonce(NONCE_BYTES)
         if len(nonce) != NONCE_BYTES:
             raise ValueError("nonce source must return 12 bytes")
-        version = bytes((VERSION_AESGCM,))
-        aead = self.keyring._aead[self.keyring.primary]
-        return version + nonce + aead.encrypt(nonce, plain, version)
+        return _V_AESGCM + nonce + self.keyring._primary_aead.encrypt(nonce, plain, _V_AESGCM)
 
     # -- opening -----------------------------------------------------------
     def open(self, data: bytes, *, max_bytes: int | None = None) -> tuple[str, bytes]:
@@ -373,9 +384,10 @@ class Sealer:
             raise PacketRejected("malformed", f"{type(exc).__name__}") from None
 
     def _open(self, data: bytes, limit: int) -> tuple[str, bytes]:
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise PacketRejected("malformed", "not bytes")
-        data = bytes(data)
+        if type(data) is not bytes:
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise PacketRejected("malformed", "not bytes")
+            data = bytes(data)
         if not data:
             raise PacketRejected("truncated", "empty")
         if len(data) > limit:
@@ -388,12 +400,11 @@ class Sealer:
                 raise PacketRejected("truncated", f"{len(data)} bytes")
             nonce = data[1 : 1 + NONCE_BYTES]
             ct = data[1 + NONCE_BYTES :]
-            aad = data[:1]
             assert self.keyring is not None
             plain = None
-            for aead in self.keyring._ciphers():
+            for aead in self.keyring._cipher_list:
                 try:
-                    plain = aead.decrypt(nonce, ct, aad)
+                    plain = aead.decrypt(nonce, ct, _V_AESGCM)  # aad: the version byte
                     break
                 except InvalidTag:
                     continue
@@ -413,36 +424,38 @@ class Sealer:
         name_len = plain[0]
         if not 1 <= name_len <= MAX_SENDER_NAME_BYTES:
             raise PacketRejected("malformed", f"sender name length {name_len}")
-        end = 1 + name_len + _HEADER.size
+        end = 1 + name_len + _HEADER_SIZE
         if len(plain) < end:
             raise PacketRejected(short, "header cut short")
         try:
             sender = plain[1 : 1 + name_len].decode("utf-8")
         except UnicodeDecodeError:
             raise PacketRejected("malformed", "sender name not utf-8") from None
-        epoch, seq = _HEADER.unpack_from(plain, 1 + name_len)
+        epoch, seq = _HEADER_UNPACK_FROM(plain, 1 + name_len)
         if seq == 0:
             raise PacketRejected("malformed", "seq 0")
         self._check_replay(sender, epoch, seq)
         return sender, plain[end:]
 
     def _check_replay(self, sender: str, epoch: int, seq: int) -> None:
-        state = self._replay.get(sender)
+        replay = self._replay
+        state = replay.get(sender)
         if state is None or epoch > state.epoch:
-            self._replay[sender] = _ReplayState(epoch, seq, 1)
-            self._replay.move_to_end(sender)
-            while len(self._replay) > MAX_TRACKED_SENDERS:
-                self._replay.popitem(last=False)
+            replay[sender] = _ReplayState(epoch, seq, 1)
+            replay.move_to_end(sender)
+            while len(replay) > MAX_TRACKED_SENDERS:
+                replay.popitem(last=False)
             return
         if epoch < state.epoch:
             raise PacketRejected("replay", f"{sender}: epoch {epoch} < {state.epoch}")
-        self._replay.move_to_end(sender)
-        if seq > state.top_seq:
-            shift = seq - state.top_seq
-            state.bitmap = ((state.bitmap << shift) | 1) & ((1 << REPLAY_WINDOW) - 1) if shift < REPLAY_WINDOW else 1
+        replay.move_to_end(sender)
+        top = state.top_seq
+        if seq > top:
+            shift = seq - top
+            state.bitmap = ((state.bitmap << shift) | 1) & _WINDOW_MASK if shift < REPLAY_WINDOW else 1
             state.top_seq = seq
             return
-        offset = state.top_seq - seq
+        offset = top - seq
         if offset >= REPLAY_WINDOW:
             raise PacketRejected("replay", f"{sender}: seq {seq} older than window")
         bit = 1 << offset

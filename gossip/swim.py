@@ -138,6 +138,7 @@ _EMPTY_TAGS: Mapping[str, str] = MappingProxyType({})
 _SEQ_MASK = 2**64 - 1
 
 _T_SUSP, _T_REAP, _T_RELAY, _T_JOIN = 0, 1, 2, 3
+_join_compound = wire.join_compound
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,8 +236,11 @@ def _freeze_tags(tags) -> Mapping[str, str]:
     return MappingProxyType(dict(tags))
 
 
-def _pack(fields: list) -> bytes:
-    return msgpack.packb(fields, use_bin_type=True)
+# One reusable packer (msgpack.packb builds a Packer per call). Its output is
+# byte-identical to packb(use_bin_type=True); pack() is one C call without
+# Python callbacks (no default=), so it is atomic under the GIL, and it resets
+# its buffer when it raises.
+_pack = msgpack.Packer(use_bin_type=True).pack
 
 
 class Swim:
@@ -273,6 +277,7 @@ class Swim:
         self._counts = [1, 0, 0, 0]          # by rank: alive, suspect, dead, left
         self._suspects: dict[str, None] = {}  # suspect members, in suspicion order
         self._queue = TransmitLimitedQueue(config.broadcast_queue_max)
+        self._rt_limit: dict[int, int] = {}   # live N -> config.retransmit_limit(N)
         self._seq = rng.getrandbits(32)
         self._awareness = 0
         self._probe_order: list[str] = []
@@ -359,6 +364,15 @@ class Swim:
         c = self._counts
         return max(1, c[0] + c[1])
 
+    def _retransmit_limit(self) -> int:
+        """``config.retransmit_limit(_live_n())``, memoized (Config is frozen)."""
+        c = self._counts
+        n = c[0] + c[1]
+        r = self._rt_limit.get(n)
+        if r is None:
+            r = self._rt_limit[n] = self.config.retransmit_limit(n if n > 1 else 1)
+        return r
+
     def _live_peers(self) -> int:
         c = self._counts
         n = c[0] + c[1]
@@ -388,7 +402,7 @@ class Swim:
         if weak:
             # probably not news to the cluster: queue as already sent so it
             # goes out twice, after fresher news
-            limit = self.config.retransmit_limit(self._live_n())
+            limit = self._retransmit_limit()
             self._queue.queue("m:" + name, data, max(0, limit - 2))
         else:
             self._queue.queue("m:" + name, data)
@@ -400,15 +414,17 @@ class Swim:
             used += len(m)
         space = self._payload - used
         if space > 0 and self._queue:
-            extra = self._queue.take(space, self.config.retransmit_limit(self._live_n()))
+            extra = self._queue.take(space, self._retransmit_limit())
             if extra:
                 msgs = msgs + extra
-        data = wire.join_compound(msgs)
+        data = _join_compound(msgs)
+        size = len(data)
         # invariant: never over the budget (each msg fits; take() respects space)
-        if len(data) > self.config.payload_budget_bytes:  # pragma: no cover - bug guard
-            raise LocalProtocolError("oversized", f"datagram of {len(data)} bytes")
-        self._c["packets_out"] += 1
-        self._c["bytes_out"] += len(data)
+        if size > self.config.payload_budget_bytes:  # pragma: no cover - bug guard
+            raise LocalProtocolError("oversized", f"datagram of {size} bytes")
+        c = self._c
+        c["packets_out"] += 1
+        c["bytes_out"] += size
         out.append(SendPacket(addr, data))
 
     def _add_peer(self, name: str) -> None:
@@ -706,15 +722,23 @@ class Swim:
             g = self._gossip_due()
             if g < t:
                 t = g
-        if self._timers and self._timers[0][0] < t:
-            t = self._timers[0][0]
+        timers = self._timers
+        if timers and timers[0][0] < t:
+            t = timers[0][0]
         return t
 
     def _join_retry_due(self) -> float | None:
         if not self._seeds or self._join_pending:
             return None
-        if self._join_ok and self._live_peers() > 0:
-            return None
+        if self._join_ok:
+            # inline _live_peers() > 0
+            c = self._counts
+            n = c[0] + c[1]
+            me_st = self._me.state
+            if me_st is ALIVE or me_st is SUSPECT:
+                n -= 1
+            if n > 0:
+                return None
         # None: alone again after a join; tick() at once starts the backoff
         return self._join_retry_at if self._join_retry_at is not None else self._now
 
@@ -842,8 +866,7 @@ class Swim:
         than half its retransmit limit is queued."""
         t = self._next_gossip_at
         fast = self.config.gossip_fresh_interval_s
-        if fast > 0 and self._queue.has_fresh(
-                max(1, self.config.retransmit_limit(self._live_n()) // 2)):
+        if fast > 0 and self._queue.has_fresh(max(1, self._retransmit_limit() // 2)):
             f = self._last_gossip_at + fast
             if f < t:
                 t = f
@@ -955,8 +978,9 @@ class Swim:
 
     # -- push-pull ---------------------------------------------------------------
     def _encode_state(self, join: bool) -> bytes:
-        return wire.encode_push_pull_packed([n.packed_row() for n in self._nodes.values()],
-                                            join, self._name)
+        return wire.encode_push_pull_packed(
+            [n.row if n.row is not None else n.packed_row() for n in self._nodes.values()],
+            join, self._name)
 
     def _screen_rows(self, rows: list) -> list:
         """Validate the push-pull rows that could change something; skip the
@@ -977,8 +1001,10 @@ class Swim:
                     if n is not None and n is not me and 0 <= inc <= n.incarnation:
                         if inc < n.incarnation:
                             continue
-                        # remote DEAD is merged as SUSPECT (rank 1)
-                        if _WIRE_RANK[st] <= _rank(n.state):
+                        # remote DEAD is merged as SUSPECT (rank 1); _rank inlined
+                        ns = n.state
+                        if _WIRE_RANK[st] <= (0 if ns is ALIVE else 1 if ns is SUSPECT
+                                              else 2 if ns is DEAD else 3):
                             continue
             wire.check_row(r)
             todo.append(r)

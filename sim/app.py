@@ -59,7 +59,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgpack
@@ -74,7 +74,8 @@ from sim.etcd_model import EtcdModel, EtcdModelUnavailable
 from sim.loop import child_rng
 from sim.network import NetworkOptions
 
-__all__ = ["AppOptions", "SchedulerApp", "AppCluster", "simulate_app", "default_tasks",
+__all__ = ["AppOptions", "SchedulerApp", "AppCluster", "simulate_app", "build_app_cluster",
+           "app_report", "default_tasks",
            "fire_metrics", "check_app_invariants", "EPOCH_BASE"]
 
 EPOCH_BASE = 1_800_000_000.0
@@ -94,6 +95,10 @@ class AppOptions:
     claim_retry_s: float = 0.5
     ae_rounds_max: int = 8
     fencing: bool = False
+    # node/node.py (as of this writing) calls Ring.set_task and ignores the
+    # other tasks the load cap moved; True reproduces that (a moved task is
+    # then owned by nobody until the next membership change).
+    ignore_cap_moves: bool = False
 
 
 @dataclass(slots=True)
@@ -185,7 +190,8 @@ class SchedulerApp:
 
     # ------------------------------------------------------------- NodeApp
     def _quiet(self) -> bool:
-        return self.cluster.loop.now_s >= self.cluster.quiesce_s
+        # stopping: Node.shutdown ends the scheduler loop (no tick, no Advance)
+        return self.stopping or self.cluster.loop.now_s >= self.cluster.quiesce_s
 
     def next_deadline(self) -> float:
         d = None if self._quiet() else self.scheduler.next_deadline()
@@ -297,7 +303,13 @@ class SchedulerApp:
                 return
             self.tasks[tid] = task
             self._task_defs[tid] = view.value
-            self.ring.set_task(tid, dict(task.tags) if task.tags else None)
+            moved = self.ring.set_tasks({tid: dict(task.tags) if task.tags else None})
+            ctl = self.store.control(tid)
+            self.scheduler.set_task(task, paused=bool(ctl.paused), last_fired_slot=ctl.last_fired_slot, now=now)
+            if not self.opts.ignore_cap_moves:
+                # the load cap may move other tasks too: apply their ownership
+                self._apply_ownership(sorted(t for t in moved if t != tid and t in self.tasks), now)
+            return
         ctl = self.store.control(tid)
         self.scheduler.set_task(task, paused=bool(ctl.paused), last_fired_slot=ctl.last_fired_slot, now=now)
 
@@ -314,8 +326,10 @@ class SchedulerApp:
                     del self.tasks[tid]
                     self._task_defs.pop(tid, None)
                     self.owned.discard(tid)
-                    self.ring.remove_task(tid)
+                    moved = self.ring.remove_task(tid)
                     self.scheduler.remove_task(tid)
+                    if not self.opts.ignore_cap_moves:
+                        self._apply_ownership(sorted(t for t in moved if t in self.tasks), now)
                 continue
             self._install(view, now)
             self._apply_ownership([tid], now)
@@ -850,54 +864,54 @@ def check_app_invariants(rep: dict, *, fencing: bool) -> list[str]:
     return out
 
 
-def simulate_app(*, nodes: int, duration_s: float, seed: int, scenario: str = "steady",
-                 tasks: list[dict] | int = 5, fencing: bool = False, loss: float | None = None,
-                 etcd_outages: list[tuple[float, float]] = (), app_options: AppOptions | None = None,
-                 profile: str = "lan", start_s: float = 10.0, catchup_margin_s: float | None = None,
-                 schedule=None, **cluster_kw) -> tuple[dict, AppCluster]:
-    """Run ``scenario`` with the scheduler app on every node.
+def build_app_cluster(config, options: ClusterOptions, schedule, *, duration_s: float,
+                      tasks: list[dict] | int = 5, fencing: bool = False,
+                      etcd_outages: list[tuple[float, float]] = (), app_options: AppOptions | None = None,
+                      catchup_margin_s: float = 10.0, start_s: float = 10.0,
+                      clock_offset_max_s: float | None = 0.05) -> AppCluster:
+    """An :class:`AppCluster` ready to ``run(duration_s)``; then call
+    ``cluster.app_report(report)``.
 
     Tasks are applied at ``n000`` at t=0 and acknowledged once written on the
     first three nodes (the seeds; modelled by writing them to their disks
-    before start). Slots are due in ``[start_s, duration_s - margin]`` of
-    virtual time (epoch ``EPOCH_BASE`` + t), margin default 10 s.
+    before start). Slots are due in ``[start_s, duration_s - catchup_margin_s]``
+    of virtual time (epoch ``EPOCH_BASE`` + t). Scheduler ticks stop at
+    ``duration_s - 0.6 * catchup_margin_s`` so the final replica check sees
+    a quiet catalogue.
 
-    Returns:
-        ``(report, cluster)``: the cluster's report with ``slots_due``,
-        ``slots_fired``, ``duplicate_fires``, ``missed_slots`` filled, plus
-        ``fencing``, ``ledger_hash``, ``replicas_equal``, ``lost_tasks``,
-        ``app`` counters and ``violations`` (invariant failures).
+    Args:
+        clock_offset_max_s: overrides ``options.clock_offset_max_s`` (node
+            wall clocks within 50 ms, as NTP keeps them; None keeps it).
     """
-    from gossip.config import Config
-    from sim import scenarios as _sc
     if isinstance(tasks, int):
         tasks = default_tasks(tasks)
-    config = Config.lan() if profile == "lan" else Config.local()
-    cluster_kw.setdefault("clock_offset_max_s", 0.05)
-    net = cluster_kw.pop("network", None) or NetworkOptions()
-    opts = ClusterOptions(nodes=nodes, seed=seed, network=net, **cluster_kw)
-    names = node_names(nodes)
-    if schedule is None:
-        schedule = _sc.build(scenario, names, duration_s, child_rng(seed, "scenario"), loss=loss)
+    if clock_offset_max_s is not None:
+        options = replace(options, clock_offset_max_s=clock_offset_max_s)
     ao = replace(app_options or AppOptions(), fencing=fencing)
     etcd = EtcdModel(list(etcd_outages)) if fencing else None
-    cluster = AppCluster(config, opts, schedule, app_options=ao, etcd=etcd)
-    downs = _DownTracker(cluster)
-    margin = 10.0 if catchup_margin_s is None else catchup_margin_s
-    cluster.quiesce_s = duration_s - 0.6 * margin
-    # the acknowledged write: tasks stored on the seeds' disks at t=0
+    cluster = AppCluster(config, options, schedule, app_options=ao, etcd=etcd)
+    cluster.downs = _DownTracker(cluster)
+    cluster.tasks_applied = list(tasks)
+    cluster.window_s = (start_s, duration_s - catchup_margin_s)
+    cluster.quiesce_s = duration_s - 0.6 * catchup_margin_s
+    names = node_names(options.nodes)
     writer = Store(names[0])
     for d in tasks:
         t = Task.from_dict(d)
         writer.put_task(t.id, t.to_dict(), None, EPOCH_BASE)
     rows = dict(writer.drain_dirty())
-    for name in names[:min(3, nodes)]:
+    for name in names[:min(3, options.nodes)]:
         cluster.disks[name] = dict(rows)
-    report = cluster.run(duration_s)
-    report["scenario"] = scenario
-    fm = fire_metrics(cluster.ledger, tasks, EPOCH_BASE + start_s, EPOCH_BASE + duration_s - margin,
-                      downs.down)
-    report.update(fm)
+    return cluster
+
+
+def app_report(cluster: AppCluster, report: dict) -> dict:
+    """Fill ``report`` (from ``cluster.run``) with the fire metrics and checks."""
+    tasks = cluster.tasks_applied
+    start_s, end_s = cluster.window_s
+    report.update(fire_metrics(cluster.ledger, tasks, EPOCH_BASE + start_s, EPOCH_BASE + end_s,
+                               cluster.downs.down))
+    fencing = cluster.etcd is not None
     report["fencing"] = fencing
     report["ledger_hash"] = cluster.ledger_hash()
     report["fires"] = len(cluster.ledger)
@@ -915,10 +929,46 @@ def simulate_app(*, nodes: int, duration_s: float, seed: int, scenario: str = "s
     report["lost_tasks"] = lost
     agg: dict[str, int] = {}
     for n in live:
-        for k, v in n.apps[0].stats.items():
+        for k, v in sorted(n.apps[0].stats.items()):
             agg[k] = agg.get(k, 0) + v
-    report["app"] = {**{k: v for k, v in cluster.app_stats.items()}, "live_nodes": agg}
-    if etcd is not None:
-        report["etcd"] = {"writes": etcd.writes, "rejected_unavailable": etcd.rejected_unavailable}
+    report["app"] = {**cluster.app_stats, "live_nodes": agg}
+    if cluster.etcd is not None:
+        report["etcd"] = {"writes": cluster.etcd.writes, "rejected_unavailable": cluster.etcd.rejected_unavailable}
     report["violations"] = check_app_invariants(report, fencing=fencing)
-    return report, cluster
+    return report
+
+
+def simulate_app(*, nodes: int, duration_s: float, seed: int, scenario: str = "steady",
+                 tasks: list[dict] | int = 5, fencing: bool = False, loss: float | None = None,
+                 etcd_outages: list[tuple[float, float]] = (), app_options: AppOptions | None = None,
+                 profile: str = "lan", start_s: float = 10.0, catchup_margin_s: float = 10.0,
+                 schedule=None, **cluster_kw) -> tuple[dict, AppCluster]:
+    """Run ``scenario`` with the scheduler app on every node (see
+    :func:`build_app_cluster` for the task write and the due window).
+
+    Args:
+        tasks: task dicts, or a count for :func:`default_tasks`.
+        fencing: use a shared ``EtcdModel`` (with ``etcd_outages``).
+        schedule: explicit faults instead of ``scenario``.
+        cluster_kw: other ``ClusterOptions`` fields.
+    Returns:
+        ``(report, cluster)``: the cluster's report with ``slots_due``,
+        ``slots_fired``, ``duplicate_fires``, ``missed_slots`` filled, plus
+        ``fencing``, ``ledger_hash``, ``replicas_equal``, ``lost_tasks``,
+        ``app`` counters and ``violations`` (invariant failures).
+    """
+    from gossip.config import Config
+    from sim import scenarios as _sc
+    config = Config.lan() if profile == "lan" else Config.local()
+    net = cluster_kw.pop("network", None) or NetworkOptions()
+    offset = cluster_kw.pop("clock_offset_max_s", 0.05)
+    opts = ClusterOptions(nodes=nodes, seed=seed, network=net, **cluster_kw)
+    if schedule is None:
+        schedule = _sc.build(scenario, node_names(nodes), duration_s, child_rng(seed, "scenario"), loss=loss)
+    cluster = build_app_cluster(config, opts, schedule, duration_s=duration_s, tasks=tasks, fencing=fencing,
+                                etcd_outages=etcd_outages, app_options=app_options,
+                                catchup_margin_s=catchup_margin_s, start_s=start_s,
+                                clock_offset_max_s=offset)
+    report = cluster.run(duration_s)
+    report["scenario"] = scenario
+    return app_report(cluster, report), cluster
