@@ -270,6 +270,7 @@ class Swim:
         meta = bytes(meta)
         self._check_alive(name, addr, tags_f, meta, incarnation)
         self._payload = config.payload_budget_bytes - COMPOUND_HEADER_MAX_BYTES
+        self._budget = config.payload_budget_bytes
         self._me = _Node(name, addr, ALIVE, incarnation, tags_f, meta, now)
         self._nodes: dict[str, _Node] = {name: self._me}
         self._peers: list[str] = []          # every member but us, for O(1) random picks
@@ -420,7 +421,7 @@ class Swim:
         data = _join_compound(msgs)
         size = len(data)
         # invariant: never over the budget (each msg fits; take() respects space)
-        if size > self.config.payload_budget_bytes:  # pragma: no cover - bug guard
+        if size > self._budget:  # pragma: no cover - bug guard
             raise LocalProtocolError("oversized", f"datagram of {size} bytes")
         c = self._c
         c["packets_out"] += 1
@@ -715,9 +716,10 @@ class Swim:
                 t = self._next_push_pull_at
             if self._counts[2] and self._next_reconnect_at < t:
                 t = self._next_reconnect_at
-            r = self._join_retry_due()
-            if r is not None and r < t:
-                t = r
+            if self._seeds and not self._join_pending:
+                r = self._join_retry_due()
+                if r is not None and r < t:
+                    t = r
         if self._queue:
             g = self._gossip_due()
             if g < t:
@@ -750,12 +752,17 @@ class Swim:
         self._run_timers(out, now)
         if not self._leaving:
             self._tick_probe(out, now)
-            self._tick_join(out, now)
-            self._tick_push_pull(out, now)
-            self._tick_reconnect(out, now)
+            # each guard repeats the first test of the method it skips
+            if self._seeds and not self._join_pending:
+                self._tick_join(out, now)
+            if now >= self._next_push_pull_at:
+                self._tick_push_pull(out, now)
+            if now >= self._next_reconnect_at:
+                self._tick_reconnect(out, now)
         # a confirmation above may have moved a suspicion deadline into the past
         self._run_timers(out, now)
-        self._tick_gossip(out, now)
+        if self._queue:
+            self._tick_gossip(out, now)
         return out
 
     def _run_timers(self, out: list, now: float) -> None:

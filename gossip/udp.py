@@ -275,6 +275,8 @@ class GossipNode:
         if self._outbox:
             return False
         core = self._core
+        if not any(m.name != self.name for m in core.alive_members()):
+            return True  # nobody to tell
         for attr in ("leave_done", "broadcasts_pending"):
             fn = getattr(core, attr, None)
             if callable(fn):

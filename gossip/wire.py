@@ -411,6 +411,7 @@ def encode_compound(msgs: list[Msg]) -> bytes:
 # -- decoding -------------------------------------------------------------------
 
 _R = RemoteProtocolError
+_SHORT_NAME = NAME_MAX_BYTES // 4   # chars; such a str is <= NAME_MAX_BYTES in UTF-8
 
 
 def _unpack(data: bytes, max_len: int, max_array: int, max_map: int) -> Any:
@@ -455,19 +456,35 @@ def _check_item(item: Any) -> int:
     elif t == 0:  # PING
         if n != 4:
             raise _R("malformed", "ping arity")
-        _chk_uint(item[1], "ping.seq", _R)
-        _chk_str(item[2], "ping.target", _R, NAME_MAX_BYTES)
-        _chk_str(item[3], "ping.sender", _R, NAME_MAX_BYTES)
+        # inline fast paths: a value they accept, _chk_* accepts too
+        # (a str of <= 32 chars is <= 128 bytes of UTF-8: no encode needed)
+        v = item[1]
+        if not (type(v) is int and 0 <= v <= UINT64_MAX):
+            _chk_uint(v, "ping.seq", _R)
+        v = item[2]
+        if not (type(v) is str and 0 < len(v) <= _SHORT_NAME and v.isprintable()):
+            _chk_str(v, "ping.target", _R, NAME_MAX_BYTES)
+        v = item[3]
+        if not (type(v) is str and 0 < len(v) <= _SHORT_NAME and v.isprintable()):
+            _chk_str(v, "ping.sender", _R, NAME_MAX_BYTES)
     elif t == 2 or t == 3:  # ACK / NACK
         if n != 2:
             raise _R("malformed", "ack arity")
-        _chk_uint(item[1], "ack.seq", _R)
+        v = item[1]
+        if not (type(v) is int and 0 <= v <= UINT64_MAX):
+            _chk_uint(v, "ack.seq", _R)
     elif t == 4 or t == 6:  # SUSPECT / DEAD
         if n != 4:
             raise _R("malformed", "suspect/dead arity")
-        _chk_uint(item[1], "incarnation", _R)
-        _chk_str(item[2], "node", _R, NAME_MAX_BYTES)
-        _chk_str(item[3], "sender", _R, NAME_MAX_BYTES)
+        v = item[1]
+        if not (type(v) is int and 0 <= v <= UINT64_MAX):
+            _chk_uint(v, "incarnation", _R)
+        v = item[2]
+        if not (type(v) is str and 0 < len(v) <= _SHORT_NAME and v.isprintable()):
+            _chk_str(v, "node", _R, NAME_MAX_BYTES)
+        v = item[3]
+        if not (type(v) is str and 0 < len(v) <= _SHORT_NAME and v.isprintable()):
+            _chk_str(v, "sender", _R, NAME_MAX_BYTES)
     elif t == 1:  # INDIRECT_PING
         if n != 7:
             raise _R("malformed", "indirect_ping arity")

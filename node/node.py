@@ -998,10 +998,7 @@ class Node:
     async def key_op(self, op: str, key_b64: str) -> dict:
         """Apply a keyring change on every alive member (serf's keyring query)."""
         results = {self.name: "ok"}
-        try:
-            self._key_op_local(op, key_b64)
-        except HTTPError as e:
-            raise HTTPError(400, e.message) from None
+        self._key_op_local(op, key_b64)
         peers = sorted(m.name for m in self.gossip.members() if m.state.value == "alive" and m.name != self.name)
         errors = {}
 
