@@ -68,3 +68,33 @@ def test_no_key_refuses_unless_insecure():
 def test_flag_error_names_flag():
     with pytest.raises(ConfigError, match="--bind"):
         build_config(flags={"name": "a", "insecure": True, "bind": "x"}, environ={})
+
+
+def test_example_node_configs_parse():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    names = set()
+    for i in (1, 2, 3):
+        cfg = build_config(flags={}, environ={}, config_file=str(root / f"node{i}.toml"))
+        names.add(cfg.name)
+        assert cfg.api[1] == 7700 + i and cfg.seeds
+    assert names == {"node1", "node2", "node3"}
+
+
+def test_grafana_dashboard_uses_only_exported_metric_names():
+    import json
+    import re
+    from pathlib import Path
+
+    from node.metrics import NodeMetrics
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    dash = json.loads((root / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"peerd_[a-z_]+", e)}
+    snapshot = {"gossip": {"members_by_state": {"alive": 1}}, "store": {}, "owned": 0, "skew": {"x": 0.1}}
+    text = NodeMetrics(lambda: snapshot).text().decode()
+    for name in used:
+        base = re.sub(r"_(bucket|total|sum|count)$", "", name)
+        assert re.search(rf"^# HELP {base} ", text, re.M), name
