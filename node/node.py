@@ -104,6 +104,9 @@ class Node:
         self._tasks: dict[str, Task] = {}
         self._members_api: dict[str, str] = {}
         self._handoff_pending: dict[str, float] = {}
+        # no seeds (a one-node cluster) = joined at once
+        self._joined = not any(s != cfg.advertise_addr() and s != cfg.bind for s in cfg.seeds)
+        self.boot_grace_s = 3.0 if cfg.profile == "local" else 15.0
         self._owned: set[str] = set()
         self._claims: dict[str, list[int]] = {}
         self._lost_claimers: dict[tuple[str, int], str] = {}
@@ -181,6 +184,7 @@ class Node:
             nursery.start_soon(self._scheduler_loop)
             nursery.start_soon(self._persist_loop)
             nursery.start_soon(self._ae_loop)
+            nursery.start_soon(self._boot_grace)
             self._recompute_ownership()
             self._recover_own_runs()
             if cfg.tasks and not self._applied_startup_tasks:
@@ -193,6 +197,16 @@ class Node:
                 except (TaskError, OSError) as e:
                     log.error("tasks file not applied: %s", e)
             task_status.started(self)
+
+    async def _boot_grace(self) -> None:
+        """Seeds all down: after the grace, run alone (and keep retrying seeds)."""
+        if self._joined:
+            return
+        await trio.sleep(self.boot_grace_s)
+        if not self._joined:
+            log.warning("no seed answered within %.0fs; owning tasks alone until one does", self.boot_grace_s)
+            self._joined = True
+            self._recompute_ownership()
 
     async def _start_fencing(self, nursery: trio.Nursery) -> None:
         from .etcd import EtcdClient
@@ -258,6 +272,9 @@ class Node:
 
     def _on_member_event(self, ev: MemberEvent) -> None:
         m = ev.member
+        if m.name != self.name and ev.kind is EventKind.JOIN and not self._joined:
+            self._joined = True
+            log.info("joined the cluster through %s", m.name, extra={"member": m.name})
         if ev.kind in (EventKind.JOIN, EventKind.UPDATE):
             try:
                 meta = msgpack.unpackb(m.meta, raw=False) if m.meta else {}
@@ -267,12 +284,17 @@ class Node:
                 log.warning("member %s has unreadable metadata", m.name, extra={"member": m.name})
         log.info("member %s %s (incarnation %d)", m.name, ev.kind.value, m.incarnation, extra={"member": m.name})
         self._recompute_ownership()
-        if ev.kind in (EventKind.DEAD, EventKind.LEFT):
+        if ev.kind in (EventKind.DEAD, EventKind.LEFT) and m.name != self.name:
             self._handle_owner_loss(m.name)
 
     def _eligible(self) -> dict[str, dict[str, str]]:
         if self.gossip is None:
             return {self.name: dict(self.cfg.tags)}
+        if not self._joined:
+            # Until we have heard from the cluster (or the boot grace passed),
+            # own nothing: a restarted node alone would otherwise own every
+            # task and fire catch-ups the real owners are already firing.
+            return {}
         skewed = self.skew.skewed(self.cfg.max_skew_s)
         out = {}
         for m in self.gossip.members():
@@ -394,32 +416,36 @@ class Node:
                 touched.add(rest)
             elif kind == "run":
                 pass
+        moved: set[str] = set()
         for tid in sorted(touched):
             view = self.store.get_task(tid)
             if view is None or view.deleted or view.value is None:
                 if tid in self._tasks:
                     del self._tasks[tid]
                     self._owned.discard(tid)
-                    self.ring.remove_task(tid)
+                    # the load cap may move other tasks when one goes away
+                    moved |= self.ring.remove_task(tid)
                     self.scheduler.remove_task(tid)
                 continue
-            self._install_task_view(view)
-            owners = self.ring.owners(tid)
-            self._apply_ownership([tid])
-            del owners
+            moved |= self._install_task_view(view)
+            moved.add(tid)
+        self._apply_ownership(sorted(moved))
         self._dirty.set()
         self._wake.set()
 
-    def _install_task_view(self, view) -> None:
+    def _install_task_view(self, view) -> set[str]:
+        """Install a task definition; returns the task ids whose preference
+        list changed (the task itself, and others the load cap moved)."""
         try:
             task = Task.from_dict(view.value)
         except (TaskError, ValueError, TypeError) as e:
             log.error("task %s in the store is invalid here: %s", view.task_id, e, extra={"task_id": view.task_id})
-            return
+            return set()
         self._tasks[task.id] = task
         ctl = self.store.control(task.id)
-        self.ring.set_task(task.id, dict(task.tags) if task.tags else None)
+        moved = self.ring.set_tasks({task.id: dict(task.tags) if task.tags else None})
         self.scheduler.set_task(task, paused=bool(ctl.paused), last_fired_slot=ctl.last_fired_slot, now=_wall())
+        return set(moved)
 
     def _sync_control(self, tid: str) -> None:
         ctl = self.store.control(tid)

@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "with every join push-pull already done (skips the N^2 log N join storm)")
     r.add_argument("--json", metavar="FILE", default=None, help="also write the report as JSON to FILE")
     r.add_argument("--quiet", action="store_true", help="print only the seed line and the verdict")
+    r.add_argument("--tasks", type=int, default=0, metavar="N",
+                   help="run the scheduler app (sim/app.py) with N tasks (@every 1s / 5s) and report "
+                        "slots_due, slots_fired, duplicate_fires, missed_slots (default 0: membership only)")
+    r.add_argument("--fencing", action="store_true",
+                   help="with --tasks: claim every slot in a modelled etcd before firing")
     return p
 
 
@@ -128,6 +133,8 @@ def replay_command(args: argparse.Namespace, seed: int) -> str:
              "--seed", str(seed), "--scenario", args.scenario, "--profile", args.profile]
     if args.loss is not None:
         parts += ["--loss", f"{args.loss:g}"]
+    if getattr(args, "tasks", 0):
+        parts += ["--tasks", str(args.tasks)] + (["--fencing"] if args.fencing else [])
     if getattr(args, "bootstrap", "join") != "join":
         parts += ["--bootstrap", args.bootstrap]
     return " ".join(parts)
@@ -211,7 +218,18 @@ def cmd_run(args: argparse.Namespace) -> int:
                                   bootstrap=args.bootstrap)
     schedule = build(args.scenario, node_names(args.nodes), args.duration,
                      child_rng(seed, "scenario"), loss=args.loss)
-    cluster = Cluster(config, cluster_opts, schedule)
+    if args.fencing and not args.tasks:
+        print("peersim: --fencing needs --tasks N", file=sys.stderr)
+        return 2
+    if args.tasks:
+        from sim.app import build_app_cluster
+        cluster = build_app_cluster(config, cluster_opts, schedule, duration_s=args.duration,
+                                    tasks=args.tasks, fencing=args.fencing,
+                                    catchup_margin_s=min(10.0, args.duration / 4),
+                                    start_s=min(10.0, args.duration / 4))
+        cluster_opts = cluster.options  # wall clocks within 50 ms (see build_app_cluster)
+    else:
+        cluster = Cluster(config, cluster_opts, schedule)
     if args.quiet:
         print(f"SEED={seed}")
     else:
@@ -224,10 +242,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     report["loss"] = args.loss
     loss = args.loss if args.loss is not None else (0.05 if args.scenario == "flaky" else 0.0)
     failures = check_invariants(report, scenario=args.scenario, loss=loss)
+    if args.tasks:
+        from sim.app import app_report
+        app_report(cluster, report)
+        failures += report["violations"]
     report["invariants_failed"] = failures
     report["replay"] = replay_command(args, seed)
     if not args.quiet:
         _print_report(report)
+        if args.tasks:
+            print(f"  slots               due {report['slots_due']}  fired {report['slots_fired']}  "
+                  f"duplicate_fires {report['duplicate_fires']} (reclaims {report['reclaim_duplicates']})  "
+                  f"missed {report['missed_slots']}  fencing {args.fencing}")
     if args.json:
         try:
             with open(args.json, "w", encoding="utf-8") as fh:
