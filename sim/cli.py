@@ -45,12 +45,14 @@ examples:
   peersim run --nodes 20 --duration 60 --seed 1 --scenario crash --profile local
   peersim run --nodes 1000 --duration 600 --seed 7 --json bench/results/run.json
   peersim run --nodes 100 --duration 300 --seed 3 --scenario flaky --loss 0.2
+  peersim run --nodes 6 --duration 60 --seed 3 --scenario partition --tasks 5 --fencing
 
 JSON keys: seed, nodes, virtual_seconds, wall_seconds, trace_hash,
 detection_latency_s {p50,p99,max}, false_positives, dissemination_rounds
 {p50,p99}, msgs_per_node_per_s, bytes_per_node_per_s, converged,
-convergence_s, slots_due/slots_fired/duplicate_fires/missed_slots (null until
-the scheduler rides on the simulator), plus diagnostics.
+convergence_s, slots_due/slots_fired/duplicate_fires/missed_slots (with
+--tasks N: the scheduler, store and ring ride on every simulated node; add
+--fencing for etcd claims; null without --tasks), plus diagnostics.
 """
 
 
