@@ -108,3 +108,16 @@ def test_fire_metrics_counts():
     m = fire_metrics(ledger, tasks, b + 1, b + 3, {("n1", 1): 3.0})
     assert m["slots_due"] == 3 and m["slots_fired"] == 2 and m["missed_slots"] == 1
     assert m["duplicate_fires"] == 1 and m["owner_loss_reruns"] == 1
+
+
+def test_peersim_cli_tasks_fencing(tmp_path, capsys):
+    from sim.cli import main
+    out = tmp_path / "r.json"
+    rc = main(["run", "--nodes", "5", "--duration", "30", "--seed", "2", "--scenario", "crash",
+               "--tasks", "3", "--fencing", "--quiet", "--json", str(out)])
+    import json
+    rep = json.loads(out.read_text())
+    assert rc == 0, rep.get("invariants_failed")
+    assert rep["slots_due"] > 0 and rep["duplicate_fires"] == 0
+    assert rep["slots_fired"] + rep["missed_slots"] == rep["slots_due"]
+    assert "--tasks 3 --fencing" in rep["replay"]
