@@ -148,6 +148,9 @@ class NodeConfig:
         fencing_on_unavailable: ``skip`` (default, never risk a duplicate) or
             ``fire`` (fire without a token while etcd is down).
         fencing_retention_s: lease TTL of slot claims (default 1 day).
+        fencing_session_ttl_s: TTL of the etcd session that proves this
+            node's process alive to reclaimers (default 10 s; see
+            ``node/fencing.py`` Rule 8).
         tasks: task file applied at start.
         log_format: ``text`` or ``json``.
         log_level: ``debug``, ``info`` (default), ``warning``.
@@ -181,6 +184,7 @@ class NodeConfig:
     etcd_ca_file: str = ""
     fencing_on_unavailable: str = "skip"
     fencing_retention_s: float = 86400.0
+    fencing_session_ttl_s: float = 10.0
     tasks: str = ""
     log_format: str = "text"
     log_level: str = "info"
@@ -255,6 +259,7 @@ PARSERS: dict[str, Any] = {
     "etcd_ca_file": _str,
     "fencing_on_unavailable": _choice("skip", "fire"),
     "fencing_retention_s": lambda v, w: _parse_float(v, w, minimum=1.0),
+    "fencing_session_ttl_s": lambda v, w: _parse_float(v, w, minimum=2.0),
     "tasks": _str,
     "log_format": _choice("text", "json"),
     "log_level": _choice("debug", "info", "warning", "error"),

@@ -41,6 +41,7 @@ RUN_FLAGS = [
     ("reap_interval_s", "seconds dead/left members stay listed (default 3600)"),
     ("shutdown_grace_s", "seconds running runs may finish on SIGTERM (default 30)"),
     ("fencing_on_unavailable", "skip (default) or fire when etcd is unreachable"),
+    ("fencing_session_ttl_s", "etcd session TTL proving this node alive to reclaimers (default 10)"),
     ("etcd_prefix", "etcd key prefix (default /peerd)"),
     ("max_skew_s", "members with clocks off by more than this own nothing (default 2)"),
 ]

@@ -31,9 +31,19 @@ Rules
   ``1.5 * retention_s``. (A single lease kept alive forever would never let
   any claim of a live node expire.) If etcd reports the lease gone (restore,
   long outage), the next claim grants a new one and retries at once.
-* ``reclaim()`` (fencing Rule 7): read the key; if its claimer is the dead
-  node, txn ``mod_revision == observed`` -> put a claim naming us, with
-  ``reclaims + 1`` and the dead node appended. At most once per death.
+* Session (fencing Rule 8): ``boot`` is a random 64-bit id per Fencer (per
+  process). A session lease with TTL ``session_ttl_s`` holds the key
+  ``<prefix>/alive/<node>/<boot>``; ``run()`` refreshes it every
+  ``session_ttl_s / 3``; if etcd says it expired (or it could not be
+  refreshed for a whole TTL) a new session lease is granted and the same key
+  put under it. Every claim carries ``session = boot``.
+* ``reclaim()`` (fencing Rules 7 and 8): read the key; if its claimer is the
+  dead node and its run id is the lost run's, txn ``mod_revision ==
+  observed`` and ``version(alive key of the claimer's boot) == 0`` -> put a
+  claim naming us, with ``reclaims + 1`` and the dead node appended. At most
+  once per death. If the claimer's alive key is still there (a false death:
+  partition, loss), retry with backoff until ``deadline``; then give up
+  (``lost``, "claimer alive"): its run is still going.
 * Everything is bounded: attempts by the deadline (and ``MAX_ATTEMPTS``),
   each attempt by ``request_timeout_s``.
 """
@@ -49,7 +59,7 @@ import trio
 from node.etcd import EtcdClient
 from node.fencing import (
     ClaimDecision, ClaimValue, EtcdClientError, EtcdError, EtcdProtocolError, EtcdUnavailable,
-    Reason, decide_claim, decide_reclaim, epoch_key, fire_key, is_lease_not_found,
+    Reason, alive_key, decide_claim, decide_reclaim, epoch_key, fire_key, is_lease_not_found,
     parse_epoch, plan_reclaim, reclaim_txn, claim_txn, split_token,
 )
 from node.retry import backoff_delay_s
@@ -88,11 +98,15 @@ class FencerStats:
     stale_epoch: int
     reclaims_won: int
     reclaims_refused: int
+    reclaims_claimer_alive: int  # reclaims given up: the claimer's session held to the deadline
     lease_grants: int
+    session_grants: int
     attempts_failed: int
     high_water_token: int
     epoch: int
     lease_id: int
+    session_lease_id: int
+    boot: int
 
 
 class Fencer:
@@ -106,19 +120,23 @@ class Fencer:
         on_unavailable: ``"skip"`` or ``"fire"``.
         request_timeout_s: bound on one claim attempt (all endpoints).
         max_reclaims: a slot is reclaimed at most this many times in all.
-        rng: jitter source for retry backoff.
+        session_ttl_s: TTL of the session lease that proves this process
+            alive to reclaimers (Rule 8); >= 2.
+        rng: jitter source for retry backoff and the boot id.
     """
 
     def __init__(self, client: EtcdClient, node: str, *, prefix: str = "/peerd",
                  retention_s: float = 86400.0, on_unavailable: str = "skip",
                  request_timeout_s: float = 2.0, max_reclaims: int = 3,
-                 rng: random.Random | None = None):
+                 session_ttl_s: float = 10.0, rng: random.Random | None = None):
         if on_unavailable not in ("skip", "fire"):
             raise ValueError(f"on_unavailable: {on_unavailable!r} is not 'skip' or 'fire'")
         if retention_s < 2:
             raise ValueError("retention_s must be >= 2 (etcd's minimum lease TTL)")
         if not node:
             raise ValueError("node name is empty")
+        if not session_ttl_s >= 2:
+            raise ValueError("session_ttl_s must be >= 2 (etcd's minimum lease TTL)")
         epoch_key(prefix)  # validates the prefix
         self.client = client
         self.node = node
@@ -129,14 +147,22 @@ class Fencer:
         self.on_unavailable = on_unavailable
         self.request_timeout_s = request_timeout_s
         self.max_reclaims = max_reclaims
-        self._rng = rng or random.Random(0)
+        self._rng = rng or random.Random()
+        self.boot = self._rng.getrandbits(64) or 1
+        self.session_ttl_s = int(math.ceil(session_ttl_s))
+        self._alive_key = alive_key(prefix, node, self.boot)
+        self._session_id = 0
+        self._session_ok_at = -math.inf  # last grant or successful refresh
+        self._session_lock = trio.Lock()
+        self._closed = False
         self._lease_id = 0
         self._lease_granted_at = -math.inf
         self._lease_lock = trio.Lock()
         self._high_water = 0
         self._epoch = 0
         self._c = dict(claims=0, won=0, lost=0, unavailable=0, fired_without_token=0,
-                       stale_epoch=0, reclaims_won=0, reclaims_refused=0, lease_grants=0,
+                       stale_epoch=0, reclaims_won=0, reclaims_refused=0,
+                       reclaims_claimer_alive=0, lease_grants=0, session_grants=0,
                        attempts_failed=0)
 
     # ---------------------------------------------------------------- running
@@ -146,6 +172,7 @@ class Fencer:
         down (claims then grant lazily)."""
         try:
             with trio.fail_after(self.request_timeout_s):
+                await self._ensure_session()
                 await self._ensure_lease(force=True)
                 kv = await self.client.get(epoch_key(self.prefix))
             self._epoch = parse_epoch(kv.value if kv else None)
@@ -156,10 +183,55 @@ class Fencer:
             log.error("fencer start: %s", exc)
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """``start()``, then rotate the lease every ``rotation_s`` forever.
+        """``start()``, then keep the session alive (every ``session_ttl_s /
+        3``) and rotate the claim lease every ``rotation_s``, forever.
         Run inside a nursery: ``await nursery.start(fencer.run)``."""
         await self.start()
         task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._session_loop)
+            await self._rotation_loop()
+
+    async def _session_loop(self) -> None:
+        period_s = self.session_ttl_s / 3
+        while True:
+            await trio.sleep(period_s)
+            try:
+                with trio.fail_after(self.request_timeout_s):
+                    await self._refresh_session()
+            except (EtcdClientError, trio.TooSlowError) as exc:
+                log.warning("fencer: session refresh failed (%s); retrying in %.1f s", exc,
+                            period_s)
+
+    async def _refresh_session(self) -> None:
+        async with self._session_lock:
+            if self._closed:
+                return
+            if self._session_id:
+                ttl = await self.client.lease_keepalive(self._session_id)
+                if ttl is not None:
+                    self._session_ok_at = trio.current_time()
+                    return
+                log.warning("fencer: session lease %x expired; opening a new session",
+                            self._session_id)
+                self._session_id = 0
+            await self._grant_session()
+
+    async def _ensure_session(self) -> None:
+        async with self._session_lock:
+            stale = trio.current_time() - self._session_ok_at >= self.session_ttl_s
+            if not self._session_id or stale:
+                await self._grant_session()
+
+    async def _grant_session(self) -> None:
+        """New session lease; put our alive key (same key every time) under it."""
+        g = await self.client.lease_grant_full(self.session_ttl_s)
+        await self.client.put(self._alive_key, self.node.encode(), lease=g.lease_id)
+        self._session_id = g.lease_id
+        self._session_ok_at = trio.current_time()
+        self._c["session_grants"] += 1
+
+    async def _rotation_loop(self) -> None:
         failures = 0
         while True:
             due = self._lease_granted_at + self.rotation_s
@@ -176,7 +248,20 @@ class Fencer:
                 log.warning("fencer: lease rotation failed (%s); retrying", exc)
 
     async def aclose(self) -> None:
-        """Nothing to release: claims must outlive the process (retention)."""
+        """End the session (revoke its lease, best effort, bounded by
+        ``request_timeout_s``) so reclaimers need not wait for its TTL.
+        Claims are kept: they must outlive the process (retention). Call it
+        only when no run of this process is still going."""
+        self._closed = True
+        sid, self._session_id = self._session_id, 0
+        if not sid:
+            return
+        with trio.move_on_after(self.request_timeout_s):
+            try:
+                await self.client.lease_revoke(sid)
+            except EtcdClientError as exc:
+                log.info("fencer: could not revoke session lease %x (%s); it expires in %d s",
+                         sid, exc, self.session_ttl_s)
 
     # ----------------------------------------------------------------- claims
 
@@ -193,7 +278,7 @@ class Fencer:
             ValueError: empty ``task_id`` or non-int ``slot`` (caller bug).
         """
         self._c["claims"] += 1
-        value = ClaimValue(self.node, run_id, self._epoch)
+        value = ClaimValue(self.node, run_id, self._epoch, session=self.boot)
         res = await self._attempt_loop(
             deadline,
             lambda lease: claim_txn(self.prefix, task_id, slot, value, lease),
@@ -204,28 +289,48 @@ class Fencer:
         return res
 
     async def reclaim(self, task_id: str, slot: int, run_id: str, dead_node: str, *,
-                      deadline: float | None = None) -> ClaimResult:
+                      deadline: float | None = None,
+                      expected_run_id: str | None = None,
+                      alive_wait_s: float | None = None) -> ClaimResult:
         """Re-claim a slot whose claimer ``dead_node`` was declared dead.
 
+        Args:
+            expected_run_id: the claim run id of the run seen lost (Rule 7);
+                None skips the check.
+            deadline: ``trio.current_time()`` value until which an
+                unavailable etcd is retried; default ``now +
+                request_timeout_s``.
+            alive_wait_s: while the dead claimer's session still holds
+                (Rule 8) the reclaim is retried for this long (at most until
+                ``deadline``); default ``1.5 * session_ttl_s + 2``: a
+                claimer that really died has lost its session by then.
         Returns ``won`` with a token greater than the dead claimer's, or
-        ``lost`` (not claimed by ``dead_node``, already reclaimed for this
-        death, reclaim cap reached, or another node was faster). etcd
-        unreachable: as for ``claim`` (``unavailable`` after ``deadline``,
-        default ``now + request_timeout_s``; ``fire_without_token`` in fire mode).
+        ``lost`` (not claimed by ``dead_node`` or not its lost run, already
+        reclaimed for this death, reclaim cap reached, another node was
+        faster, or the claimer stayed alive until ``deadline``). etcd
+        unreachable: as for ``claim`` (``unavailable`` after ``deadline``;
+        ``fire_without_token`` in fire mode).
         """
+        now = trio.current_time()
         if deadline is None:
-            deadline = trio.current_time() + self.request_timeout_s
+            deadline = now + self.request_timeout_s
+        if alive_wait_s is None:
+            alive_wait_s = 1.5 * self.session_ttl_s + 2.0
+        alive_deadline = min(deadline, now + alive_wait_s)
         key = fire_key(self.prefix, task_id, slot)
         plan_holder: list = []
 
         def build(lease):
             plan = plan_holder[0]
-            return reclaim_txn(self.prefix, task_id, slot, plan.value, lease, plan.mod_revision)
+            return reclaim_txn(self.prefix, task_id, slot, plan.value, lease, plan.mod_revision,
+                               plan.dead_alive)
 
         async def prepare() -> ClaimResult | None:
             kv = await self.client.get(key)
             plan = plan_reclaim(kv, node=self.node, run_id=run_id, dead_node=dead_node,
-                                epoch=self._epoch, max_reclaims=self.max_reclaims)
+                                epoch=self._epoch, max_reclaims=self.max_reclaims,
+                                expected_run_id=expected_run_id, session=self.boot,
+                                prefix=self.prefix)
             if plan.value is None:
                 return ClaimResult(False, None, "lost", plan.refusal)
             plan_holder[:] = [plan]
@@ -234,14 +339,18 @@ class Fencer:
         res = await self._attempt_loop(
             deadline, build,
             lambda r, hw0: decide_reclaim(r, node=self.node, run_id=run_id,
-                                          high_water_before=hw0, high_water_now=self._high_water),
-            what=f"reclaim {task_id}/{slot} from {dead_node}", prepare=prepare)
+                                          high_water_before=hw0, high_water_now=self._high_water,
+                                          mod_revision=plan_holder[0].mod_revision),
+            what=f"reclaim {task_id}/{slot} from {dead_node}", prepare=prepare,
+            alive_deadline=alive_deadline)
         if res.reason == "won":
             self._c["reclaims_won"] += 1
             log.warning("reclaimed %s/%s from dead %s, token %d", task_id, slot, dead_node,
                         res.token, extra={"task_id": task_id, "slot": slot, "token": res.token})
         elif res.reason == "lost":
             self._c["reclaims_refused"] += 1
+            if res.detail.startswith("claimer alive"):
+                self._c["reclaims_claimer_alive"] += 1
             log.info("reclaim of %s/%s from %s refused: %s", task_id, slot, dead_node, res.detail)
         else:
             self._count(res, task_id, slot, run_id)
@@ -249,13 +358,15 @@ class Fencer:
 
     def statistics(self) -> FencerStats:
         return FencerStats(**self._c, high_water_token=self._high_water, epoch=self._epoch,
-                           lease_id=self._lease_id)
+                           lease_id=self._lease_id, session_lease_id=self._session_id,
+                           boot=self.boot)
 
     # -------------------------------------------------------------- internals
 
     async def _attempt_loop(self, deadline: float, build, decide, *, what: str,
-                            prepare=None) -> ClaimResult:
+                            prepare=None, alive_deadline: float | None = None) -> ClaimResult:
         last_err = ""
+        waited_alive = False
         for attempt in range(1, MAX_ATTEMPTS + 1):
             decision: ClaimDecision | None = None
             try:
@@ -265,6 +376,7 @@ class Fencer:
                         if early is not None:
                             return ClaimResult(early.won, early.token, early.reason,
                                                early.detail, attempt)
+                    await self._ensure_session()
                     lease = await self._ensure_lease()
                     hw0 = self._high_water
                     result = await self.client.txn(*build(lease))
@@ -287,6 +399,22 @@ class Fencer:
                 last_err = str(exc)
             except trio.TooSlowError:
                 last_err = f"attempt took longer than {self.request_timeout_s} s"
+            if decision is not None and decision.claimer_alive:
+                self._high_water = max(self._high_water, decision.high_water)
+                if not waited_alive:
+                    waited_alive = True
+                    log.info("%s waits: the claimer's etcd session still holds (declared dead "
+                             "but alive?); retrying until the deadline", what)
+                now = trio.current_time()
+                give_up_at = deadline if alive_deadline is None else alive_deadline
+                if now >= give_up_at:
+                    return ClaimResult(False, None, "lost", "claimer alive until the deadline: "
+                                       "its etcd session still holds", attempt,
+                                       decision.holder.node if decision.holder else None)
+                delay = backoff_delay_s(min(attempt, 30), base_s=RETRY_BASE_S, multiplier=2.0,
+                                        max_s=RETRY_MAX_S, rng=self._rng)
+                await trio.sleep(min(delay, give_up_at - now))
+                continue
             if decision is not None:
                 self._high_water = decision.high_water
                 if decision.token is not None:

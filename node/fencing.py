@@ -47,13 +47,33 @@ Rule 6 (own claim after a lost reply): a request that timed out may still
     run id, the claim is ours: token from the key's ``mod_revision``.
 Rule 7 (reclaim, once per death): a claimed slot whose claimer ``D`` was
     declared dead may be re-claimed by reading the key (value names ``D``,
-    mod revision ``m``) and running ``if mod_revision(key) == m: put new``.
-    The new value names the new claimer, so a second reclaim for the same
-    death finds a claimer other than ``D`` and is refused. The put creates a
-    new revision, so the new token is greater. A key that has been reclaimed
+    run id ``r``, mod revision ``m``) and running ``if mod_revision(key) == m
+    and version(<prefix>/alive/D/<boot>) == 0: put new``. The new value names
+    the new claimer, so a second reclaim for the same death finds a claimer
+    other than ``D`` and is refused; the reclaimer also names the run it saw
+    lost (``expected_run_id``), so a claim that ``D`` itself re-took after a
+    restart is not taken again for the same death. The put creates a new
+    revision, so the new token is greater. A key that has been reclaimed
     ``max_reclaims`` times is never reclaimed again (bound).
+Rule 8 (sessions: a false death is not a death): SWIM may declare a member
+    dead that is only cut off from its peers (partition, loss). So every
+    fencer process keeps a short etcd *session*: a lease with TTL
+    ``session_ttl_s`` (default 10 s) refreshed every ``session_ttl_s / 3``,
+    holding ``<prefix>/alive/<node>/<boot>`` (``boot``: a random id per
+    process start, written into every claim as ``session``). When the
+    session lease is lost (etcd outage, long stall) the fencer grants a new
+    one and puts the SAME key under it. A reclaim compares that key's
+    version to 0 in its transaction: while the claimer's process still
+    reaches etcd the reclaim fails (reason ``claimer_alive``) and is retried
+    with backoff until its deadline, so a rerun happens only once the
+    claimer has really stopped (or been cut off from etcd for longer than
+    the TTL: then its run may still be going, and only the token, which is
+    greater for the rerun, tells them apart downstream). A node re-claiming
+    its own slot after a restart (``dead == node``) skips the alive check:
+    it knows its previous process is gone (its boot id differs).
 
-Keys: ``<prefix>/fire/<T>/<S>``; ``T`` is percent-encoded (``/`` and other
+Keys: ``<prefix>/fire/<T>/<S>`` and ``<prefix>/alive/<node>/<boot hex>``;
+``T`` and ``node`` are percent-encoded (``/`` and other
 unsafe characters, ``urllib.parse.quote(T, safe="")``) so that task ids with
 ``/`` cannot collide; ``S`` is the slot as a decimal integer.
 
@@ -84,7 +104,7 @@ __all__ = [
     "Status", "encode_txn", "decode_txn", "decode_range", "decode_put",
     "decode_lease_grant", "decode_keepalive", "decode_status",
     "decode_error", "decode_int64", "decode_body", "b64", "unb64",
-    "fire_key", "epoch_key", "make_token", "split_token", "parse_epoch",
+    "fire_key", "epoch_key", "alive_key", "make_token", "split_token", "parse_epoch",
     "ClaimValue", "encode_claim", "decode_claim", "claim_txn", "reclaim_txn",
     "ClaimDecision", "decide_claim", "ReclaimPlan", "plan_reclaim",
     "decide_reclaim", "is_auth_error", "is_lease_not_found",
@@ -518,6 +538,15 @@ def epoch_key(prefix: str) -> bytes:
     return f"{_check_prefix(prefix)}/epoch".encode()
 
 
+def alive_key(prefix: str, node: str, boot: int) -> bytes:
+    """``<prefix>/alive/<quoted node>/<boot as 16 hex digits>`` (Rule 8)."""
+    if not node:
+        raise ValueError("node name is empty")
+    if not isinstance(boot, int) or isinstance(boot, bool) or not 0 < boot < 2 ** 64:
+        raise ValueError(f"boot id {boot!r}: must be an int in (0, 2**64)")
+    return f"{_check_prefix(prefix)}/alive/{urllib.parse.quote(node, safe='')}/{boot:016x}".encode()
+
+
 def make_token(epoch: int, revision: int) -> int:
     """``epoch * 2**48 + revision`` (Rule 3)."""
     if not 0 <= epoch <= EPOCH_MAX:
@@ -550,18 +579,20 @@ def parse_epoch(value: bytes | None) -> int:
 @dataclass(frozen=True, slots=True)
 class ClaimValue:
     """What a fire key holds (JSON). ``dead`` lists the claimers whose death
-    caused a reclaim, oldest first; ``reclaims == len(dead)``."""
+    caused a reclaim, oldest first; ``reclaims == len(dead)``. ``session`` is
+    the claimer's boot id (Rule 8; 0 = written without a session)."""
 
     node: str
     run_id: str
     epoch: int
     reclaims: int = 0
     dead: tuple[str, ...] = field(default=())
+    session: int = 0
 
 
 def encode_claim(v: ClaimValue) -> bytes:
     return json.dumps({"v": 1, "node": v.node, "run_id": v.run_id, "epoch": v.epoch,
-                       "reclaims": v.reclaims, "dead": list(v.dead)},
+                       "reclaims": v.reclaims, "dead": list(v.dead), "session": v.session},
                       sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -574,17 +605,19 @@ def decode_claim(raw: bytes) -> ClaimValue:
     if not isinstance(d, dict):
         raise ValueError("claim value is not a JSON object")
     node, run_id, epoch = d.get("node"), d.get("run_id"), d.get("epoch", 0)
-    reclaims, dead = d.get("reclaims", 0), d.get("dead", [])
+    reclaims, dead, session = d.get("reclaims", 0), d.get("dead", []), d.get("session", 0)
     if not isinstance(node, str) or not node:
         raise ValueError("claim value: field 'node' missing or not a string")
     if not isinstance(run_id, str):
         raise ValueError("claim value: field 'run_id' not a string")
-    for name, x in (("epoch", epoch), ("reclaims", reclaims)):
+    for name, x in (("epoch", epoch), ("reclaims", reclaims), ("session", session)):
         if not isinstance(x, int) or isinstance(x, bool) or x < 0:
             raise ValueError(f"claim value: field {name!r} not a non-negative int")
     if not isinstance(dead, list) or not all(isinstance(x, str) for x in dead):
         raise ValueError("claim value: field 'dead' not a list of strings")
-    return ClaimValue(node, run_id, epoch, reclaims, tuple(dead))
+    if session >= 2 ** 64:
+        raise ValueError("claim value: field 'session' above 2**64")
+    return ClaimValue(node, run_id, epoch, reclaims, tuple(dead), session)
 
 
 def claim_txn(prefix: str, task_id: str, slot: int, value: ClaimValue,
@@ -597,11 +630,19 @@ def claim_txn(prefix: str, task_id: str, slot: int, value: ClaimValue,
 
 
 def reclaim_txn(prefix: str, task_id: str, slot: int, value: ClaimValue,
-                lease_id: int, mod_revision: int) -> tuple[list[Compare], list[Op], list[Op]]:
+                lease_id: int, mod_revision: int,
+                dead_alive: bytes | None = None) -> tuple[list[Compare], list[Op], list[Op]]:
+    """Rule 7/8: replace the claim if unchanged since read and (when
+    ``dead_alive`` is given) the dead claimer's alive key is gone. The
+    failure branch reads both, so the caller can tell a race from a claimer
+    that is still alive."""
     k, ek = fire_key(prefix, task_id, slot), epoch_key(prefix)
-    return ([Compare.mod_revision(k, "=", mod_revision)],
-            [Put(k, encode_claim(value), lease_id), Range(ek)],
-            [Range(k), Range(ek)])
+    cmp = [Compare.mod_revision(k, "=", mod_revision)]
+    fail: list[Op] = [Range(k), Range(ek)]
+    if dead_alive is not None:
+        cmp.append(Compare.version(dead_alive, "=", 0))
+        fail.append(Range(dead_alive))
+    return cmp, [Put(k, encode_claim(value), lease_id), Range(ek)], fail
 
 
 Reason = Literal["won", "lost", "unavailable", "fire_without_token", "stale_epoch"]
@@ -620,6 +661,7 @@ class ClaimDecision:
     high_water: int
     holder: ClaimValue | None = None
     mod_revision: int = 0
+    claimer_alive: bool = False  # reclaim refused because the claimer's session holds
 
 
 def _range_at(res: TxnResult, i: int) -> RangeResponse:
@@ -684,16 +726,27 @@ def decide_claim(res: TxnResult, *, node: str, run_id: str,
 
 @dataclass(frozen=True, slots=True)
 class ReclaimPlan:
-    """Either ``value``+``mod_revision`` to write, or a refusal ``reason``."""
+    """Either ``value``+``mod_revision`` to write (and ``dead_alive``, the
+    alive key that must be absent), or a refusal ``reason``."""
 
     value: ClaimValue | None
     mod_revision: int
     refusal: str = ""
+    dead_alive: bytes | None = None
 
 
 def plan_reclaim(kv: KeyValue | None, *, node: str, run_id: str, dead_node: str,
-                 epoch: int, max_reclaims: int) -> ReclaimPlan:
-    """Rule 7: may ``node`` reclaim a slot whose claimer ``dead_node`` died?"""
+                 epoch: int, max_reclaims: int, expected_run_id: str | None = None,
+                 session: int = 0, prefix: str = "/peerd") -> ReclaimPlan:
+    """Rules 7 and 8: may ``node`` (process ``session``) reclaim a slot whose
+    claimer ``dead_node`` died, and under which alive check?
+
+    Args:
+        kv: the fire key as read (None: absent).
+        expected_run_id: the run id (claim run id, without the attempt
+            suffix) of the run seen lost; None skips that check.
+        session: our boot id, written into the new claim.
+    """
     if kv is None:
         return ReclaimPlan(None, 0, "no claim to reclaim (never claimed or expired)")
     try:
@@ -704,19 +757,39 @@ def plan_reclaim(kv: KeyValue | None, *, node: str, run_id: str, dead_node: str,
         return ReclaimPlan(None, kv.mod_revision,
                            f"claimer is {cur.node}, not the dead node {dead_node} "
                            f"(already reclaimed for this death?)")
+    if expected_run_id is not None and cur.run_id != expected_run_id:
+        return ReclaimPlan(None, kv.mod_revision,
+                           f"claim is run {cur.run_id}, not the lost run {expected_run_id} "
+                           f"(already re-taken for this death)")
     if cur.reclaims >= max_reclaims:
         return ReclaimPlan(None, kv.mod_revision,
                            f"already reclaimed {cur.reclaims} times (max {max_reclaims})")
-    new = ClaimValue(node, run_id, epoch, cur.reclaims + 1, cur.dead + (dead_node,))
-    return ReclaimPlan(new, kv.mod_revision)
+    dead_alive = None
+    if dead_node == node:
+        if session and cur.session == session:
+            return ReclaimPlan(None, kv.mod_revision,
+                               "the claim belongs to this process (its run is not lost)")
+    elif cur.session:
+        dead_alive = alive_key(prefix, dead_node, cur.session)
+    new = ClaimValue(node, run_id, epoch, cur.reclaims + 1, cur.dead + (dead_node,), session)
+    return ReclaimPlan(new, kv.mod_revision, dead_alive=dead_alive)
 
 
 def decide_reclaim(res: TxnResult, *, node: str, run_id: str,
-                   high_water_before: int, high_water_now: int) -> ClaimDecision:
-    """Same as ``decide_claim``; a failed compare means someone else moved first."""
+                   high_water_before: int, high_water_now: int,
+                   mod_revision: int = 0) -> ClaimDecision:
+    """Same as ``decide_claim``; a failed compare means someone else moved
+    first, or (claim unchanged at ``mod_revision`` and the dead claimer's
+    alive key present) the claimer is alive: ``claimer_alive`` is set."""
     d = decide_claim(res, node=node, run_id=run_id, high_water_before=high_water_before,
                      high_water_now=high_water_now)
     if not d.won and d.reason == "lost":
+        alive_rr = res.responses[2] if len(res.responses) > 2 else None
+        if (isinstance(alive_rr, RangeResponse) and alive_rr.kvs and mod_revision
+                and d.mod_revision == mod_revision):
+            return ClaimDecision(False, None, "lost",
+                                 "claimer alive: its etcd session still holds", d.high_water,
+                                 d.holder, d.mod_revision, claimer_alive=True)
         return ClaimDecision(False, None, "lost", "reclaim raced: " + d.detail, d.high_water,
                              d.holder, d.mod_revision)
     return d

@@ -70,6 +70,12 @@ class _Running:
     started: float
 
 
+def _claim_run_id(rec: dict) -> str | None:
+    """Run records carry ``<claim run id>.<attempt>``; claims carry the former."""
+    rid = rec.get("run_id")
+    return rid.rsplit(".", 1)[0] if isinstance(rid, str) and "." in rid else None
+
+
 def _wall() -> float:
     return time.time()
 
@@ -109,7 +115,8 @@ class Node:
         self.boot_grace_s = 3.0 if cfg.profile == "local" else 15.0
         self._owned: set[str] = set()
         self._claims: dict[str, list[int]] = {}
-        self._lost_claimers: dict[tuple[str, int], str] = {}
+        # (task, slot) -> (dead claimer, claim run id of the run seen lost)
+        self._lost_claimers: dict[tuple[str, int], tuple[str, str | None]] = {}
         self._claim_events: dict[str, trio.Event] = {}
         self._stopping = False
         self._nursery: trio.Nursery | None = None
@@ -224,6 +231,7 @@ class Node:
             prefix=self.cfg.etcd_prefix,
             retention_s=self.cfg.fencing_retention_s,
             on_unavailable=self.cfg.fencing_on_unavailable,
+            session_ttl_s=self.cfg.fencing_session_ttl_s,
         )
         nursery.start_soon(self._run_fencer)
 
@@ -255,6 +263,8 @@ class Node:
         if self.gossip is not None:
             with trio.move_on_after(5):
                 await self.gossip.leave(timeout_s=3.0)
+        if self.fencer is not None:
+            await self.fencer.aclose()  # end our session: reclaimers need not wait its TTL
         await self._flush()
         await self.db.close()
         log.info("node %s stopped", self.name)
@@ -367,7 +377,7 @@ class Node:
                     log.warning("run of dead member %s was unfinished", dead,
                                 extra={"task_id": tid, "run_id": rec.get("run_id")})
                     if isinstance(rec.get("slot"), int):
-                        self._lost_claimers[(tid, rec["slot"])] = dead
+                        self._lost_claimers[(tid, rec["slot"])] = (dead, _claim_run_id(rec))
                         while len(self._lost_claimers) > 4096:
                             self._lost_claimers.pop(next(iter(self._lost_claimers)))
                     for eff in self.scheduler.unfinished_run(tid, rec, now):
@@ -382,7 +392,7 @@ class Node:
                 if rec.get("node") == self.name and rec.get("status") == "running" and rec.get("run_id") not in self._running:
                     self._commit(self.store.put_run(dict(rec, status="lost", finished=now)), run_task=tid)
                     if isinstance(rec.get("slot"), int):
-                        self._lost_claimers[(tid, rec["slot"])] = self.name
+                        self._lost_claimers[(tid, rec["slot"])] = (self.name, _claim_run_id(rec))
                     if self.ring.owner(tid) == self.name:
                         for eff in self.scheduler.unfinished_run(tid, rec, now):
                             self._carry_out(eff, now)
@@ -658,12 +668,15 @@ class Node:
             # tokens (etcd revisions) grow with the slot even when a catch-up
             # fires many slots at once.
             deadline = trio.current_time() + max(0.0, fire.slot + window - _wall())
-            dead_claimer = self._lost_claimers.pop((task.id, fire.slot), None)
+            lost = self._lost_claimers.pop((task.id, fire.slot), None)
             async with self._claim_turn(task.id, fire.slot):
-                if fire.reason == "rerun_owner_loss" and dead_claimer:
-                    # the dead owner's claim stands in etcd: take it over once
+                if fire.reason == "rerun_owner_loss" and lost:
+                    # the dead owner's claim stands in etcd: take it over once,
+                    # when its etcd session is gone too (a false death waits
+                    # 1.5 session TTLs, then leaves the run to its owner)
                     res = await self.fencer.reclaim(
-                        task.id, fire.slot, base, dead_claimer, deadline=max(deadline, trio.current_time() + 2.0)
+                        task.id, fire.slot, base, lost[0], deadline=max(deadline, trio.current_time() + 2.0),
+                        expected_run_id=lost[1],
                     )
                 else:
                     res = await self.fencer.claim(task.id, fire.slot, base, deadline=deadline)

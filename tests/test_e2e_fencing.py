@@ -22,17 +22,16 @@ restarted on the same data dir. The ledger must show:
 
 Without ``--etcd`` the same ledger has empty tokens: nothing changes.
 
-``-m slow``: an owner killed mid-run; the new owner must reclaim the slot
-(greater token, once) and rerun it (``on_owner_loss: rerun``). XFAIL until
-node.py calls ``Fencer.reclaim`` for ``rerun_owner_loss`` fires.
+An owner killed mid-run: the new owner must reclaim the slot (greater token,
+once) and rerun it (``on_owner_loss: rerun``). An owner only *declared* dead
+(SIGSTOP until its peers see it dead, then SIGCONT) keeps its etcd session,
+so its slot is not reclaimed and runs once.
 
 Notes. The cluster uses the ``lan`` gossip profile so that the death is
 noticed seconds after the kill (``local`` notices within one slot and no
 catch-up happens). The kill is sent right after one of the owner's lines
-lands, i.e. between slots: a kill between a won claim and the spawn of the
-shell loses that slot, since node.py does not yet re-claim a dead node's slot
-(fencer ``reclaim``); ``on_owner_loss: skip`` keeps "no slot twice" a hard
-invariant. Waiting is on ledger conditions with deadlines (``wait_for``); the
+lands, i.e. between slots: ``on_owner_loss: skip`` keeps "no slot twice" a
+hard invariant there. Waiting is on ledger conditions with deadlines (``wait_for``); the
 only "time must pass" step is the etcd outage itself (scenario time).
 """
 from __future__ import annotations
@@ -298,7 +297,8 @@ def test_owner_killed_mid_run_slot_is_reclaimed_and_rerun(etcd, tmp_path):
     ``on_owner_loss: rerun``. (Slow: its own 3-node cluster.)"""
     ledger = tmp_path / "ledger.txt"
     prefix = f"/peerd-e2e-{time.time_ns()}"
-    cluster = _start_cluster(tmp_path, 3, ["--etcd", etcd.url, "--etcd-prefix", prefix], profile=PROFILE)
+    cluster = _start_cluster(tmp_path, 3, ["--etcd", etcd.url, "--etcd-prefix", prefix,
+                                                "--fencing-session-ttl-s", "3"], profile=PROFILE)
     procs = {p.name: p for p in cluster.procs}
     tid = "fence-long"
     line = f'echo "$PEERD_TASK_ID|$PEERD_SLOT|$PEERD_FENCING_TOKEN|$PEERD_RUN_ID|$PEERD_NODE" >> {ledger}'
@@ -337,5 +337,73 @@ def test_owner_killed_mid_run_slot_is_reclaimed_and_rerun(etcd, tmp_path):
         again = rerun()
         assert len(first) == 1 and len(again) == 1, _fmt(_ledger(ledger))  # once per death
         assert int(again[0].token) > int(first[0].token), _fmt(_ledger(ledger))
+    finally:
+        cluster.stop()
+
+
+def _claims_counter(addr: str, result: str) -> float:
+    import urllib.request
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        if line.startswith(f'peerd_fencing_claims_total{{result="{result}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_false_death_is_not_reclaimed_while_the_owner_lives(etcd, tmp_path):
+    """Rule 8 of node/fencing.py: the owner is stopped (SIGSTOP) until its
+    peers declare it dead, then resumed. Its etcd session outlives the stop,
+    so the peers' re-claim of its running slot is refused ("claimer alive")
+    and the slot runs once; before sessions it ran twice."""
+    ledger = tmp_path / "ledger.txt"
+    prefix = f"/peerd-e2e-{time.time_ns()}"
+    # local timers: the stopped owner is declared dead within ~1-2 s, far
+    # inside its session (TTL 20 s, refreshed every ~6.7 s)
+    cluster = _start_cluster(tmp_path, 3, ["--etcd", etcd.url, "--etcd-prefix", prefix,
+                                           "--fencing-session-ttl-s", "20"], profile="local")
+    procs = {p.name: p for p in cluster.procs}
+    tid = "fence-false-death"
+    line = f'echo "$PEERD_TASK_ID|$PEERD_SLOT|$PEERD_FENCING_TOKEN|$PEERD_RUN_ID|$PEERD_NODE" >> {ledger}'
+    try:
+        a = cluster.procs[0]
+        st, body = api(a.api_addr, "PUT", "/v1/tasks", [{
+            "id": tid, "schedule": "@every 3600s", "misfire": "skip", "on_owner_loss": "rerun",
+            "timeout": "60s", "command": {"type": "shell", "run": f"{line}; sleep 4"},
+        }])
+        assert st == 200, body
+        wait_for(lambda: api(a.api_addr, "GET", f"/v1/owner/{tid}")[1]["owner"], timeout=30,
+                 what="an owner", cluster=cluster)
+        owner = api(a.api_addr, "GET", f"/v1/owner/{tid}")[1]["owner"]
+        others = [p for p in cluster.procs if p.name != owner]
+        st, r = api(a.api_addr, "POST", f"/v1/tasks/{tid}/run")
+        assert st == 200, r
+        slot = r["slot"]
+
+        def replicas_see(status):
+            for p in others:
+                st, runs = api(p.api_addr, "GET", f"/v1/tasks/{tid}/runs")
+                if not (st == 200 and any(x["slot"] == slot and x["status"] == status for x in runs)):
+                    return False
+            return True
+
+        wait_for(lambda: _ledger(ledger) and replicas_see("running"), timeout=30,
+                 what="the run started and the replicas hold its 'running' record", cluster=cluster)
+        procs[owner].popen.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: all(owner not in _alive(p.api_addr) for p in others), timeout=30,
+                     what=f"the peers declare the stopped {owner} dead", cluster=cluster)
+            wait_for(lambda: any("session still holds" in p.log_text() for p in others), timeout=30,
+                     what="a peer tries to re-claim the slot and is told the claimer lives",
+                     cluster=cluster)
+        finally:
+            procs[owner].popen.send_signal(signal.SIGCONT)
+        # the re-claim keeps being refused while the owner's session holds; it
+        # gives up after its deadline (1.5 * TTL + 2 s): wait for that verdict
+        wait_for(lambda: sum(_claims_counter(p.api_addr, "lost") for p in others) >= 1, timeout=90,
+                 what="the re-claim is refused (claimer alive)", cluster=cluster)
+        lines = [ln for ln in _ledger(ledger) if ln.slot == slot]
+        assert len(lines) == 1 and lines[0].node == owner, _fmt(_ledger(ledger))
+        assert any("claimer alive" in p.log_text() for p in others), "the refusal is logged with its reason"
     finally:
         cluster.stop()

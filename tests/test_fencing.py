@@ -15,7 +15,8 @@ from node.fencing import (
     EPOCH_MAX, REVISION_MAX, ClaimValue, EtcdClientError, EtcdError, EtcdProtocolError,
     KeyValue, RangeResponse, TxnResult, PutResponse, decide_claim, decode_body, decode_claim,
     decode_int64, decode_keepalive, decode_lease_grant, decode_txn, encode_claim, epoch_key,
-    fire_key, make_token, parse_epoch, plan_reclaim, split_token,
+    alive_key, decide_reclaim, fire_key, make_token, parse_epoch, plan_reclaim, reclaim_txn,
+    split_token,
 )
 from tests.etcd_server import etcd_server  # noqa: F401
 
@@ -65,10 +66,27 @@ def test_parse_epoch_bad(raw):
         parse_epoch(raw)
 
 
-@given(st.text(min_size=1), st.text(), st.integers(0, EPOCH_MAX), st.lists(st.text(min_size=1), max_size=3))
-def test_claim_value_roundtrip(node, run_id, epoch, dead):
-    v = ClaimValue(node, run_id, epoch, len(dead), tuple(dead))
+@given(st.text(min_size=1), st.text(), st.integers(0, EPOCH_MAX), st.lists(st.text(min_size=1), max_size=3),
+       st.integers(0, 2 ** 64 - 1))
+def test_claim_value_roundtrip(node, run_id, epoch, dead, session):
+    v = ClaimValue(node, run_id, epoch, len(dead), tuple(dead), session)
     assert decode_claim(encode_claim(v)) == v
+
+
+def test_claim_value_without_session_reads_as_zero_and_bad_session_is_named():
+    old = b'{"v":1,"node":"a","run_id":"r","epoch":0,"reclaims":0,"dead":[]}'
+    assert decode_claim(old).session == 0
+    with pytest.raises(ValueError, match="session"):
+        decode_claim(b'{"node":"a","run_id":"r","session":-1}')
+    with pytest.raises(ValueError, match="session"):
+        decode_claim(b'{"node":"a","run_id":"r","session":"x"}')
+
+
+def test_alive_key_layout():
+    assert alive_key("/p", "a/b", 255) == b"/p/alive/a%2Fb/00000000000000ff"
+    for node, boot in (("", 1), ("a", 0), ("a", 2 ** 64), ("a", True)):
+        with pytest.raises(ValueError):
+            alive_key("/p", node, boot)
 
 
 @given(st.binary())
@@ -189,6 +207,51 @@ def test_plan_reclaim_table():
     assert p.value is None and "unreadable" in p.refusal
 
 
+def test_plan_reclaim_sessions_and_expected_run():
+    held = _kv(encode_claim(ClaimValue("a", "r1", 0, session=7)), 5)
+    kw = dict(epoch=0, max_reclaims=3, prefix="/p")
+    # another node: must see a's alive key gone; the new claim carries our session
+    p = plan_reclaim(held, node="b", run_id="r2", dead_node="a", session=9, **kw)
+    assert p.dead_alive == alive_key("/p", "a", 7) and p.value.session == 9
+    # the lost run must be the one holding the claim
+    p = plan_reclaim(held, node="b", run_id="r2", dead_node="a", expected_run_id="r0", **kw)
+    assert p.value is None and "not the lost run r0" in p.refusal
+    assert plan_reclaim(held, node="b", run_id="r2", dead_node="a", expected_run_id="r1", **kw).value
+    # self-reclaim after a restart: no alive check (our old process is gone) ...
+    p = plan_reclaim(held, node="a", run_id="r3", dead_node="a", session=8, **kw)
+    assert p.value is not None and p.dead_alive is None
+    # ... but never a claim of this very process
+    p = plan_reclaim(held, node="a", run_id="r3", dead_node="a", session=7, **kw)
+    assert p.value is None and "this process" in p.refusal
+    # claims written without a session (older peerd): no alive check possible
+    legacy = _kv(encode_claim(ClaimValue("a", "r1", 0)), 5)
+    assert plan_reclaim(legacy, node="b", run_id="r2", dead_node="a", **kw).dead_alive is None
+
+
+def test_reclaim_txn_and_decide_claimer_alive():
+    ak = alive_key("/p", "a", 7)
+    cmp, ok, fail = reclaim_txn("/p", "job", 1, ClaimValue("b", "r2", 0), 3, 5, ak)
+    assert [(c.target, c.key) for c in cmp][1] == ("VERSION", ak) and len(fail) == 3
+    cmp, ok, fail = reclaim_txn("/p", "job", 1, ClaimValue("b", "r2", 0), 3, 5)
+    assert len(cmp) == 1 and len(fail) == 2
+    holder = _kv(encode_claim(ClaimValue("a", "r1", 0, session=7)), 5)
+    ep = RangeResponse(11, (), 0)
+
+    def res(alive):
+        return TxnResult(False, 11, (RangeResponse(11, (holder,), 1), ep,
+                                     RangeResponse(11, (_kv(b"a", 4),) if alive else (), int(alive))))
+    d = decide_reclaim(res(True), node="b", run_id="r2", high_water_before=0, high_water_now=0,
+                       mod_revision=5)
+    assert (d.won, d.claimer_alive) == (False, True) and "alive" in d.detail
+    d = decide_reclaim(res(False), node="b", run_id="r2", high_water_before=0, high_water_now=0,
+                       mod_revision=5)
+    assert (d.won, d.claimer_alive) == (False, False) and "raced" in d.detail
+    # the claim moved on (another reclaimer won): a race, whatever the alive key says
+    d = decide_reclaim(res(True), node="b", run_id="r2", high_water_before=0, high_water_now=0,
+                       mod_revision=4)
+    assert not d.claimer_alive
+
+
 # -------------------------------------------------------- real etcd shell
 
 @pytest.fixture
@@ -260,11 +323,13 @@ async def test_reclaim_once_per_death(etcd):
     with trio.fail_after(DEADLINE_S):
         first = await a.claim("job", 1, "ra", deadline=_deadline())
         assert first.won
+        await a.aclose()  # a's process ends: its session lease is revoked
         r_b = await b.reclaim("job", 1, "rb", dead_node="a")
         r_c = await c.reclaim("job", 1, "rc", dead_node="a")  # same death: refused
         r_b2 = await b.reclaim("job", 1, "rb", dead_node="a")  # also refused
         nothing = await c.reclaim("job", 2, "rc", dead_node="a")  # never claimed
         # b dies too: one more reclaim for that death
+        await b.aclose()
         r_c2 = await c.reclaim("job", 1, "rc2", dead_node="b")
         kv = await c.client.get(fire_key(prefix, "job", 1))
     assert r_b.won and r_b.token > first.token
@@ -272,7 +337,7 @@ async def test_reclaim_once_per_death(etcd):
     assert not r_b2.won
     assert not nothing.won and "no claim" in nothing.detail
     assert r_c2.won and r_c2.token > r_b.token
-    assert decode_claim(kv.value) == ClaimValue("c", "rc2", 0, 2, ("a", "b"))
+    assert decode_claim(kv.value) == ClaimValue("c", "rc2", 0, 2, ("a", "b"), c.boot)
     assert b.statistics().reclaims_won == 1 and c.statistics().reclaims_refused == 2
 
 
@@ -282,6 +347,7 @@ async def test_concurrent_reclaims_one_winner(etcd):
     others = [await _fencer(etcd, n, prefix) for n in ("b", "c", "d")]
     with trio.fail_after(DEADLINE_S):
         assert (await a.claim("job", 1, "ra", deadline=_deadline())).won
+        await a.aclose()
         results = []
 
         async def go(f):
@@ -291,6 +357,47 @@ async def test_concurrent_reclaims_one_winner(etcd):
             for f in others:
                 n.start_soon(go, f)
     assert sum(r.won for r in results) == 1, results
+
+
+async def test_false_death_waits_for_the_claimers_session(etcd):
+    """Rule 8: a claimer declared dead while its process still refreshes its
+    etcd session is not reclaimed; once its session lapses (process gone,
+    here: refreshes stop) the reclaim goes through, once."""
+    prefix = _prefix()
+    a = await _fencer(etcd, "a", prefix, session_ttl_s=2)
+    b = await _fencer(etcd, "b", prefix, session_ttl_s=2)
+    with trio.fail_after(DEADLINE_S):
+        async with trio.open_nursery() as n:
+            await n.start(a.run)  # a keeps its session alive
+            assert (await a.claim("job", 1, "ra", deadline=_deadline())).won
+            t0 = trio.current_time()
+            early = await b.reclaim("job", 1, "rb", "a", deadline=t0 + 5.0, expected_run_id="ra")
+            assert trio.current_time() - t0 >= 5.0  # kept trying while a was alive (> 2 TTLs)
+            n.cancel_scope.cancel()  # a's process "stops": no more refreshes
+        late = await b.reclaim("job", 1, "rb", "a", deadline=_deadline(), expected_run_id="ra")
+    assert (early.won, early.holder) == (False, "a") and "claimer alive" in early.detail, early
+    assert late.won and late.attempts >= 1, late
+    st_b = b.statistics()
+    assert (st_b.reclaims_claimer_alive, st_b.reclaims_won) == (1, 1)
+
+
+async def test_restarted_node_retakes_its_slot_once(etcd):
+    """The dead claimer restarts and re-claims its own lost run; a peer that
+    also saw that death must not take the slot again (expected run id)."""
+    prefix = _prefix()
+    a1 = await _fencer(etcd, "a", prefix)
+    b = await _fencer(etcd, "b", prefix)
+    with trio.fail_after(DEADLINE_S):
+        first = await a1.claim("job", 1, "ra", deadline=_deadline())
+        await a1.aclose()
+        a2 = await _fencer(etcd, "a", prefix)  # same name, new process
+        assert a2.boot != a1.boot
+        mine = await a2.reclaim("job", 1, "ra2", "a", expected_run_id="ra")
+        theirs = await b.reclaim("job", 1, "rb", "a", expected_run_id="ra")
+        again = await a2.reclaim("job", 1, "ra3", "a", expected_run_id="ra2")
+    assert mine.won and mine.token > first.token
+    assert not theirs.won and "not the lost run" in theirs.detail
+    assert not again.won and "this process" in again.detail
 
 
 async def test_epoch_raise_makes_tokens_jump(etcd):
@@ -411,7 +518,7 @@ async def test_claim_retries_through_a_restart(etcd):
 
 def test_fencer_rejects_bad_options():
     c = EtcdClient(["http://127.0.0.1:1"])
-    for kw in ({"on_unavailable": "maybe"}, {"retention_s": 1}, {"prefix": "x"}):
+    for kw in ({"on_unavailable": "maybe"}, {"retention_s": 1}, {"prefix": "x"}, {"session_ttl_s": 1}):
         with pytest.raises(ValueError):
             Fencer(c, "a", **kw)
     with pytest.raises(ValueError):
