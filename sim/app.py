@@ -32,9 +32,14 @@ shell does not make):
 5. Fencing (optional): before a fire, claim ``fire/<task>/<slot>``
    (create-if-absent) in the shared model; only the winner fires. A fire
    with reason ``rerun_owner_loss`` and a remembered dead claimer re-claims
-   instead (compare on mod revision; only if the holder is that dead node;
-   at most ``MAX_RECLAIMS``). etcd unavailable: retry every
-   ``claim_retry_s`` until the slot's catch-up window closes (``skip`` mode).
+   instead (compare on mod revision; only if the holder is that dead node
+   and its run id is the lost run's; at most ``MAX_RECLAIMS``; and only once
+   the dead claimer's session is gone: while it holds, retry every
+   ``claim_retry_s`` for ``1.5 * session_ttl_s + 2`` s, then give up).
+   Sessions: every process refreshes ``alive/<node>/<boot>`` every
+   ``session_ttl_s / 3`` (from boot; a paused node does not), and closes it
+   when it leaves. etcd unavailable: retry every ``claim_retry_s`` until the
+   slot's catch-up window closes (``skip`` mode).
 6. Durability: every store change is written through to the node's disk
    (``AppCluster.disks``, rows of ``store.drain_dirty``); a restarted node
    loads them (``store.load``), then marks its own ``running`` records lost
@@ -82,6 +87,7 @@ EPOCH_BASE = 1_800_000_000.0
 # SimNode clocks read 1000 + offset at t=0 (sim/cluster.py).
 EPOCH_SHIFT = EPOCH_BASE - 1000.0
 MAX_RECLAIMS = 3  # node/fencer.py default
+_WAIT = object()  # a reclaim that must wait: the dead claimer's session holds
 TERMINAL = ("succeeded", "failed", "timeout", "cancelled", "lost")
 
 
@@ -95,6 +101,7 @@ class AppOptions:
     claim_retry_s: float = 0.5
     ae_rounds_max: int = 8
     fencing: bool = False
+    session_ttl_s: float = 10.0  # node/config.py fencing_session_ttl_s
     # node/node.py (as of this writing) calls Ring.set_task and ignores the
     # other tasks the load cap moved; True reproduces that (a moved task is
     # then owned by nobody until the next membership change).
@@ -152,7 +159,11 @@ class SchedulerApp:
         self._task_defs: dict[str, dict] = {}
         self.owned: set[str] = set()
         self.handoff_pending: dict[str, float] = {}   # tid -> epoch deadline
-        self.lost_claimers: dict[tuple[str, int], str] = {}
+        # (task, slot) -> (dead claimer, run id seen lost)
+        self.lost_claimers: dict[tuple[str, int], tuple[str, str | None]] = {}
+        self.reclaim_since: dict[tuple[str, int], float] = {}  # first try, cluster time
+        self.boot_id = self.rng.getrandbits(64) or 1
+        self.alive_key = f"alive/{node.name}/{self.boot_id:016x}"
         self.running: dict[str, tuple[str, int, Any, float]] = {}  # run_id -> (tid, slot, token, started)
         self.timers: list[tuple[float, int, str, Any]] = []  # (epoch, seq, kind, arg)
         self._tseq = 0
@@ -164,7 +175,8 @@ class SchedulerApp:
         self.out: list = []             # gossip effects collected during one call
         self.stats = {"handoff_timeouts": 0, "handoffs": 0, "ae_ok": 0, "ae_failed": 0,
                       "pushes": 0, "claims_lost": 0, "claims_unavailable": 0,
-                      "reclaims_won": 0, "reclaims_refused": 0, "abandoned": 0}
+                      "reclaims_won": 0, "reclaims_refused": 0, "reclaims_claimer_alive": 0,
+                      "abandoned": 0}
         now = self.epoch(node.local(cluster.loop.now_s))
         rows = cluster.disks.get(self.name)
         if rows:
@@ -173,6 +185,8 @@ class SchedulerApp:
         for view in self.store.tasks():
             self._install(view, now)
         self._recompute_ownership(now)
+        if cluster.etcd is not None:
+            self._session_tick(now)
         self._recover_own_runs(now)
         self._timer(now + self.opts.ae_interval_s * (0.5 + self.rng.random()), "ae", None)
 
@@ -215,6 +229,8 @@ class SchedulerApp:
                 self._retry_claims(now)
             elif kind == "handoff":
                 self._handoff_check(now)
+            elif kind == "session":
+                self._session_tick(now)
         deferred, self.deferred = self.deferred, []
         for eff in deferred:
             self._carry_out(eff, now)
@@ -230,6 +246,7 @@ class SchedulerApp:
                 # our own leave: the real node drains runs first and fires
                 # nothing after (Node.shutdown); stop firing here.
                 self.stopping = True
+                self._session_close()
             return self._flush()
         self._recompute_ownership(now)
         if event.kind in (EventKind.DEAD, EventKind.LEFT):
@@ -393,7 +410,7 @@ class SchedulerApp:
                 if rec.get("node") == dead and rec.get("status") == "running":
                     self._commit(self.store.put_run(dict(rec, status="lost", finished=now)), now, run_task=tid)
                     if isinstance(rec.get("slot"), int):
-                        self.lost_claimers[(tid, rec["slot"])] = dead
+                        self.lost_claimers[(tid, rec["slot"])] = (dead, rec.get("run_id"))
                     for eff in self.scheduler.unfinished_run(tid, rec, now):
                         self._carry_out(eff, now)
 
@@ -404,7 +421,7 @@ class SchedulerApp:
                         and rec.get("run_id") not in self.running:
                     self._commit(self.store.put_run(dict(rec, status="lost", finished=now)), now, run_task=tid)
                     if isinstance(rec.get("slot"), int):
-                        self.lost_claimers[(tid, rec["slot"])] = self.name
+                        self.lost_claimers[(tid, rec["slot"])] = (self.name, rec.get("run_id"))
                     if self.ring.owner(tid) == self.name:
                         self.deferred.extend(self.scheduler.unfinished_run(tid, rec, now))
 
@@ -448,11 +465,11 @@ class SchedulerApp:
             key = f"fire/{tid}/{slot}"
             run_id = f"{slot}-{self.name}-{self.rng.getrandbits(32):08x}"
             try:
-                dead = self.lost_claimers.get((tid, slot))
-                if fire.reason == "rerun_owner_loss" and dead:
-                    token = self._reclaim(etcd, key, run_id, dead, t_s)
+                lost = self.lost_claimers.get((tid, slot))
+                if fire.reason == "rerun_owner_loss" and lost:
+                    token = self._reclaim(etcd, key, run_id, lost, (tid, slot), t_s)
                 else:
-                    res = etcd.claim(key, (self.name, run_id, 0, ()), t_s)
+                    res = etcd.claim(key, (self.name, run_id, 0, (), self.boot_id), t_s)
                     token = res.token if res.won else None
             except EtcdModelUnavailable:
                 if now >= window_end:
@@ -462,7 +479,12 @@ class SchedulerApp:
                     keep.append((tid, slot, fire))
                     blocked.add(tid)
                 continue
+            if token is _WAIT:  # the dead claimer's session holds: try again later
+                keep.append((tid, slot, fire))
+                blocked.add(tid)
+                continue
             self.lost_claimers.pop((tid, slot), None)
+            self.reclaim_since.pop((tid, slot), None)
             if token is None:
                 self.stats["claims_lost"] += 1
                 self.scheduler.fire_abandoned(tid, slot, now)
@@ -472,15 +494,46 @@ class SchedulerApp:
         if keep:
             self._timer(now + self.opts.claim_retry_s, "claims", None)
 
-    def _reclaim(self, etcd: EtcdModel, key: str, run_id: str, dead: str, t_s: float):
+    def _reclaim(self, etcd: EtcdModel, key: str, run_id: str, lost: tuple, ts_key, t_s: float):
+        """node/fencing.py plan_reclaim + reclaim_txn + the fencer's wait
+        while the claimer lives. Returns a token, None (refused) or _WAIT."""
+        dead, expected = lost
         kv = etcd.get(key, t_s)
-        if kv is None or kv.value[0] != dead or kv.value[2] >= MAX_RECLAIMS:
+        if (kv is None or kv.value[0] != dead or kv.value[2] >= MAX_RECLAIMS
+                or (expected is not None and kv.value[1] != expected)
+                or (dead == self.name and kv.value[4] == self.boot_id)):
             self.stats["reclaims_refused"] += 1
             return None
-        value = (self.name, run_id, kv.value[2] + 1, kv.value[3] + (dead,))
-        token = etcd.reclaim(key, kv.mod_revision, value, t_s)
+        dead_alive = None if dead == self.name else f"alive/{dead}/{kv.value[4]:016x}"
+        value = (self.name, run_id, kv.value[2] + 1, kv.value[3] + (dead,), self.boot_id)
+        token = etcd.reclaim(key, kv.mod_revision, value, t_s, dead_alive=dead_alive)
+        if token is None and dead_alive is not None and etcd.session_alive(dead_alive, t_s) \
+                and etcd.peek(key).mod_revision == kv.mod_revision:
+            since = self.reclaim_since.setdefault(ts_key, t_s)
+            if t_s < since + 1.5 * self.opts.session_ttl_s + 2.0:
+                return _WAIT
+            self.stats["reclaims_claimer_alive"] += 1
         self.stats["reclaims_won" if token is not None else "reclaims_refused"] += 1
         return token
+
+    # ------------------------------------------------------------- sessions
+    def _session_tick(self, now: float) -> None:
+        """Refresh the alive key every TTL/3 (node/fencer.py _session_loop)."""
+        if self.stopping:
+            return
+        self._timer(now + self.opts.session_ttl_s / 3, "session", None)
+        try:
+            self.cluster.etcd.session_refresh(self.alive_key, self.opts.session_ttl_s, self._t())
+        except EtcdModelUnavailable:
+            pass  # next period (the real fencer logs and retries)
+
+    def _session_close(self) -> None:
+        if self.cluster.etcd is None:
+            return
+        try:
+            self.cluster.etcd.session_close(self.alive_key, self._t())
+        except EtcdModelUnavailable:
+            pass  # expires by itself
 
     def _start_run(self, fire, token, now: float, *, run_id: str | None = None) -> None:
         tid = fire.task_id

@@ -18,6 +18,14 @@ Rule 2 (outages): ``outages`` is a list of ``(start_s, end_s)`` windows; at
 Rule 3 (leases): a key written with ``ttl_s`` disappears at ``now_s + ttl_s``.
     Expiry happens lazily before each call, in ``(expires_at_s, key)`` order,
     and each expired key costs one revision (etcd deletes via a revision too).
+Rule 4b (sessions, node/fencing.py Rule 8): ``session_refresh(key, ttl_s,
+    now_s)`` puts or refreshes a process's alive key, which lives ``ttl_s``
+    after its last refresh. etcd keeps leases across a restart and renews
+    their TTL when a leader takes office, so an outage that begins before a
+    session runs out extends it to ``outage end + ttl_s``; one that begins
+    after it ran out does not revive it. ``session_alive(key, now_s)``
+    answers from that (no availability check: it is what a txn compare would
+    see). ``reclaim(..., dead_alive=key)`` fails while that key is alive.
 Rule 4 (tokens): ``token = node.fencing.make_token(epoch, revision)`` exactly
     as the real fencer computes it; ``restore(snapshot)`` puts revisions back
     (a restore from backup), ``raise_epoch()`` is the operator's fix.
@@ -90,6 +98,7 @@ class EtcdModel:
         self.revision = 1  # a fresh etcd answers revision 1
         self.epoch = 0
         self._kv: dict[str, ModelKV] = {}
+        self._sessions: dict[str, tuple[float, float]] = {}  # alive key -> (last refresh, ttl)
         self._expiry: list[tuple[float, str, int]] = []  # (expires_at_s, key, mod_revision)
         self.writes = 0
         self.rejected_unavailable = 0
@@ -151,12 +160,40 @@ class EtcdModel:
             raise EtcdModelUnavailable("reply lost (write applied)")
         return make_token(self.epoch, rev)
 
+    def session_refresh(self, key: str, ttl_s: float, now_s: float) -> None:
+        """Keep-alive (or re-grant and re-put) of a process's alive key."""
+        self._enter(now_s)
+        self._sessions[key] = (now_s, float(ttl_s))
+
+    def session_close(self, key: str, now_s: float) -> None:
+        """Revoke (graceful shutdown)."""
+        self._enter(now_s)
+        self._sessions.pop(key, None)
+
+    def session_alive(self, key: str, now_s: float) -> bool:
+        s = self._sessions.get(key)
+        if s is None:
+            return False
+        last, ttl = s
+        exp = last + ttl
+        i = bisect.bisect_right(self._ends, last)  # outages ending after the refresh
+        while i < len(self._starts) and self._starts[i] < now_s:
+            if exp <= self._starts[i]:
+                break  # ran out before this outage began
+            exp = max(exp, self._ends[i] + ttl)  # renewed when etcd came back
+            i += 1
+        return now_s < exp
+
     def reclaim(self, key: str, expected_mod_rev: int, value: object, now_s: float, *,
-                ttl_s: float | None = None, lost_reply: bool = False) -> int | None:
-        """``if mod_revision(key) == expected: put``; token or None."""
+                ttl_s: float | None = None, lost_reply: bool = False,
+                dead_alive: str | None = None) -> int | None:
+        """``if mod_revision(key) == expected and not alive(dead_alive): put``;
+        token or None."""
         self._enter(now_s)
         kv = self._kv.get(key)
         if kv is None or kv.mod_revision != expected_mod_rev:
+            return None
+        if dead_alive is not None and self.session_alive(dead_alive, now_s):
             return None
         rev = self._write(key, value, now_s, ttl_s)
         if lost_reply:

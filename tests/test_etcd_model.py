@@ -134,3 +134,28 @@ def test_tokens_strictly_increase_and_one_holder(ops, outages):
             assert not tokens or t > tokens[-1]
             tokens.append(t)
             assert m.get(key, now).mod_revision == split_token(t)[1]
+
+
+def test_sessions_expire_are_refreshed_and_survive_outages():
+    m = EtcdModel(outages=[(20.0, 30.0)])
+    m.session_refresh("alive/a/1", 10.0, 0.0)
+    assert m.session_alive("alive/a/1", 9.9) and not m.session_alive("alive/a/1", 10.0)
+    m.session_refresh("alive/a/1", 10.0, 15.0)  # keeps it to 25 -> outage from 20: renewed to 40
+    assert m.session_alive("alive/a/1", 39.0) and not m.session_alive("alive/a/1", 40.0)
+    m.session_refresh("alive/b/1", 10.0, 5.0)  # ran out at 15, before the outage: stays dead
+    assert not m.session_alive("alive/b/1", 35.0)
+    with pytest.raises(EtcdModelUnavailable):
+        m.session_refresh("alive/a/1", 10.0, 25.0)
+    m.session_close("alive/a/1", 31.0)
+    assert not m.session_alive("alive/a/1", 31.0)
+    assert not m.session_alive("never", 0.0)
+
+
+def test_reclaim_waits_for_the_dead_claimers_session():
+    m = EtcdModel()
+    m.session_refresh("alive/a/1", 10.0, 0.0)
+    assert m.claim("k", "a", 1.0).won
+    mod = m.peek("k").mod_revision
+    assert m.reclaim("k", mod, "b", 5.0, dead_alive="alive/a/1") is None  # a still alive
+    t = m.reclaim("k", mod, "b", 10.0, dead_alive="alive/a/1")  # session ran out
+    assert t is not None and m.peek("k").value == "b"
