@@ -15,7 +15,10 @@ Rules
 
 Broadcasts are stored pre-encoded, so filling a datagram is a walk over
 byte lengths: ``O(items examined)``, bounded by ``scan_max`` and by 16
-consecutive items that do not fit.
+consecutive items that do not fit. Each level is a list in insertion order;
+removal only marks an entry stale (O(1)); the newest-first walk pops stale
+entries off the tail, and a level is compacted when its stale entries
+outnumber its valid ones (amortized O(1) per removal).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ class Broadcast:
     data: bytes
     transmits: int = 0
     id: int = field(default=0)
+    lvl: int = -1   # the level it is queued at; -1 once it left the queue
 
 
 class TransmitLimitedQueue:
@@ -41,16 +45,19 @@ class TransmitLimitedQueue:
         max_len: cap on queued broadcasts (rule 4).
     """
 
-    __slots__ = ("_levels", "_holes", "_by_key", "_next_id", "max_len", "dropped", "scan_max")
+    __slots__ = ("_levels", "_live", "_stale", "_by_key", "_next_id", "max_len", "dropped",
+                 "scan_max")
 
     def __init__(self, max_len: int = 1024, scan_max: int = 256) -> None:
         if max_len < 1:
             raise ValueError("max_len must be >= 1")
-        # _levels[t] = {id: Broadcast} in insertion order (oldest first)
-        self._levels: list[dict[int, Broadcast]] = []
-        # deletions per level since its last compaction: CPython dicts keep
-        # deleted slots until resized, and a reversed walk pays for each one
-        self._holes: list[int] = []
+        # _levels[t]: the broadcasts put at transmit count t, in insertion
+        # order (oldest first). An entry is valid iff its ``lvl`` is still t;
+        # removal only marks it (``lvl`` moves on), so removing is O(1) and
+        # the newest-first walk of take() pops stale entries off the tail.
+        self._levels: list[list[Broadcast]] = []
+        self._live: list[int] = []    # valid entries per level
+        self._stale: list[int] = []   # stale entries per level (compacted when many)
         self._by_key: dict[str, Broadcast] = {}
         self._next_id = 0
         self.max_len = max_len
@@ -63,49 +70,58 @@ class TransmitLimitedQueue:
     def __bool__(self) -> bool:
         return bool(self._by_key)
 
+    def _level(self, t: int) -> list:
+        levels = self._levels
+        while len(levels) <= t:
+            levels.append([])
+            self._live.append(0)
+            self._stale.append(0)
+        return levels[t]
+
     def queue(self, key: str, data: bytes, transmits: int = 0) -> None:
         """Add a broadcast, superseding any queued one with the same key.
 
         ``transmits`` > 0 queues it as already sent that many times (fewer
         copies, lower priority: for news that is probably not news).
         """
-        old = self._by_key.pop(key, None)
+        by_key = self._by_key
+        old = by_key.pop(key, None)
         if old is not None:
             self._del(old)
         self._next_id += 1
-        b = Broadcast(key, data, transmits, self._next_id)
-        while len(self._levels) <= transmits:
-            self._levels.append({})
-            self._holes.append(0)
-        self._levels[transmits][b.id] = b
-        self._by_key[key] = b
-        while len(self._by_key) > self.max_len:
+        b = Broadcast(key, data, transmits, self._next_id, transmits)
+        self._level(transmits).append(b)
+        self._live[transmits] += 1
+        by_key[key] = b
+        while len(by_key) > self.max_len:
             self._drop_one()
 
     def _del(self, b: Broadcast) -> None:
-        t = b.transmits
-        lvl = self._levels[t]
-        del lvl[b.id]
-        h = self._holes[t] + 1
-        if h > 32 and h > len(lvl):
-            self._levels[t] = dict(lvl)  # a copy is compact
-            h = 0
-        self._holes[t] = h
+        """Remove ``b`` from its level (not from ``_by_key``)."""
+        t = b.lvl
+        b.lvl = -1
+        self._live[t] -= 1
+        s = self._stale[t] + 1
+        if s > 32 and s > self._live[t]:
+            self._levels[t] = [x for x in self._levels[t] if x.lvl == t]
+            s = 0
+        self._stale[t] = s
 
     def _drop_one(self) -> None:
-        for t in range(len(self._levels) - 1, -1, -1):
-            lvl = self._levels[t]
-            if lvl:
-                b = lvl[next(iter(lvl))]  # oldest at the highest transmit count
-                self._del(b)
-                del self._by_key[b.key]
-                self.dropped += 1
-                return
+        live = self._live
+        for t in range(len(live) - 1, -1, -1):
+            if live[t]:
+                for b in self._levels[t]:  # oldest valid entry at the highest count
+                    if b.lvl == t:
+                        self._del(b)
+                        del self._by_key[b.key]
+                        self.dropped += 1
+                        return
 
     def has_fresh(self, below: int = 1) -> bool:
         """Is a broadcast transmitted fewer than ``below`` times queued?"""
-        for lvl in self._levels[:below]:
-            if lvl:
+        for n in self._live[:below]:
+            if n:
                 return True
         return False
 
@@ -121,8 +137,11 @@ class TransmitLimitedQueue:
             self._del(b)
 
     def reset(self) -> None:
+        for b in self._by_key.values():
+            b.lvl = -1
         self._levels = []
-        self._holes = []
+        self._live = []
+        self._stale = []
         self._by_key = {}
 
     def take(self, space_bytes: int, limit: int, per_item_overhead: int = 0) -> list[bytes]:
@@ -146,18 +165,31 @@ class TransmitLimitedQueue:
         misses = 0
         scan_max = self.scan_max
         levels = self._levels
+        live = self._live
+        stale = self._stale
         for t in range(len(levels)):
-            lvl = levels[t]
-            if not lvl:
+            if not live[t]:
                 continue
+            lst = levels[t]
             if t >= limit:
                 # the limit shrank (fewer members): these are done
-                for b in list(lvl.values()):
-                    del by_key[b.key]
-                levels[t] = {}
-                self._holes[t] = 0
+                for b in lst:
+                    if b.lvl == t:
+                        b.lvl = -1
+                        del by_key[b.key]
+                levels[t] = []
+                live[t] = stale[t] = 0
                 continue
-            for b in reversed(lvl.values()):
+            # drop stale entries off the tail (mostly the ones taken last time)
+            while lst[-1].lvl != t:
+                lst.pop()
+                stale[t] -= 1
+            i = len(lst)
+            while i:
+                i -= 1
+                b = lst[i]
+                if b.lvl != t:
+                    continue
                 scanned += 1
                 data = b.data
                 need = len(data) + per_item_overhead
@@ -178,32 +210,34 @@ class TransmitLimitedQueue:
                 break
         if not picked:
             return out
-        holes = self._holes
         for b in picked:
-            # inline _del(b)
-            t = b.transmits
-            lvl = levels[t]
-            del lvl[b.id]
-            h = holes[t] + 1
-            if h > 32 and h > len(lvl):
-                levels[t] = dict(lvl)  # a copy is compact
-                h = 0
-            holes[t] = h
+            t = b.lvl
+            live[t] -= 1
+            s = stale[t] + 1
+            if s > 32 and s > live[t]:
+                b.lvl = -1
+                levels[t] = [x for x in levels[t] if x.lvl == t]
+                s = 0
+            stale[t] = s
             t += 1
             b.transmits = t
             if t >= limit:
+                b.lvl = -1
                 del by_key[b.key]
                 continue
-            while len(levels) <= t:
-                levels.append({})
-                holes.append(0)
-            levels[t][b.id] = b
+            b.lvl = t
+            if t < len(levels):
+                levels[t].append(b)
+            else:
+                self._level(t).append(b)
+            live[t] += 1
         return out
 
     def pending(self) -> list[tuple[str, int]]:
         """(key, transmits) of every queued broadcast, in selection order."""
         res = []
-        for lvl in self._levels:
-            for b in reversed(lvl.values()):
-                res.append((b.key, b.transmits))
+        for t, lst in enumerate(self._levels):
+            for b in reversed(lst):
+                if b.lvl == t:
+                    res.append((b.key, b.transmits))
         return res

@@ -160,26 +160,43 @@ def _iso(slot: int | None) -> str | None:
 
 class _Entry:
     __slots__ = (
-        "task", "sched", "paused", "owned", "ready", "last_fired", "cursor",
-        "next_slot", "gen", "running", "pending", "pending_expire_at", "queue", "backfill",
+        "task", "tid", "sched", "rule", "every_s", "every_off_s", "paused", "owned", "ready",
+        "last_fired", "cursor", "next_slot", "due_at", "running", "pending", "pending_expire_at",
+        "queue", "backfill",
     )
 
     def __init__(self, task: Task, sched: Schedule, paused: bool, cursor: int,
                  last_fired: int | None) -> None:
         self.task = task
-        self.sched = sched
+        self.tid = task.id
+        self.set_sched(sched)
         self.paused = paused
         self.owned = False
         self.ready = False
         self.last_fired = last_fired
         self.cursor = cursor
         self.next_slot = sched.next_after(cursor)
-        self.gen = 0
+        # Fire time of the bucket this entry is queued in (None: not queued).
+        self.due_at: float | None = None
         self.running: dict[str, int] = {}
         self.pending: dict[int, int] = {}
         self.pending_expire_at = 0.0
         self.queue: deque[tuple[int, str]] = deque()
         self.backfill: deque[int] = deque()
+
+    def set_sched(self, sched: Schedule) -> None:
+        self.sched = sched
+        self.rule = sched._rule
+        # @every: the next slot is slot + period (slots are multiples of it)
+        # and the jitter offset is a constant; 0 means "ask the rule".
+        if sched.kind == "every":
+            p = sched._rule.period_s  # type: ignore[attr-defined]
+            j = sched._jitter_offset_s
+            self.every_s = p
+            self.every_off_s = min(j, p * 0.9) if j else 0.0
+        else:
+            self.every_s = 0
+            self.every_off_s = 0.0
 
     def busy(self) -> bool:
         return bool(self.running) or bool(self.pending)

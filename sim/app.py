@@ -162,7 +162,7 @@ class SchedulerApp:
         # (task, slot) -> (dead claimer, run id seen lost)
         self.lost_claimers: dict[tuple[str, int], tuple[str, str | None]] = {}
         self.reclaim_since: dict[tuple[str, int], float] = {}  # first try, cluster time
-        self.boot_id = self.rng.getrandbits(64) or 1
+        self.boot_id = child_rng(cluster.seed, "boot", node.name, node.boots).getrandbits(64) or 1
         self.alive_key = f"alive/{node.name}/{self.boot_id:016x}"
         self.running: dict[str, tuple[str, int, Any, float]] = {}  # run_id -> (tid, slot, token, started)
         self.timers: list[tuple[float, int, str, Any]] = []  # (epoch, seq, kind, arg)
