@@ -15,7 +15,9 @@ shell does not make):
 
 1. Eligible members = alive and suspect members of the node's SWIM view (the
    real node also drops members with skewed clocks; not modelled). A node
-   that boots alone owns everything until it hears of others, as a real one.
+   that boots without knowing another member owns nothing until it hears a
+   JOIN of one, or ``boot_grace_s`` passes (then it owns alone), as
+   ``Node._eligible``/``_boot_hold`` do.
 2. A task newly owned with other replicas is held (``handoff_ready=False``)
    until an exchange with one of those replicas completes, or
    ``handoff_timeout_s`` passes.
@@ -102,6 +104,7 @@ class AppOptions:
     ae_rounds_max: int = 8
     fencing: bool = False
     session_ttl_s: float = 10.0  # node/config.py fencing_session_ttl_s
+    boot_grace_s: float = 3.0    # node/node.py, local profile
     # node/node.py (as of this writing) calls Ring.set_task and ignores the
     # other tasks the load cap moved; True reproduces that (a moved task is
     # then owned by nobody until the next membership change).
@@ -178,6 +181,10 @@ class SchedulerApp:
                       "reclaims_won": 0, "reclaims_refused": 0, "reclaims_claimer_alive": 0,
                       "abandoned": 0}
         now = self.epoch(node.local(cluster.loop.now_s))
+        core = node.core
+        self.joined = bool(core and any(m.name != self.name for m in core.alive_members()))
+        if not self.joined:
+            self._timer(now + self.opts.boot_grace_s, "boot_grace", None)
         rows = cluster.disks.get(self.name)
         if rows:
             self.store.load(sorted(rows.items()))
@@ -231,6 +238,9 @@ class SchedulerApp:
                 self._handoff_check(now)
             elif kind == "session":
                 self._session_tick(now)
+            elif kind == "boot_grace" and not self.joined:
+                self.joined = True  # no seed answered: own alone until one does
+                self._recompute_ownership(now)
         deferred, self.deferred = self.deferred, []
         for eff in deferred:
             self._carry_out(eff, now)
@@ -248,6 +258,8 @@ class SchedulerApp:
                 self.stopping = True
                 self._session_close()
             return self._flush()
+        if event.kind == EventKind.JOIN:
+            self.joined = True
         self._recompute_ownership(now)
         if event.kind in (EventKind.DEAD, EventKind.LEFT):
             self._owner_loss(event.member.name, now)
@@ -353,6 +365,8 @@ class SchedulerApp:
 
     # ------------------------------------------------------------- ownership
     def _eligible(self) -> dict[str, dict[str, str]]:
+        if not self.joined:
+            return {}
         out = {}
         core = self.node.core
         if core is not None:
