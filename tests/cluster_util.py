@@ -6,6 +6,7 @@ Waiting is always on a condition with a deadline, never a fixed sleep.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -136,6 +137,35 @@ def wait_for(cond, *, timeout: float, what: str, cluster: Cluster | None = None,
     if cluster is not None:
         msg += "\n" + cluster.logs()
     raise AssertionError(msg)
+
+
+def alive_names(addr: str) -> set[str]:
+    """Members ``addr`` lists as alive (empty if it does not answer 200)."""
+    st, ms = api(addr, "GET", "/v1/members")
+    return {m["name"] for m in ms if m["state"] == "alive"} if st == 200 else set()
+
+
+@contextlib.contextmanager
+def running_cluster(tmp: Path, n: int, *, profile: str = "local", extra_args: list[str] | None = None,
+                    wait_converged_s: float | None = None):
+    """A started ``Cluster``, stopped on exit. With ``wait_converged_s`` it
+    first waits until every node sees all ``n`` alive."""
+    c = Cluster(tmp, n, profile=profile, extra_args=extra_args)
+    c.start()
+    try:
+        if wait_converged_s is not None:
+            wait_converged(c, wait_converged_s)
+        yield c
+    finally:
+        c.stop()
+
+
+def wait_converged(c: Cluster, timeout_s: float) -> None:
+    """Wait until every node of ``c`` lists all of them alive."""
+    names = {p.name for p in c.procs}
+    for p in c.procs:
+        wait_for(lambda p=p: alive_names(p.api_addr) == names, timeout=timeout_s,
+                 what=f"{p.name} sees {len(names)} alive", cluster=c)
 
 
 def peerctl(*args: str, node: str, token: str = TOKEN, timeout: float = 30):

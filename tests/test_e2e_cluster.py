@@ -15,24 +15,13 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cluster_util import TOKEN, Cluster, api, peerctl, wait_for
+from tests.cluster_util import TOKEN, alive_names as _alive_names, api, peerctl, running_cluster, wait_for
 
 
 @pytest.fixture
 def cluster(tmp_path):
-    c = Cluster(tmp_path, 3)
-    c.start()
-    try:
+    with running_cluster(tmp_path, 3) as c:
         yield c
-    finally:
-        c.stop()
-
-
-def _alive_names(addr):
-    status, ms = api(addr, "GET", "/v1/members")
-    if status != 200:
-        return set()
-    return {m["name"] for m in ms if m["state"] == "alive"}
 
 
 def test_three_node_cluster_with_peerctl(cluster, tmp_path):

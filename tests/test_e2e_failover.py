@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.cluster_util import Cluster, api, wait_for
+from tests.cluster_util import alive_names as _alive, api, running_cluster, wait_for
 
 
 def _ledger(path):
@@ -29,19 +29,10 @@ def _ledger(path):
     return out
 
 
-def _alive(addr):
-    st, ms = api(addr, "GET", "/v1/members")
-    return {m["name"] for m in ms if m["state"] == "alive"} if st == 200 else set()
-
-
 @pytest.fixture
 def cluster(tmp_path):
-    c = Cluster(tmp_path, 3)
-    c.start()
-    try:
+    with running_cluster(tmp_path, 3) as c:
         yield c
-    finally:
-        c.stop()
 
 
 def test_every_second_task_survives_owner_kill(cluster, tmp_path):

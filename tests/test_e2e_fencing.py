@@ -43,7 +43,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.cluster_util import Cluster, api, wait_for
+from tests.cluster_util import Cluster, alive_names as _alive, api, wait_converged, wait_for
 from tests.etcd_server import etcd_server  # noqa: F401  (module-scoped fixture)
 
 TASK = "fence-tick"
@@ -105,11 +105,6 @@ def _task(ledger) -> dict:
     }
 
 
-def _alive(addr) -> set[str]:
-    st, ms = api(addr, "GET", "/v1/members")
-    return {m["name"] for m in ms if m["state"] == "alive"} if st == 200 else set()
-
-
 def _slots(lines) -> set[int]:
     return {ln.slot for ln in lines}
 
@@ -122,13 +117,11 @@ def _dupes(lines) -> list[int]:
 
 
 def _start_cluster(tmp_path, n, extra_args=None, profile="local") -> Cluster:
+    """Started and converged; the caller stops it (``cluster.stop()``)."""
     c = Cluster(tmp_path, n, profile=profile, extra_args=extra_args)
     c.start()
-    names = {p.name for p in c.procs}
     try:
-        for p in c.procs:
-            wait_for(lambda p=p: _alive(p.api_addr) == names, timeout=STARTUP_TIMEOUT_S,
-                     what=f"{p.name} sees {len(names)} alive", cluster=c)
+        wait_converged(c, STARTUP_TIMEOUT_S)
     except BaseException:
         c.stop()
         raise
