@@ -336,16 +336,20 @@ class Put:
         return {"requestPut": d}
 
 
+def _key_range_json(key: bytes, range_end: bytes) -> dict:
+    d = {"key": b64(key)}
+    if range_end:
+        d["range_end"] = b64(range_end)
+    return d
+
+
 @dataclass(frozen=True, slots=True)
 class Range:
     key: bytes
     range_end: bytes = b""
 
     def to_json(self) -> dict:
-        d = {"key": b64(self.key)}
-        if self.range_end:
-            d["range_end"] = b64(self.range_end)
-        return {"requestRange": d}
+        return {"requestRange": _key_range_json(self.key, self.range_end)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,10 +358,7 @@ class DeleteRange:
     range_end: bytes = b""
 
     def to_json(self) -> dict:
-        d = {"key": b64(self.key)}
-        if self.range_end:
-            d["range_end"] = b64(self.range_end)
-        return {"requestDeleteRange": d}
+        return {"requestDeleteRange": _key_range_json(self.key, self.range_end)}
 
 
 Op = Union[Put, Range, DeleteRange]

@@ -117,6 +117,7 @@ class Node:
         self._claims: dict[str, list[int]] = {}
         # (task, slot) -> (dead claimer, claim run id of the run seen lost)
         self._lost_claimers: dict[tuple[str, int], tuple[str, str | None]] = {}
+        self._shared_cache: dict[str, list[str]] = {}  # peer -> shared tasks (cleared on ring change)
         self._claim_events: dict[str, trio.Event] = {}
         self._stopping = False
         self._nursery: trio.Nursery | None = None
@@ -314,6 +315,7 @@ class Node:
         return out
 
     def _recompute_ownership(self) -> None:
+        self._shared_cache.clear()
         changed = self.ring.set_members(self._eligible())
         self._apply_ownership(sorted(changed))
 
@@ -434,6 +436,7 @@ class Node:
                     del self._tasks[tid]
                     self._owned.discard(tid)
                     # the load cap may move other tasks when one goes away
+                    self._shared_cache.clear()
                     moved |= self.ring.remove_task(tid)
                     self.scheduler.remove_task(tid)
                 continue
@@ -453,6 +456,7 @@ class Node:
             return set()
         self._tasks[task.id] = task
         ctl = self.store.control(task.id)
+        self._shared_cache.clear()
         moved = self.ring.set_tasks({task.id: dict(task.tags) if task.tags else None})
         self.scheduler.set_task(task, paused=bool(ctl.paused), last_fired_slot=ctl.last_fired_slot, now=_wall())
         return set(moved)
@@ -557,8 +561,13 @@ class Node:
                 self._dirty.set()
 
     def _shared_tasks(self, peer: str) -> list[str]:
-        """Tasks whose run records both we and ``peer`` replicate."""
-        return [t for t in self.ring.tasks_of(self.name) if peer in self.ring.owners(t)]
+        """Tasks whose run records both we and ``peer`` replicate (cached
+        until the ring changes: every anti-entropy message asks)."""
+        shared = self._shared_cache.get(peer)
+        if shared is None:
+            shared = [t for t in self.ring.tasks_of(self.name) if peer in self.ring.owners(t)]
+            self._shared_cache[peer] = shared
+        return shared
 
     async def _anti_entropy_with(self, peer: str) -> bool:
         """Run the store's exchange protocol with one peer (catalogue, then

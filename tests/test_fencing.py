@@ -364,17 +364,21 @@ async def test_false_death_waits_for_the_claimers_session(etcd):
     etcd session is not reclaimed; once its session lapses (process gone,
     here: refreshes stop) the reclaim goes through, once."""
     prefix = _prefix()
-    a = await _fencer(etcd, "a", prefix, session_ttl_s=2)
-    b = await _fencer(etcd, "b", prefix, session_ttl_s=2)
+    # a's session: TTL 6 s refreshed every 2 s, so a slow etcd on a loaded
+    # machine cannot let it lapse while a runs
+    a = await _fencer(etcd, "a", prefix, session_ttl_s=6)
+    b = await _fencer(etcd, "b", prefix)
     with trio.fail_after(DEADLINE_S):
         async with trio.open_nursery() as n:
             await n.start(a.run)  # a keeps its session alive
             assert (await a.claim("job", 1, "ra", deadline=_deadline())).won
             t0 = trio.current_time()
-            early = await b.reclaim("job", 1, "rb", "a", deadline=t0 + 5.0, expected_run_id="ra")
-            assert trio.current_time() - t0 >= 5.0  # kept trying while a was alive (> 2 TTLs)
+            early = await b.reclaim("job", 1, "rb", "a", deadline=_deadline(), expected_run_id="ra",
+                                    alive_wait_s=7.0)
+            assert trio.current_time() - t0 >= 7.0  # kept trying while a was alive (> 1 TTL)
             n.cancel_scope.cancel()  # a's process "stops": no more refreshes
-        late = await b.reclaim("job", 1, "rb", "a", deadline=_deadline(), expected_run_id="ra")
+        late = await b.reclaim("job", 1, "rb", "a", deadline=_deadline(), expected_run_id="ra",
+                               alive_wait_s=25.0)
     assert (early.won, early.holder) == (False, "a") and "claimer alive" in early.detail, early
     assert late.won and late.attempts >= 1, late
     st_b = b.statistics()
