@@ -284,6 +284,35 @@ def test_without_etcd_tokens_are_empty(tmp_path):
     assert not _dupes(lines), _fmt(lines)
 
 
+def _start_long_run(cluster, ledger, tid: str, sleep_s: int, *, all_replicas: bool):
+    """Put a task whose run writes a ledger line then sleeps, run it now,
+    wait until it started and the replicas (all, or at least one) hold its
+    'running' record. Returns (owner name, other procs, slot)."""
+    line = f'echo "$PEERD_TASK_ID|$PEERD_SLOT|$PEERD_FENCING_TOKEN|$PEERD_RUN_ID|$PEERD_NODE" >> {ledger}'
+    a = cluster.procs[0]
+    st, body = api(a.api_addr, "PUT", "/v1/tasks", [{
+        "id": tid, "schedule": "@every 3600s", "misfire": "skip", "on_owner_loss": "rerun",
+        "timeout": "60s", "command": {"type": "shell", "run": f"{line}; sleep {sleep_s}"},
+    }])
+    assert st == 200, body
+    wait_for(lambda: api(a.api_addr, "GET", f"/v1/owner/{tid}")[1]["owner"], timeout=30,
+             what="an owner", cluster=cluster)
+    owner = api(a.api_addr, "GET", f"/v1/owner/{tid}")[1]["owner"]
+    others = [p for p in cluster.procs if p.name != owner]
+    st, r = api(a.api_addr, "POST", f"/v1/tasks/{tid}/run")
+    assert st == 200, r
+    slot = r["slot"]
+
+    def sees_running(p):
+        st, runs = api(p.api_addr, "GET", f"/v1/tasks/{tid}/runs")
+        return st == 200 and any(x["slot"] == slot and x["status"] == "running" for x in runs)
+
+    agg = all if all_replicas else any
+    wait_for(lambda: _ledger(ledger) and agg(sees_running(p) for p in others), timeout=30,
+             what="the run started and the replicas hold its 'running' record", cluster=cluster)
+    return owner, others, slot
+
+
 def test_owner_killed_mid_run_slot_is_reclaimed_and_rerun(etcd, tmp_path):
     """Issue 7: a claimed slot whose claimer dies before the run finished is
     re-claimed once per death, with a greater token, and rerun by
@@ -293,32 +322,8 @@ def test_owner_killed_mid_run_slot_is_reclaimed_and_rerun(etcd, tmp_path):
     cluster = _start_cluster(tmp_path, 3, ["--etcd", etcd.url, "--etcd-prefix", prefix,
                                                 "--fencing-session-ttl-s", "3"], profile=PROFILE)
     procs = {p.name: p for p in cluster.procs}
-    tid = "fence-long"
-    line = f'echo "$PEERD_TASK_ID|$PEERD_SLOT|$PEERD_FENCING_TOKEN|$PEERD_RUN_ID|$PEERD_NODE" >> {ledger}'
     try:
-        a = cluster.procs[0]
-        st, body = api(a.api_addr, "PUT", "/v1/tasks", [{
-            "id": tid, "schedule": "@every 3600s", "misfire": "skip", "on_owner_loss": "rerun",
-            "timeout": "30s", "command": {"type": "shell", "run": f"{line}; sleep 6"},
-        }])
-        assert st == 200, body
-        wait_for(lambda: api(a.api_addr, "GET", f"/v1/owner/{tid}")[1]["owner"], timeout=30,
-                 what="an owner", cluster=cluster)
-        owner = api(a.api_addr, "GET", f"/v1/owner/{tid}")[1]["owner"]
-        others = [p for p in cluster.procs if p.name != owner]
-        st, r = api(a.api_addr, "POST", f"/v1/tasks/{tid}/run")
-        assert st == 200, r
-        slot = r["slot"]
-
-        def replica_sees_running():
-            for p in others:
-                st, runs = api(p.api_addr, "GET", f"/v1/tasks/{tid}/runs")
-                if st == 200 and any(x["slot"] == slot and x["status"] == "running" for x in runs):
-                    return True
-            return False
-
-        wait_for(lambda: _ledger(ledger) and replica_sees_running(), timeout=30,
-                 what="the run started and a replica holds its 'running' record", cluster=cluster)
+        owner, others, slot = _start_long_run(cluster, ledger, "fence-long", 6, all_replicas=False)
         procs[owner].popen.send_signal(signal.SIGKILL)
         procs[owner].popen.wait(timeout=10)
 
@@ -356,32 +361,8 @@ def test_false_death_is_not_reclaimed_while_the_owner_lives(etcd, tmp_path):
     cluster = _start_cluster(tmp_path, 3, ["--etcd", etcd.url, "--etcd-prefix", prefix,
                                            "--fencing-session-ttl-s", "20"], profile="local")
     procs = {p.name: p for p in cluster.procs}
-    tid = "fence-false-death"
-    line = f'echo "$PEERD_TASK_ID|$PEERD_SLOT|$PEERD_FENCING_TOKEN|$PEERD_RUN_ID|$PEERD_NODE" >> {ledger}'
     try:
-        a = cluster.procs[0]
-        st, body = api(a.api_addr, "PUT", "/v1/tasks", [{
-            "id": tid, "schedule": "@every 3600s", "misfire": "skip", "on_owner_loss": "rerun",
-            "timeout": "60s", "command": {"type": "shell", "run": f"{line}; sleep 4"},
-        }])
-        assert st == 200, body
-        wait_for(lambda: api(a.api_addr, "GET", f"/v1/owner/{tid}")[1]["owner"], timeout=30,
-                 what="an owner", cluster=cluster)
-        owner = api(a.api_addr, "GET", f"/v1/owner/{tid}")[1]["owner"]
-        others = [p for p in cluster.procs if p.name != owner]
-        st, r = api(a.api_addr, "POST", f"/v1/tasks/{tid}/run")
-        assert st == 200, r
-        slot = r["slot"]
-
-        def replicas_see(status):
-            for p in others:
-                st, runs = api(p.api_addr, "GET", f"/v1/tasks/{tid}/runs")
-                if not (st == 200 and any(x["slot"] == slot and x["status"] == status for x in runs)):
-                    return False
-            return True
-
-        wait_for(lambda: _ledger(ledger) and replicas_see("running"), timeout=30,
-                 what="the run started and the replicas hold its 'running' record", cluster=cluster)
+        owner, others, slot = _start_long_run(cluster, ledger, "fence-false-death", 4, all_replicas=True)
         procs[owner].popen.send_signal(signal.SIGSTOP)
         try:
             wait_for(lambda: all(owner not in _alive(p.api_addr) for p in others), timeout=30,
