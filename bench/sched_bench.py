@@ -20,12 +20,30 @@ workers), ``coalesce=False``, ``misfire_grace_time=None`` and a large
 to its k-th scheduled time. CPU is process CPU time / wall time over the
 measured window (1.0 = one core).
 
-Run:  .venv/bin/python bench/sched_bench.py [--seconds 10] [--minutes 1]
-Writes bench/results/sched.json and prints a table.
+Options:
+
+- ``--gc-freeze``: both processes call ``gc.collect(); gc.freeze()`` once
+  their tasks/jobs are set up, so the cyclic GC no longer walks the tasks,
+  the imported modules and the scheduler state on every full collection
+  (a full collection of a 5,000-task peerd process took 40-70 ms on the dev
+  box, and one in the window puts every fire of that second late). The
+  daemon should do the same after startup (proposed for node/daemon.py);
+  without it, figures are worse at p99.
+- ``--batch K``: the peerd shell calls ``tick(now, limit=K)`` and yields
+  (``trio.sleep(0)``) between batches, so the first runs start before the
+  last ones are decided. Default 0 (one tick decides everything due): on the
+  loaded dev box, yielding let the started runs' trio tasks take the CPU
+  before the later fires were accepted, so p99 acceptance lateness got worse
+  (5,000/s: 85 ms -> 350 ms) while body start p50 improved a little.
+- ``--only 1000/s,5000/s``: run some scenarios; ``--out FILE``: JSON path.
+
+Run:  .venv/bin/python bench/sched_bench.py [--seconds 10] [--minutes 1] [--gc-freeze]
+Writes bench/results/sched.json (or --out) and prints a table.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import math
@@ -64,7 +82,14 @@ def _align(period_s: int, lead_s: float = 2.0) -> int:
     return int((now + lead_s) // period_s + 1) * period_s
 
 
-def run_peerd(n: int, period: str, measure_s: float) -> dict:
+def _setup_done(gc_freeze: bool) -> None:
+    """End of setup: optionally move every object alive now out of the GC's reach."""
+    if gc_freeze:
+        gc.collect()
+        gc.freeze()
+
+
+def run_peerd(n: int, period: str, measure_s: float, batch: int = 0, gc_freeze: bool = False) -> dict:
     import trio
 
     from node.scheduler import Fire, Scheduler
@@ -79,10 +104,12 @@ def run_peerd(n: int, period: str, measure_s: float) -> dict:
                             "command": {"type": "shell", "run": "true"}})
         core.set_task(t, now=now)
         core.set_owned(t.id, True, now)
+    _setup_done(gc_freeze)
     begin = _align(step)
     end = begin + measure_s
     lat: list[float] = []
     task_lat: list[float] = []
+    limit = batch if batch > 0 else None
 
     async def noop(fire_at: float) -> None:
         started = time.time()
@@ -106,11 +133,12 @@ def run_peerd(n: int, period: str, measure_s: float) -> dict:
                 if dl is None or dl >= end:
                     break
                 delay = dl - time.time()
-                if delay > 0:
-                    await trio.sleep(delay)
+                # Sleep until due; when a batch left due work (dl <= now),
+                # yield once so the runs already started get the CPU.
+                await trio.sleep(max(0.0, delay))
                 if cpu0 is None and time.time() >= begin - 0.5:
                     cpu0, wall0 = time.process_time(), time.time()
-                fires = [eff for eff in core.tick(time.time()) if type(eff) is Fire]
+                fires = [eff for eff in core.tick(time.time(), limit=limit) if type(eff) is Fire]
                 for eff in fires:  # the executor accepts (and records) every run first,
                     accept(eff)
                 for eff in fires:  # then starts each (empty) body in its own trio task
@@ -129,7 +157,7 @@ def run_peerd(n: int, period: str, measure_s: float) -> dict:
     return out
 
 
-def run_apscheduler(n: int, period: str, measure_s: float) -> dict:
+def run_apscheduler(n: int, period: str, measure_s: float, batch: int = 0, gc_freeze: bool = False) -> dict:
     from apscheduler.schedulers.background import BackgroundScheduler
     from apscheduler.triggers.cron import CronTrigger
     from apscheduler.triggers.interval import IntervalTrigger
@@ -160,6 +188,7 @@ def run_apscheduler(n: int, period: str, measure_s: float) -> dict:
         else:
             trig = CronTrigger(second=0, start_date=start_dt, timezone="UTC")
         sched.add_job(make(itertools.count()), trig, id=f"t{i}")
+    _setup_done(gc_freeze)
     sched.start()
     while time.time() < begin - 0.5:
         time.sleep(0.05)
@@ -172,6 +201,9 @@ def run_apscheduler(n: int, period: str, measure_s: float) -> dict:
     return _summary(lat, cpu1 - cpu0, wall1 - wall0, expected)
 
 
+#: Due tasks decided per tick by the peerd shell (0: all; node/node.py's loop does the same).
+DEFAULT_BATCH = 0
+
 SCENARIOS = [("1000/s", 1000, "s"), ("5000/s", 5000, "s"), ("10000/min", 10000, "min")]
 
 
@@ -180,13 +212,19 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="measured window for per-second loads")
     ap.add_argument("--minutes", type=int, default=1, help="minute boundaries for the per-minute load")
     ap.add_argument("--one", nargs=3, metavar=("IMPL", "N", "PERIOD"), help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=DEFAULT_BATCH,
+                    help="peerd: decide at most this many due tasks per tick, yield between "
+                         "batches (0: all due tasks in one tick)")
+    ap.add_argument("--gc-freeze", action="store_true",
+                    help="both schedulers: gc.collect(); gc.freeze() after setup")
+    ap.add_argument("--only", help="comma-separated scenario names (default: all)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "sched.json"))
     args = ap.parse_args()
     if args.one:
         impl, n, period = args.one[0], int(args.one[1]), args.one[2]
         measure = args.seconds if period == "s" else 60.0 * args.minutes
         fn = run_peerd if impl == "peerd" else run_apscheduler
-        print(json.dumps(fn(n, period, measure)))
+        print(json.dumps(fn(n, period, measure, batch=args.batch, gc_freeze=args.gc_freeze)))
         return
     try:
         import apscheduler
@@ -196,13 +234,18 @@ def main() -> None:
     results = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                            "platform": platform.platform()},
                "apscheduler_version": aps_version, "seconds": args.seconds,
-               "minutes": args.minutes, "loadavg_start": os.getloadavg(), "scenarios": {}}
+               "minutes": args.minutes, "batch": args.batch, "gc_freeze": args.gc_freeze,
+               "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+               "loadavg_start": os.getloadavg(), "scenarios": {}}
     print(f"{'scenario':<11} {'impl':<12} {'runs':>8} {'min ms':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'cpu':>6}")
     for name, n, period in SCENARIOS:
+        if args.only and name not in args.only.split(","):
+            continue
         row = {}
         for impl in ("peerd", "apscheduler") if aps_version else ("peerd",):
             cmd = [sys.executable, os.path.abspath(__file__), "--one", impl, str(n), period,
-                   "--seconds", str(args.seconds), "--minutes", str(args.minutes)]
+                   "--seconds", str(args.seconds), "--minutes", str(args.minutes),
+                   "--batch", str(args.batch)] + (["--gc-freeze"] if args.gc_freeze else [])
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
             if out.returncode != 0:
                 row[impl] = {"error": out.stderr.strip()[-2000:]}
@@ -213,6 +256,10 @@ def main() -> None:
             lm = r["lateness_ms"]
             print(f"{name:<11} {impl:<12} {r['runs']:>8} {lm['min']:>8.2f} {lm['p50']:>8.2f} {lm['p99']:>8.2f} "
                   f"{lm['max']:>8.2f} {r['cpu_cores']:>6.2f}")
+            if "task_start_lateness_ms" in r:
+                ts = r["task_start_lateness_ms"]
+                print(f"{'':<11} {'  body start':<12} {'':>8} {ts['min']:>8.2f} {ts['p50']:>8.2f} {ts['p99']:>8.2f} "
+                      f"{ts['max']:>8.2f}")
         if "apscheduler" in row and "error" not in row["apscheduler"] and "error" not in row["peerd"]:
             a, p = row["apscheduler"]["lateness_ms"]["p99"], row["peerd"]["lateness_ms"]["p99"]
             row["p99_ratio_peerd_over_apscheduler"] = p / a if a else None

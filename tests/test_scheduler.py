@@ -295,3 +295,46 @@ def test_unreported_fire_stops_blocking_after_the_catchup_window():
         assert kinds(s.tick(T0 + 60 * m))[0] == ("skip", T0 + 60 * m, "overlap_forbid")
     assert kinds(s.tick(T0 + 360))[0] == ("fire", T0 + 360, "due")
     assert s.statistics().skipped["pending_expired"] == 1
+
+
+def test_removed_then_readded_task_does_not_fire_unowned():
+    # Regression: a stale timer entry of the removed task must not make the
+    # re-added (not owned) task fire.
+    s = owned(task())
+    s.remove_task("t")
+    s.set_task(task(), now=T0 + 120)
+    s.set_owned("t", False, T0 + 120)
+    assert s.tick(T0 + 120) == [] and s.next_deadline() is None
+    s.set_owned("t", True, T0 + 120)
+    assert kinds(s.tick(T0 + 120)) == [("fire", T0 + 120, "due"), ("advance", T0 + 120)]
+
+
+def test_tick_limit_hands_out_due_tasks_in_batches():
+    s = Scheduler("n1")
+    for i in range(10):
+        s.set_task(task("@every 1s", id=f"t{i}", overlap="allow"), now=T0 + 0.5)
+        s.set_owned(f"t{i}", True, T0 + 0.5)
+    now = T0 + 1.01
+    first = s.tick(now, limit=4)
+    assert [e.task_id for e in first if isinstance(e, Fire)] == ["t0", "t1", "t2", "t3"]
+    assert s.next_deadline() == T0 + 1 <= now  # work left: call again
+    rest = s.tick(now, limit=4) + s.tick(now, limit=4)
+    assert [e.task_id for e in rest if isinstance(e, Fire)] == [f"t{i}" for i in range(4, 10)]
+    assert s.next_deadline() == T0 + 2 and s.tick(now, limit=4) == []
+    # A task that lost ownership between batches is not decided.
+    s.tick(T0 + 2, limit=3)
+    s.set_owned("t5", False, T0 + 2)
+    later = s.tick(T0 + 2)
+    assert [e.task_id for e in later if isinstance(e, Fire)] == ["t3", "t4", "t6", "t7", "t8", "t9"]
+
+
+def test_every_fast_path_matches_schedule_with_jitter():
+    s = owned(task("@every 10s", jitter="7s", id="j", overlap="allow"), now=T0)
+    sched = s._entries["j"].sched
+    fires = []
+    for _ in range(5):
+        dl = s.next_deadline()
+        fires += [e for e in s.tick(dl) if isinstance(e, Fire)]
+    assert [f.slot for f in fires] == [T0 + 10 * k for k in range(5)]
+    assert [f.fire_at for f in fires] == [sched.fire_time(f.slot) for f in fires]
+    assert all(0 < f.fire_at - f.slot < 7 for f in fires)

@@ -152,3 +152,40 @@ def test_misfire_policies_exact_after_downtime(spec, start, up_s, down_s, window
     if nxt:
         later = b.tick(nxt[0])
         assert [(e.slot, e.reason) for e in later if isinstance(e, Fire)] == [(nxt[0], "due")]
+
+
+@given(specs=st.lists(st.one_of(CRON, EVERY, st.sampled_from(["@every 1s", "@every 2s"])), min_size=1, max_size=6),
+       jitters=st.lists(st.sampled_from([0, 1, 30, 600]), min_size=1, max_size=6),
+       overlaps=st.lists(st.sampled_from(["allow", "forbid", "buffer_one", "replace"]), min_size=1, max_size=6),
+       start=st.integers(T2020, T2030),
+       steps=st.lists(st.tuples(st.floats(0, 200), st.integers(0, 5), st.booleans()), min_size=1, max_size=25),
+       limit=st.integers(1, 4))
+def test_tick_in_batches_decides_exactly_as_one_tick(specs, jitters, overlaps, start, steps, limit):
+    """tick(now, limit=k) called until next_deadline() > now == one tick(now)."""
+    a, b = Scheduler("n1"), Scheduler("n1")
+    ids = [f"t{i}" for i in range(len(specs))]
+    for i, spec in enumerate(specs):
+        t = task(spec, id=ids[i], jitter=jitters[i % len(jitters)], overlap=overlaps[i % len(overlaps)])
+        for s in (a, b):
+            s.set_task(t, now=start)
+            s.set_owned(t.id, True, start)
+    now = float(start)
+    for n_step, (dt, who, finish) in enumerate(steps):
+        now += dt
+        one = a.tick(now)
+        batched = []
+        for _ in range(10_000):
+            batched += b.tick(now, limit=limit)
+            dl = b.next_deadline()
+            if dl is None or dl > now:
+                break
+        assert batched == one, (n_step, now)
+        assert a.next_deadline() == b.next_deadline()
+        for s in (a, b):
+            for e in one:
+                if isinstance(e, Fire):
+                    s.run_started(e.task_id, e.slot, f"r{e.slot}", now)
+                    if finish:
+                        s.run_finished(e.task_id, f"r{e.slot}", now)
+            tid = ids[who % len(ids)]
+            s.set_owned(tid, not finish or who % 2 == 0, now)
