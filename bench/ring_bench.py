@@ -1,9 +1,10 @@
 """Ownership benchmark: ring-160-vnodes vs plain HRW vs HRW with a load cap.
 
 For each N (members) and T (tasks): keys moved on one join and one leave,
-relative to the ideal (T/N' keys), max/mean owned load, and the wall time for
-``Ring.set_members`` to recompute after one change (median of a few joins and
-leaves). Writes bench/results/ownership.json.
+relative to the ideal (T/N' keys), max/mean owned load, and the wall and CPU
+time for ``Ring.set_members`` to recompute after one change (median of a few
+joins and leaves; also join + ``tasks_of(joiner)``, the time until the joiner
+knows its own tasks). Writes bench/results/ownership.json.
 
     .venv/bin/python bench/ring_bench.py                 # N 3,10,100,1000 x T 1e3,1e5
     .venv/bin/python bench/ring_bench.py --big           # adds T=1e6 for N 3,10
@@ -77,37 +78,45 @@ def bench_vnodes(n: int, tids: list[str]) -> dict:
 def bench_hrw(n: int, tids: list[str], repeats: int) -> dict:
     t = len(tids)
     r = Ring()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     r.set_tasks({tid: None for tid in tids})
     r.set_members(members(n))
     build_s = time.perf_counter() - t0
+    build_cpu_s = time.process_time() - c0
     # warm the per-group arrays once (first join after a bulk load)
     r.set_members(members(n, 1))
     r.set_members(members(n))
     cap0 = [r.owner(x) for x in tids]
     plain0 = [r.first_choice(x) for x in tids]
-    join_ms, leave_ms, cpu_ms = [], [], []
+    join_ms, leave_ms, cpu_ms, leave_cpu_ms, known_ms, changed_n = [], [], [], [], [], []
+    joiner = f"node-{n:04d}"
     cap_j = plain_j = None
     for i in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
-        r.set_members(members(n, 1))
+        changed = r.set_members(members(n, 1))
         join_ms.append((time.perf_counter() - t0) * 1000)
         cpu_ms.append((time.process_time() - c0) * 1000)
+        # "the node knows what to fire": the joiner's own task list as well
+        r.tasks_of(joiner)
+        known_ms.append((time.perf_counter() - t0) * 1000)
+        changed_n.append(len(changed))
         if i == 0:
             cap_j = [r.owner(x) for x in tids]
             plain_j = [r.first_choice(x) for x in tids]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         r.set_members(members(n))
         leave_ms.append((time.perf_counter() - t0) * 1000)
+        leave_cpu_ms.append((time.process_time() - c0) * 1000)
     # leaves: three different leavers, each against the full view
     leave_ratio, leave_vs_owned, plain_leave = [], [], []
     if n > 1:
         for leaver in sorted(members(n))[:3]:
             view = {k: v for k, v in members(n).items() if k != leaver}
             owned = sum(1 for o in cap0 if o == leaver)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             r.set_members(view)
             leave_ms.append((time.perf_counter() - t0) * 1000)
+            leave_cpu_ms.append((time.process_time() - c0) * 1000)
             cap_l = [r.owner(x) for x in tids]
             plain_l = [r.first_choice(x) for x in tids]
             mv = sum(x != y for x, y in zip(cap0, cap_l))
@@ -122,6 +131,11 @@ def bench_hrw(n: int, tids: list[str], repeats: int) -> dict:
 
     return {
         "build_s": round(build_s, 2),
+        "build_cpu_s": round(build_cpu_s, 2),
+        "recompute_join_plus_tasks_of_ms_median": round(statistics.median(known_ms), 1),
+        "recompute_leave_cpu_ms_median": round(statistics.median(leave_cpu_ms), 1),
+        "join_changed_lists": int(statistics.median(changed_n)),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         "recompute_join_ms_median": round(statistics.median(join_ms), 1),
         "recompute_leave_ms_median": round(statistics.median(leave_ms), 1),
         "recompute_ms_max": round(max(join_ms + leave_ms), 1),
@@ -161,6 +175,7 @@ def main() -> None:
             if a.out == ap.get_default("out"):
                 a.out = a.out.replace("ownership.json", "ownership-1e6.json")
     rows = []
+    load_start = os.getloadavg()
     for n, t in grid:
         tids = [f"task-{i:07d}" for i in range(t)]
         row = {"N": n, "tasks": t, "ring_160_vnodes": bench_vnodes(n, tids)}
@@ -174,6 +189,7 @@ def main() -> None:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
+        "load_avg_at_start": load_start,
         "load_avg_at_end": os.getloadavg(),
         "results": rows,
     }

@@ -35,32 +35,48 @@ Rule 3 (preference list).  ``owners(t) = [owner] + the highest-ranked other
 eligible members``, up to ``replicas`` distinct names. Only the owner is
 capped: replicas follow plain HRW so that they move as little as possible.
 
-Incremental maintenance
------------------------
-Each task keeps its top ``K = replicas + 2`` ranking entries (the true top of
-the eligible members, or all of them, flagged complete).
-- A leave touches only tasks whose kept list holds the leaver; a list that
-  falls below ``replicas`` entries (and is not complete) is refilled by one
-  vectorised scan of the members.
-- A join computes the joiner's score for every eligible task in one
-  vectorised pass and touches only the tasks where it beats the K-th entry.
-- Deferred acceptance starts from "every task at its first choice" (kept as
-  per-member sets, updated with the rankings) and only looks at members whose
-  first-choice demand exceeds the cap, plus the chains of tasks they reject.
-  With cap 1.25 x mean that is a few percent of the tasks; the cap itself
-  changes with T/N, so the matching pass is re-run (cheaply) on every change
-  rather than patched.
-- Only tasks whose ranking changed or whose owner was or is displaced from its
-  first choice are compared to find the changed preference lists.
+Incremental maintenance (flat, vectorised)
+------------------------------------------
+Tasks are grouped by tag requirement; a group keeps its tasks in dense arrays
+(swap-remove) of 16-byte lanes, in chunks of 8192 lanes, one array per rank:
+``lv[j]`` holds each task's rank-``j`` entry (score in bits 0..63, member
+index + 1 in bits 64..95), plus the count of kept entries and the key hash.
+Each task keeps the true top ``K = replicas + 2`` of its ranking (fewer only
+after leaves, never fewer than ``min(replicas, N)``). A chunk is a Python
+big integer for whole-array passes and a bytearray for per-task reads and
+writes; either side is rebuilt from the other on demand.
+- A join scores the joiner against every task of each group it is eligible
+  for in one big-integer pass per chunk (128-bit lanes), finds its rank
+  position among the kept entries with lane-wise compares (a guard bit per
+  lane turns a subtraction into a compare), and inserts it with masked
+  selects: no per-task Python work. A task whose kept entries are fewer than
+  K and that the joiner does not beat is left alone (the kept list stays the
+  true top). A score tie with a kept entry (2**-64 per pair) is detected in
+  the same pass and that task is re-ranked from scratch (ties by name).
+- A leave finds the leaver's rank per task with lane-wise equality on the
+  member field and shifts the lower ranks up. Tasks left with fewer than
+  ``min(replicas, N)`` entries are re-ranked one by one (rare).
+- Both passes return the tasks whose top ``replicas`` changed (lane flags
+  turned into task IDs with ``itertools.compress``); several changes in one
+  call are diffed against the old top ranks (kept by reference: big integers
+  are immutable).
+- Deferred acceptance starts from "every task at its first choice": first-
+  choice counts per member are kept up to date by the passes, so when no
+  member exceeds the cap (the usual case at 1e5 tasks) the matching costs
+  O(N). Otherwise only over-cap members' first-choice tasks are looked up
+  (a byte search in the rank-0 member column) and the chains of tasks they
+  reject are followed. Tasks owned away from their first choice (few) keep
+  an explicit preference list and are compared exactly.
 """
 from __future__ import annotations
 
-import bisect
 import hashlib
 import heapq
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from itertools import compress
 
 __all__ = ["Ring", "RingStatistics", "preference_list", "score", "member_seed", "key_hash"]
 
@@ -96,15 +112,31 @@ def score(task_id: str, member: str) -> int:
     return _mix(key_hash(task_id), member_seed(member))
 
 
-_lane_cache: dict[int, tuple[int, int]] = {}
+class _Lanes:
+    """Constants for n 128-bit lanes: ``rep`` 1 per lane, ``lo`` bits 0..63
+    (score), ``mem`` bits 64..95 (member field), ``g64``/``g96``/``g100`` one bit
+    per lane (compare guards; a flag "at bit k" is that bit set in a lane)."""
+
+    __slots__ = ("n", "rep", "lo", "mem", "g64", "g96", "g100")
+
+    def __init__(self, n: int) -> None:
+        rep = int.from_bytes((b"\x01" + b"\x00" * 15) * n, "little") if n else 0
+        self.n = n
+        self.rep = rep
+        self.lo = rep * _M64
+        self.mem = rep * (0xFFFFFFFF << 64)
+        self.g64 = rep << 64
+        self.g96 = rep << 96
+        self.g100 = rep << 100
 
 
-def _lanes(n: int) -> tuple[int, int]:
-    """(REP, LO) for n 128-bit lanes: REP has a 1 per lane, LO the low 64 bits of each."""
+_lane_cache: dict[int, _Lanes] = {}
+
+
+def _L(n: int) -> _Lanes:
     got = _lane_cache.get(n)
     if got is None:
-        rep = int.from_bytes((b"\x01" + b"\x00" * 15) * n, "little") if n else 0
-        got = (rep, rep * _M64)
+        got = _Lanes(n)
         if len(_lane_cache) < 64:
             _lane_cache[n] = got
     return got
@@ -115,15 +147,39 @@ def _pack(values: list[int]) -> int:
     return int.from_bytes(b"".join(v.to_bytes(8, "little") + b"\x00" * 8 for v in values), "little")
 
 
+def _mix_vec(h: int, packed: int, c: _Lanes) -> int:
+    """Lane i of the result = ``_mix(h, lane i of packed)`` (a few big-int ops)."""
+    p = ((h * c.rep) ^ packed) * _C1
+    y = (p & c.lo) ^ ((p >> 64) & c.lo)
+    return ((y * _C2) >> 64) & c.lo
+
+
 def _mix_many(h: int, packed: int, n: int) -> list[int]:
     """``[_mix(h, s_i) for s_i in packed lanes]`` in a handful of big-int ops."""
     if n == 0:
         return []
-    rep, lo = _lanes(n)
-    p = ((h * rep) ^ packed) * _C1
-    y = (p & lo) ^ ((p >> 64) & lo)
-    r = ((y * _C2) >> 64) & lo
+    r = _mix_vec(h, packed, _L(n))
     return memoryview(r.to_bytes(n * 16, "little")).cast("Q")[::2].tolist()
+
+
+def _ge64(a: int, b: int, c: _Lanes) -> int:
+    """Flag at bit 64 where a >= b (per lane a < 2**64, b <= 2**64)."""
+    return ((a | c.g64) - b) & c.g64
+
+
+def _ge96(a: int, b: int, c: _Lanes) -> int:
+    """Flag at bit 96 where a >= b (per lane a, b < 2**100: counts in units of 2**96)."""
+    return (((a | c.g100) - b) & c.g100) >> 4
+
+
+def _wide(f: int) -> int:
+    """Flags at bit 96 -> masks of lane bits 0..95 (all a level lane uses)."""
+    return f - (f >> 96)
+
+
+def _flag_bytes(f: int, n: int) -> bytes:
+    """Flags at bit 0 -> one byte per lane."""
+    return f.to_bytes(16 * n, "little")[::16]
 
 
 def preference_list(task_id: str, members: Iterable[str], replicas: int = 3) -> list[str]:
@@ -150,39 +206,148 @@ class RingStatistics:
     unowned: int     # tasks with no eligible member
 
 
-class _Group:
-    """Members eligible for one tag requirement (packed for vector scoring),
-    and the tasks with that requirement in dense arrays (swap-remove), so a
-    join scores every task in one vector pass and filters with a C-level loop."""
+_SH = 13
+_ZERO16 = bytes(16)
+_B = 1 << _SH  # lanes per chunk: vector passes work chunk by chunk (cache-sized ints)
 
-    __slots__ = ("names", "packed", "tids", "pos", "thr", "keybuf")
+
+class _Arr:
+    """An array of 16-byte lanes in chunks of ``_B`` lanes. Each chunk is held
+    as a big integer (for vector passes), as a bytearray (for per-task reads
+    and writes), or both; a side is rebuilt from the other on demand."""
+
+    __slots__ = ("ints", "bufs", "ids")
 
     def __init__(self) -> None:
-        self.names: list[str] | None = None
-        self.packed = 0
-        self.tids: list[str] = []           # dense, order of arrival (order is irrelevant)
-        self.pos: dict[str, int] = {}       # tid -> index in tids
-        self.thr: list[int] = []            # aligned: see Ring._threshold
-        self.keybuf = bytearray()           # aligned: 16-byte lanes of key hashes
+        self.ints: list[int | None] = []
+        self.bufs: list[bytearray | None] = []
+        self.ids: list[list[int] | None] = []  # read cache: member field per lane
 
-    def add(self, tid: str, h: int) -> None:
-        self.pos[tid] = len(self.tids)
+    def reset(self, chunks: int) -> None:
+        self.ints = [0] * chunks
+        self.bufs = [None] * chunks
+        self.ids = [None] * chunks
+
+    def get_ids(self, c: int, n: int) -> list[int]:
+        v = self.ids[c]
+        if v is None:
+            v = self.ids[c] = memoryview(bytes(self.rbuf(c, n))).cast("I")[2::4].tolist()
+        return v
+
+    def get_int(self, c: int) -> int:
+        v = self.ints[c]
+        if v is None:
+            v = self.ints[c] = int.from_bytes(self.bufs[c], "little")  # type: ignore[arg-type]
+        return v
+
+    def set_int(self, c: int, v: int) -> None:
+        self.ints[c] = v
+        self.bufs[c] = None
+        self.ids[c] = None
+
+    def rbuf(self, c: int, n: int) -> bytearray:
+        b = self.bufs[c]
+        if b is None:
+            b = self.bufs[c] = bytearray(self.ints[c].to_bytes(16 * n, "little"))  # type: ignore[union-attr]
+        return b
+
+    def wbuf(self, c: int, n: int) -> bytearray:
+        b = self.rbuf(c, n)
+        self.ints[c] = None
+        self.ids[c] = None
+        return b
+
+
+class _Group:
+    """One tag requirement: its eligible members and its tasks in dense
+    arrays (swap-remove). ``lv[j]`` holds, per task, rank ``j`` of its kept
+    ranking as one 16-byte lane: bits 0..63 the score, bits 64..95
+    ``member index + 1`` (0 = empty), bits 96..127 zero (room for compares);
+    ``cnt`` the number of kept entries times 2**96; ``keys`` the task's 64-bit
+    key hash in bits 0..63."""
+
+    __slots__ = ("key", "mem", "packed", "tids", "pos", "arrs", "lv", "cnt", "keys", "fc")
+
+    def __init__(self, key: ReqKey, levels: int) -> None:
+        self.key = key
+        self.mem: list[int] = []           # eligible member indexes, sorted by name
+        self.packed = 0                     # their seeds, packed
+        self.tids: list[str] = []
+        self.pos: dict[str, int] = {}
+        self.lv = [_Arr() for _ in range(levels)]
+        self.cnt = _Arr()
+        self.keys = _Arr()
+        self.arrs = (*self.lv, self.cnt, self.keys)
+        self.fc: dict[int, int] = {}        # member index -> tasks ranking it first
+
+    def chunks(self) -> list[tuple[int, int]]:
+        """(chunk number, lanes in it)."""
+        T = len(self.tids)
+        return [(c, min(_B, T - (c << _SH))) for c in range((T + _B - 1) >> _SH)]
+
+    def n_of(self, c: int) -> int:
+        return min(_B, len(self.tids) - (c << _SH))
+
+    def add(self, tid: str, h: int) -> int:
+        i = len(self.tids)
+        self.pos[tid] = i
         self.tids.append(tid)
-        self.thr.append(-1)
-        self.keybuf += h.to_bytes(8, "little") + bytes(8)
+        c = i >> _SH
+        n = (i & (_B - 1))
+        for a in self.arrs:
+            if c == len(a.ints):
+                a.ints.append(None)
+                a.bufs.append(bytearray())
+                a.ids.append(None)
+            b = a.bufs[c]
+            if b is None:
+                b = a.rbuf(c, n)
+            a.ints[c] = None
+            a.ids[c] = None
+            b += _ZERO16
+        self.keys.bufs[c][16 * n : 16 * n + 8] = h.to_bytes(8, "little")  # type: ignore[index]
+        return i
 
     def remove(self, tid: str) -> None:
         i = self.pos.pop(tid)
         last = len(self.tids) - 1
+        cl, kl = last >> _SH, last & (_B - 1)
+        nl = kl + 1
         if i != last:
             moved = self.tids[last]
             self.tids[i] = moved
-            self.thr[i] = self.thr[last]
-            self.keybuf[16 * i : 16 * i + 16] = self.keybuf[16 * last : 16 * last + 16]
             self.pos[moved] = i
+            c, k = i >> _SH, i & (_B - 1)
+            for a in self.arrs:
+                src = a.rbuf(cl, nl)[16 * kl : 16 * kl + 16]
+                a.wbuf(c, _B if c < cl else nl)[16 * k : 16 * k + 16] = src
         self.tids.pop()
-        self.thr.pop()
-        del self.keybuf[16 * last :]
+        for a in self.arrs:
+            b = a.wbuf(cl, nl)
+            del b[16 * kl :]
+            if not b:
+                a.ints.pop()
+                a.bufs.pop()
+                a.ids.pop()
+
+
+def _count(into: Counter[int], ids: memoryview, fb: bytes) -> None:
+    """Count ``ids[k]`` for every k with ``fb[k]`` set (sparse or dense)."""
+    if fb.count(1) * 16 < len(fb):
+        for k in _ones(fb):
+            into[ids[k]] += 1
+    else:
+        into.update(compress(ids, fb))
+
+
+def _ones(fb: bytes) -> list[int]:
+    """Indexes of the non-zero bytes of a 0/1 byte string (sparse)."""
+    out = []
+    i = fb.find(1)
+    while i >= 0:
+        out.append(i)
+        i = fb.find(1, i + 1)
+    return out
 
 
 class Ring:
@@ -205,19 +370,16 @@ class Ring:
         self._load_cap = load_cap
         self._keep = replicas + 2
         self._members: dict[str, dict[str, str]] = {}
-        self._seed: dict[str, int] = {}
+        self._idx: dict[str, int] = {}       # member name -> index (lane field - 1)
+        self._names: list[str | None] = []
+        self._seeds: list[int] = []
+        self._free: list[int] = []
         self._req: dict[str, ReqKey] = {}
-        self._h: dict[str, int] = {}
         self._groups: dict[ReqKey, _Group] = {}
-        # per task: kept ranking, list of (-score, name) ascending; complete flag
-        self._rank: dict[str, list[tuple[int, str]]] = {}
-        self._complete: set[str] = set()
-        self._in_rank: dict[str, set[str]] = {}   # member -> tasks whose kept list holds it
-        self._first: dict[str, set[str]] = {}     # member -> tasks ranking it first
-        self._moved: dict[str, str] = {}          # task -> owner when not its first choice
+        self._moved: dict[str, int] = {}     # task -> owner index when not its first choice
+        self._dpref: dict[str, tuple[str, ...]] = {}  # preference lists of those tasks
         self._overflow: set[str] = set()
         self._cap = 0
-        self._pref: dict[str, tuple[str, ...]] = {}
 
     # ------------------------------------------------------------------ public
     @property
@@ -237,45 +399,62 @@ class Ring:
         """
         new = {str(m): {str(k): str(v) for k, v in dict(t).items()} for m, t in members.items()}
         old = self._members
-        gone = sorted(m for m in old if m not in new or old[m] != new[m])
-        came = sorted(m for m in new if m not in old or old[m] != new[m])
-        if not gone and not came:
+        if new == old:
             return set()
-        touched: set[str] = set()
-        for m in gone:
-            del self._members[m]
-        for g in self._groups.values():
-            g.names = None
-        rebuild = len(came) + len(gone) > max(4, len(new) // 4)
-        if rebuild:
-            for m in came:
-                self._members[m] = new[m]
-                self._seed.setdefault(m, member_seed(m))
-            for m in gone:
-                if m not in new:
-                    self._seed.pop(m, None)
-            self._in_rank.clear()
-            self._first.clear()
-            self._complete.clear()
-            for t in sorted(self._req):
-                self._full_scan(t)
-            touched = set(self._req)
-        else:
-            for m in gone:
-                touched |= self._drop_member(m)
-                if m not in new:
-                    self._seed.pop(m, None)
-            for m in came:
-                self._members[m] = new[m]
-                self._seed.setdefault(m, member_seed(m))
-                touched |= self._add_member(m)
-        return self._reassign(touched)
+        for m in sorted(new):
+            if m not in self._idx:
+                i = self._free.pop() if self._free else len(self._names)
+                if i == len(self._names):
+                    self._names.append(m)
+                    self._seeds.append(member_seed(m))
+                else:
+                    self._names[i] = m
+                    self._seeds[i] = member_seed(m)
+                self._idx[m] = i
+        plan = []
+        n_changes = 0
+        for key in sorted(self._groups):
+            g = self._groups[key]
+            was = {self._names[i] for i in g.mem}
+            now = {m for m, tags in new.items() if _eligible(key, tags)}
+            if was != now:
+                plan.append((g, sorted(was - now), sorted(now - was), now))
+                n_changes = max(n_changes, len(was ^ now))
+        # old top ranks, kept by reference (ints are immutable): for exact diffs
+        snaps = {
+            g.key: [[a.get_int(c) for c, _ in g.chunks()] for a in g.lv[: self._replicas]] for g, *_ in plan
+        }
+        old_moved, old_dpref = self._moved, self._dpref
+        rebuild = n_changes > max(4, len(new) // 4)
+        changed: set[str] = set()
+        for g, gone, came, now in plan:
+            if rebuild:
+                self._rebuild(g, [self._idx[m] for m in now])
+                changed.update(self._diff(g, snaps[g.key]))
+            elif len(gone) + len(came) == 1:  # one pass: it reports its own changes
+                got = self._leave(g, self._idx[gone[0]]) if gone else self._join(g, self._idx[came[0]])
+                changed.update(self._diff(g, snaps[g.key]) if got is None else got)
+            else:
+                for m in gone:
+                    self._leave(g, self._idx[m])
+                for m in came:
+                    self._join(g, self._idx[m])
+                changed.update(self._diff(g, snaps[g.key]))
+        self._members = new
+        self._reassign()
+        changed = self._fix_changed(changed, old_moved, old_dpref, snaps, {})
+        for m in sorted(old):
+            if m not in new:  # indexes of departed members are free for reuse
+                i = self._idx.pop(m)
+                self._names[i] = None
+                self._free.append(i)
+        return changed
 
     def set_task(self, task_id: str, required_tags: Mapping[str, str] | None = None) -> bool:
         """Add or update one task. Returns whether its preference list changed."""
-        before = self._pref.get(task_id, ())
+        before = tuple(self.owners(task_id))
         self.set_tasks({task_id: required_tags})
-        return self._pref.get(task_id, ()) != before
+        return tuple(self.owners(task_id)) != before
 
     def set_tasks(self, tasks: Mapping[str, Mapping[str, str] | None]) -> set[str]:
         """Add or update many tasks at once (one matching pass).
@@ -283,46 +462,57 @@ class Ring:
         Returns:
             IDs of tasks whose preference list changed (new tasks included).
         """
-        touched: set[str] = set()
+        pre: dict[str, tuple[str, ...] | None] = {}
         for tid in sorted(tasks):
             req = tasks[tid]
             key: ReqKey = tuple(sorted((str(k), str(v)) for k, v in (req or {}).items()))
             if self._req.get(tid) == key:
                 continue
             if tid in self._req:
+                pre[tid] = self._pref_of(tid)
                 self._forget_task(tid)
+            else:
+                pre[tid] = None
             self._req[tid] = key
-            self._h[tid] = key_hash(tid)
             g = self._group(key)
-            g.add(tid, self._h[tid])
-            self._full_scan(tid)
-            touched.add(tid)
-        if not touched:
+            i = g.add(tid, key_hash(tid))
+            if g.mem:  # with no eligible member the new lanes stay empty
+                self._rescan(g, i)
+        if not pre:
             return set()
-        return self._reassign(touched)
+        old_moved, old_dpref = self._moved, self._dpref
+        self._reassign()
+        return self._fix_changed(set(), old_moved, old_dpref, {}, pre)
 
     def remove_task(self, task_id: str) -> set[str]:
         """Forget a task. Returns IDs of *other* tasks whose list changed (cap)."""
         if task_id not in self._req:
             return set()
+        old_moved, old_dpref = dict(self._moved), dict(self._dpref)
         self._forget_task(task_id)
-        self._pref.pop(task_id, None)
-        changed = self._reassign(set())
+        self._reassign()
+        changed = self._fix_changed(set(), old_moved, old_dpref, {}, {})
         changed.discard(task_id)
         return changed
 
     def owners(self, task_id: str) -> list[str]:
         """Ordered preference list: up to ``replicas`` distinct eligible members,
         ``[0]`` is the owner; ``[]`` if the task is unknown or none is eligible."""
-        return list(self._pref.get(task_id, ()))
+        if task_id not in self._req:
+            return []
+        return list(self._pref_of(task_id))
 
     def first_choice(self, task_id: str) -> str | None:
         """The plain-HRW owner (Rule 1, ignoring the cap); for metrics/benchmarks."""
-        ranked = self._rank.get(task_id)
-        return ranked[0][1] if ranked else None
+        key = self._req.get(task_id)
+        if key is None:
+            return None
+        g = self._groups[key]
+        m = self._member_at(g, 0, g.pos[task_id])
+        return None if m < 0 else self._names[m]
 
     def owner(self, task_id: str) -> str | None:
-        p = self._pref.get(task_id, ())
+        p = self.owners(task_id)
         return p[0] if p else None
 
     def tasks(self) -> list[str]:
@@ -331,15 +521,38 @@ class Ring:
     def load(self) -> dict[str, int]:
         """Owned-task count per eligible member."""
         out = {m: 0 for m in sorted(self._members)}
-        for p in self._pref.values():
-            if p:
-                out[p[0]] += 1
+        for g in self._groups.values():
+            for m, c in g.fc.items():
+                out[self._names[m]] += c
+        for tid, own in self._moved.items():
+            out[self.first_choice(tid)] -= 1
+            out[self._names[own]] += 1
         return out
 
     def tasks_of(self, member: str) -> list[str]:
         """Sorted IDs of tasks whose preference list contains ``member``."""
-        cand = set(self._in_rank.get(member, ())) | {t for t, o in self._moved.items() if o == member}
-        return sorted(t for t in cand if member in self._pref.get(t, ()))
+        mi = self._idx.get(member)
+        if mi is None:
+            return []
+        out: list[str] = []
+        for key in sorted(self._groups):
+            g = self._groups[key]
+            if mi not in g.fc and mi not in set(g.mem):
+                continue
+            for c, n in g.chunks():
+                cc = _L(n)
+                tag = cc.g64 * (mi + 1)
+                f = 0
+                for j in range(self._replicas):
+                    f |= cc.g96 ^ (((((g.lv[j].get_int(c) & cc.mem) ^ tag) | cc.g96) - cc.g64) & cc.g96)
+                if f:
+                    out.extend(compress(g.tids[c << _SH : (c << _SH) + n], _flag_bytes(f >> 96, n)))
+        if self._moved:
+            moved = self._moved
+            out = [t for t in out if t not in moved]
+            out.extend(t for t, p in self._dpref.items() if member in p)
+        out.sort()  # tasks are mostly stored in ID order: near-linear
+        return out
 
     def statistics(self) -> RingStatistics:
         return RingStatistics(
@@ -348,213 +561,423 @@ class Ring:
             cap=self._cap,
             displaced=len(self._moved),
             overflow=len(self._overflow),
-            unowned=sum(1 for t in self._req if not self._rank.get(t)),
+            unowned=sum(len(g.tids) for g in self._groups.values() if not g.mem),
         )
 
     # --------------------------------------------------------------- internals
+    def _set_mem(self, g: _Group, mem: Iterable[int]) -> None:
+        g.mem = sorted(mem, key=lambda i: self._names[i])
+        g.packed = _pack([self._seeds[i] for i in g.mem])
+
     def _group(self, key: ReqKey) -> _Group:
         g = self._groups.get(key)
         if g is None:
-            g = self._groups[key] = _Group()
-        if g.names is None:
-            g.names = sorted(m for m, tags in self._members.items() if _eligible(key, tags))
-            g.packed = _pack([self._seed[m] for m in g.names])
+            g = self._groups[key] = _Group(key, self._keep)
+            self._set_mem(g, [self._idx[m] for m, tags in self._members.items() if _eligible(key, tags)])
         return g
 
-    def _set_rank(self, tid: str, ranked: list[tuple[int, str]], complete: bool) -> None:
-        old = self._rank.get(tid)
-        if old:
-            self._first.get(old[0][1], set()).discard(tid)
-            for _, m in old:
-                self._in_rank.get(m, set()).discard(tid)
-        self._rank[tid] = ranked
-        if complete:
-            self._complete.add(tid)
-        else:
-            self._complete.discard(tid)
-        for _, m in ranked:
-            self._in_rank.setdefault(m, set()).add(tid)
-        if ranked:
-            self._first.setdefault(ranked[0][1], set()).add(tid)
-        self._set_thr(tid)
+    @staticmethod
+    def _rd(g: _Group, a: _Arr, i: int) -> bytearray:
+        c = i >> _SH
+        k = i & (_B - 1)
+        return a.rbuf(c, g.n_of(c))[16 * k : 16 * k + 16]
 
-    def _threshold(self, tid: str) -> int:
-        """A joiner enters the task's kept list iff its score exceeds this."""
-        ranked = self._rank[tid]
-        return -1 if tid in self._complete or not ranked else -ranked[-1][0]
+    @staticmethod
+    def _member_at(g: _Group, j: int, i: int) -> int:
+        """Member index at rank j of task i, -1 if empty."""
+        c = i >> _SH
+        return g.lv[j].get_ids(c, g.n_of(c))[i & (_B - 1)] - 1
 
-    def _set_thr(self, tid: str) -> None:
+    def _pref_of(self, tid: str, plain_only: bool = False) -> tuple[str, ...]:
         g = self._groups[self._req[tid]]
-        g.thr[g.pos[tid]] = self._threshold(tid)
+        i = g.pos[tid]
+        c = i >> _SH
+        k = i & (_B - 1)
+        names = self._names
+        own = None if plain_only else self._moved.get(tid)
+        out = []
+        if own is None:
+            for a in g.lv[: self._replicas]:
+                ids = a.ids[c]
+                if ids is None:
+                    ids = a.get_ids(c, g.n_of(c))
+                m = ids[k] - 1
+                if m < 0:
+                    break
+                out.append(names[m])
+            return tuple(out)
+        # displaced (few, looked at on every matching pass): read the lanes
+        # without materialising whole chunks
+        for a in g.lv:
+            ids = a.ids[c]
+            if ids is not None:
+                m = ids[k] - 1
+            elif a.bufs[c] is not None:
+                m = int.from_bytes(a.bufs[c][16 * k + 8 : 16 * k + 12], "little") - 1  # type: ignore[index]
+            else:
+                m = ((a.ints[c] >> (128 * k + 64)) & 0xFFFFFFFF) - 1  # type: ignore[operator]
+            if m < 0:
+                break
+            if m != own:
+                out.append(names[m])
+        return (names[own], *out[: self._replicas - 1])
 
-    def _full_scan(self, tid: str, keep: int | None = None) -> None:
-        g = self._group(self._req[tid])
-        names = g.names or []
-        scores = _mix_many(self._h[tid], g.packed, len(names))
-        keep = self._keep if keep is None else keep
-        if len(names) <= keep:
-            ranked = sorted(zip((-s for s in scores), names))
-            self._set_rank(tid, ranked, True)
+    def _write(self, g: _Group, i: int, entries: list[tuple[int, int]]) -> None:
+        c = i >> _SH
+        k = 16 * (i & (_B - 1))
+        n = g.n_of(c)
+        old0 = int.from_bytes(g.lv[0].wbuf(c, n)[k + 8 : k + 12], "little") - 1
+        if old0 >= 0:
+            left = g.fc[old0] - 1
+            if left:
+                g.fc[old0] = left
+            else:
+                del g.fc[old0]
+        ne = len(entries)
+        for j, a in enumerate(g.lv):
+            b = a.bufs[c]
+            if b is None:
+                b = a.rbuf(c, n)
+            a.ints[c] = None
+            a.ids[c] = None
+            if j < ne:
+                s, m = entries[j]
+                b[k : k + 16] = (s | ((m + 1) << 64)).to_bytes(16, "little")
+            else:
+                b[k : k + 16] = _ZERO16
+        g.cnt.wbuf(c, n)[k : k + 16] = (ne << 96).to_bytes(16, "little")
+        if entries:
+            m0 = entries[0][1]
+            g.fc[m0] = g.fc.get(m0, 0) + 1
+
+    def _deep(self, g: _Group, i: int) -> list[tuple[int, int]]:
+        """The full ranking of task i over its group's members (ties by name)."""
+        n = len(g.mem)
+        h = int.from_bytes(self._rd(g, g.keys, i)[:8], "little")
+        scores = _mix_many(h, g.packed, n)
+        order = sorted(range(n), key=lambda k: -scores[k])  # stable: ties by name
+        return [(scores[k], g.mem[k]) for k in order]
+
+    def _rescan(self, g: _Group, i: int) -> None:
+        n = len(g.mem)
+        if n <= self._keep:
+            self._write(g, i, self._deep(g, i))
+            return
+        h = int.from_bytes(self._rd(g, g.keys, i)[:8], "little")
+        scores = _mix_many(h, g.packed, n)
+        top = heapq.nlargest(self._keep, range(n), key=scores.__getitem__)  # stable
+        self._write(g, i, [(scores[k], g.mem[k]) for k in top])
+
+    def _rebuild(self, g: _Group, mem: list[int]) -> None:
+        nc = len(g.chunks())
+        for a in (*g.lv, g.cnt):
+            a.reset(nc)
+        g.fc = {}
+        self._set_mem(g, [])
+        if len(mem) <= 32:
+            for m in sorted(mem, key=lambda i: self._names[i]):
+                self._join(g, m)
         else:
-            th = heapq.nlargest(keep, scores)[-1]
-            ranked = sorted([(-s, names[i]) for i, s in enumerate(scores) if s >= th])[:keep]
-            self._set_rank(tid, ranked, False)
+            self._set_mem(g, mem)
+            for i in range(len(g.tids)):
+                self._rescan(g, i)
+
+    def _join(self, g: _Group, mid: int) -> list[str] | None:
+        """Vector pass: insert member ``mid`` into every kept ranking it enters.
+
+        Returns the tasks whose top ``replicas`` changed, or None if a score
+        tie was met (then those tasks were rescanned; compare a snapshot)."""
+        K = self._keep
+        R = self._replicas
+        n_old = len(g.mem)
+        seed = self._seeds[mid]
+        ties: list[int] = []
+        changed: list[str] = []
+        lost: Counter[int] = Counter()
+        gained = 0
+        for c, n in g.chunks():
+            cc = _L(n)
+            g96 = cc.g96
+            L = [a.get_int(c) for a in g.lv]
+            cnt = g.cnt.get_int(c)
+            J = _mix_vec(seed, g.keys.get_int(c), cc)
+            jv1 = J + cc.rep
+            a = []
+            p = 0
+            for j in range(K):
+                aj = (((L[j] & cc.lo) | g96) - jv1) & g96  # rank j beats the joiner
+                a.append(aj)
+                p += aj
+            if n_old == 0:
+                E = g96
+            else:
+                E = _ge96(cnt, p + g96, cc)  # count > position: the joiner beats a kept entry
+                if n_old < K:
+                    E |= _ge96(cnt, g96 * n_old, cc)  # complete ranking: always enters
+            if not E:
+                continue
+            carry = J | (cc.g64 * (mid + 1))  # the entry pushed down the ranks
+            w_prev = 0
+            disp = 0
+            for j in range(K):
+                s_next = E ^ (E & a[j])  # lanes where rank j is the joiner or moves down
+                w = s_next - (s_next >> 96)
+                Lj = L[j]
+                d = (Lj ^ carry) & w
+                g.lv[j].set_int(c, Lj ^ d)
+                carry ^= d
+                disp |= Lj & (w ^ w_prev)
+                w_prev = w
+                if j == 0:
+                    ins0 = s_next
+                if j == R - 1:
+                    chg = s_next
+            if n_old < K:
+                g.cnt.set_int(c, cnt + E)
+            else:
+                g.cnt.set_int(c, cnt + (E ^ (E & _ge96(cnt, g96 * K, cc))))
+            tie = _ge64(disp & cc.lo, J, cc)  # the displaced entry equals the joiner's score
+            X = (chg >> 96) | (ins0 >> 88) | (L[0] & cc.mem) | (tie >> 48)
+            b = X.to_bytes(16 * n, "little")
+            if chg:
+                changed.extend(compress(g.tids[c << _SH : (c << _SH) + n], b[::16]))
+            ins0_fb = b[1::16]
+            gained += ins0_fb.count(1)
+            if n_old and ins0:
+                _count(lost, memoryview(b).cast("I")[2::4], ins0_fb)
+            if tie:
+                ties.extend((c << _SH) + k for k in _ones(b[2::16]))
+        if gained:
+            g.fc[mid] = g.fc.get(mid, 0) + gained
+        for m1, k in lost.items():
+            left = g.fc[m1 - 1] - k
+            if left:
+                g.fc[m1 - 1] = left
+            else:
+                del g.fc[m1 - 1]
+        self._set_mem(g, [*g.mem, mid])
+        for i in ties:
+            self._rescan(g, i)
+        return None if ties else changed
+
+    def _leave(self, g: _Group, mid: int) -> list[str]:
+        """Vector pass: remove member ``mid`` from every kept ranking.
+
+        Returns the tasks whose top ``replicas`` changed."""
+        K = self._keep
+        R = self._replicas
+        need = min(R, len(g.mem) - 1)
+        refill: list[int] = []
+        changed: list[str] = []
+        gained: Counter[int] = Counter()
+        for c, n in g.chunks():
+            cc = _L(n)
+            g96 = cc.g96
+            L = [a.get_int(c) for a in g.lv]
+            tag = cc.g64 * (mid + 1)
+            B = 0
+            eq0 = chg = 0
+            new = []
+            for j in range(K):
+                nz = ((((L[j] & cc.mem) ^ tag) | g96) - cc.g64) & g96
+                if j == 0:
+                    eq0 = g96 ^ nz
+                B |= g96 ^ nz  # the leaver is at rank <= j
+                if j == R - 1:
+                    chg = B
+                new.append(L[j])
+                if B:
+                    Lj = L[j]
+                    new[j] = Lj ^ ((Lj ^ (L[j + 1] if j + 1 < K else 0)) & _wide(B))
+            if not B:
+                continue
+            for j in range(K):
+                g.lv[j].set_int(c, new[j])
+            cnt = g.cnt.get_int(c) - B
+            g.cnt.set_int(c, cnt)
+            rf = (B ^ (B & _ge96(cnt, g96 * need, cc))) if need > 0 else 0
+            X = (chg >> 96) | (eq0 >> 88) | (new[0] & cc.mem) | (rf >> 80)
+            b = X.to_bytes(16 * n, "little")
+            if chg:
+                changed.extend(compress(g.tids[c << _SH : (c << _SH) + n], b[::16]))
+            if eq0:
+                _count(gained, memoryview(b).cast("I")[2::4], b[1::16])
+            if rf:
+                refill.extend((c << _SH) + k for k in _ones(b[2::16]))
+        g.fc.pop(mid, None)
+        for m1, k in gained.items():
+            if m1:
+                g.fc[m1 - 1] = g.fc.get(m1 - 1, 0) + k
+        self._set_mem(g, [m for m in g.mem if m != mid])
+        for i in refill:
+            self._rescan(g, i)
+        return changed
+
+    def _diff(self, g: _Group, snap: list[list[int]]) -> list[str]:
+        """Tasks whose top ``replicas`` members differ from the snapshot."""
+        out: list[str] = []
+        for c, n in g.chunks():
+            cc = _L(n)
+            x = 0
+            for j in range(self._replicas):
+                x |= snap[j][c] ^ g.lv[j].get_int(c)
+            f = ((x & cc.mem) | cc.g96) - cc.g64  # bit 96 kept where the fields differ
+            f &= cc.g96
+            if f:
+                out.extend(compress(g.tids[c << _SH : (c << _SH) + n], _flag_bytes(f >> 96, n)))
+        return out
 
     def _forget_task(self, tid: str) -> None:
-        old = self._rank.pop(tid, None)
-        if old:
-            self._first.get(old[0][1], set()).discard(tid)
-            for _, m in old:
-                self._in_rank.get(m, set()).discard(tid)
-        self._complete.discard(tid)
         g = self._groups[self._req[tid]]
+        self._write(g, g.pos[tid], [])
         g.remove(tid)
         del self._req[tid]
-        del self._h[tid]
         self._moved.pop(tid, None)
+        self._dpref.pop(tid, None)
         self._overflow.discard(tid)
 
-    def _drop_member(self, m: str) -> set[str]:
-        touched = self._in_rank.pop(m, set())
-        self._first.pop(m, None)
-        for tid in sorted(touched):
-            ranked = self._rank[tid]
-            was_first = ranked[0][1] == m
-            ranked[:] = [e for e in ranked if e[1] != m]
-            if len(ranked) < self._replicas and tid not in self._complete:
-                self._full_scan(tid)  # _set_rank unindexes the shortened list
-            else:
-                self._set_thr(tid)
-                if was_first and ranked:
-                    self._first.setdefault(ranked[0][1], set()).add(tid)
-        return touched
-
-    def _add_member(self, m: str) -> set[str]:
-        tags = self._members[m]
-        seed = self._seed[m]
-        touched: set[str] = set()
-        for key in sorted(self._groups):
-            g = self._groups[key]
-            g.names = None
-            if not g.tids or not _eligible(key, tags):
+    def _fix_changed(
+        self,
+        changed: set[str],
+        old_moved: dict[str, int],
+        old_dpref: dict[str, tuple[str, ...]],
+        snaps: dict[ReqKey, list[list[int]]],
+        pre: dict[str, tuple[str, ...] | None],
+    ) -> set[str]:
+        """Exact changed set: ``changed`` holds plain-list changes; tasks
+        displaced before or after, and tasks in ``pre`` are compared exactly."""
+        cand = set(old_moved) | set(self._moved) | set(pre)
+        changed -= cand
+        R = self._replicas
+        for tid in cand:
+            if tid not in self._req:
                 continue
-            tids = g.tids
-            scores = _mix_many(seed, int.from_bytes(g.keybuf, "little"), len(tids))
-            rank = self._rank
-            complete = self._complete
-            thr = g.thr
-            keep = self._keep
-            in_rank = self._in_rank
-            mine = in_rank.setdefault(m, set())
-            first = self._first
-            hits = [i for i, (s, th) in enumerate(zip(scores, thr)) if s > th]
-            for i in hits:
-                tid = tids[i]
-                ranked = rank[tid]
-                entry = (-scores[i], m)
-                if not ranked:
-                    ranked.append(entry)
-                    first.setdefault(m, set()).add(tid)
-                elif entry < ranked[0]:
-                    first[ranked[0][1]].discard(tid)
-                    ranked.insert(0, entry)
-                    first.setdefault(m, set()).add(tid)
+            if tid in pre and pre[tid] is None:  # new task: always reported
+                changed.add(tid)
+                continue
+            new = self._dpref[tid] if tid in self._dpref else self._pref_of(tid)
+            if tid in pre:
+                old = pre[tid]
+            elif tid in old_moved:
+                old = old_dpref[tid]
+            else:
+                key = self._req[tid]
+                snap = snaps.get(key)
+                if snap is None:
+                    old = self._pref_of(tid, plain_only=True)
                 else:
-                    bisect.insort(ranked, entry)
-                mine.add(tid)
-                if len(ranked) > keep:
-                    in_rank[ranked.pop()[1]].discard(tid)
-                    complete.discard(tid)
-                thr[i] = -1 if tid in complete else -ranked[-1][0]
-            touched.update(tids[i] for i in hits)
-        return touched
+                    g = self._groups[key]
+                    i = g.pos[tid]
+                    c, sh = i >> _SH, 128 * (i & (_B - 1)) + 64
+                    ms = [((snap[j][c] >> sh) & 0xFFFFFFFF) - 1 for j in range(R)]
+                    old = tuple(self._names[m] for m in ms if m >= 0)
+            if old != new:
+                changed.add(tid)
+        return changed
 
-    def _entry(self, tid: str, i: int) -> tuple[int, str] | None:
-        ranked = self._rank[tid]
-        if i >= len(ranked) and tid not in self._complete:
-            self._full_scan(tid, keep=10**9)
-            ranked = self._rank[tid]
-        return ranked[i] if i < len(ranked) else None
-
-    def _reassign(self, touched: set[str]) -> set[str]:
-        """Deferred acceptance from the first-choice sets; returns changed tasks."""
+    def _reassign(self) -> None:
+        """Deferred acceptance from the first choices (Rule 2)."""
+        groups = self._groups
         n = len(self._members)
-        t_count = len(self._req) - sum(
-            len(g.tids) for key, g in self._groups.items() if not self._group(key).names
-        )
+        t_count = sum(len(g.tids) for g in groups.values() if g.mem)
         if math.isinf(self._load_cap) or n == 0:
             cap = t_count + 1
         else:
             cap = max(1, math.ceil(self._load_cap * t_count / n - 1e-9))
         self._cap = cap
-        old_moved = self._moved
-        old_over = self._overflow
-        moved: dict[str, str] = {}
-        idx: dict[str, int] = {}
+        tot: Counter[int] = Counter()
+        for g in groups.values():
+            tot.update(g.fc)
+        over_members = sorted(m for m, k in tot.items() if k > cap)
+        moved: dict[str, int] = {}
         over: set[str] = set()
-        heaps: dict[str, list[tuple[int, str]]] = {}
-        work: list[str] = []
-        rank = self._rank
+        if over_members:
+            self._match(cap, tot, over_members, moved, over)
+        self._moved = moved
+        self._overflow = over
+        self._dpref = {t: self._pref_of(t) for t in moved}
 
-        def heap_of(m: str) -> list[tuple[int, str]]:
-            h = heaps.get(m)
-            if h is None:
-                h = heaps[m] = [(-rank[t][0][0], t) for t in self._first.get(m, ())]
-                heapq.heapify(h)
+    def _match(self, cap: int, tot: Counter[int], start: list[int], moved: dict[str, int], over: set[str]) -> None:
+        groups = self._groups
+        K = self._keep
+        ids_cache: dict[tuple[ReqKey, int], tuple[bytes, bytes]] = {}
+        deep: dict[str, list[tuple[int, int]]] = {}
+        heaps: dict[int, list[tuple[int, str]]] = {}
+        pend: dict[int, list[tuple[int, str]]] = {}
+        idx: dict[str, int] = {}
+        work: list[str] = []
+
+        def build(m: int) -> list[tuple[int, str]]:
+            h = pend.pop(m, [])
+            pat = (m + 1).to_bytes(4, "little")
+            for key in sorted(groups):
+                g = groups[key]
+                if not g.fc.get(m):
+                    continue
+                for c, n in g.chunks():
+                    got = ids_cache.get((key, c))
+                    if got is None:
+                        lv0 = bytes(g.lv[0].rbuf(c, n))
+                        got = ids_cache[(key, c)] = (lv0, memoryview(lv0).cast("I")[2::4].tobytes())
+                    lv0, ids = got
+                    k = ids.find(pat)
+                    while k >= 0:
+                        if k % 4 == 0:
+                            i = k // 4
+                            s = int.from_bytes(lv0[16 * i : 16 * i + 8], "little")
+                            h.append((s, g.tids[(c << _SH) + i]))
+                        k = ids.find(pat, k + 1)
+            heapq.heapify(h)
+            heaps[m] = h
             return h
 
-        for m in sorted(self._first):
-            if len(self._first[m]) > cap:
-                h = heap_of(m)
-                while len(h) > cap:
-                    _, loser = heapq.heappop(h)
-                    idx[loser] = 1
-                    work.append(loser)
+        def entry(tid: str, i: int) -> tuple[int, int] | None:
+            g = groups[self._req[tid]]
+            p = g.pos[tid]
+            if i < K:
+                lane = int.from_bytes(self._rd(g, g.lv[i], p), "little")
+                if lane:
+                    return lane & _M64, (lane >> 64) - 1
+            d = deep.get(tid)
+            if d is None:
+                d = deep[tid] = self._deep(g, p)
+            return d[i] if i < len(d) else None
+
+        for m in start:
+            h = build(m)
+            while len(h) > cap:
+                _, loser = heapq.heappop(h)
+                idx[loser] = 1
+                work.append(loser)
         bound = 0
-        limit = 4 * (t_count + 1) * (n + 1)
+        limit = 4 * (len(self._req) + 1) * (len(self._members) + 1)
         while work:
             bound += 1
             if bound > limit:  # cannot happen: each task proposes to each member once
                 raise AssertionError("deferred acceptance did not terminate")
             tid = work.pop()
             i = idx[tid]
-            e = self._entry(tid, i)
+            e = entry(tid, i)
             if e is None:  # rejected by every eligible member: overflow on its first
                 over.add(tid)
                 moved.pop(tid, None)
                 continue
-            neg, m = e
-            h = heap_of(m)
-            heapq.heappush(h, (-neg, tid))
+            s, m = e
             if i:
                 moved[tid] = m
             else:
                 moved.pop(tid, None)
-            if len(h) > cap:
-                _, loser = heapq.heappop(h)
-                li = idx.get(loser, 0)
-                moved.pop(loser, None)
-                idx[loser] = li + 1
-                work.append(loser)
-        self._moved = moved
-        self._overflow = over
-        cand = set(touched)
-        cand.update(old_moved, moved, old_over, over)
-        changed: set[str] = set()
-        reps = self._replicas
-        for tid in cand:
-            ranked = rank.get(tid)
-            if ranked is None:
-                continue
-            if not ranked:
-                new: tuple[str, ...] = ()
-            elif tid not in moved:
-                new = tuple([e[1] for e in ranked[:reps]])
+            h = heaps.get(m)
+            if h is None:
+                lst = pend.setdefault(m, [])
+                lst.append((s, tid))
+                if tot.get(m, 0) + len(lst) <= cap:
+                    continue
+                h = build(m)
             else:
-                own = moved[tid]
-                rest = [nm for _, nm in ranked if nm != own]
-                new = (own, *rest[: reps - 1])
-            if self._pref.get(tid) != new:
-                self._pref[tid] = new
-                changed.add(tid)
-        return changed
+                heapq.heappush(h, (s, tid))
+            while len(h) > cap:
+                _, loser = heapq.heappop(h)
+                moved.pop(loser, None)
+                idx[loser] = idx.get(loser, 0) + 1
+                work.append(loser)

@@ -177,3 +177,163 @@ def test_member_tag_change_equals_fresh():
         assert r.owners(t) == fresh.owners(t)
     assert all("n0" not in r.owners(t) for t in tasks if tasks[t])
     assert changed
+
+
+# ---------------------------------------------------------------- reference
+# A fresh, non-incremental computation of the scheme straight from the rules
+# in node/ring.py's docstring (rank by score then name, task-optimal stable
+# matching under the cap, overflow on the first choice, replicas by rank).
+import contextlib  # noqa: E402
+import heapq  # noqa: E402
+
+import node.ring as ring_mod  # noqa: E402
+from hypothesis import HealthCheck  # noqa: E402
+
+
+def reference(members, tasks, replicas=3, load_cap=1.25, mix=_mix):
+    rank = {}
+    for tid, req in tasks.items():
+        req = req or {}
+        elig = [m for m, tags in members.items() if all(tags.get(k) == v for k, v in req.items())]
+        h = key_hash(tid)
+        rank[tid] = [m for _, m in sorted((-mix(h, member_seed(m)), m) for m in elig)]
+    t_count = sum(1 for t in tasks if rank[t])
+    n = len(members)
+    cap = t_count + 1 if (math.isinf(load_cap) or n == 0) else max(1, math.ceil(load_cap * t_count / n - 1e-9))
+    held = {m: [] for m in members}
+    nxt = {t: 0 for t in tasks}
+    free = sorted(t for t in tasks if rank[t])
+    owner = {}
+    while free:
+        t = free.pop()
+        if nxt[t] >= len(rank[t]):
+            owner[t] = rank[t][0]  # overflow
+            continue
+        m = rank[t][nxt[t]]
+        nxt[t] += 1
+        heapq.heappush(held[m], (mix(key_hash(t), member_seed(m)), t))
+        if len(held[m]) > cap:
+            free.append(heapq.heappop(held[m])[1])
+    for m, h in held.items():
+        for _, t in h:
+            owner[t] = m
+    out = {}
+    for t in tasks:
+        if not rank[t]:
+            out[t] = []
+            continue
+        own = owner[t]
+        out[t] = [own] + [m for m in rank[t] if m != own][: replicas - 1]
+    return out
+
+
+@contextlib.contextmanager
+def small_chunks(shift=2):
+    """Run with 4-lane chunks so the vector passes cross chunk boundaries."""
+    old = ring_mod._SH, ring_mod._B
+    ring_mod._SH, ring_mod._B = shift, 1 << shift
+    try:
+        yield
+    finally:
+        ring_mod._SH, ring_mod._B = old
+
+
+@contextlib.contextmanager
+def coarse_scores(bits=2):
+    """Scores with only ``bits`` bits: ties everywhere (tie-by-name paths)."""
+    orig = ring_mod._mix_vec
+
+    def vec(h, packed, c):
+        top = c.rep * (((1 << bits) - 1) << (64 - bits))
+        return (orig(h, packed, c) & top) >> (64 - bits)
+
+    ring_mod._mix_vec = vec
+    try:
+        yield lambda h, s: _mix(h, s) >> (64 - bits)
+    finally:
+        ring_mod._mix_vec = orig
+
+
+POOL = [f"m{i}" for i in range(12)]
+TAGS = [{}, {"z": "1"}, {"z": "2"}, {"z": "1", "g": "y"}]
+REQS = [None, None, {"z": "1"}, {"g": "y"}]
+
+op_strategy = st.one_of(
+    st.tuples(st.just("view"), st.dictionaries(st.sampled_from(POOL), st.sampled_from(TAGS), max_size=12)),
+    st.tuples(st.just("join"), st.sampled_from(POOL), st.sampled_from(TAGS)),
+    st.tuples(st.just("leave"), st.sampled_from(POOL)),
+    st.tuples(st.just("tasks"), st.dictionaries(st.integers(0, 59), st.sampled_from(REQS), min_size=1, max_size=20)),
+    st.tuples(st.just("remove"), st.integers(0, 59)),
+)
+
+
+def run_ops(ops, replicas, load_cap, mix=_mix):
+    r = Ring(replicas=replicas, load_cap=load_cap)
+    view: dict[str, dict[str, str]] = {}
+    tasks: dict[str, dict | None] = {}
+    for op in ops:
+        before = {t: r.owners(t) for t in tasks}
+        if op[0] == "view":
+            view = dict(op[1])
+            changed = r.set_members(view)
+        elif op[0] == "join":
+            view = dict(view, **{op[1]: op[2]})
+            changed = r.set_members(view)
+        elif op[0] == "leave":
+            view = {m: t for m, t in view.items() if m != op[1]}
+            changed = r.set_members(view)
+        elif op[0] == "tasks":
+            new = {f"t{i}": q for i, q in op[1].items()}
+            tasks.update(new)
+            changed = r.set_tasks(new)
+            changed -= set(new) - set(before)  # brand-new tasks are always reported
+        else:
+            tid = f"t{op[1]}"
+            tasks.pop(tid, None)
+            changed = r.remove_task(tid)
+        ref = reference(view, tasks, replicas, load_cap, mix)
+        for t in tasks:
+            assert r.owners(t) == ref[t], (op, t)
+        assert changed - (set(tasks) - set(before)) == {t for t in before if t in tasks and before[t] != ref[t]}, op
+        load = r.load()
+        assert sum(load.values()) == sum(1 for t in tasks if ref[t])
+        for m in view:
+            assert load[m] == sum(1 for t in tasks if ref[t] and ref[t][0] == m)
+            assert r.tasks_of(m) == sorted(t for t in tasks if m in ref[t])
+        assert sorted(r.tasks()) == sorted(tasks)
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(op_strategy, max_size=14), st.integers(1, 4), st.sampled_from([1.0, 1.25, 2.0, math.inf]))
+def test_incremental_equals_fresh_reference_over_random_histories(ops, replicas, load_cap):
+    """Any sequence of joins, leaves, view swaps, tag changes and task edits
+    leaves the incremental ring equal to a fresh computation, and the
+    returned change sets are exactly the tasks whose list changed."""
+    with small_chunks():
+        run_ops(ops, replicas, load_cap)
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(op_strategy, max_size=12), st.integers(1, 4), st.sampled_from([1.25, math.inf]))
+def test_score_ties_are_broken_by_name_incrementally(ops, replicas, load_cap):
+    """With 2-bit scores almost every comparison is a tie: the vector join
+    pass must fall back to the name order exactly as a fresh ranking does."""
+    with small_chunks(), coarse_scores() as mix:
+        run_ops(ops, replicas, load_cap, mix)
+
+
+def test_single_join_and_leave_with_many_chunks_equal_fresh():
+    with small_chunks(4):
+        tasks = {f"t{i}": ({"z": "1"} if i % 7 == 0 else None) for i in range(400)}
+        view = {f"n{i}": ({"z": "1"} if i % 3 == 0 else {}) for i in range(9)}
+        r = build(view, tasks)
+        for step in range(6):
+            if step % 2:
+                view = {k: v for k, v in view.items() if k != f"n{step}"}
+            else:
+                view = dict(view, **{f"x{step}": {"z": "1"}})
+            before = {t: r.owners(t) for t in tasks}
+            changed = r.set_members(view)
+            ref = reference(view, tasks)
+            assert {t: r.owners(t) for t in tasks} == ref
+            assert changed == {t for t in tasks if before[t] != ref[t]}
