@@ -13,6 +13,7 @@ running runs finish within ``shutdown_grace_s``, flush state, exit 0.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -94,6 +95,12 @@ def cmd_run(argv: list[str]) -> int:
             return 1
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
+            # Everything loaded so far (code, stored tasks, the tasks file)
+            # lives as long as the process: move it out of the collector's
+            # view, so a full collection does not walk it (measured: a 55 ms
+            # pause at 1,000 tasks without, 0.6 ms with; bench/sched_bench.py).
+            gc.collect()
+            gc.freeze()
 
             async def signals():
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:

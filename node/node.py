@@ -624,7 +624,10 @@ class Node:
             if self._stopping:
                 return
             now = _wall()
-            for eff in self.scheduler.tick(now):
+            # at most 1000 decisions per pass: with more due, next_deadline()
+            # is already past and the loop yields (move_on_after(0)) before
+            # the next batch, so a burst of 10,000 fires never blocks the node
+            for eff in self.scheduler.tick(now, limit=1000):
                 self._carry_out(eff, now)
             nd = self.scheduler.next_deadline()
             timeout = 1.0 if nd is None else max(0.0, min(1.0, nd - _wall()))
