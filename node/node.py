@@ -642,9 +642,11 @@ class Node:
                 return
             if eff.reason == "catchup":
                 self._count_misfire(eff.task_id)
-            if self.fencer is not None:
+            if self.fencer is not None and not self._is_reclaim(eff):
                 # register the claim turn now, in effect order, before the
-                # concurrently started _fire tasks race each other
+                # concurrently started _fire tasks race each other (a
+                # re-claim takes no turn: it may wait for the dead claimer's
+                # session and must not hold back the task's next slots)
                 heapq.heappush(self._claims.setdefault(eff.task_id, []), eff.slot)
             self._nursery.start_soon(self._fire, eff)
         elif kind == "SlotSkipped":
@@ -668,7 +670,7 @@ class Node:
 
         task = self._tasks.get(fire.task_id)
         if task is None:
-            if self.fencer is not None:
+            if self.fencer is not None and not self._is_reclaim(fire):
                 async with self._claim_turn(fire.task_id, fire.slot):
                     pass  # release the registered turn
             return
@@ -680,17 +682,17 @@ class Node:
             # tokens (etcd revisions) grow with the slot even when a catch-up
             # fires many slots at once.
             deadline = trio.current_time() + max(0.0, fire.slot + window - _wall())
-            lost = self._lost_claimers.pop((task.id, fire.slot), None)
-            async with self._claim_turn(task.id, fire.slot):
-                if fire.reason == "rerun_owner_loss" and lost:
-                    # the dead owner's claim stands in etcd: take it over once,
-                    # when its etcd session is gone too (a false death waits
-                    # 1.5 session TTLs, then leaves the run to its owner)
-                    res = await self.fencer.reclaim(
-                        task.id, fire.slot, base, lost[0], deadline=max(deadline, trio.current_time() + 2.0),
-                        expected_run_id=lost[1],
-                    )
-                else:
+            lost = self._lost_claimers.pop((task.id, fire.slot), None) if self._is_reclaim(fire) else None
+            if lost:
+                # the dead owner's claim stands in etcd: take it over once,
+                # when its etcd session is gone too (a false death waits
+                # 1.5 session TTLs, then leaves the run to its owner)
+                res = await self.fencer.reclaim(
+                    task.id, fire.slot, base, lost[0], deadline=max(deadline, trio.current_time() + 2.0),
+                    expected_run_id=lost[1],
+                )
+            else:
+                async with self._claim_turn(task.id, fire.slot):
                     res = await self.fencer.claim(task.id, fire.slot, base, deadline=deadline)
             self.metrics.fencing_claims.labels(res.reason).inc()
             if not res.won and res.reason != "fire_without_token":
@@ -766,6 +768,9 @@ class Node:
             self._wake.set()
 
     @asynccontextmanager
+    def _is_reclaim(self, fire) -> bool:
+        return fire.reason == "rerun_owner_loss" and (fire.task_id, fire.slot) in self._lost_claimers
+
     async def _claim_turn(self, task_id: str, slot: int):
         """Wait until ``slot`` is the smallest pending claim of ``task_id``."""
         pending = self._claims.setdefault(task_id, [])

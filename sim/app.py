@@ -461,7 +461,10 @@ class SchedulerApp:
             self._commit(self.store.advance_fired(eff.task_id, eff.slot), now)
 
     def _retry_claims(self, now: float) -> None:
-        """Claims in (task, slot) order; a task's later slots wait for its earlier ones."""
+        """Claims in (task, slot) order; a task's later slots wait for its
+        earlier ones while etcd is unavailable, not for a re-claim that waits
+        for a dead claimer's session (node/node.py takes no claim turn for
+        those)."""
         etcd = self.cluster.etcd
         t_s = self._t()
         queue = sorted(self.claim_queue, key=lambda c: (c[0], c[1]))
@@ -494,8 +497,7 @@ class SchedulerApp:
                     blocked.add(tid)
                 continue
             if token is _WAIT:  # the dead claimer's session holds: try again later
-                keep.append((tid, slot, fire))
-                blocked.add(tid)
+                keep.append((tid, slot, fire))  # (without holding back later slots)
                 continue
             self.lost_claimers.pop((tid, slot), None)
             self.reclaim_since.pop((tid, slot), None)
