@@ -159,7 +159,6 @@ class TransmitLimitedQueue:
         by_key = self._by_key
         if not by_key or space_bytes <= 0:
             return []
-        out: list[bytes] = []
         picked: list[Broadcast] = []
         scanned = 0
         misses = 0
@@ -191,10 +190,8 @@ class TransmitLimitedQueue:
                 if b.lvl != t:
                     continue
                 scanned += 1
-                data = b.data
-                need = len(data) + per_item_overhead
+                need = len(b.data) + per_item_overhead
                 if need <= space_bytes:
-                    out.append(data)
                     picked.append(b)
                     space_bytes -= need
                     misses = 0
@@ -209,29 +206,38 @@ class TransmitLimitedQueue:
             if space_bytes < 8 or misses >= 16 or scanned >= scan_max:
                 break
         if not picked:
-            return out
-        for b in picked:
-            t = b.lvl
-            live[t] -= 1
-            s = stale[t] + 1
+            return []
+        # move the picked ones up one level, a run of equal levels at a time
+        # (picked is in level order)
+        k = len(picked)
+        start = 0
+        while start < k:
+            t = picked[start].lvl
+            end = start + 1
+            while end < k and picked[end].lvl == t:
+                end += 1
+            run = picked[start:end] if start or end < k else picked
+            n = end - start
+            start = end
+            nt = t + 1
+            if nt >= limit:
+                for b in run:
+                    b.transmits = nt
+                    b.lvl = -1
+                    del by_key[b.key]
+            else:
+                for b in run:
+                    b.transmits = nt
+                    b.lvl = nt
+                self._level(nt).extend(run)
+                live[nt] += n
+            live[t] -= n
+            s = stale[t] + n
             if s > 32 and s > live[t]:
-                b.lvl = -1
                 levels[t] = [x for x in levels[t] if x.lvl == t]
                 s = 0
             stale[t] = s
-            t += 1
-            b.transmits = t
-            if t >= limit:
-                b.lvl = -1
-                del by_key[b.key]
-                continue
-            b.lvl = t
-            if t < len(levels):
-                levels[t].append(b)
-            else:
-                self._level(t).append(b)
-            live[t] += 1
-        return out
+        return [b.data for b in picked]
 
     def pending(self) -> list[tuple[str, int]]:
         """(key, transmits) of every queued broadcast, in selection order."""

@@ -136,9 +136,11 @@ _TO_WIRE = {ALIVE: WireState.ALIVE, SUSPECT: WireState.SUSPECT, DEAD: WireState.
             LEFT: WireState.LEFT}
 _EMPTY_TAGS: Mapping[str, str] = MappingProxyType({})
 _SEQ_MASK = 2**64 - 1
+_UINT64_MAX = wire.UINT64_MAX
 
 _T_SUSP, _T_REAP, _T_RELAY, _T_JOIN = 0, 1, 2, 3
 _join_compound = wire.join_compound
+_FIXARRAY = tuple(bytes((0x90 | i,)) for i in range(16))
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,9 +208,65 @@ class _Node:
     def snapshot(self) -> Member:
         s = self.snap
         if s is None:
-            s = self.snap = Member(self.name, self.addr, self.state, self.incarnation,
-                                   self.tags, self.meta, self.state_change)
+            s = self.snap = _new_member(self.name, self.addr, self.state, self.incarnation,
+                                        self.tags, self.meta, self.state_change)
         return s
+
+
+_obj_new = object.__new__
+_M_SET = tuple(Member.__dict__[f].__set__ for f in Member.__slots__)
+assert Member.__slots__ == ("name", "addr", "state", "incarnation", "tags", "meta",
+                            "state_change")
+_E_SET = tuple(MemberEvent.__dict__[f].__set__ for f in MemberEvent.__slots__)
+assert MemberEvent.__slots__ == ("kind", "member")
+_P_SET = tuple(SendPacket.__dict__[f].__set__ for f in SendPacket.__slots__)
+assert SendPacket.__slots__ == ("addr", "data")
+
+
+def _new_member(name, addr, state, incarnation, tags, meta, state_change) -> Member:
+    """``Member(...)`` without the frozen dataclass ``__init__`` (one
+    ``object.__setattr__`` per field); the fields are ours, already valid."""
+    m = _obj_new(Member)
+    a, b, c, d, e, f, g = _M_SET
+    a(m, name)
+    b(m, addr)
+    c(m, state)
+    d(m, incarnation)
+    e(m, tags)
+    f(m, meta)
+    g(m, state_change)
+    return m
+
+
+def _new_event(kind: EventKind, member: Member) -> MemberEvent:
+    ev = _obj_new(MemberEvent)
+    _E_SET[0](ev, kind)
+    _E_SET[1](ev, member)
+    return ev
+
+
+def _new_send(addr: Addr, data: bytes) -> SendPacket:
+    sp = _obj_new(SendPacket)
+    _P_SET[0](sp, addr)
+    _P_SET[1](sp, data)
+    return sp
+
+
+# retransmit limits by (config, live N), shared by the cores of one config
+# (a pure function of both; bounded)
+_RT_MEMOS: dict = {}
+
+
+def _rt_memo(config: Config) -> dict:
+    try:
+        memo = _RT_MEMOS.get(config)
+    except TypeError:  # an unhashable config: private memo
+        return {}
+    if memo is None:
+        if len(_RT_MEMOS) >= 64:
+            _RT_MEMOS.clear()
+        memo = _RT_MEMOS[config] = {}
+    return memo
 
 
 class _Probe:
@@ -278,7 +336,7 @@ class Swim:
         self._counts = [1, 0, 0, 0]          # by rank: alive, suspect, dead, left
         self._suspects: dict[str, None] = {}  # suspect members, in suspicion order
         self._queue = TransmitLimitedQueue(config.broadcast_queue_max)
-        self._rt_limit: dict[int, int] = {}   # live N -> config.retransmit_limit(N)
+        self._rt_limit: dict[int, int] = _rt_memo(config)  # live N -> retransmit_limit(N)
         self._seq = rng.getrandbits(32)
         self._awareness = 0
         self._probe_order: list[str] = []
@@ -371,7 +429,9 @@ class Swim:
         n = c[0] + c[1]
         r = self._rt_limit.get(n)
         if r is None:
-            r = self._rt_limit[n] = self.config.retransmit_limit(n if n > 1 else 1)
+            r = self.config.retransmit_limit(n if n > 1 else 1)
+            if len(self._rt_limit) < 100_000:
+                self._rt_limit[n] = r
         return r
 
     def _live_peers(self) -> int:
@@ -394,10 +454,16 @@ class Swim:
         n.snap = n.row = None
 
     def _event(self, out: list, kind: EventKind, n: _Node) -> None:
-        out.append(MemberEvent(kind, n.snapshot()))
+        s = n.snap
+        if s is None:
+            s = n.snapshot()
+        out.append(_new_event(kind, s))
 
     def _alive_fields(self, n: _Node) -> list:
-        return [MsgType.ALIVE, n.incarnation, n.name, n.addr[0], n.addr[1], dict(n.tags), n.meta]
+        # 5 = MsgType.ALIVE (msgpack packs an IntEnum as its int: same bytes)
+        tags = n.tags
+        return [5, n.incarnation, n.name, n.addr[0], n.addr[1], dict(tags) if tags else {},
+                n.meta]
 
     def _broadcast(self, name: str, data: bytes, weak: bool = False) -> None:
         if weak:
@@ -418,7 +484,9 @@ class Swim:
             extra = self._queue.take(space, self._retransmit_limit())
             if extra:
                 msgs = msgs + extra
-        data = _join_compound(msgs)
+        k = len(msgs)
+        # wire.join_compound, inlined: fixarray header for < 16 messages
+        data = (_FIXARRAY[k] if k < 16 else wire._array_header(k)) + b"".join(msgs)
         size = len(data)
         # invariant: never over the budget (each msg fits; take() respects space)
         if size > self._budget:  # pragma: no cover - bug guard
@@ -426,7 +494,7 @@ class Swim:
         c = self._c
         c["packets_out"] += 1
         c["bytes_out"] += size
-        out.append(SendPacket(addr, data))
+        out.append(_new_send(addr, data))
 
     def _add_peer(self, name: str) -> None:
         self._peer_pos[name] = len(self._peers)
@@ -1000,6 +1068,7 @@ class Swim:
         nodes = self._nodes
         me = self._me
         todo = []
+        meta_max = wire.META_MAX_BYTES
         for r in rows:
             if type(r) is list and len(r) == 7:
                 name, inc, st = r[0], r[3], r[6]
@@ -1013,6 +1082,18 @@ class Swim:
                         if _WIRE_RANK[st] <= (0 if ns is ALIVE else 1 if ns is SUSPECT
                                               else 2 if ns is DEAD else 3):
                             continue
+                    # the common shape, checked inline; anything else (and any
+                    # doubt) goes through wire.check_row, which accepts all of
+                    # these: short printable names/hosts (<= NAME_MAX/4 and
+                    # HOST_MAX/4 chars, so within the byte limits), no tags
+                    host, port, tags, meta = r[1], r[2], r[4], r[5]
+                    if (0 < len(name) <= 32 and type(host) is str and 0 < len(host) <= 63
+                            and type(port) is int and 0 <= port <= 65535
+                            and 0 <= inc <= _UINT64_MAX and type(tags) is dict and not tags
+                            and type(meta) is bytes and len(meta) <= meta_max
+                            and name.isprintable() and host.isprintable()):
+                        todo.append(r)
+                        continue
             wire.check_row(r)
             todo.append(r)
         return todo

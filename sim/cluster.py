@@ -138,9 +138,33 @@ class ClusterOptions:
 
 def _state_code(state: Any) -> tuple[bool, bool, bool]:
     """(in_view, is_dead, is_suspect) from a MemberState (by name)."""
+    code = _STATE_CODES.get(id(state))
+    if code is not None and code[1] is state:
+        return code[0]
     name = getattr(state, "name", None) or str(state)
     name = name.upper()
-    return (name in ("ALIVE", "SUSPECT"), name == "DEAD", name == "SUSPECT")
+    res = (name in ("ALIVE", "SUSPECT"), name == "DEAD", name == "SUSPECT")
+    if len(_STATE_CODES) < 64:
+        _STATE_CODES[id(state)] = (res, state)  # keeps ``state`` alive: its id stays unique
+    return res
+
+
+# id(enum member) -> (value, member): enum ``.name``/``.value`` are Python-level
+# properties and enum hashing is Python-level in 3.11; ids of the few members
+# seen are cheap keys (the member is kept referenced, so its id is not reused).
+_STATE_CODES: dict[int, tuple] = {}
+_KIND_VALUES: dict[int, tuple] = {}
+
+
+def _kind_value(kind: Any) -> Any:
+    """``kind.value`` of an EventKind, memoized by identity."""
+    v = _KIND_VALUES.get(id(kind))
+    if v is not None and v[1] is kind:
+        return v[0]
+    value = kind.value
+    if len(_KIND_VALUES) < 64:
+        _KIND_VALUES[id(kind)] = (value, kind)
+    return value
 
 
 class SimNode:
@@ -351,10 +375,11 @@ class Cluster:
 
     def _arm(self, node: SimNode, t_s: float) -> None:
         d = node.core.next_deadline()
-        for app in node.apps:
-            ad = app.next_deadline()
-            if ad < d:
-                d = ad
+        if node.apps:
+            for app in node.apps:
+                ad = app.next_deadline()
+                if ad < d:
+                    d = ad
         if d == INF or d is None:
             return
         rate, offset = node.rate, node.offset
@@ -390,7 +415,8 @@ class Cluster:
                 in_view, is_dead, is_suspect = _state_code(m.state)
                 self.metrics.member_event(node.name, m.name, in_view, is_dead, is_suspect, t_s,
                                           m.tags)
-                self.trace.append((t_s, "m", node.idx, m.name, e.kind.value, m.incarnation))
+                self.trace.append((t_s, "m", node.idx, m.name, _kind_value(e.kind),
+                                   m.incarnation))
                 if node.apps:
                     now = node.local(t_s)
                     for app in node.apps:
@@ -587,7 +613,9 @@ class Cluster:
             self.trace.append((t_s, "x", src, node.idx, "rejected:" + exc.reason))
             self._reject(node, exc.reason, t_s)
             return
-        self._effects(node, node.core.handle_packet(self.nodes[src].addr, body, node.local(t_s)), t_s)
+        # node.local(t_s), inlined
+        self._effects(node, node.core.handle_packet(self.nodes[src].addr, body,
+                                                    node.rate * t_s + node.offset), t_s)
 
     def _inject_update(self, t_s: float) -> None:
         if self.net.partitioned:
@@ -672,7 +700,7 @@ class Cluster:
                 node.timer_at = INF
                 if node.paused_until > t_s:
                     continue  # resume re-arms
-                now = node.local(t_s)
+                now = node.rate * t_s + node.offset  # node.local(t_s)
                 effects_fn(node, node.core.tick(now), t_s)
                 for app in node.apps:
                     if app.next_deadline() <= now:

@@ -36,8 +36,11 @@ from __future__ import annotations
 import heapq
 import random
 from dataclasses import dataclass
+from math import log as _log
 
 __all__ = ["NetworkOptions", "Network", "DROP_REASONS"]
+
+_heappush = heapq.heappush
 
 # Why a datagram did not arrive. Appended only (reports and traces use them).
 DROP_REASONS = (
@@ -112,7 +115,7 @@ class Network:
         "n", "options", "rng", "heap", "next_seq", "deliver_kind", "group",
         "partitioned", "blocked", "link_loss", "loss", "replay", "size_max",
         "delay_min_s", "delay_extra_mean_s", "drops", "sent_msgs", "sent_bytes",
-        "trace",
+        "trace", "_lambd",
     )
 
     def __init__(self, n: int, options: NetworkOptions, rng: random.Random,
@@ -146,6 +149,9 @@ class Network:
         self.size_max = options.datagram_size_max_bytes
         self.delay_min_s = options.one_way_delay_min_s
         self.delay_extra_mean_s = options.one_way_delay_mean_s - options.one_way_delay_min_s
+        # rng.expovariate(lambd) is -log(1 - random()) / lambd: transmit()
+        # inlines it (same draws, same floats)
+        self._lambd = 1.0 / self.delay_extra_mean_s if self.delay_extra_mean_s > 0 else 0.0
 
     def partition(self, groups: list[list[int]]) -> None:
         """Split nodes into groups; nodes not listed form one more group.
@@ -211,9 +217,10 @@ class Network:
         if loss and rng.random() < loss:
             self._drop(now_s, src, dst, "loss")
             return
-        at_s = now_s + self.delay_min_s + rng.expovariate(1.0 / self.delay_extra_mean_s) \
-            if self.delay_extra_mean_s > 0 else now_s + self.delay_min_s
-        heapq.heappush(self.heap, (at_s, self.next_seq(), self.deliver_kind, dst, src, data))
+        lambd = self._lambd
+        at_s = now_s + self.delay_min_s + -_log(1.0 - rng.random()) / lambd \
+            if lambd else now_s + self.delay_min_s
+        _heappush(self.heap, (at_s, self.next_seq(), self.deliver_kind, dst, src, data))
         if trace is not None:
             trace.append((now_s, "p", src, dst, size, at_s))
         if self.replay and rng.random() < self.replay:
