@@ -101,6 +101,10 @@ def main(argv=None) -> int:
             row["runs_with_duplicates"] = sum(1 for r in rs if r["duplicate_fires"])
             row["replicas_unequal_runs"] = sum(1 for r in rs if not r["replicas_equal"])
             row["violating_runs"] = sum(1 for r in rs if r["violations"])
+            # seeds to replay: any duplicate or missed slot
+            row["runs_to_look_at"] = [{"seed": r["seed"], "duplicate_fires": r["duplicate_fires"],
+                                       "missed_slots": r["missed_slots"]}
+                                      for r in rs if r["duplicate_fires"] or r["missed_slots"]][:50]
             table.append(row)
     hdr = (f"{'scenario':10} {'mode':11} {'runs':>5} {'due':>7} {'fired':>7} {'dup':>6} {'dup_reclaim':>11} "
            f"{'dup_max':>7} {'runs_dup':>8} {'missed':>6} {'reruns':>6} {'unequal':>7}")
@@ -112,6 +116,11 @@ def main(argv=None) -> int:
               f"{r['missed_slots']:6d} {r['owner_loss_reruns']:6d} {r['replicas_unequal_runs']:7d}")
     print(f"{len(jobs)} runs ({a.nodes} nodes, {a.duration:g} virtual s, {a.tasks} tasks) in {wall:.1f} s wall,"
           f" {a.jobs} process(es)")
+    for r in table:
+        for x in r["runs_to_look_at"][:3]:
+            print(f"  {r['scenario']} {r['mode']} seed {x['seed']}: dup {x['duplicate_fires']} "
+                  f"missed {x['missed_slots']}; replay: "
+                  + replay_cmd(r["scenario"], x["seed"], r["mode"], a.nodes, a.duration, a.tasks))
     bad = [r for r in results if r["violations"]]
     for r in bad[:20]:
         print(f"VIOLATION seed={r['seed']} scenario={r['scenario']} mode={r['mode']}: "
