@@ -767,10 +767,10 @@ class Node:
             self.scheduler.run_finished(task.id, base, _wall())
             self._wake.set()
 
-    @asynccontextmanager
     def _is_reclaim(self, fire) -> bool:
         return fire.reason == "rerun_owner_loss" and (fire.task_id, fire.slot) in self._lost_claimers
 
+    @asynccontextmanager
     async def _claim_turn(self, task_id: str, slot: int):
         """Wait until ``slot`` is the smallest pending claim of ``task_id``."""
         pending = self._claims.setdefault(task_id, [])
