@@ -411,9 +411,7 @@ class Fencer:
                     return ClaimResult(False, None, "lost", "claimer alive until the deadline: "
                                        "its etcd session still holds", attempt,
                                        decision.holder.node if decision.holder else None)
-                delay = backoff_delay_s(min(attempt, 30), base_s=RETRY_BASE_S, multiplier=2.0,
-                                        max_s=RETRY_MAX_S, rng=self._rng)
-                await trio.sleep(min(delay, give_up_at - now))
+                await self._retry_pause(attempt, give_up_at - now)
                 continue
             if decision is not None:
                 self._high_water = decision.high_water
@@ -431,11 +429,15 @@ class Fencer:
             if now >= deadline:
                 return ClaimResult(False, None, "unavailable",
                                    f"etcd unavailable until the deadline: {last_err}", attempt)
-            delay = backoff_delay_s(min(attempt, 30), base_s=RETRY_BASE_S, multiplier=2.0,
-                                    max_s=RETRY_MAX_S, rng=self._rng)
-            await trio.sleep(min(delay, deadline - now))
+            await self._retry_pause(attempt, deadline - now)
         return ClaimResult(False, None, "unavailable", f"gave up after {MAX_ATTEMPTS} attempts",
                            MAX_ATTEMPTS)
+
+    async def _retry_pause(self, attempt: int, left_s: float) -> None:
+        """Backoff with full jitter before the next attempt, never past the deadline."""
+        delay = backoff_delay_s(min(attempt, 30), base_s=RETRY_BASE_S, multiplier=2.0,
+                                max_s=RETRY_MAX_S, rng=self._rng)
+        await trio.sleep(min(delay, left_s))
 
     async def _ensure_lease(self, force: bool = False) -> int:
         async with self._lease_lock:
