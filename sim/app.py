@@ -72,6 +72,7 @@ from typing import Any
 import msgpack
 
 from gossip.effects import EventKind
+from node.fencing import ClaimValue, KeyValue, alive_key, encode_claim, plan_reclaim
 from node.ring import Ring
 from node.scheduler import Scheduler
 from node.store import Store
@@ -89,6 +90,17 @@ EPOCH_BASE = 1_800_000_000.0
 # SimNode clocks read 1000 + offset at t=0 (sim/cluster.py).
 EPOCH_SHIFT = EPOCH_BASE - 1000.0
 MAX_RECLAIMS = 3  # node/fencer.py default
+ETCD_PREFIX = "/peerd"  # node/config.py default; alive keys are the real ones
+
+
+def _claim_record(key: str, kv) -> KeyValue | None:
+    """The model's claim ``(node, run_id, reclaims, dead, session)`` as the
+    etcd record a real fencer reads (JSON claim value, same revisions)."""
+    if kv is None:
+        return None
+    node, run_id, reclaims, dead, session = kv.value
+    value = encode_claim(ClaimValue(node, run_id, 0, reclaims, tuple(dead), session))
+    return KeyValue(key.encode(), value, kv.create_revision, kv.mod_revision, kv.version, 0)
 _WAIT = object()  # a reclaim that must wait: the dead claimer's session holds
 TERMINAL = ("succeeded", "failed", "timeout", "cancelled", "lost")
 
@@ -166,7 +178,7 @@ class SchedulerApp:
         self.lost_claimers: dict[tuple[str, int], tuple[str, str | None]] = {}
         self.reclaim_since: dict[tuple[str, int], float] = {}  # first try, cluster time
         self.boot_id = child_rng(cluster.seed, "boot", node.name, node.boots).getrandbits(64) or 1
-        self.alive_key = f"alive/{node.name}/{self.boot_id:016x}"
+        self.alive_key = alive_key(ETCD_PREFIX, node.name, self.boot_id).decode()
         self.running: dict[str, tuple[str, int, Any, float]] = {}  # run_id -> (tid, slot, token, started)
         self.timers: list[tuple[float, int, str, Any]] = []  # (epoch, seq, kind, arg)
         self._tseq = 0
@@ -511,20 +523,26 @@ class SchedulerApp:
             self._timer(now + self.opts.claim_retry_s, "claims", None)
 
     def _reclaim(self, etcd: EtcdModel, key: str, run_id: str, lost: tuple, ts_key, t_s: float):
-        """node/fencing.py plan_reclaim + reclaim_txn + the fencer's wait
-        while the claimer lives. Returns a token, None (refused) or _WAIT."""
+        """A re-claim under the real Rules 7 and 8: the model's claim tuple is
+        turned into the claim record a real fencer reads and handed to
+        ``node.fencing.plan_reclaim``; its plan (new value, dead claimer's
+        alive key) is written with the model's compare-and-put. The wait
+        while the claimer's session holds mirrors node/fencer.py ``reclaim``.
+        Returns a token, None (refused) or _WAIT."""
         dead, expected = lost
         kv = etcd.get(key, t_s)
-        if (kv is None or kv.value[0] != dead or kv.value[2] >= MAX_RECLAIMS
-                or (expected is not None and kv.value[1] != expected)
-                or (dead == self.name and kv.value[4] == self.boot_id)):
+        plan = plan_reclaim(_claim_record(key, kv), node=self.name, run_id=run_id,
+                            dead_node=dead, epoch=0, max_reclaims=MAX_RECLAIMS,
+                            expected_run_id=expected, session=self.boot_id, prefix=ETCD_PREFIX)
+        if plan.value is None:
             self.stats["reclaims_refused"] += 1
             return None
-        dead_alive = None if dead == self.name else f"alive/{dead}/{kv.value[4]:016x}"
-        value = (self.name, run_id, kv.value[2] + 1, kv.value[3] + (dead,), self.boot_id)
-        token = etcd.reclaim(key, kv.mod_revision, value, t_s, dead_alive=dead_alive)
+        v = plan.value
+        dead_alive = None if plan.dead_alive is None else plan.dead_alive.decode()
+        token = etcd.reclaim(key, plan.mod_revision, (v.node, v.run_id, v.reclaims, v.dead, v.session),
+                             t_s, dead_alive=dead_alive)
         if token is None and dead_alive is not None and etcd.session_alive(dead_alive, t_s) \
-                and etcd.peek(key).mod_revision == kv.mod_revision:
+                and etcd.peek(key).mod_revision == plan.mod_revision:
             since = self.reclaim_since.setdefault(ts_key, t_s)
             if t_s < since + 1.5 * self.opts.session_ttl_s + 2.0:
                 return _WAIT
