@@ -34,11 +34,13 @@ shell does not make):
 5. Fencing (optional): before a fire, claim ``fire/<task>/<slot>``
    (create-if-absent) in the shared model; only the winner fires. A fire
    with reason ``rerun_owner_loss`` and a remembered dead claimer re-claims
-   instead (compare on mod revision; only if the holder is that dead node
-   and its run id is the lost run's; at most ``MAX_RECLAIMS``; and only once
+   instead, planned by ``node.fencing.plan_reclaim`` (compare on mod
+   revision; only if the holder is that dead node and its run id is the lost
+   run's; at most ``MAX_RECLAIMS``; and only once
    the dead claimer's session is gone: while it holds, retry every
    ``claim_retry_s`` for ``1.5 * session_ttl_s + 2`` s, then give up).
-   Sessions: every process refreshes ``alive/<node>/<boot>`` every
+   Sessions: every process refreshes its real alive key
+   (``node.fencing.alive_key``: ``/peerd/alive/<node>/<boot>``) every
    ``session_ttl_s / 3`` (from boot; a paused node does not), and closes it
    when it leaves. etcd unavailable: retry every ``claim_retry_s`` until the
    slot's catch-up window closes (``skip`` mode).
