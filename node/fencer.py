@@ -64,7 +64,7 @@ from node.fencing import (
 )
 from node.retry import backoff_delay_s
 
-__all__ = ["Fencer", "ClaimResult", "FencerStats", "MAX_ATTEMPTS"]
+__all__ = ["Fencer", "FencerClosed", "ClaimResult", "FencerStats", "MAX_ATTEMPTS"]
 
 log = logging.getLogger("peerd.fencer")
 
@@ -72,6 +72,12 @@ log = logging.getLogger("peerd.fencer")
 MAX_ATTEMPTS = 1000
 RETRY_BASE_S = 0.1
 RETRY_MAX_S = 2.0
+
+
+class FencerClosed(RuntimeError):
+    """A claim or re-claim after ``aclose()``: the process is shutting down
+    and its session is revoked, so it must not claim (nor open a new
+    session that no one would refresh)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +225,8 @@ class Fencer:
 
     async def _ensure_session(self) -> None:
         async with self._session_lock:
+            if self._closed:  # aclose() won the lock: never open a new session after it
+                raise FencerClosed(f"fencer {self.node}: closed; no new session")
             stale = trio.current_time() - self._session_ok_at >= self.session_ttl_s
             if not self._session_id or stale:
                 await self._grant_session()
@@ -246,6 +254,11 @@ class Fencer:
             except (EtcdClientError, trio.TooSlowError) as exc:
                 failures += 1
                 log.warning("fencer: lease rotation failed (%s); retrying", exc)
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise FencerClosed(f"fencer {self.node}: {what} after aclose() (a caller bug: "
+                               "stop firing before closing the fencer)")
 
     async def aclose(self) -> None:
         """End the session (revoke its lease, best effort, bounded by
@@ -276,7 +289,9 @@ class Fencer:
             ClaimResult; fire iff ``won``.
         Raises:
             ValueError: empty ``task_id`` or non-int ``slot`` (caller bug).
+            FencerClosed: called after :meth:`aclose` (caller bug).
         """
+        self._check_open("claim")
         self._c["claims"] += 1
         value = ClaimValue(self.node, run_id, self._epoch, session=self.boot)
         res = await self._attempt_loop(
@@ -309,8 +324,10 @@ class Fencer:
         reclaimed for this death, reclaim cap reached, another node was
         faster, or the claimer stayed alive until ``deadline``). etcd
         unreachable: as for ``claim`` (``unavailable`` after ``deadline``;
-        ``fire_without_token`` in fire mode).
+        ``fire_without_token`` in fire mode). Raises ``FencerClosed`` after
+        :meth:`aclose`.
         """
+        self._check_open("reclaim")
         now = trio.current_time()
         if deadline is None:
             deadline = now + self.request_timeout_s

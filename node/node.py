@@ -48,6 +48,7 @@ from .metrics import NodeMetrics
 from .ring import Ring
 from .scheduler import Scheduler
 from .skew import SkewEstimator
+from .fencer import FencerClosed
 from .sqlite_store import CorruptDatabase, SqliteStore
 from .store import Store
 from .tasks import Task, TaskError, parse_tasks
@@ -683,17 +684,24 @@ class Node:
             # fires many slots at once.
             deadline = trio.current_time() + max(0.0, fire.slot + window - _wall())
             lost = self._lost_claimers.pop((task.id, fire.slot), None) if self._is_reclaim(fire) else None
-            if lost:
-                # the dead owner's claim stands in etcd: take it over once,
-                # when its etcd session is gone too (a false death waits
-                # 1.5 session TTLs, then leaves the run to its owner)
-                res = await self.fencer.reclaim(
-                    task.id, fire.slot, base, lost[0], deadline=max(deadline, trio.current_time() + 2.0),
-                    expected_run_id=lost[1],
-                )
-            else:
-                async with self._claim_turn(task.id, fire.slot):
-                    res = await self.fencer.claim(task.id, fire.slot, base, deadline=deadline)
+            try:
+                if lost:
+                    # the dead owner's claim stands in etcd: take it over once,
+                    # when its etcd session is gone too (a false death waits
+                    # 1.5 session TTLs, then leaves the run to its owner)
+                    res = await self.fencer.reclaim(
+                        task.id, fire.slot, base, lost[0],
+                        deadline=max(deadline, trio.current_time() + 2.0), expected_run_id=lost[1],
+                    )
+                else:
+                    async with self._claim_turn(task.id, fire.slot):
+                        res = await self.fencer.claim(task.id, fire.slot, base, deadline=deadline)
+            except FencerClosed:
+                # shutting down: the fencer's session is revoked; this
+                # process must not claim (a peer takes the slot over)
+                self.scheduler.fire_abandoned(task.id, fire.slot, _wall())
+                log.info("slot not claimed: shutting down", extra={"task_id": task.id, "slot": fire.slot})
+                return
             self.metrics.fencing_claims.labels(res.reason).inc()
             if not res.won and res.reason != "fire_without_token":
                 self.metrics.slots.labels("claim_" + res.reason).inc()

@@ -10,7 +10,7 @@ import trio
 from hypothesis import given, strategies as st
 
 from node.etcd import EtcdClient
-from node.fencer import Fencer
+from node.fencer import Fencer, FencerClosed
 from node.fencing import (
     EPOCH_MAX, REVISION_MAX, ClaimValue, EtcdClientError, EtcdError, EtcdProtocolError,
     KeyValue, RangeResponse, TxnResult, PutResponse, decide_claim, decode_body, decode_claim,
@@ -402,6 +402,28 @@ async def test_restarted_node_retakes_its_slot_once(etcd):
     assert mine.won and mine.token > first.token
     assert not theirs.won and "not the lost run" in theirs.detail
     assert not again.won and "this process" in again.detail
+
+
+async def test_no_claim_and_no_new_session_after_aclose(etcd):
+    """aclose() revokes the session; a claim or re-claim after it is a
+    caller bug and raises FencerClosed, without granting a new session
+    (an alive key nobody refreshes would make peers wait a TTL for it)."""
+    prefix = _prefix()
+    a = await _fencer(etcd, "a", prefix)
+    with trio.fail_after(DEADLINE_S):
+        assert (await a.claim("job", 1, "r1", deadline=_deadline())).won
+        grants = a.statistics().session_grants
+        assert grants >= 1
+        await a.aclose()
+        with pytest.raises(FencerClosed, match="after aclose"):
+            await a.claim("job", 2, "r2", deadline=_deadline())
+        with pytest.raises(FencerClosed, match="after aclose"):
+            await a.reclaim("job", 1, "r3", "b", deadline=_deadline())
+        with pytest.raises(FencerClosed, match="no new session"):
+            await a._ensure_session()
+    assert a.statistics().session_grants == grants
+    st = a.statistics()
+    assert (st.claims, st.won) == (1, 1), st
 
 
 async def test_epoch_raise_makes_tokens_jump(etcd):
