@@ -88,11 +88,12 @@ class TransportStats:
 
 def parse_addr(text: str, default_port: int | None = None) -> Addr:
     """Parse ``HOST:PORT``, ``[V6]:PORT`` or a bare host (with default_port).
+    The one address parser: node/config.py wraps it for flags and files.
 
     Raises:
-        ValueError: naming the text.
+        ValueError: ``bad address '<text>': <reason>``.
     """
-    s = text.strip()
+    s = str(text).strip()
     host, port_s = s, None
     if s.startswith("["):
         end = s.find("]")
@@ -103,11 +104,11 @@ def parse_addr(text: str, default_port: int | None = None) -> Addr:
         if rest.startswith(":"):
             port_s = rest[1:]
         elif rest:
-            raise ValueError(f"bad address {text!r}")
+            raise ValueError(f"bad address {text!r}: expected [IPv6]:PORT")
     elif s.count(":") == 1:
         host, port_s = s.split(":")
     elif s.count(":") > 1:
-        raise ValueError(f"bad address {text!r}: write IPv6 as [addr]:port")
+        raise ValueError(f"bad address {text!r}: IPv6 addresses need brackets, e.g. [::1]:7946")
     if port_s is None:
         if default_port is None:
             raise ValueError(f"bad address {text!r}: expected HOST:PORT")
@@ -116,11 +117,11 @@ def parse_addr(text: str, default_port: int | None = None) -> Addr:
         try:
             port = int(port_s)
         except ValueError:
-            raise ValueError(f"bad address {text!r}: port is not a number") from None
+            raise ValueError(f"bad address {text!r}: port {port_s!r} is not a number") from None
     if not host:
-        raise ValueError(f"bad address {text!r}: empty host")
+        raise ValueError(f"bad address {text!r}: missing host")
     if not 0 <= port <= 65535:
-        raise ValueError(f"bad address {text!r}: port out of range")
+        raise ValueError(f"bad address {text!r}: port must be 0-65535")
     return (host, port)
 
 

@@ -19,6 +19,9 @@ from typing import Any, Mapping
 
 import yaml
 
+from gossip.transport import format_addr as format_addr
+from gossip.transport import parse_addr as _parse_addr
+
 Addr = tuple[str, int]
 
 
@@ -26,44 +29,17 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message names where and why."""
 
 
-def parse_addr(text: str, *, what: str = "address", default_host: str | None = None) -> Addr:
-    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6).
+def parse_addr(text: str, *, what: str = "address") -> Addr:
+    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6) with
+    ``gossip.transport.parse_addr``.
 
     Raises:
         ConfigError: with ``what`` and the reason.
     """
-    text = str(text).strip()
-    if not text:
-        raise ConfigError(f"{what}: empty address (expected HOST:PORT)")
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0 or text[end + 1 : end + 2] != ":":
-            raise ConfigError(f"{what}: {text!r}: expected [IPv6]:PORT")
-        host, port_s = text[1:end], text[end + 2 :]
-    else:
-        if ":" not in text:
-            if default_host is not None and text.isdigit():
-                host, port_s = default_host, text
-            else:
-                raise ConfigError(f"{what}: {text!r}: expected HOST:PORT")
-        else:
-            host, _, port_s = text.rpartition(":")
-            if ":" in host:
-                raise ConfigError(f"{what}: {text!r}: IPv6 addresses need brackets, e.g. [::1]:7946")
-    if not host:
-        raise ConfigError(f"{what}: {text!r}: missing host")
     try:
-        port = int(port_s)
-    except ValueError:
-        raise ConfigError(f"{what}: {text!r}: port {port_s!r} is not a number") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"{what}: {text!r}: port must be 0-65535")
-    return (host, port)
-
-
-def format_addr(addr: Addr) -> str:
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return _parse_addr(str(text))
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
 
 
 def _parse_list(value: Any, what: str) -> list[str]:
