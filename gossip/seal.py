@@ -359,7 +359,7 @@ class Sealer:
         nonce = self._nonce(NONCE_BYTES)
         if len(nonce) != NONCE_BYTES:
             raise ValueError("nonce source must return 12 bytes")
-        return _V_AESGCM + nonce + self.keyring._primary_aead.encrypt(nonce, plain, _V_AESGCM)
+        return _V_AESGCM + nonce + self.keyring._primary_aead.encrypt(nonce, plain, _V_AESGCM)  # type: ignore[union-attr]
 
     # -- opening -----------------------------------------------------------
     def open(self, data: bytes, *, max_bytes: int | None = None) -> tuple[str, bytes]:

@@ -214,18 +214,25 @@ class _Node:
 
 
 _obj_new = object.__new__
-_M_SET = tuple(Member.__dict__[f].__set__ for f in Member.__slots__)
-assert Member.__slots__ == ("name", "addr", "state", "incarnation", "tags", "meta",
-                            "state_change")
-_E_SET = tuple(MemberEvent.__dict__[f].__set__ for f in MemberEvent.__slots__)
-assert MemberEvent.__slots__ == ("kind", "member")
-_P_SET = tuple(SendPacket.__dict__[f].__set__ for f in SendPacket.__slots__)
-assert SendPacket.__slots__ == ("addr", "data")
+# Compiled by mypyc (sim/accel.py), ``Member`` is a native class without
+# ``__slots__``: the slot-setter shortcut below does not apply, and the
+# native ``Member(...)`` constructor is the fast path instead.
+_NATIVE = not hasattr(Member, "__slots__")
+_M_SET: tuple = () if _NATIVE else tuple(
+    vars(Member)[f].__set__ for f in getattr(Member, "__slots__"))
+assert _NATIVE or getattr(Member, "__slots__") == (
+    "name", "addr", "state", "incarnation", "tags", "meta", "state_change")
+_E_SET = tuple(vars(MemberEvent)[f].__set__ for f in getattr(MemberEvent, "__slots__"))
+assert getattr(MemberEvent, "__slots__") == ("kind", "member")
+_P_SET = tuple(vars(SendPacket)[f].__set__ for f in getattr(SendPacket, "__slots__"))
+assert getattr(SendPacket, "__slots__") == ("addr", "data")
 
 
 def _new_member(name, addr, state, incarnation, tags, meta, state_change) -> Member:
     """``Member(...)`` without the frozen dataclass ``__init__`` (one
     ``object.__setattr__`` per field); the fields are ours, already valid."""
+    if _NATIVE:
+        return Member(name, addr, state, incarnation, tags, meta, state_change)
     m = _obj_new(Member)
     a, b, c, d, e, f, g = _M_SET
     a(m, name)
@@ -841,7 +848,7 @@ class Swim:
                 n = self._nodes.get(key)
                 if n is None or n.susp is not token or n.state is not SUSPECT:
                     continue
-                if token.deadline() > now:
+                if token is not None and token.deadline() > now:
                     continue  # a newer entry exists for the real deadline
                 self._c["deaths_declared"] += 1
                 inc = n.incarnation

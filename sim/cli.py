@@ -2,24 +2,33 @@
 
 ``peersim run --nodes N --duration SECONDS --seed S [--loss P]
 [--scenario steady|crash|partition|flaky|pause|churn] [--json FILE]
-[--profile lan|local]``
+[--profile lan|local] [--compiled]``
 
 Like TigerBeetle's VOPR, a run prints ``SEED=`` and every derived parameter
 first, then the report. The checkers run at the end; when one fails the run
 prints the seed and the one-line command that replays it, and exits 1.
-Exit status: 0 all invariants held, 1 an invariant failed, 2 bad arguments.
+Exit status: 0 all invariants held, 1 an invariant failed, 2 bad arguments
+(or ``--compiled`` without a fresh build: ``python -m sim.accel build``).
+
+``--compiled`` re-executes the same command with the mypyc build of
+sim/accel.py first on ``PYTHONPATH``; results are identical (same
+trace_hash), only faster. The report says ``compiled: true`` and lists the
+compiled modules that were loaded.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import random
 import sys
 
 from sim.scenarios import SCENARIOS
 
 __all__ = ["main", "build_parser", "replay_command"]
+
+_ENV_MARKER = "PEERSIM_COMPILED"  # sim/accel.py ENV_MARKER: set in the compiled child
 
 DESCRIPTION = """\
 Deterministic in-process simulator for peerd membership (SWIM + Lifeguard).
@@ -46,13 +55,15 @@ examples:
   peersim run --nodes 1000 --duration 600 --seed 7 --json bench/results/run.json
   peersim run --nodes 100 --duration 300 --seed 3 --scenario flaky --loss 0.2
   peersim run --nodes 6 --duration 60 --seed 3 --scenario partition --tasks 5 --fencing
+  python -m sim.accel build && peersim run --nodes 1000 --duration 600 --seed 1 --compiled
 
 JSON keys: seed, nodes, virtual_seconds, wall_seconds, trace_hash,
 detection_latency_s {p50,p99,max}, false_positives, dissemination_rounds
 {p50,p99}, msgs_per_node_per_s, bytes_per_node_per_s, converged,
 convergence_s, slots_due/slots_fired/duplicate_fires/missed_slots (with
 --tasks N: the scheduler, store and ring ride on every simulated node; add
---fencing for etcd claims; null without --tasks), plus diagnostics.
+--fencing for etcd claims; null without --tasks), compiled (true with
+--compiled) and compiled_modules (the mypyc modules loaded), plus diagnostics.
 """
 
 
@@ -126,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "slots_due, slots_fired, duplicate_fires, missed_slots (default 0: membership only)")
     r.add_argument("--fencing", action="store_true",
                    help="with --tasks: claim every slot in a modelled etcd before firing")
+    r.add_argument("--compiled", action="store_true",
+                   help="run with the mypyc-compiled gossip modules (build first: "
+                        "python -m sim.accel build); same trace, less wall time")
+    r.add_argument("--accel-dir", default=None, metavar="DIR",
+                   help="with --compiled: the build directory (default build/accel)")
     return p
 
 
@@ -206,6 +222,38 @@ def _print_report(r: dict) -> None:
           f"paused deliveries deferred {st['paused_deferred']}")
 
 
+def _reexec_compiled(argv: list[str], build_dir: str | None) -> int:
+    """Run ``argv`` (without ``--compiled``) again in a child interpreter with
+    the fresh mypyc build first on PYTHONPATH; its exit status, or 2 when no
+    fresh build exists."""
+    from sim import accel
+
+    root = accel.repo_root()
+    path = accel.accel_path(root, build_dir)
+    if path is None:
+        reason = accel.stale_reason(root, build_dir)
+        where = f" --dir {build_dir}" if build_dir else ""
+        print(f"peersim: --compiled: {reason}; build it with: "
+              f"cd {root} && {sys.executable} -m sim.accel build{where}", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([path] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env[accel.ENV_MARKER] = path
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = [a for a in argv if a != "--compiled"]
+    import subprocess
+    # -P: no cwd/script dir ahead of PYTHONPATH, or a run from the repo root
+    # would import the interpreted sources instead of the build
+    return subprocess.run([sys.executable, "-P", "-m", "sim.cli", *child], env=env).returncode
+
+
+def _compiled_modules() -> list[str]:
+    """The mypyc-compiled modules loaded in this process (dotted), or []."""
+    from sim.accel import compiled_modules
+    return compiled_modules()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from gossip.config import Config
     from sim.cluster import Cluster, ClusterOptions, node_names
@@ -250,8 +298,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         failures += report["violations"]
     report["invariants_failed"] = failures
     report["replay"] = replay_command(args, seed)
+    compiled = _compiled_modules()
+    report["compiled"] = bool(compiled)
+    report["compiled_modules"] = compiled
     if not args.quiet:
         _print_report(report)
+        if compiled:
+            print(f"  compiled (mypyc)    {', '.join(compiled)}")
         if args.tasks:
             print(f"  slots               due {report['slots_due']}  fired {report['slots_fired']}  "
                   f"duplicate_fires {report['duplicate_fires']} (reclaims {report['reclaim_duplicates']})  "
@@ -277,10 +330,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command != "run":
         parser.print_help()
         return 2
+    if args.compiled and not os.environ.get(_ENV_MARKER):
+        return _reexec_compiled(argv, args.accel_dir)
+    if os.environ.get(_ENV_MARKER):
+        import gossip.swim
+        if not gossip.swim.__file__.endswith(".so") and not gossip.swim.__file__.endswith(".pyd"):
+            print(f"peersim: --compiled: gossip.swim loaded from {gossip.swim.__file__}, not from "
+                  f"the build {os.environ[_ENV_MARKER]}", file=sys.stderr)
+            return 2
     return cmd_run(args)
 
 

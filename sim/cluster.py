@@ -52,6 +52,7 @@ import heapq
 import math
 import time as _wallclock  # only for wall_seconds in the report, never on a decision path
 from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
 from typing import Any, Callable, Protocol
 
 from gossip.effects import MemberEvent, SendPacket, StartPushPull, UserMessage
@@ -59,6 +60,12 @@ from sim.loop import EventLoop, Trace, child_rng
 from sim.metrics import Metrics
 from sim.network import Network, NetworkOptions
 from sim.scenarios import Fault
+
+try:  # compiled by mypyc (sim/accel.py), Cluster must allow sim/app.py's AppCluster
+    from mypy_extensions import mypyc_attr
+except ImportError:  # plain runs need no mypy: the decorator is then a no-op
+    def mypyc_attr(*_args: Any, **_kwargs: Any) -> Any:  # type: ignore[misc]
+        return lambda cls: cls
 
 __all__ = ["ClusterOptions", "SimNode", "Cluster", "NodeApp", "node_names", "simulate"]
 
@@ -167,6 +174,17 @@ def _kind_value(kind: Any) -> Any:
     return value
 
 
+def _shared_key_sealers(keyring: Any) -> Callable:
+    """The default ``sealer_factory``: every node seals under ``keyring``.
+    (A module-level helper, not a closure in ``Cluster.__init__``: mypyc
+    cannot compile a nested def that rebinds a parameter.)"""
+    from gossip.seal import Sealer
+
+    def sealer_factory(name, epoch, nonce, _k=keyring):
+        return Sealer(_k, name, epoch, nonce=nonce)
+    return sealer_factory
+
+
 class SimNode:
     """One simulated process: a core, its sealer, its clock and its faults."""
 
@@ -180,8 +198,8 @@ class SimNode:
         self.idx = idx
         self.name = name
         self.addr = addr
-        self.core = None
-        self.sealer = None
+        self.core: Any = None
+        self.sealer: Any = None
         self.rate = rate
         self.offset = offset
         self.up = False
@@ -202,6 +220,7 @@ class SimNode:
         return self.rate * t_s + self.offset
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Cluster:
     """N simulated nodes on one virtual network, driven by one event loop.
 
@@ -214,7 +233,7 @@ class Cluster:
             to ``gossip.seal.Sealer`` under one shared keyring.
     """
 
-    def __init__(self, config, options: ClusterOptions, schedule: list[Fault] = (), *,
+    def __init__(self, config, options: ClusterOptions, schedule: Sequence[Fault] = (), *,
                  core_factory: Callable | None = None, sealer_factory: Callable | None = None,
                  app_factory: Callable[["SimNode"], list] | None = None) -> None:
         if options.nodes < 1:
@@ -235,18 +254,16 @@ class Cluster:
         self.metrics = Metrics(gossip_interval_s)
         self.app_factory = app_factory
         self.app_effect: Callable[[SimNode, Any, float], None] | None = None
-        self.stats = {"rejected": {}, "timer_spins": 0, "pp_started": 0, "pp_failed": 0,
+        self.stats: dict[str, Any] = {"rejected": {}, "timer_spins": 0, "pp_started": 0, "pp_failed": 0,
                       "pp_ok": 0, "paused_deferred": 0, "events": 0, "unknown_effects": 0}
         if core_factory is None:
             from gossip.swim import Swim
             core_factory = Swim
         self.core_factory = core_factory
         if sealer_factory is None:
-            from gossip.seal import Keyring, Sealer
+            from gossip.seal import Keyring
             keyring = Keyring([child_rng(options.seed, "key").randbytes(32)])
-
-            def sealer_factory(name, epoch, nonce, _k=keyring):
-                return Sealer(_k, name, epoch, nonce=nonce)
+            sealer_factory = _shared_key_sealers(keyring)
         self.sealer_factory = sealer_factory
         from gossip.seal import PacketRejected
         self._rejected_exc = PacketRejected
@@ -447,7 +464,7 @@ class Cluster:
         sealed = node.sealer.seal(STREAM_PUSH_PULL + e.data)
         net.count_stream(node.idx, len(sealed) + STREAM_FRAME_HEADER_BYTES)
         dst = self.by_addr.get(e.addr)
-        timeout_s = net.options.stream_timeout_s
+        timeout_s: Any = net.options.stream_timeout_s
         if dst is None:
             self.loop.schedule(t_s + timeout_s, K_PP_FAIL, node.idx, e.addr, node.boots)
             return
@@ -523,7 +540,7 @@ class Cluster:
         if f.kind != "heal" or (net.partitioned or net.blocked or net.link_loss
                                 or net.options != self.base_network):
             self.metrics.fault(t_s)
-        node = self.by_name.get(f.node) if f.node is not None else None
+        node: Any = self.by_name.get(f.node) if f.node is not None else None
         kind = f.kind
         if kind == "crash":
             self._kill(node, t_s, crashed=True)

@@ -273,7 +273,7 @@ class Metrics:
                         if n != upd.origin and self.started_at.get(n, 0.0) <= upd.t_s]
             if not eligible:
                 continue
-            got = [upd.received.get(n) for n in eligible]
+            got: list = [upd.received.get(n) for n in eligible]
             if any(x is None for x in got):
                 incomplete += 1
             else:

@@ -1,0 +1,156 @@
+"""The optional mypyc-compiled simulator (sim/accel.py, ``peersim run --compiled``).
+
+The build test compiles sim.accel.MODULES into a temporary directory (about
+35-60 s on the 2-core box) and checks that small runs give the same
+trace_hash compiled and interpreted, each run in its own subprocess. It is
+skipped when mypy (which carries mypyc) is not importable: install the
+``accel`` extra. The other tests need no compiler.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sim import accel
+from sim.cli import main as peersim_main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (nodes, duration, seed, scenario) for the batch hash comparison
+RUNS = [(20, 60, seed, sc) for sc in ("crash", "flaky") for seed in (1, 2)]
+
+_BATCH = """\
+import json, sys
+import gossip.swim
+from sim.cluster import simulate
+out = {"swim_file": gossip.swim.__file__, "hashes": []}
+for n, d, seed, sc in json.loads(sys.argv[1]):
+    rep, _ = simulate(nodes=n, duration_s=d, seed=seed, scenario=sc)
+    out["hashes"].append(rep["trace_hash"])
+print(json.dumps(out))
+"""
+
+
+def _env(extra_path: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", accel.ENV_MARKER)}
+    env["PYTHONPATH"] = extra_path if extra_path else str(ROOT)
+    return env
+
+
+def _batch(build_dir: str | None) -> dict:
+    # -P: the cwd must not shadow the build on sys.path
+    p = subprocess.run([sys.executable, "-P", "-c", _BATCH, json.dumps(RUNS)], cwd=ROOT,
+                       env=_env(build_dir), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _cli(args: list[str], json_path: Path, build_dir: str | None = None) -> tuple[int, dict | None, str]:
+    extra = ["--compiled", "--accel-dir", build_dir] if build_dir else []
+    p = subprocess.run([sys.executable, "-m", "sim.cli", "run", *args, "--quiet", "--json", str(json_path),
+                        *extra], cwd=ROOT, env=_env(None), capture_output=True, text=True, timeout=300)
+    rep = json.loads(json_path.read_text()) if p.returncode in (0, 1) and json_path.exists() else None
+    return p.returncode, rep, p.stdout + p.stderr
+
+
+# -- no compiler needed --------------------------------------------------------
+
+def test_missing_build_is_a_clear_error(tmp_path, capsys):
+    rc = peersim_main(["run", "--nodes", "4", "--duration", "3", "--seed", "1", "--compiled",
+                       "--accel-dir", str(tmp_path / "nothing")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "no build at" in err and "python -m sim.accel build --dir" in err
+    assert accel.accel_path(ROOT, tmp_path / "nothing") is None
+
+
+def _fake_build(tmp_path: Path) -> Path:
+    """A manifest that matches the sources, with empty stand-ins for the
+    extensions: enough for the freshness logic, not for running."""
+    bdir = tmp_path / "accel"
+    import importlib.machinery
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    for mod in accel.MODULES:
+        p = bdir / (mod[:-3] + suffix)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"")
+    manifest = {"format": 1, "python": accel._py_tag(), "mypy": "test", "modules": list(accel.MODULES),
+                "sources": accel.source_hashes(ROOT)}
+    (bdir / accel.MANIFEST).write_text(json.dumps(manifest))
+    return bdir
+
+
+def test_freshness_follows_the_sources(tmp_path):
+    bdir = _fake_build(tmp_path)
+    assert accel.stale_reason(ROOT, bdir) is None
+    assert accel.accel_path(ROOT, bdir) == str(bdir.resolve())
+    m = json.loads((bdir / accel.MANIFEST).read_text())
+    m["sources"]["gossip/swim.py"] = "0" * 64
+    (bdir / accel.MANIFEST).write_text(json.dumps(m))
+    reason = accel.stale_reason(ROOT, bdir)
+    assert reason is not None and "gossip/swim.py" in reason
+    assert accel.accel_path(ROOT, bdir) is None
+
+
+def test_missing_extension_and_other_python_are_stale(tmp_path):
+    bdir = _fake_build(tmp_path)
+    next(bdir.joinpath("gossip").glob("wire.*")).unlink()
+    assert "gossip/wire.py" in accel.stale_reason(ROOT, bdir)
+    bdir = _fake_build(tmp_path / "b")
+    m = json.loads((bdir / accel.MANIFEST).read_text())
+    m["python"] = "cpython-00-0.0.0"
+    (bdir / accel.MANIFEST).write_text(json.dumps(m))
+    assert "built for Python" in accel.stale_reason(ROOT, bdir)
+    (bdir / accel.MANIFEST).write_text("[1, 2]")
+    assert "unreadable" in accel.stale_reason(ROOT, bdir)
+
+
+def test_pure_report_says_not_compiled(tmp_path):
+    rc, rep, out = _cli(["--nodes", "4", "--duration", "5", "--seed", "1"], tmp_path / "r.json")
+    assert rc == 0, out
+    assert rep["compiled"] is False and rep["compiled_modules"] == []
+
+
+# -- the real build ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory):
+    try:
+        import mypy.version  # noqa: F401  (mypyc ships inside mypy)
+    except ImportError:
+        pytest.skip("mypy (mypyc) not importable: pip install '.[accel]' to test the compiled simulator")
+    d = tmp_path_factory.mktemp("accel")
+    try:
+        accel.build(d, quiet=True)
+    except RuntimeError as exc:
+        pytest.fail(f"mypyc build failed: {exc}")
+    return str(d)
+
+
+def test_compiled_batch_gives_the_same_trace_hashes(build_dir):
+    assert accel.stale_reason(ROOT, build_dir) is None
+    compiled = _batch(build_dir)
+    pure = _batch(None)
+    assert compiled["swim_file"].startswith(build_dir) and compiled["swim_file"].endswith(".so"), compiled
+    assert pure["swim_file"].endswith("gossip/swim.py"), pure
+    for run, h_c, h_p in zip(RUNS, compiled["hashes"], pure["hashes"]):
+        assert h_c == h_p, f"trace_hash differs compiled vs interpreted for (nodes, s, seed, scenario)={run}"
+
+
+def test_cli_compiled_app_run_matches(build_dir, tmp_path):
+    args = ["--nodes", "6", "--duration", "60", "--seed", "3", "--scenario", "partition",
+            "--tasks", "5", "--fencing"]
+    rc_c, rep_c, out_c = _cli(args, tmp_path / "c.json", build_dir)
+    rc_p, rep_p, out_p = _cli(args, tmp_path / "p.json")
+    assert rc_c == rc_p == 0, (out_c, out_p)
+    assert rep_c["compiled"] is True
+    assert "gossip.swim" in rep_c["compiled_modules"], rep_c["compiled_modules"]
+    assert sorted(m[:-3].replace("/", ".") for m in accel.MODULES) == rep_c["compiled_modules"]
+    assert rep_p["compiled"] is False
+    assert rep_c["trace_hash"] == rep_p["trace_hash"], "seed=3 replay: " + rep_p["replay"]
+    assert rep_c["slots_fired"] == rep_p["slots_fired"]
