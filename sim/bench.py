@@ -3,6 +3,7 @@
     python -m sim.bench speed  [--nodes 1000] [--duration 600]
     python -m sim.bench protocol [--sizes 100,300] [--duration 300] [--jobs 2]
     python -m sim.bench table          # markdown table of bench/results/sim.json
+    python -m sim.bench load [--sizes 100,300,1000] [--window 100,300]
 
 Every run is one ``simulate(...)`` call (the same code path as ``peersim
 run``) with a fixed seed; results are merged into ``bench/results/sim.json``
@@ -103,6 +104,37 @@ def _run(jobs: list[tuple], n_jobs: int) -> list[dict]:
     return [run_one(j) for j in jobs]
 
 
+def load_window(sizes: str, window: str, seed: int) -> int:
+    """Messages and bytes per running member per virtual second between
+    ``window`` bounds (after the warm start's broadcasts have drained), per
+    cluster size: does the steady-state load per member grow with N?"""
+    from sim.cluster import simulate
+    a, b = (float(x) for x in window.split(","))
+    rows = []
+    for n in (int(x) for x in sizes.split(",")):
+        r, c = simulate(nodes=n, duration_s=b + 1, seed=seed, scenario="steady", bootstrap="warm",
+                        load_window_s=(a, b))
+        lw = r["load_window"]
+        row = {"nodes": n, "msgs_per_node_per_s": lw["msgs_per_node_per_s"],
+               "bytes_per_node_per_s": lw["bytes_per_node_per_s"],
+               "whole_run_msgs_per_node_per_s": r["msgs_per_node_per_s"],
+               "retransmit_limit": c.config.retransmit_limit(n),
+               "trace_hash": r["trace_hash"],
+               "command": f"peersim run --nodes {n} --duration {b + 1:g} --seed {seed} "
+                          f"--bootstrap warm --load-window {a:g},{b:g}"}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    out = os.path.join(os.path.dirname(RESULTS), "sim-load-window.json")
+    with open(out, "w", encoding="utf-8") as fh:
+        json.dump({"what": f"load per running member between t={a:g} and t={b:g} virtual s, steady, "
+                           f"lan profile, warm bootstrap, seed {seed}",
+                   "command": f"python -m sim.bench load --sizes {sizes} --window {window} --seed {seed}",
+                   "python": platform.python_version(), "rows": rows}, fh, indent=2)
+        fh.write("\n")
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def table(path: str = RESULTS) -> str:
     """Markdown table of the stored results."""
     with open(path, encoding="utf-8") as fh:
@@ -148,11 +180,18 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--seed", type=int, default=SEED)
         q.add_argument("--bootstrap", default="warm", choices=("join", "warm"),
                        help="warm (default here) skips the join storm; see ClusterOptions.bootstrap")
+    lp = sub.add_parser("load", help="steady-state load per member in a window, per size "
+                                     "(writes bench/results/sim-load-window.json)")
+    lp.add_argument("--sizes", default="100,300,1000")
+    lp.add_argument("--window", default="100,300", help="FROM,TO virtual seconds (default 100,300)")
+    lp.add_argument("--seed", type=int, default=SEED)
     sub.add_parser("table", help="print the markdown table of bench/results/sim.json")
     args = p.parse_args(argv)
     if args.cmd == "table":
         print(table())
         return 0
+    if args.cmd == "load":
+        return load_window(args.sizes, args.window, args.seed)
     if args.cmd == "speed":
         jobs = [("speed", "steady", args.nodes, None, args.duration, args.seed, args.profile,
                  args.bootstrap)]

@@ -97,6 +97,17 @@ def _probability(text: str) -> float:
     return v
 
 
+def _window(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    try:
+        a, b = (float(x) for x in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FROM,TO in virtual seconds") from None
+    if not (0 <= a < b) or b == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= FROM < TO (finite)")
+    return (a, b)
+
+
 def _seed(text: str) -> int:
     try:
         v = int(text, 0)
@@ -131,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="join: every node joins through the seeds at t=0 (default); warm: start "
                         "with every join push-pull already done (skips the N^2 log N join storm)")
     r.add_argument("--json", metavar="FILE", default=None, help="also write the report as JSON to FILE")
+    r.add_argument("--load-window", type=_window, default=None, metavar="FROM,TO",
+                   help="also report msgs and bytes per member per s between these virtual "
+                        "seconds (JSON key load_window), e.g. 100,300: steady state after a warm "
+                        "start has drained")
     r.add_argument("--quiet", action="store_true", help="print only the seed line and the verdict")
     r.add_argument("--tasks", type=int, default=0, metavar="N",
                    help="run the scheduler app (sim/app.py) with N tasks (@every 1s / 5s) and report "
@@ -155,6 +170,8 @@ def replay_command(args: argparse.Namespace, seed: int) -> str:
         parts += ["--tasks", str(args.tasks)] + (["--fencing"] if args.fencing else [])
     if getattr(args, "bootstrap", "join") != "join":
         parts += ["--bootstrap", args.bootstrap]
+    if getattr(args, "load_window", None):
+        parts += ["--load-window", "%g,%g" % args.load_window]
     return " ".join(parts)
 
 
@@ -214,6 +231,10 @@ def _print_report(r: dict) -> None:
           f"DEAD spread p50 {_fmt(ddr['p50'])} p99 {_fmt(ddr['p99'])} rounds")
     print(f"  load per node       {_fmt(r['msgs_per_node_per_s'])} msgs/s  {_fmt(r['bytes_per_node_per_s'])} B/s "
           f"(from t={_fmt(r['measure_start_s'])} s)")
+    lw = r.get("load_window")
+    if lw:
+        print(f"  load in window      {_fmt(lw['msgs_per_node_per_s'])} msgs/s  "
+              f"{_fmt(lw['bytes_per_node_per_s'])} B/s (t={lw['from_s']:g}..{lw['to_s']:g} s)")
     print(f"  converged           {r['converged']}  convergence_s {_fmt(r['convergence_s'])} "
           f"(last fault {r['last_fault_s']:g} s, first converged {_fmt(r['first_converged_s'])} s)")
     print(f"  drops               {r['drops'] or '{}'}   rejected {r['stats']['rejected'] or '{}'}")
@@ -265,7 +286,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = Config.lan() if args.profile == "lan" else Config.local()
     net_opts = NetworkOptions()
     cluster_opts = ClusterOptions(nodes=args.nodes, seed=seed, network=net_opts,
-                                  bootstrap=args.bootstrap)
+                                  bootstrap=args.bootstrap, load_window_s=args.load_window)
     schedule = build(args.scenario, node_names(args.nodes), args.duration,
                      child_rng(seed, "scenario"), loss=args.loss)
     if args.fencing and not args.tasks:

@@ -140,6 +140,10 @@ class ClusterOptions:
     check_interval_s: float = 0.1
     # Keep the last records of the trace for failure reports (0 = none).
     trace_keep: int = 0
+    # (from_s, to_s): also report the load per running member between these
+    # virtual times (``load_window`` in the report), e.g. steady state after
+    # a warm start's broadcasts have drained. None: not measured.
+    load_window_s: tuple[float, float] | None = None
     network: NetworkOptions = field(default_factory=NetworkOptions)
 
 
@@ -238,6 +242,9 @@ class Cluster:
                  app_factory: Callable[["SimNode"], list] | None = None) -> None:
         if options.nodes < 1:
             raise ValueError("need at least one node")
+        lw = options.load_window_s
+        if lw is not None and not (len(lw) == 2 and 0 <= lw[0] < lw[1]):
+            raise ValueError(f"load_window_s {lw!r}: need (from_s, to_s) with 0 <= from_s < to_s")
         self.config = config
         self.options = options
         self.seed = options.seed
@@ -295,6 +302,8 @@ class Cluster:
         self.end_s = 0.0
         self.wall_s = 0.0
         self._measure_start: tuple[float, int, int, float] | None = None
+        # counter snapshots at the load window's bounds (options.load_window_s)
+        self._load_marks: list[tuple[float, int, int, float]] = []
         self._up_node_s = 0.0
         self._up_count = 0
         self._up_count_t = 0.0
@@ -761,6 +770,11 @@ class Cluster:
                     self._start_measuring(t_s)
                 if metrics.converged != was:
                     trace.append((t_s, "converged", metrics.converged))
+                lw = opts.load_window_s
+                if lw is not None and len(self._load_marks) < 2 and t_s >= lw[len(self._load_marks)]:
+                    self._count_up(t_s, 0)
+                    self._load_marks.append((t_s, sum(net.sent_msgs), sum(net.sent_bytes),
+                                             self._up_node_s))
                 k = entry[3] + 1
                 loop.schedule(k * opts.check_interval_s, K_CHECK, k)
             elif kind == K_INJECT:
@@ -826,6 +840,13 @@ class Cluster:
         for k, v in res.items():
             out.setdefault(k, v)
         out["measure_start_s"] = start[0] if self._measure_start else None
+        out["load_window"] = None
+        if len(self._load_marks) == 2:
+            (t0, m0, b0, u0), (t1, m1, b1, u1) = self._load_marks
+            if u1 > u0:
+                out["load_window"] = {"from_s": round(t0, 3), "to_s": round(t1, 3),
+                                      "msgs_per_node_per_s": round((m1 - m0) / (u1 - u0), 3),
+                                      "bytes_per_node_per_s": round((b1 - b0) / (u1 - u0), 1)}
         out["drops"] = {k: v for k, v in sorted(self.net.drops.items()) if v}
         out["stats"] = dict(sorted(self.stats.items()))
         out["nodes_running_at_end"] = sum(1 for n in self.nodes if n.up)

@@ -386,3 +386,24 @@ def test_app_hook_sees_member_events_and_ticks_on_its_own_deadline():
     assert ("join", "n001") in rec.events and ("dead", "n003") in rec.events
     assert 5 <= len(rec.ticks) <= 8  # about one per second of its own clock
     assert len([f for f in fired if f[0] == "n000"]) == len(rec.ticks)
+
+
+def test_load_window_is_consistent_and_does_not_change_the_trace():
+    """load_window_s measures sent msgs/bytes per running member between two
+    virtual times; the window over [10, 50] is the mean of [10, 30] and
+    [30, 50] (all members up in steady), and measuring changes no decision."""
+    from sim.cluster import simulate
+    base, _ = simulate(nodes=20, duration_s=60, seed=4, scenario="steady", profile="local")
+    assert base["load_window"] is None
+    rates = {}
+    for w in ((10.0, 30.0), (30.0, 50.0), (10.0, 50.0)):
+        r, _ = simulate(nodes=20, duration_s=60, seed=4, scenario="steady", profile="local",
+                        load_window_s=w)
+        assert r["trace_hash"] == base["trace_hash"], f"seed=4 window {w} changed the trace"
+        lw = r["load_window"]
+        assert (lw["from_s"], lw["to_s"]) == pytest.approx(w, abs=0.11)
+        assert lw["msgs_per_node_per_s"] > 0
+        rates[w] = lw["msgs_per_node_per_s"]
+    assert rates[10.0, 50.0] == pytest.approx((rates[10.0, 30.0] + rates[30.0, 50.0]) / 2, abs=0.002)
+    with pytest.raises(ValueError, match="load_window_s"):
+        simulate(nodes=5, duration_s=5, seed=1, load_window_s=(3.0, 2.0))
