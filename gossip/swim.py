@@ -139,7 +139,6 @@ _SEQ_MASK = 2**64 - 1
 _UINT64_MAX = wire.UINT64_MAX
 
 _T_SUSP, _T_REAP, _T_RELAY, _T_JOIN = 0, 1, 2, 3
-_join_compound = wire.join_compound
 _FIXARRAY = tuple(bytes((0x90 | i,)) for i in range(16))
 
 

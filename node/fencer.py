@@ -225,8 +225,7 @@ class Fencer:
 
     async def _ensure_session(self) -> None:
         async with self._session_lock:
-            if self._closed:  # aclose() won the lock: never open a new session after it
-                raise FencerClosed(f"fencer {self.node}: closed; no new session")
+            self._check_open("no new session")  # aclose() may have won the lock
             stale = trio.current_time() - self._session_ok_at >= self.session_ttl_s
             if not self._session_id or stale:
                 await self._grant_session()
@@ -257,8 +256,7 @@ class Fencer:
 
     def _check_open(self, what: str) -> None:
         if self._closed:
-            raise FencerClosed(f"fencer {self.node}: {what} after aclose() (a caller bug: "
-                               "stop firing before closing the fencer)")
+            raise FencerClosed(f"fencer {self.node}: {what} after aclose()")
 
     async def aclose(self) -> None:
         """End the session (revoke its lease, best effort, bounded by

@@ -42,13 +42,13 @@ from gossip.udp import GossipNode
 
 from . import peerwire
 from .config import NodeConfig, format_addr, parse_addr
+from .fencer import Fencer, FencerClosed
 from .http_api import Api
 from .http_server import HTTPError, serve_http
 from .metrics import NodeMetrics
 from .ring import Ring
 from .scheduler import Scheduler
 from .skew import SkewEstimator
-from .fencer import FencerClosed
 from .sqlite_store import CorruptDatabase, SqliteStore
 from .store import Store
 from .tasks import Task, TaskError, parse_tasks
@@ -219,7 +219,6 @@ class Node:
 
     async def _start_fencing(self, nursery: trio.Nursery) -> None:
         from .etcd import EtcdClient
-        from .fencer import Fencer
 
         client = EtcdClient(
             list(self.cfg.etcd),

@@ -103,6 +103,8 @@ def _claim_record(key: str, kv) -> KeyValue | None:
     node, run_id, reclaims, dead, session = kv.value
     value = encode_claim(ClaimValue(node, run_id, 0, reclaims, tuple(dead), session))
     return KeyValue(key.encode(), value, kv.create_revision, kv.mod_revision, kv.version, 0)
+
+
 _WAIT = object()  # a reclaim that must wait: the dead claimer's session holds
 TERMINAL = ("succeeded", "failed", "timeout", "cancelled", "lost")
 

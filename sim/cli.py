@@ -24,11 +24,11 @@ import os
 import random
 import sys
 
+from sim.accel import ENV_MARKER, compiled_modules
 from sim.scenarios import SCENARIOS
 
 __all__ = ["main", "build_parser", "replay_command"]
 
-_ENV_MARKER = "PEERSIM_COMPILED"  # sim/accel.py ENV_MARKER: set in the compiled child
 
 DESCRIPTION = """\
 Deterministic in-process simulator for peerd membership (SWIM + Lifeguard).
@@ -269,12 +269,6 @@ def _reexec_compiled(argv: list[str], build_dir: str | None) -> int:
     return subprocess.run([sys.executable, "-P", "-m", "sim.cli", *child], env=env).returncode
 
 
-def _compiled_modules() -> list[str]:
-    """The mypyc-compiled modules loaded in this process (dotted), or []."""
-    from sim.accel import compiled_modules
-    return compiled_modules()
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from gossip.config import Config
     from sim.cluster import Cluster, ClusterOptions, node_names
@@ -319,7 +313,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         failures += report["violations"]
     report["invariants_failed"] = failures
     report["replay"] = replay_command(args, seed)
-    compiled = _compiled_modules()
+    compiled = compiled_modules()
     report["compiled"] = bool(compiled)
     report["compiled_modules"] = compiled
     if not args.quiet:
@@ -356,13 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "run":
         parser.print_help()
         return 2
-    if args.compiled and not os.environ.get(_ENV_MARKER):
+    if args.compiled and not os.environ.get(ENV_MARKER):
         return _reexec_compiled(argv, args.accel_dir)
-    if os.environ.get(_ENV_MARKER):
+    if os.environ.get(ENV_MARKER):
         import gossip.swim
         if not gossip.swim.__file__.endswith(".so") and not gossip.swim.__file__.endswith(".pyd"):
             print(f"peersim: --compiled: gossip.swim loaded from {gossip.swim.__file__}, not from "
-                  f"the build {os.environ[_ENV_MARKER]}", file=sys.stderr)
+                  f"the build {os.environ[ENV_MARKER]}", file=sys.stderr)
             return 2
     return cmd_run(args)
 

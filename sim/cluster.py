@@ -51,8 +51,8 @@ from __future__ import annotations
 import heapq
 import math
 import time as _wallclock  # only for wall_seconds in the report, never on a decision path
-from dataclasses import dataclass, field, replace
 from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 from gossip.effects import MemberEvent, SendPacket, StartPushPull, UserMessage
