@@ -40,6 +40,30 @@ def example_tasks_path() -> Path | None:
     return here if here.exists() else None
 
 
+def node_command(n: dict, seeds: str, base: Path, key_file: Path, token: str, *,
+                 role: str, tasks: str = "") -> list[str]:
+    """The ``peerd`` command line of demo node ``n`` (name, gossip, api ports).
+    Values go as ``--flag=value``: a random token may start with ``-``, which
+    argparse would take for an option."""
+    cmd = [
+        sys.executable, "-m", "node.daemon",
+        f"--name={n['name']}",
+        f"--bind=127.0.0.1:{n['gossip']}",
+        f"--api=127.0.0.1:{n['api']}",
+        f"--seeds={seeds}",
+        f"--data-dir={base / n['name']}",
+        f"--key-file={key_file}",
+        f"--api-token={token}",
+        "--profile=lan",
+        "--shutdown-grace-s=5",
+        # two workers and one edge node, to show tag placement
+        f"--tags=role={role}",
+    ]
+    if tasks:
+        cmd.append(f"--tasks={tasks}")
+    return cmd
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="peerd demo", description="Run a local 3-node peerd cluster with example tasks.")
     p.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
@@ -64,25 +88,9 @@ def main(argv: list[str]) -> int:
     for i in range(args.nodes):
         nodes.append({"name": f"node{i + 1}", "gossip": free_port(), "api": free_port()})
     seeds = f"127.0.0.1:{nodes[0]['gossip']}"
-    cmds = []
-    for i, n in enumerate(nodes):
-        cmd = [
-            sys.executable, "-m", "node.daemon",
-            "--name", n["name"],
-            "--bind", f"127.0.0.1:{n['gossip']}",
-            "--api", f"127.0.0.1:{n['api']}",
-            "--seeds", seeds,
-            "--data-dir", str(base / n["name"]),
-            "--key-file", str(key_file),
-            "--api-token", token,
-            "--profile", "lan",
-            "--shutdown-grace-s", "5",
-            # two workers and one edge node, to show tag placement
-            "--tags", "role=worker" if i < 2 else "role=edge",
-        ]
-        if i == 0 and tasks:
-            cmd += ["--tasks", tasks]
-        cmds.append(cmd)
+    cmds = [node_command(n, seeds, base, key_file, token, role="worker" if i < 2 else "edge",
+                         tasks=tasks if i == 0 else "")
+            for i, n in enumerate(nodes)]
 
     first = f"127.0.0.1:{nodes[0]['api']}"
     print(f"peerd demo: {args.nodes} nodes, state in {base}")

@@ -98,3 +98,19 @@ def test_grafana_dashboard_uses_only_exported_metric_names():
     for name in used:
         base = re.sub(r"_(bucket|total|sum|count)$", "", name)
         assert re.search(rf"^# HELP ({name}|{base}) ", text, re.M), name
+
+
+@pytest.mark.parametrize("token", ["-oTBuFGARX6PenUk2Gve3RME", "--x", "plain_Token-9"])
+def test_demo_node_command_parses_any_token(tmp_path, token):
+    """`peerd demo` makes a random URL-safe token, which can start with '-'
+    (1 run in 64): the daemon's parser must still read it as the token."""
+    from node.daemon import build_parser
+    from node.demo import node_command
+    n = {"name": "node1", "gossip": 7001, "api": 7002}
+    cmd = node_command(n, "127.0.0.1:7001", tmp_path, tmp_path / "k", token, role="edge",
+                       tasks="t.yaml")
+    assert cmd[1:3] == ["-m", "node.daemon"]
+    args = build_parser().parse_args(cmd[3:])
+    assert args.api_token == token
+    assert (args.name, args.bind, args.tags, args.tasks) == (
+        "node1", "127.0.0.1:7001", "role=edge", "t.yaml")
