@@ -89,6 +89,15 @@ class Config:
     bounds them) but less packing per datagram. 0 = only every
     ``gossip_interval_s`` (memberlist behaviour)."""
 
+    gossip_fresh_burst: int = 4
+    """At most this many gossip rounds back to back (fast or not); the
+    budget refills by one round per ``gossip_interval_s``. A lone piece of
+    news still crosses the cluster at network speed, but a steady stream of
+    news (suspicions under heavy loss, churn) gossips at the memberlist rate
+    of one round per ``gossip_interval_s``, so the messages a member sends
+    per second do not grow with the cluster. Ignored when
+    ``gossip_fresh_interval_s`` is 0."""
+
     gossip_nodes: int = 3
     """Fan-out of each gossip round. More = faster spread, more packets."""
 
@@ -234,7 +243,8 @@ class Config:
                      "reap_interval_s"):
             pos(name)
         for name in ("suspicion_mult", "suspicion_max_timeout_mult", "retransmit_mult",
-                     "awareness_max_multiplier", "gossip_nodes", "broadcast_queue_max"):
+                     "awareness_max_multiplier", "gossip_nodes", "broadcast_queue_max",
+                     "gossip_fresh_burst"):
             pos(name)
         if not 0.0 <= self.probe_suspect_share <= 1.0:
             raise ValueError("Config.probe_suspect_share must be within 0..1")

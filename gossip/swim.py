@@ -70,7 +70,10 @@ space of every datagram we send (pings, acks, ...), plus gossip rounds every
 or dead for less than ``gossip_to_the_dead_s``) while the queue is not empty.
 While some news has been sent fewer than half its retransmit limit, rounds
 may run every ``gossip_fresh_interval_s`` instead (news crosses the cluster
-in network hops, not gossip intervals; same transmission count). Every
+in network hops, not gossip intervals; same transmission count), at most
+``gossip_fresh_burst`` rounds back to back, refilled one per
+``gossip_interval_s`` (so sustained news runs at the memberlist rate and the
+datagrams a member sends per second do not grow with N). Every
 datagram is ``<= packet_budget_bytes - seal_overhead_bytes``.
 
 Performance. Per datagram the work is O(messages): an ALIVE we already
@@ -354,6 +357,8 @@ class Swim:
         self._timer_seq = 0
         self._next_gossip_at = now
         self._last_gossip_at = -math.inf
+        self._gossip_tokens = float(config.gossip_fresh_burst)  # round budget
+        self._gossip_tokens_at = now
         pp = config.push_pull_interval_s
         self._next_push_pull_at = now + rng.uniform(0.5, 1.0) * pp if pp > 0 else math.inf
         rc = config.reconnect_interval_s
@@ -946,9 +951,15 @@ class Swim:
         ``gossip_fresh_interval_s`` after the last one) while news sent fewer
         than half its retransmit limit is queued."""
         t = self._next_gossip_at
-        fast = self.config.gossip_fresh_interval_s
+        cfg = self.config
+        fast = cfg.gossip_fresh_interval_s
         if fast > 0 and self._queue.has_fresh(max(1, self._retransmit_limit() // 2)):
             f = self._last_gossip_at + fast
+            tokens = self._gossip_tokens
+            if tokens < 1.0:  # budget spent: wait until one round has refilled
+                r = self._gossip_tokens_at + (1.0 - tokens) * cfg.gossip_interval_s
+                if r > f:
+                    f = r
             if f < t:
                 t = f
         return t
@@ -959,6 +970,13 @@ class Swim:
         cfg = self.config
         self._next_gossip_at = now + cfg.gossip_interval_s
         self._last_gossip_at = now
+        # every round spends one of gossip_fresh_burst; one comes back per interval
+        tokens = self._gossip_tokens + (now - self._gossip_tokens_at) / cfg.gossip_interval_s
+        burst = cfg.gossip_fresh_burst
+        self._gossip_tokens = (burst if tokens > burst else tokens) - 1.0
+        if self._gossip_tokens < 0.0:
+            self._gossip_tokens = 0.0
+        self._gossip_tokens_at = now
         dead_horizon = now - cfg.gossip_to_the_dead_s
 
         def ok(x: _Node) -> bool:

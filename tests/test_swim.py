@@ -14,6 +14,8 @@ import math
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gossip import wire
 from gossip.config import Config
@@ -567,3 +569,73 @@ def test_swarm_faults_then_heal_converges(seed):
     c.loss = 0.0
     c.run_until_true(lambda: c.converged_alive(names), 60.0)
     c.no_internal_errors()
+
+
+# -- gossip round budget (gossip_fresh_burst) -----------------------------------------
+
+def _lone_core(cfg: Config, peers: int = 30) -> Swim:
+    """A core that knows ``peers`` members and never probes or push-pulls, so
+    every datagram it sends is a gossip round's."""
+    core = Swim(cfg, "me", ("10.0.0.1", 7000), rng=random.Random(5), now=0.0)
+    alive = [wire.Alive(0, f"p{i}", "10.0.0.2", 8000 + i, {}, b"") for i in range(peers)]
+    core.handle_packet(("10.0.0.2", 8000), wire.encode_compound(alive), 0.0)
+    assert core.num_alive() == peers + 1
+    core._queue.reset()  # the joins' own re-broadcasts: start with an empty queue
+    return core
+
+
+def _gossip_rounds(core: Swim, news_at: list[float], t_end: float) -> list[float]:
+    """Feed a user broadcast at each time in ``news_at``; return the time of
+    every gossip round (a tick that sent datagrams)."""
+    rounds, pending, now = [], sorted(news_at), 0.0
+    while True:
+        due = core.next_deadline()
+        nxt = min(due, pending[0] if pending else math.inf)
+        if nxt > t_end:
+            return rounds
+        now = max(now, nxt)
+        while pending and pending[0] <= now:
+            core.queue_user_broadcast(f"n{len(pending)}-{pending.pop(0)!r}", b"x" * 40)
+        if core.next_deadline() <= now:
+            sent = [e for e in core.tick(now) if isinstance(e, SendPacket)]
+            if sent:
+                rounds.append(now)
+
+
+def _quiet(cfg: Config) -> Config:
+    return cfg.replace(probe_interval_s=1e6, push_pull_interval_s=0, reconnect_interval_s=0)
+
+
+def test_lone_news_gossips_at_network_speed():
+    cfg = _quiet(Config.local())
+    rounds = _gossip_rounds(_lone_core(cfg), [1.0], 2.0)
+    # the first round at once, the next after gossip_fresh_interval_s, not gossip_interval_s
+    assert rounds[0] == 1.0
+    assert rounds[1] == pytest.approx(1.0 + cfg.gossip_fresh_interval_s)
+
+
+def test_steady_news_gossips_at_the_memberlist_rate():
+    """A stream of news (heavy loss: suspicions and refutations all the time)
+    must not make a member send a round every gossip_fresh_interval_s: that
+    was 150 datagrams/s per member at N=1000 under 20 % loss."""
+    cfg = _quiet(Config.local())
+    news = [1.0 + i * 0.002 for i in range(5000)]  # 500 pieces of news per second for 10 s
+    rounds = _gossip_rounds(_lone_core(cfg), news, 11.0)
+    bound = cfg.gossip_fresh_burst + 10.0 / cfg.gossip_interval_s + 1
+    assert len(rounds) <= bound
+    assert len(rounds) >= 10.0 / cfg.gossip_interval_s - 1  # and it does keep gossiping
+    off = _gossip_rounds(_lone_core(cfg.replace(gossip_fresh_burst=10**6)), news, 11.0)
+    assert len(off) > 3 * bound  # without the budget it would (the test can fail)
+
+
+@settings(deadline=None)
+@given(st.lists(st.floats(0.0, 3.0, allow_nan=False), max_size=60),
+       st.integers(1, 6), st.sampled_from([0.05, 0.2]))
+def test_rounds_in_any_window_stay_within_the_budget(news, burst, interval):
+    cfg = _quiet(Config.local()).replace(gossip_fresh_burst=burst, gossip_interval_s=interval,
+                                         gossip_fresh_interval_s=interval / 10)
+    rounds = _gossip_rounds(_lone_core(cfg), news, 4.0)
+    for i, t0 in enumerate(rounds):
+        for j in range(i, len(rounds)):
+            # rounds in [t0, rounds[j]]: at most the burst plus one per interval elapsed
+            assert j - i + 1 <= burst + (rounds[j] - t0) / interval + 1e-6, (rounds, burst)
