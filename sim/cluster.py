@@ -48,6 +48,7 @@ other effect goes to ``Cluster.app_effect(node, effect, t_s)``.
 """
 from __future__ import annotations
 
+import gc
 import heapq
 import math
 import time as _wallclock  # only for wall_seconds in the report, never on a decision path
@@ -105,6 +106,48 @@ class NodeApp(Protocol):
     def handle_user(self, sender: str, data: bytes, now: float) -> list: ...
     def tick(self, now: float) -> list: ...
     def next_deadline(self) -> float: ...
+
+
+class _RunGC:
+    """The cyclic garbage collector during ``Cluster.run``.
+
+    A run allocates millions of short-lived, acyclic objects (heap entries,
+    datagrams, effects) next to about N^2 long-lived member records. With the
+    default thresholds the collector keeps re-scanning the long-lived ones:
+    at N=1000 that was ~25 % of the run's CPU (py-spy: ``gc_collect_main``
+    and ``_Node`` traversal) while it found ~600 cyclic objects in 160
+    virtual s. So: no collection during the bootstrap, then the bootstrap's
+    objects are frozen (``gc.freeze``: never scanned) and young objects are
+    collected every 100 000 allocations instead of 700. Cycles are still
+    collected. On exit everything is put back. The trace does not depend on
+    any of this.
+    """
+
+    GEN0_THRESHOLD = 100_000
+
+    def __enter__(self) -> "_RunGC":
+        self._enabled = gc.isenabled()
+        self._thresholds = gc.get_threshold()
+        self._frozen = False
+        gc.disable()
+        return self
+
+    def booted(self) -> None:
+        if not self._frozen:
+            self._frozen = True
+            gc.freeze()
+            gc.set_threshold(self.GEN0_THRESHOLD, 50, 100)
+        if self._enabled:
+            gc.enable()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._frozen:
+            gc.unfreeze()
+        gc.set_threshold(*self._thresholds)
+        if self._enabled:
+            gc.enable()
+        else:
+            gc.disable()
 
 
 @dataclass(frozen=True, slots=True)
@@ -663,6 +706,10 @@ class Cluster:
         """Run ``duration_s`` virtual seconds; returns the report dict."""
         if duration_s <= 0:
             raise ValueError("duration must be positive")
+        with _RunGC() as gc_state:
+            return self._run(duration_s, gc_state)
+
+    def _run(self, duration_s: float, gc_state: "_RunGC") -> dict:
         wall0 = _wallclock.perf_counter()
         loop = self.loop
         heap = loop.heap
@@ -676,6 +723,7 @@ class Cluster:
                 self._boot(node, 0.0, join_at_s)
         else:
             raise ValueError(f"unknown bootstrap {opts.bootstrap!r}; join or warm")
+        gc_state.booted()
         for f in self.schedule:
             if f.at_s <= duration_s:
                 loop.schedule(f.at_s, K_FAULT, f)

@@ -407,3 +407,36 @@ def test_load_window_is_consistent_and_does_not_change_the_trace():
     assert rates[10.0, 50.0] == pytest.approx((rates[10.0, 30.0] + rates[30.0, 50.0]) / 2, abs=0.002)
     with pytest.raises(ValueError, match="load_window_s"):
         simulate(nodes=5, duration_s=5, seed=1, load_window_s=(3.0, 2.0))
+
+
+def test_run_tunes_the_gc_and_puts_it_back(monkeypatch):
+    """Cluster.run freezes the bootstrap's objects and collects young objects
+    less often (sim.cluster._RunGC); afterwards, or after an error, the
+    process's collector is exactly as it was, and the trace is the same."""
+    import gc
+
+    from sim import cluster as C
+
+    before = (gc.isenabled(), gc.get_threshold(), gc.get_freeze_count())
+    seen = []
+    orig = C.Metrics.check_converged
+
+    def spy(self, t_s):
+        seen.append((gc.isenabled(), gc.get_threshold()[0], gc.get_freeze_count() > 0))
+        return orig(self, t_s)
+
+    monkeypatch.setattr(C.Metrics, "check_converged", spy)
+    tuned, _ = simulate(nodes=12, duration_s=5.0, seed=4, scenario="steady")
+    assert (gc.isenabled(), gc.get_threshold(), gc.get_freeze_count()) == before
+    assert seen and all(s == (before[0], C._RunGC.GEN0_THRESHOLD, True) for s in seen)
+    monkeypatch.setattr(C._RunGC, "booted", lambda self: gc.enable() if self._enabled else None)
+    plain, _ = simulate(nodes=12, duration_s=5.0, seed=4, scenario="steady")
+    assert plain["trace_hash"] == tuned["trace_hash"]
+
+    def boom(self, t_s):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(C.Metrics, "check_converged", boom)
+    with pytest.raises(RuntimeError):
+        simulate(nodes=5, duration_s=2.0, seed=4, scenario="steady")
+    assert (gc.isenabled(), gc.get_threshold(), gc.get_freeze_count()) == before
