@@ -21,15 +21,19 @@ no randomness; callers draw from RNGs derived with :func:`child_rng`.
 Rule 2: the trace is the proof of Rule 1. Every decision visible from outside
 a node (a packet delivered or dropped, a membership event, a fault) is
 appended to :class:`Trace` with its virtual time, and ``trace_hash`` is the
-sha256 of the canonical ``repr`` of the ordered records. Records hold only
-ints, floats, str and bytes-free tuples, whose ``repr`` is stable across
-processes and platforms (floats print as the shortest round-trip string).
+sha256 of the msgpack encoding of the ordered records. Records hold only
+ints, floats, str, bools, None and tuples of them, whose msgpack bytes are
+the same in every process and on every platform (floats as IEEE float64).
+(Until 2026-11-27 the hash was over ``repr``; formatting floats cost ~3.4 us
+per record, ~9 % of a 1000-node run, so hashes from before then differ.)
 """
 from __future__ import annotations
 
 import hashlib
 import heapq
 import random
+
+import msgpack
 
 __all__ = ["EventLoop", "Trace", "child_rng", "stable_seed"]
 
@@ -106,10 +110,12 @@ class Trace:
     failure reports (bounded).
     """
 
-    __slots__ = ("_h", "_buf", "_chunk", "count", "records", "_keep")
+    __slots__ = ("_h", "_buf", "_chunk", "count", "records", "_keep", "_packer")
 
     def __init__(self, *, chunk: int = 4096, keep: int = 0) -> None:
         self._h = hashlib.sha256()
+        # anything msgpack cannot pack (there should be nothing) goes in as its repr
+        self._packer = msgpack.Packer(default=repr, autoreset=True)
         self._buf: list[tuple] = []
         self._chunk = chunk
         self.count = 0
@@ -127,7 +133,12 @@ class Trace:
         if not buf:
             return
         self.count += len(buf)
-        self._h.update(repr(buf).encode())
+        try:
+            data = self._packer.pack(buf)
+        except (OverflowError, ValueError):  # an int beyond 64 bits: its repr
+            self._packer.reset()
+            data = repr(buf).encode()
+        self._h.update(data)
         if self._keep:
             self.records.extend(buf)
             if len(self.records) > self._keep:

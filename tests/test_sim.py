@@ -12,6 +12,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sim import scenarios
 from sim.cli import main as peersim_main
@@ -68,6 +70,29 @@ def test_trace_hash_depends_on_order_and_content():
         return t.hexdigest()
     assert h([(0.1, "p", 1, 2)]) == h([(0.1, "p", 1, 2)])
     assert h([(0.1, "p", 1, 2), (0.2, "p", 2, 1)]) != h([(0.2, "p", 2, 1), (0.1, "p", 1, 2)])
+    # types count: 1 is not 1.0 is not True; a float differs in its last bit
+    assert len({h([(0.1, "m", v)]) for v in (1, 1.0, True, "1", None)}) == 5
+    assert h([(0.1, "p", 0.3)]) != h([(0.1, "p", 0.30000000000000004)])
+    assert h([(0.1, "p", 2**70)]) == h([(0.1, "p", 2**70)]) != h([(0.1, "p", 2**70 + 1)])
+
+
+_atoms = st.one_of(st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=False), st.text(max_size=8),
+                   st.booleans(), st.none())
+_records = st.lists(st.tuples(st.floats(0, 1e4, allow_nan=False), st.sampled_from("pxmu"), _atoms,
+                              st.lists(_atoms, max_size=3).map(tuple)), max_size=20)
+
+
+@given(_records, _records, st.integers(1, 5))
+def test_trace_hash_is_a_function_of_the_records(a, b, chunk):
+    def h(records):
+        t = Trace(chunk=chunk)
+        for r in records:
+            t.append(r)
+        assert t.count == 0 or t.count <= len(records)
+        return t.hexdigest()
+    assert h(a) == h(list(a))
+    if a != b:
+        assert h(a) != h(b)
 
 
 # -- network ---------------------------------------------------------------------
