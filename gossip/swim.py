@@ -1230,6 +1230,24 @@ class Swim:
         self._event(out, EventKind.UPDATE, me)
         return out
 
+    def settle(self) -> int:
+        """Forget the queued membership news, as if every item had been sent
+        its retransmit limit; returns how many items were dropped. User
+        broadcasts stay queued.
+
+        Only for simulators and tests that start from a cluster formed long
+        ago (``peersim --bootstrap settled``), where every member already
+        holds what this news says. A real node never calls it: news it drops
+        is news nobody else may have.
+        """
+        q = self._queue
+        dropped = 0
+        for key, _transmits in q.pending():
+            if key.startswith("m:"):
+                q.discard(key)
+                dropped += 1
+        return dropped
+
     def queue_user_broadcast(self, key: str, data: bytes) -> None:
         """Piggyback ``data`` to the cluster; a newer broadcast with the same
         ``key`` supersedes a queued one. Receivers get ``UserMessage`` once

@@ -178,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     for q in (sp, pp):
         q.add_argument("--profile", default="lan", choices=("lan", "local"))
         q.add_argument("--seed", type=int, default=SEED)
-        q.add_argument("--bootstrap", default="warm", choices=("join", "warm"),
-                       help="warm (default here) skips the join storm; see ClusterOptions.bootstrap")
+        q.add_argument("--bootstrap", default="warm", choices=("join", "warm", "settled"),
+                       help="warm (default here) skips the join storm; settled also skips the "
+                            "warm start's re-broadcasts; see ClusterOptions.bootstrap")
     lp = sub.add_parser("load", help="steady-state load per member in a window, per size "
                                      "(writes bench/results/sim-load-window.json)")
     lp.add_argument("--sizes", default="100,300,1000")

@@ -138,9 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0; flaky: 0.05)")
     r.add_argument("--profile", choices=("lan", "local"), default="lan",
                    help="gossip Config profile: lan (memberlist defaults, default) or local (fast timers)")
-    r.add_argument("--bootstrap", choices=("join", "warm"), default="join",
+    r.add_argument("--bootstrap", choices=("join", "warm", "settled"), default="join",
                    help="join: every node joins through the seeds at t=0 (default); warm: start "
-                        "with every join push-pull already done (skips the N^2 log N join storm)")
+                        "with every join push-pull already done (skips the N^2 log N join storm); "
+                        "settled: warm, and the joins' re-broadcasts already sent (steady state "
+                        "from t=0)")
     r.add_argument("--json", metavar="FILE", default=None, help="also write the report as JSON to FILE")
     r.add_argument("--load-window", type=_window, default=None, metavar="FROM,TO",
                    help="also report msgs and bytes per member per s between these virtual "

@@ -21,16 +21,17 @@ from sim.cli import main as peersim_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# (nodes, duration, seed, scenario) for the batch hash comparison
-RUNS = [(20, 60, seed, sc) for sc in ("crash", "flaky") for seed in (1, 2)]
+# (nodes, duration, seed, scenario, bootstrap) for the batch hash comparison
+RUNS = ([(20, 60, seed, sc, "join") for sc in ("crash", "flaky") for seed in (1, 2)]
+        + [(40, 30, 1, "crash", b) for b in ("warm", "settled")])
 
 _BATCH = """\
 import json, sys
 import gossip.swim
 from sim.cluster import simulate
 out = {"swim_file": gossip.swim.__file__, "hashes": []}
-for n, d, seed, sc in json.loads(sys.argv[1]):
-    rep, _ = simulate(nodes=n, duration_s=d, seed=seed, scenario=sc)
+for n, d, seed, sc, boot in json.loads(sys.argv[1]):
+    rep, _ = simulate(nodes=n, duration_s=d, seed=seed, scenario=sc, bootstrap=boot)
     out["hashes"].append(rep["trace_hash"])
 print(json.dumps(out))
 """
@@ -139,7 +140,7 @@ def test_compiled_batch_gives_the_same_trace_hashes(build_dir):
     assert compiled["swim_file"].startswith(build_dir) and compiled["swim_file"].endswith(".so"), compiled
     assert pure["swim_file"].endswith("gossip/swim.py"), pure
     for run, h_c, h_p in zip(RUNS, compiled["hashes"], pure["hashes"]):
-        assert h_c == h_p, f"trace_hash differs compiled vs interpreted for (nodes, s, seed, scenario)={run}"
+        assert h_c == h_p, f"trace_hash differs compiled vs interpreted for (nodes, s, seed, scenario, bootstrap)={run}"
 
 
 def test_cli_compiled_app_run_matches(build_dir, tmp_path):

@@ -639,3 +639,22 @@ def test_rounds_in_any_window_stay_within_the_budget(news, burst, interval):
         for j in range(i, len(rounds)):
             # rounds in [t0, rounds[j]]: at most the burst plus one per interval elapsed
             assert j - i + 1 <= burst + (rounds[j] - t0) / interval + 1e-6, (rounds, burst)
+
+
+def test_settle_forgets_membership_news_only():
+    """Swim.settle (simulators' "settled" start): queued membership news is
+    dropped, user broadcasts stay, and with nothing left no gossip round runs."""
+    cfg = _quiet(Config.local())
+    core = Swim(cfg, "me", ("10.0.0.1", 7000), rng=random.Random(5), now=0.0)
+    alive = [wire.Alive(0, f"p{i}", "10.0.0.2", 8000 + i, {}, b"") for i in range(12)]
+    core.handle_packet(("10.0.0.2", 8000), wire.encode_compound(alive), 0.0)
+    news = [k for k, _ in core._queue.pending() if k.startswith("m:")]
+    assert len(news) == 12
+    assert core.settle() == 12 and core.settle() == 0
+    assert not core._queue and _gossip_rounds(core, [], 5.0) == []
+    core.queue_user_broadcast("app", b"payload")
+    core.handle_packet(("10.0.0.2", 8000), wire.encode_compound(
+        [wire.Alive(1, "p3", "10.0.0.2", 8003, {}, b"")]), 1.0)
+    assert core.settle() == 1
+    assert [k for k, _ in core._queue.pending()] == ["u:app"]
+    assert core.member("p3").incarnation == 1  # the view itself is untouched
