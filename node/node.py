@@ -121,6 +121,10 @@ class Node:
         self._shared_cache: dict[str, list[str]] = {}  # peer -> shared tasks (cleared on ring change)
         self._claim_events: dict[str, trio.Event] = {}
         self._stopping = False
+        # claims sent to etcd and not yet answered; shutdown waits for them
+        # like for runs, and a claim answered after that wait does not run
+        self._claims_in_flight = 0
+        self._runs_closed = False
         self._nursery: trio.Nursery | None = None
         self._started_wall = _wall()
         self._applied_startup_tasks = False
@@ -249,11 +253,18 @@ class Node:
         self._stopping = True
         self._wake.set()
         grace = self.cfg.shutdown_grace_s
-        if self._running:
-            log.info("waiting up to %.0fs for %d running run(s)", grace, len(self._running))
+        if self._running or self._claims_in_flight:
+            log.info("waiting up to %.0fs for %d running run(s) and %d claim(s) in flight",
+                     grace, len(self._running), self._claims_in_flight)
             with trio.move_on_after(grace):
-                while self._running:
+                # a claim answered in time becomes a run, and is waited for too
+                while self._running or self._claims_in_flight:
                     await trio.sleep(0.05)
+        # From here no claim starts a run: the session is about to be revoked
+        # and a run started now could not be waited for (a peer may take the
+        # slot over once our session is gone).
+        self._runs_closed = True
+        if self._running:
             for r in list(self._running.values()):
                 log.warning("run still going at shutdown; cancelling and handing back",
                             extra={"task_id": r.task_id, "run_id": r.run_id})
@@ -683,17 +694,20 @@ class Node:
             # fires many slots at once.
             deadline = trio.current_time() + max(0.0, fire.slot + window - _wall())
             lost = self._lost_claimers.pop((task.id, fire.slot), None) if self._is_reclaim(fire) else None
+            self._claims_in_flight += 1
             try:
                 if lost:
                     # the dead owner's claim stands in etcd: take it over once,
                     # when its etcd session is gone too (a false death waits
                     # 1.5 session TTLs, then leaves the run to its owner)
+                    self._check_not_stopping()
                     res = await self.fencer.reclaim(
                         task.id, fire.slot, base, lost[0],
                         deadline=max(deadline, trio.current_time() + 2.0), expected_run_id=lost[1],
                     )
                 else:
                     async with self._claim_turn(task.id, fire.slot):
+                        self._check_not_stopping()
                         res = await self.fencer.claim(task.id, fire.slot, base, deadline=deadline)
             except FencerClosed:
                 # shutting down: the fencer's session is revoked; this
@@ -701,7 +715,17 @@ class Node:
                 self.scheduler.fire_abandoned(task.id, fire.slot, _wall())
                 log.info("slot not claimed: shutting down", extra={"task_id": task.id, "slot": fire.slot})
                 return
+            finally:
+                self._claims_in_flight -= 1
             self.metrics.fencing_claims.labels(res.reason).inc()
+            if self._runs_closed:
+                # answered after shutdown's wait: running now would race the
+                # peer that takes the slot over once our session is revoked
+                self.metrics.slots.labels("claim_after_shutdown").inc()
+                self.scheduler.fire_abandoned(task.id, fire.slot, _wall())
+                log.warning("slot claimed after the shutdown wait; not run (the claim stands "
+                            "in etcd under our ending session)", extra={"task_id": task.id, "slot": fire.slot})
+                return
             if not res.won and res.reason != "fire_without_token":
                 self.metrics.slots.labels("claim_" + res.reason).inc()
                 self.scheduler.fire_abandoned(task.id, fire.slot, _wall())
@@ -773,6 +797,11 @@ class Node:
             self.metrics.running.dec()
             self.scheduler.run_finished(task.id, base, _wall())
             self._wake.set()
+
+    def _check_not_stopping(self) -> None:
+        """No new claim once shutdown began (one already sent is waited for)."""
+        if self._stopping:
+            raise FencerClosed("shutting down: no new claims")
 
     def _is_reclaim(self, fire) -> bool:
         return fire.reason == "rerun_owner_loss" and (fire.task_id, fire.slot) in self._lost_claimers

@@ -607,3 +607,101 @@ async def test_real_restore_from_backup_needs_an_epoch_raise(tmp_path):
         assert after.won and after.token > late[-1] and split_token(after.token)[0] == 1
     finally:
         await trio.to_thread.run_sync(srv.close)
+
+
+# ------------------------------------------- a real node: claims at shutdown
+
+async def _fenced_node(etcd, tmp_path, nursery, grace_s: float):
+    from node.config import build_config
+    from node.demo import free_port
+    from node.node import Node
+
+    cfg = build_config(flags={
+        "name": "solo", "bind": f"127.0.0.1:{free_port()}", "api": f"127.0.0.1:{free_port()}",
+        "data_dir": str(tmp_path / "solo"), "insecure": True, "api_token": "t", "profile": "local",
+        "etcd": etcd.url, "etcd_prefix": _prefix(), "shutdown_grace_s": str(grace_s),
+    }, environ={})
+    n = await Node.create(cfg)
+    await nursery.start(n.run)
+    return n
+
+
+async def _put_and_run(n, marker) -> None:
+    import json
+
+    from node.http_client import request
+    host, port = n.api_addr
+    hdr = [("Authorization", "Bearer t"), ("Content-Type", "application/json")]
+    task = {"id": "t1", "schedule": "@yearly",
+            "command": {"type": "exec", "argv": ["touch", str(marker)]}}
+    r = await request("PUT", f"http://{host}:{port}/v1/tasks", headers=hdr,
+                      body=json.dumps([task]).encode(), timeout_s=10)
+    assert r.status == 200, r.body_tail
+    r = await request("POST", f"http://{host}:{port}/v1/tasks/t1/run", headers=hdr, timeout_s=10)
+    assert r.status in (200, 202), r.body_tail
+
+
+def _slow_claims(n, answered: trio.Event, release: trio.Event) -> None:
+    """The claim reaches etcd (and wins), but its answer is held back."""
+    real = n.fencer.claim
+
+    async def claim(*a, **kw):
+        res = await real(*a, **kw)
+        answered.set()
+        await release.wait()
+        return res
+
+    n.fencer.claim = claim
+
+
+async def test_claim_answered_after_the_shutdown_wait_does_not_run(etcd, tmp_path, nursery):
+    """The residual window of issue 7: a claim in flight when shutdown's
+    grace wait ends used to start its run after the node had left and
+    revoked its session, racing the peer that takes the slot over. Now it
+    is counted (slots{claim_after_shutdown}) and not run."""
+    n = await _fenced_node(etcd, tmp_path, nursery, grace_s=0.5)
+    answered, release, stopped = trio.Event(), trio.Event(), trio.Event()
+    _slow_claims(n, answered, release)
+    marker = tmp_path / "ran"
+    with trio.fail_after(DEADLINE_S):
+        await _put_and_run(n, marker)
+        await answered.wait()
+
+        async def stop():
+            await n.shutdown()
+            stopped.set()
+
+        nursery.start_soon(stop)
+        while not n._runs_closed:  # the grace wait is over, the claim still unanswered
+            await trio.sleep(0.01)
+        release.set()
+        await stopped.wait()
+        while n._claims_in_flight:
+            await trio.sleep(0.01)
+    assert not marker.exists()
+    assert n.metrics.slots.labels("claim_after_shutdown")._value.get() == 1
+    assert n.metrics.slots.labels("fired")._value.get() == 0
+
+
+async def test_claim_answered_within_the_grace_runs_and_is_waited_for(etcd, tmp_path, nursery):
+    n = await _fenced_node(etcd, tmp_path, nursery, grace_s=20.0)
+    answered, release, stopped = trio.Event(), trio.Event(), trio.Event()
+    _slow_claims(n, answered, release)
+    marker = tmp_path / "ran"
+    with trio.fail_after(DEADLINE_S):
+        await _put_and_run(n, marker)
+        await answered.wait()
+
+        async def stop():
+            await n.shutdown()
+            stopped.set()
+
+        nursery.start_soon(stop)
+        while not n._stopping:
+            await trio.sleep(0.01)
+        assert not n._runs_closed  # shutdown waits for the claim in flight
+        release.set()
+        await stopped.wait()
+    assert marker.exists()  # the run happened before the node stopped
+    assert n.metrics.slots.labels("fired")._value.get() == 1
+    assert n.metrics.slots.labels("claim_after_shutdown")._value.get() == 0
