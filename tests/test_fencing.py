@@ -654,24 +654,31 @@ def _slow_claims(n, answered: trio.Event, release: trio.Event) -> None:
     n.fencer.claim = claim
 
 
+async def _claim_held_then_shutdown(etcd, tmp_path, nursery, grace_s: float):
+    """A node whose run-now claim won in etcd but whose answer is held back,
+    and its shutdown started: (node, marker file, release, stopped)."""
+    n = await _fenced_node(etcd, tmp_path, nursery, grace_s=grace_s)
+    answered, release, stopped = trio.Event(), trio.Event(), trio.Event()
+    _slow_claims(n, answered, release)
+    marker = tmp_path / "ran"
+    await _put_and_run(n, marker)
+    await answered.wait()
+
+    async def stop():
+        await n.shutdown()
+        stopped.set()
+
+    nursery.start_soon(stop)
+    return n, marker, release, stopped
+
+
 async def test_claim_answered_after_the_shutdown_wait_does_not_run(etcd, tmp_path, nursery):
     """The residual window of issue 7: a claim in flight when shutdown's
     grace wait ends used to start its run after the node had left and
     revoked its session, racing the peer that takes the slot over. Now it
     is counted (slots{claim_after_shutdown}) and not run."""
-    n = await _fenced_node(etcd, tmp_path, nursery, grace_s=0.5)
-    answered, release, stopped = trio.Event(), trio.Event(), trio.Event()
-    _slow_claims(n, answered, release)
-    marker = tmp_path / "ran"
     with trio.fail_after(DEADLINE_S):
-        await _put_and_run(n, marker)
-        await answered.wait()
-
-        async def stop():
-            await n.shutdown()
-            stopped.set()
-
-        nursery.start_soon(stop)
+        n, marker, release, stopped = await _claim_held_then_shutdown(etcd, tmp_path, nursery, 0.5)
         while not n._runs_closed:  # the grace wait is over, the claim still unanswered
             await trio.sleep(0.01)
         release.set()
@@ -684,19 +691,8 @@ async def test_claim_answered_after_the_shutdown_wait_does_not_run(etcd, tmp_pat
 
 
 async def test_claim_answered_within_the_grace_runs_and_is_waited_for(etcd, tmp_path, nursery):
-    n = await _fenced_node(etcd, tmp_path, nursery, grace_s=20.0)
-    answered, release, stopped = trio.Event(), trio.Event(), trio.Event()
-    _slow_claims(n, answered, release)
-    marker = tmp_path / "ran"
     with trio.fail_after(DEADLINE_S):
-        await _put_and_run(n, marker)
-        await answered.wait()
-
-        async def stop():
-            await n.shutdown()
-            stopped.set()
-
-        nursery.start_soon(stop)
+        n, marker, release, stopped = await _claim_held_then_shutdown(etcd, tmp_path, nursery, 20.0)
         while not n._stopping:
             await trio.sleep(0.01)
         assert not n._runs_closed  # shutdown waits for the claim in flight
