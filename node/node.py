@@ -30,7 +30,6 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import msgpack
 import trio
@@ -41,7 +40,7 @@ from gossip.seal import Keyring, KeyringError
 from gossip.udp import GossipNode
 
 from . import peerwire
-from .config import NodeConfig, format_addr, parse_addr
+from .config import NodeConfig, format_addr
 from .fencer import Fencer, FencerClosed
 from .http_api import Api
 from .http_server import HTTPError, serve_http
