@@ -829,9 +829,7 @@ class Cluster:
                     trace.append((t_s, "converged", metrics.converged))
                 lw = opts.load_window_s
                 if lw is not None and len(self._load_marks) < 2 and t_s >= lw[len(self._load_marks)]:
-                    self._count_up(t_s, 0)
-                    self._load_marks.append((t_s, sum(net.sent_msgs), sum(net.sent_bytes),
-                                             self._up_node_s))
+                    self._load_marks.append(self._load_mark(t_s))
                 k = entry[3] + 1
                 loop.schedule(k * opts.check_interval_s, K_CHECK, k)
             elif kind == K_INJECT:
@@ -859,20 +857,32 @@ class Cluster:
         return self.report()
 
     def _start_measuring(self, t_s: float) -> None:
+        self._measure_start = self._load_mark(t_s)
+
+    def _load_mark(self, t_s: float) -> tuple[float, int, int, float]:
+        """(t_s, datagrams and bytes sent so far, running node-seconds so far):
+        the load between two marks is their difference (``_load_between``)."""
         self._count_up(t_s, 0)
-        self._measure_start = (t_s, sum(self.net.sent_msgs), sum(self.net.sent_bytes), self._up_node_s)
+        return (t_s, sum(self.net.sent_msgs), sum(self.net.sent_bytes), self._up_node_s)
+
+    @staticmethod
+    def _load_between(a: tuple[float, int, int, float],
+                      b: tuple[float, int, int, float]) -> tuple[float | None, float | None]:
+        """msgs and bytes per running member per virtual s from mark a to b."""
+        up_node_s = b[3] - a[3]
+        if up_node_s <= 0:
+            return None, None
+        return round((b[1] - a[1]) / up_node_s, 3), round((b[2] - a[2]) / up_node_s, 1)
 
     # -- report ----------------------------------------------------------------------------------
 
     def report(self) -> dict:
         """The run's figures (the ``--json`` document)."""
         end_s = self.end_s
-        self._count_up(end_s, 0)
+        end = self._load_mark(end_s)
         res = self.metrics.results(end_s)
         start = self._measure_start or (0.0, 0, 0, 0.0)
-        up_node_s = self._up_node_s - start[3]
-        msgs = sum(self.net.sent_msgs) - start[1]
-        nbytes = sum(self.net.sent_bytes) - start[2]
+        msgs_rate, bytes_rate = self._load_between(start, end)
         n = self.options.nodes
         out = {
             "seed": self.seed,
@@ -885,8 +895,8 @@ class Cluster:
             **{k: res[k] for k in ("detection_latency_s",)},
             "false_positives": res["false_positives"],
             "dissemination_rounds": res["dissemination_rounds"],
-            "msgs_per_node_per_s": round(msgs / up_node_s, 3) if up_node_s > 0 else None,
-            "bytes_per_node_per_s": round(nbytes / up_node_s, 1) if up_node_s > 0 else None,
+            "msgs_per_node_per_s": msgs_rate,
+            "bytes_per_node_per_s": bytes_rate,
             "converged": res["converged"],
             "convergence_s": res["convergence_s"],
             "slots_due": None,
@@ -899,11 +909,12 @@ class Cluster:
         out["measure_start_s"] = start[0] if self._measure_start else None
         out["load_window"] = None
         if len(self._load_marks) == 2:
-            (t0, m0, b0, u0), (t1, m1, b1, u1) = self._load_marks
-            if u1 > u0:
-                out["load_window"] = {"from_s": round(t0, 3), "to_s": round(t1, 3),
-                                      "msgs_per_node_per_s": round((m1 - m0) / (u1 - u0), 3),
-                                      "bytes_per_node_per_s": round((b1 - b0) / (u1 - u0), 1)}
+            a, b = self._load_marks
+            w_msgs, w_bytes = self._load_between(a, b)
+            if w_msgs is not None:
+                out["load_window"] = {"from_s": round(a[0], 3), "to_s": round(b[0], 3),
+                                      "msgs_per_node_per_s": w_msgs,
+                                      "bytes_per_node_per_s": w_bytes}
         out["drops"] = {k: v for k, v in sorted(self.net.drops.items()) if v}
         out["stats"] = dict(sorted(self.stats.items()))
         out["nodes_running_at_end"] = sum(1 for n in self.nodes if n.up)
