@@ -20,6 +20,8 @@ import platform
 import sys
 import time
 
+from sim.cli import parse_window
+
 __all__ = ["main", "run_one", "PROTOCOL_RUNS"]
 
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -104,12 +106,12 @@ def _run(jobs: list[tuple], n_jobs: int) -> list[dict]:
     return [run_one(j) for j in jobs]
 
 
-def load_window(sizes: str, window: str, seed: int) -> int:
+def load_window(sizes: str, window: tuple[float, float], seed: int) -> int:
     """Messages and bytes per running member per virtual second between
     ``window`` bounds (after the warm start's broadcasts have drained), per
     cluster size: does the steady-state load per member grow with N?"""
     from sim.cluster import simulate
-    a, b = (float(x) for x in window.split(","))
+    a, b = window
     rows = []
     for n in (int(x) for x in sizes.split(",")):
         r, c = simulate(nodes=n, duration_s=b + 1, seed=seed, scenario="steady", bootstrap="warm",
@@ -128,7 +130,7 @@ def load_window(sizes: str, window: str, seed: int) -> int:
     with open(out, "w", encoding="utf-8") as fh:
         json.dump({"what": f"load per running member between t={a:g} and t={b:g} virtual s, steady, "
                            f"lan profile, warm bootstrap, seed {seed}",
-                   "command": f"python -m sim.bench load --sizes {sizes} --window {window} --seed {seed}",
+                   "command": f"python -m sim.bench load --sizes {sizes} --window {a:g},{b:g} --seed {seed}",
                    "python": platform.python_version(), "rows": rows}, fh, indent=2)
         fh.write("\n")
     print(f"wrote {out}", file=sys.stderr)
@@ -184,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     lp = sub.add_parser("load", help="steady-state load per member in a window, per size "
                                      "(writes bench/results/sim-load-window.json)")
     lp.add_argument("--sizes", default="100,300,1000")
-    lp.add_argument("--window", default="100,300", help="FROM,TO virtual seconds (default 100,300)")
+    lp.add_argument("--window", type=parse_window, default=(100.0, 300.0),
+                    help="FROM,TO virtual seconds (default 100,300)")
     lp.add_argument("--seed", type=int, default=SEED)
     sub.add_parser("table", help="print the markdown table of bench/results/sim.json")
     args = p.parse_args(argv)

@@ -23,11 +23,12 @@ import json
 import os
 import random
 import sys
+from pathlib import Path
 
 from sim.accel import ENV_MARKER, compiled_modules
 from sim.scenarios import SCENARIOS
 
-__all__ = ["main", "build_parser", "replay_command"]
+__all__ = ["main", "build_parser", "replay_command", "parse_window"]
 
 
 DESCRIPTION = """\
@@ -97,7 +98,8 @@ def _probability(text: str) -> float:
     return v
 
 
-def _window(text: str) -> tuple[float, float]:
+def parse_window(text: str) -> tuple[float, float]:
+    """``FROM,TO`` virtual seconds (``--load-window``, ``sim.bench load --window``)."""
     parts = text.split(",")
     try:
         a, b = (float(x) for x in parts)
@@ -144,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "settled: warm, and the joins' re-broadcasts already sent (steady state "
                         "from t=0)")
     r.add_argument("--json", metavar="FILE", default=None, help="also write the report as JSON to FILE")
-    r.add_argument("--load-window", type=_window, default=None, metavar="FROM,TO",
+    r.add_argument("--load-window", type=parse_window, default=None, metavar="FROM,TO",
                    help="also report msgs and bytes per member per s between these virtual "
                         "seconds (JSON key load_window), e.g. 100,300: steady state after a warm "
                         "start has drained")
@@ -252,13 +254,13 @@ def _reexec_compiled(argv: list[str], build_dir: str | None) -> int:
     from sim import accel
 
     root = accel.repo_root()
-    path = accel.accel_path(root, build_dir)
-    if path is None:
-        reason = accel.stale_reason(root, build_dir)
+    reason = accel.stale_reason(root, build_dir)  # hashes every source once
+    if reason is not None:
         where = f" --dir {build_dir}" if build_dir else ""
         print(f"peersim: --compiled: {reason}; build it with: "
               f"cd {root} && {sys.executable} -m sim.accel build{where}", file=sys.stderr)
         return 2
+    path = str((Path(build_dir) if build_dir is not None else accel.default_dir(root)).resolve())
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([path] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env[accel.ENV_MARKER] = path
