@@ -33,7 +33,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 import msgpack
 
@@ -49,18 +49,18 @@ __all__ = [
     "TAG_VALUE_MAX_BYTES", "USER_MAX_BYTES", "UINT64_MAX", "PUSH_PULL_VERSION",
 ]
 
-NAME_MAX_BYTES = 128
-HOST_MAX_BYTES = 255
-META_MAX_BYTES = 512
-TAGS_MAX = 64
+NAME_MAX_BYTES: Final = 128
+HOST_MAX_BYTES: Final = 255
+META_MAX_BYTES: Final = 512
+TAGS_MAX: Final = 64
 TAG_KEY_MAX_BYTES = 64
 TAG_VALUE_MAX_BYTES = 256
 USER_KEY_MAX_BYTES = 128
 USER_MAX_BYTES = 64 * 1024
-UINT64_MAX = 2**64 - 1
+UINT64_MAX: Final = 2**64 - 1
 COMPOUND_HEADER_MAX_BYTES = 3          # 0xdc + uint16 count
-COMPOUND_MAX_ITEMS = 65535
-PACKET_MAX_BYTES = 64 * 1024           # any compound bigger is rejected outright
+COMPOUND_MAX_ITEMS: Final = 65535
+PACKET_MAX_BYTES: Final = 64 * 1024           # any compound bigger is rejected outright
 PUSH_PULL_VERSION = 1
 PUSH_PULL_MAX_BYTES = 64 * 1024 * 1024
 PUSH_PULL_MAX_MEMBERS = 100_000
@@ -410,7 +410,7 @@ def encode_compound(msgs: list[Msg]) -> bytes:
 
 # -- decoding -------------------------------------------------------------------
 
-_R = RemoteProtocolError
+_R: Final = RemoteProtocolError
 _SHORT_NAME = NAME_MAX_BYTES // 4   # chars; such a str is <= NAME_MAX_BYTES in UTF-8
 
 

@@ -658,3 +658,43 @@ def test_settle_forgets_membership_news_only():
     assert core.settle() == 1
     assert [k for k, _ in core._queue.pending()] == ["u:app"]
     assert core.member("p3").incarnation == 1  # the view itself is untouched
+
+
+# -- Member snapshots -------------------------------------------------------------
+
+def test_member_snapshots_are_immutable_values():
+    import dataclasses
+
+    from gossip.swim import Member, _new_member
+
+    fields = ("n1", ("10.0.0.1", 7946), MemberState.ALIVE, 3, {"role": "db"}, b"m", 12.5)
+    built, fast = Member(*fields), _new_member(*fields)
+    assert built == fast and not (built != fast)
+    assert repr(built) == ("Member(name='n1', addr=('10.0.0.1', 7946), state=<MemberState.ALIVE: "
+                           "'alive'>, incarnation=3, tags={'role': 'db'}, meta=b'm', state_change=12.5)")
+    assert built != Member(*fields[:3], 4, *fields[4:])
+    assert built != fields  # not equal to a plain tuple of the same fields
+    for m in (built, fast):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            m.incarnation = 9
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            del m.name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            m.other = 1
+        assert m.incarnation == 3 and m.name == "n1"
+    with pytest.raises(TypeError):  # as the frozen dataclass: the tags mapping is unhashable
+        hash(built)
+    assert hash(Member(*fields[:4], (), *fields[5:])) == hash(Member(*fields[:4], (), *fields[5:]))
+
+
+def test_member_events_carry_snapshots_of_the_view():
+    a = Swim(Config.local(), "a", ("10.0.0.1", 1), rng=random.Random(1), now=0.0)
+    b = Swim(Config.local(), "b", ("10.0.0.2", 1), rng=random.Random(2), now=0.0,
+             tags={"zone": "z1"})
+    req = next(e for e in a.join([("10.0.0.2", 1)], 0.0) if isinstance(e, StartPushPull))
+    reply, _ = b.handle_push_pull(("10.0.0.1", 1), req.data, 0.0)
+    events = [e for e in a.handle_push_pull_reply(("10.0.0.2", 1), reply, 0.0)
+              if isinstance(e, MemberEvent)]
+    m = next(e.member for e in events if e.member.name == "b")
+    assert m.state is MemberState.ALIVE and dict(m.tags) == {"zone": "z1"}
+    assert a.member("b") == m
