@@ -35,8 +35,11 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from math import log as _log
+
+from sim.loop import Trace
 
 __all__ = ["NetworkOptions", "Network", "DROP_REASONS"]
 
@@ -119,7 +122,8 @@ class Network:
     )
 
     def __init__(self, n: int, options: NetworkOptions, rng: random.Random,
-                 heap: list, next_seq, deliver_kind: int, trace=None) -> None:
+                 heap: list, next_seq: Callable[[], int], deliver_kind: int,
+                 trace: Trace | None = None) -> None:
         self.n = n
         self.options = options
         self.rng = rng

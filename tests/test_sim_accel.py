@@ -30,6 +30,17 @@ import json, sys
 import gossip.swim
 from sim.cluster import simulate
 out = {"swim_file": gossip.swim.__file__, "hashes": []}
+# Member is a hand-written immutable class (fast under mypyc): same semantics
+m = gossip.swim.Member("a", ("h", 1), gossip.swim.MemberState.ALIVE, 1, {}, b"", 0.0)
+for op, f in (("set", lambda: setattr(m, "incarnation", 2)), ("del", lambda: delattr(m, "name")),
+              ("new", lambda: setattr(m, "other", 1))):
+    try:
+        f()
+        out[op] = "mutable"
+    except Exception as exc:
+        out[op] = type(exc).__name__
+out["member_eq"] = m == gossip.swim._new_member("a", ("h", 1), gossip.swim.MemberState.ALIVE, 1, {}, b"", 0.0)
+out["member_native"] = gossip.swim._NATIVE
 for n, d, seed, sc, boot in json.loads(sys.argv[1]):
     rep, _ = simulate(nodes=n, duration_s=d, seed=seed, scenario=sc, bootstrap=boot)
     out["hashes"].append(rep["trace_hash"])
@@ -139,6 +150,10 @@ def test_compiled_batch_gives_the_same_trace_hashes(build_dir):
     pure = _batch(None)
     assert compiled["swim_file"].startswith(build_dir) and compiled["swim_file"].endswith(".so"), compiled
     assert pure["swim_file"].endswith("gossip/swim.py"), pure
+    for out in (compiled, pure):
+        assert [out["set"], out["del"], out["new"]] == ["FrozenInstanceError"] * 3, out
+        assert out["member_eq"] is True
+    assert compiled["member_native"] is True and pure["member_native"] is False
     for run, h_c, h_p in zip(RUNS, compiled["hashes"], pure["hashes"]):
         assert h_c == h_p, f"trace_hash differs compiled vs interpreted for (nodes, s, seed, scenario, bootstrap)={run}"
 
