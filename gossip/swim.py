@@ -424,8 +424,13 @@ class Swim:
         # counters
         self._c = dict.fromkeys(
             ("probes_sent", "acks_received", "indirect_probes", "nacks", "suspicions_raised",
-             "refutes", "deaths_declared", "packets_in", "packets_out", "bytes_in", "bytes_out",
-             "push_pulls", "reconnects"), 0)
+             "refutes", "deaths_declared", "push_pulls", "reconnects"), 0)
+        # the per-packet counters are attributes: compiled by mypyc, native
+        # int adds instead of a dict update and a new int object each
+        self._packets_in = 0
+        self._packets_out = 0
+        self._bytes_in = 0
+        self._bytes_out = 0
         self._rejected: dict[str, int] = {}
 
     # -- properties ------------------------------------------------------------
@@ -552,9 +557,8 @@ class Swim:
         # invariant: never over the budget (each msg fits; take() respects space)
         if size > self._budget:  # pragma: no cover - bug guard
             raise LocalProtocolError("oversized", f"datagram of {size} bytes")
-        c = self._c
-        c["packets_out"] += 1
-        c["bytes_out"] += size
+        self._packets_out += 1
+        self._bytes_out += size
         out.append(_new_send(addr, data))
 
     def _add_peer(self, name: str) -> None:
@@ -744,9 +748,8 @@ class Swim:
         out: list = []
         if now > self._now:
             self._now = now
-        c = self._c
-        c["packets_in"] += 1
-        c["bytes_in"] += len(data)
+        self._packets_in += 1
+        self._bytes_in += len(data)
         # Validate the whole compound before acting on any of it. Fast path:
         # an ALIVE we already know at the same or a higher incarnation (the
         # bulk of gossip) is dropped after checking only the fields it needs.
@@ -1194,7 +1197,7 @@ class Swim:
             rejected (close the stream without answering).
         """
         out: list = []
-        self._c["bytes_in"] += len(data)
+        self._bytes_in += len(data)
         try:
             _join, sender, rows = wire.decode_push_pull_raw(data, check_rows=False)
             rows = self._screen_rows(rows)
@@ -1203,14 +1206,14 @@ class Swim:
             return None, out
         self._merge(out, sender, rows, now)
         reply = self._encode_state(join=False)
-        self._c["bytes_out"] += len(reply)
+        self._bytes_out += len(reply)
         return reply, out
 
     def handle_push_pull_reply(self, src: Addr, data: bytes, now: float) -> list[Effect]:
         """Merge the reply to a push-pull we started with ``src``."""
         out: list = []
         a = (src[0], int(src[1]))
-        self._c["bytes_in"] += len(data)
+        self._bytes_in += len(data)
         try:
             _join, sender, rows = wire.decode_push_pull_raw(data, check_rows=False)
             rows = self._screen_rows(rows)
@@ -1348,6 +1351,10 @@ class Swim:
     def statistics(self) -> SwimStats:
         return SwimStats(
             **self._c,
+            packets_in=self._packets_in,
+            packets_out=self._packets_out,
+            bytes_in=self._bytes_in,
+            bytes_out=self._bytes_out,
             rejected=dict(sorted(self._rejected.items())),
             awareness=self._awareness,
             members_by_state={s.value: self._counts[_rank(s)] for s in MemberState},

@@ -698,3 +698,28 @@ def test_member_events_carry_snapshots_of_the_view():
     m = next(e.member for e in events if e.member.name == "b")
     assert m.state is MemberState.ALIVE and dict(m.tags) == {"zone": "z1"}
     assert a.member("b") == m
+
+
+def test_statistics_count_datagrams_and_bytes_both_ways():
+    a = Swim(Config.local(), "a", ("10.0.0.1", 1), rng=random.Random(1), now=0.0)
+    b = Swim(Config.local(), "b", ("10.0.0.2", 1), rng=random.Random(2), now=0.0)
+    req = next(e for e in a.join([("10.0.0.2", 1)], 0.0) if isinstance(e, StartPushPull))
+    reply, _ = b.handle_push_pull(("10.0.0.1", 1), req.data, 0.0)
+    a.handle_push_pull_reply(("10.0.0.2", 1), reply, 0.0)
+    sa, sb = a.statistics(), b.statistics()
+    assert (sb.bytes_in, sb.bytes_out, sa.bytes_in) == (len(req.data), len(reply), len(reply))
+    assert sa.packets_in == sa.packets_out == sb.packets_in == sb.packets_out == 0
+    out_a: list = []
+    while a.statistics().probes_sent == 0:  # gossip rounds, then the first probe
+        out_a += [e for e in a.tick(a.next_deadline()) if isinstance(e, SendPacket)]
+    out_b = [e for p in out_a for e in b.handle_packet(("10.0.0.1", 1), p.data, 0.1)
+             if isinstance(e, SendPacket)]
+    assert out_b  # at least the ack
+    for p in out_b:
+        a.handle_packet(("10.0.0.2", 1), p.data, 0.1)
+    sa2, sb2 = a.statistics(), b.statistics()
+    sent_a, sent_b = sum(len(p.data) for p in out_a), sum(len(p.data) for p in out_b)
+    assert (sa2.packets_out, sb2.packets_in) == (len(out_a), len(out_a))
+    assert (sb2.packets_out, sa2.packets_in) == (len(out_b), len(out_b))
+    assert (sa2.bytes_out - sa.bytes_out, sb2.bytes_in - sb.bytes_in) == (sent_a, sent_a)
+    assert (sb2.bytes_out - sb.bytes_out, sa2.bytes_in - sa.bytes_in) == (sent_b, sent_b)
