@@ -1,4 +1,4 @@
-"""Optional compiled simulator: build the hot gossip modules with mypyc.
+"""Optional compiled simulator: build the hot gossip and simulator modules with mypyc.
 
 ``python -m sim.accel build [--dir DIR] [--modules a.py,b.py]`` copies the
 ``.py`` files of the packages ``gossip/``, ``sim/`` and ``node/`` into DIR
