@@ -60,7 +60,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Final, Protocol
 
 from gossip.effects import MemberEvent, SendPacket, StartPushPull, UserMessage
-from gossip.seal import PacketRejected, Sealer
+from gossip.seal import Keyring, PacketRejected, Sealer
 from gossip.swim import Swim
 from sim.loop import EventLoop, Trace, child_rng
 from sim.metrics import Metrics
@@ -257,7 +257,6 @@ def _shared_key_sealers(keyring: Any) -> Callable:
     """The default ``sealer_factory``: every node seals under ``keyring``.
     (A module-level helper, not a closure in ``Cluster.__init__``: mypyc
     cannot compile a nested def that rebinds a parameter.)"""
-    from gossip.seal import Sealer
 
     def sealer_factory(name, epoch, nonce, _k=keyring):
         return Sealer(_k, name, epoch, nonce=nonce)
@@ -340,16 +339,12 @@ class Cluster:
                                       "pp_ok": 0, "paused_deferred": 0, "events": 0, "idle_ticks": 0,
                                       "unknown_effects": 0}
         if core_factory is None:
-            from gossip.swim import Swim
             core_factory = Swim
         self.core_factory = core_factory
         if sealer_factory is None:
-            from gossip.seal import Keyring
             keyring = Keyring([child_rng(options.seed, "key").randbytes(32)])
             sealer_factory = _shared_key_sealers(keyring)
         self.sealer_factory = sealer_factory
-        from gossip.seal import PacketRejected
-        self._rejected_exc = PacketRejected
 
         names = node_names(options.nodes)
         clock_rng = child_rng(options.seed, "clocks")
@@ -580,7 +575,7 @@ class Cluster:
             return
         try:
             sender, body = peer.sealer.open(sealed, max_bytes=STREAM_FRAME_MAX_BYTES)
-        except self._rejected_exc as exc:
+        except PacketRejected as exc:
             self._reject(peer, exc.reason, t_s)
             self.loop.schedule(t_s + self.net.delay_s(), K_PP_FAIL, src, peer.addr, src_boots)
             return
@@ -609,7 +604,7 @@ class Cluster:
         peer = self.nodes[responder]
         try:
             _sender, body = node.sealer.open(sealed, max_bytes=STREAM_FRAME_MAX_BYTES)
-        except self._rejected_exc as exc:
+        except PacketRejected as exc:
             self._reject(node, exc.reason, t_s)
             self.stats["pp_failed"] += 1
             self._effects(node, node.core.push_pull_failed(peer.addr, node.local(t_s)), t_s)
