@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["MODULES", "PACKAGES", "ENV_MARKER", "MANIFEST", "default_dir", "repo_root",
+__all__ = ["MODULES", "PACKAGES", "ENV_MARKER", "MANIFEST", "default_dir", "build_dir_of", "repo_root",
            "source_hashes", "stale_reason", "accel_path", "build", "compiled_modules", "main"]
 
 # The module set compiled by default (paths relative to the repo root): the
@@ -74,6 +74,11 @@ def repo_root() -> Path:
 
 def default_dir(root: str | os.PathLike | None = None) -> Path:
     return Path(root if root is not None else repo_root()) / "build" / "accel"
+
+
+def build_dir_of(repo: str | os.PathLike | None, build_dir: str | os.PathLike | None = None) -> Path:
+    """``build_dir`` when given, else the default under ``repo``."""
+    return Path(build_dir) if build_dir is not None else default_dir(repo)
 
 
 def _py_tag() -> str:
@@ -116,7 +121,7 @@ def stale_reason(repo: str | os.PathLike, build_dir: str | os.PathLike | None = 
     """None when the build in ``build_dir`` is present and matches the
     sources under ``repo``; else a one-line reason."""
     repo = Path(repo)
-    bdir = Path(build_dir) if build_dir is not None else default_dir(repo)
+    bdir = build_dir_of(repo, build_dir)
     try:
         m = _read_manifest(bdir)
     except FileNotFoundError:
@@ -153,7 +158,7 @@ def accel_path(repo_root: str | os.PathLike, build_dir: str | os.PathLike | None
     Returns:
         the absolute build dir, or None (``stale_reason`` says why).
     """
-    bdir = Path(build_dir) if build_dir is not None else default_dir(repo_root)
+    bdir = build_dir_of(repo_root, build_dir)
     if stale_reason(repo_root, bdir) is not None:
         return None
     return str(bdir.resolve())
@@ -194,7 +199,7 @@ def build(build_dir: str | os.PathLike | None = None, modules: tuple[str, ...] |
         ValueError: a module is not one of the copied sources.
     """
     repo = Path(repo) if repo is not None else repo_root()
-    bdir = Path(build_dir) if build_dir is not None else default_dir(repo)
+    bdir = build_dir_of(repo, build_dir)
     try:
         import mypy.version
     except ImportError:
@@ -268,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     if args.command == "check":
-        bdir = Path(args.dir) if args.dir else default_dir()
+        bdir = build_dir_of(None, args.dir or None)
         reason = stale_reason(repo_root(), bdir)
         if reason is None:
             m = _read_manifest(bdir)

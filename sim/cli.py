@@ -23,7 +23,6 @@ import json
 import os
 import random
 import sys
-from pathlib import Path
 
 from sim.accel import ENV_MARKER, compiled_modules
 from sim.scenarios import SCENARIOS
@@ -260,7 +259,7 @@ def _reexec_compiled(argv: list[str], build_dir: str | None) -> int:
         print(f"peersim: --compiled: {reason}; build it with: "
               f"cd {root} && {sys.executable} -m sim.accel build{where}", file=sys.stderr)
         return 2
-    path = str((Path(build_dir) if build_dir is not None else accel.default_dir(root)).resolve())
+    path = str(accel.build_dir_of(root, build_dir).resolve())
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([path] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env[accel.ENV_MARKER] = path
