@@ -5,6 +5,9 @@
     python -m sim.bench table          # markdown table of bench/results/sim.json
     python -m sim.bench load [--sizes 100,300,1000] [--window 100,300]
 
+``--compiled`` (speed, protocol, load) runs them with the mypyc build, as
+``peersim run --compiled`` does (``python -m sim.accel build`` first).
+
 Every run is one ``simulate(...)`` call (the same code path as ``peersim
 run``) with a fixed seed; results are merged into ``bench/results/sim.json``
 keyed by (kind, scenario, nodes, loss, duration, seed), so runs can be added
@@ -20,6 +23,7 @@ import platform
 import sys
 import time
 
+from sim.accel import ENV_MARKER
 from sim.cli import parse_window
 
 __all__ = ["main", "run_one", "PROTOCOL_RUNS"]
@@ -50,6 +54,7 @@ ROW_KEYS = (
 
 def run_one(job: tuple) -> dict:
     """Run one (kind, scenario, nodes, loss, duration_s, seed, profile) job."""
+    from sim.accel import compiled_modules
     from sim.cluster import simulate
     from sim.scenarios import check_invariants
     kind, scenario, nodes, loss, duration_s, seed, profile, bootstrap = job
@@ -61,6 +66,9 @@ def run_one(job: tuple) -> dict:
     row = {"kind": kind, "scenario": scenario, "nodes": nodes, "loss": eff_loss,
            "duration_s": duration_s, "seed": seed, "profile": profile, "bootstrap": bootstrap,
            "cpu_seconds": round(cpu_s, 2),
+           # wall and cpu figures differ ~2x between the two; the rest does not
+           "compiled": bool(compiled_modules()),
+           "date": time.strftime("%Y-%m-%d"),
            "node_seconds_per_cpu_second": round(nodes * duration_s / cpu_s, 1) if cpu_s else None,
            "invariants_failed": check_invariants(r, scenario=scenario, loss=eff_loss),
            "command": (f"peersim run --nodes {nodes} --duration {duration_s:g} --seed {seed} "
@@ -189,8 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     lp.add_argument("--window", type=parse_window, default=(100.0, 300.0),
                     help="FROM,TO virtual seconds (default 100,300)")
     lp.add_argument("--seed", type=int, default=SEED)
+    for q in (sp, pp, lp):
+        q.add_argument("--compiled", action="store_true",
+                       help="run with the mypyc build (python -m sim.accel build first), as "
+                            "peersim run --compiled does; rows record compiled: true")
     sub.add_parser("table", help="print the markdown table of bench/results/sim.json")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
+    if getattr(args, "compiled", False) and not os.environ.get(ENV_MARKER):
+        from sim.cli import _reexec_compiled
+        return _reexec_compiled(argv, None, module="sim.bench", prog="python -m sim.bench")
     if args.cmd == "table":
         print(table())
         return 0

@@ -246,17 +246,18 @@ def _print_report(r: dict) -> None:
           f"paused deliveries deferred {st['paused_deferred']}")
 
 
-def _reexec_compiled(argv: list[str], build_dir: str | None) -> int:
-    """Run ``argv`` (without ``--compiled``) again in a child interpreter with
-    the fresh mypyc build first on PYTHONPATH; its exit status, or 2 when no
-    fresh build exists."""
+def _reexec_compiled(argv: list[str], build_dir: str | None, *, module: str = "sim.cli",
+                     prog: str = "peersim") -> int:
+    """Run ``python -m module argv`` (without ``--compiled``) again in a child
+    interpreter with the fresh mypyc build first on PYTHONPATH; its exit
+    status, or 2 when no fresh build exists."""
     from sim import accel
 
     root = accel.repo_root()
     reason = accel.stale_reason(root, build_dir)  # hashes every source once
     if reason is not None:
         where = f" --dir {build_dir}" if build_dir else ""
-        print(f"peersim: --compiled: {reason}; build it with: "
+        print(f"{prog}: --compiled: {reason}; build it with: "
               f"cd {root} && {sys.executable} -m sim.accel build{where}", file=sys.stderr)
         return 2
     path = str(accel.build_dir_of(root, build_dir).resolve())
@@ -269,7 +270,7 @@ def _reexec_compiled(argv: list[str], build_dir: str | None) -> int:
     import subprocess
     # -P: no cwd/script dir ahead of PYTHONPATH, or a run from the repo root
     # would import the interpreted sources instead of the build
-    return subprocess.run([sys.executable, "-P", "-m", "sim.cli", *child], env=env).returncode
+    return subprocess.run([sys.executable, "-P", "-m", module, *child], env=env).returncode
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -289,6 +290,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.fencing and not args.tasks:
         print("peersim: --fencing needs --tasks N", file=sys.stderr)
         return 2
+    cluster: Cluster
     if args.tasks:
         from sim.app import build_app_cluster
         cluster = build_app_cluster(config, cluster_opts, schedule, duration_s=args.duration,
@@ -311,7 +313,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     loss = args.loss if args.loss is not None else (0.05 if args.scenario == "flaky" else 0.0)
     failures = check_invariants(report, scenario=args.scenario, loss=loss)
     if args.tasks:
-        from sim.app import app_report
+        from sim.app import AppCluster, app_report
+        assert isinstance(cluster, AppCluster)
         app_report(cluster, report)
         failures += report["violations"]
     report["invariants_failed"] = failures
