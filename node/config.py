@@ -19,7 +19,6 @@ from typing import Any, Mapping
 
 import yaml
 
-from gossip.transport import format_addr as format_addr
 from gossip.transport import parse_addr as _parse_addr
 
 Addr = tuple[str, int]

@@ -37,10 +37,11 @@ import trio
 from gossip.config import Config as GossipConfig
 from gossip.effects import EventKind, MemberEvent, UserMessage
 from gossip.seal import Keyring, KeyringError
+from gossip.transport import format_addr
 from gossip.udp import GossipNode
 
 from . import peerwire
-from .config import NodeConfig, format_addr
+from .config import NodeConfig
 from .fencer import Fencer, FencerClosed
 from .http_api import Api
 from .http_server import HTTPError, serve_http

@@ -176,3 +176,20 @@ def peerctl(*args: str, node: str, token: str = TOKEN, timeout: float = 30):
     return subprocess.run(
         [sys.executable, "-m", "node.peerctl", *args], capture_output=True, text=True, env=e, timeout=timeout, cwd=str(ROOT)
     )
+
+
+async def start_solo_node(tmp_path: Path, nursery, *, token: str, **flags: str):
+    """One in-process ``Node`` named ``solo`` (real sockets on free loopback
+    ports, real SQLite under ``tmp_path``, insecure gossip, local profile),
+    started in ``nursery``. ``flags`` add or override config flags."""
+    from node.config import build_config
+    from node.node import Node
+
+    cfg = build_config(flags={
+        "name": "solo", "bind": f"127.0.0.1:{free_port()}", "api": f"127.0.0.1:{free_port()}",
+        "data_dir": str(tmp_path / "solo"), "insecure": True, "api_token": token,
+        "profile": "local", **flags,
+    }, environ={})
+    n = await Node.create(cfg)
+    await nursery.start(n.run)
+    return n

@@ -9,30 +9,15 @@ import random
 import pytest
 import trio
 
-from node.config import build_config
-from node.demo import free_port
 from node.http_client import request
-from node.node import Node
+from tests.cluster_util import start_solo_node
 
 TOKEN = "api-test-token"
 
 
 @pytest.fixture
 async def node(tmp_path, nursery):
-    cfg = build_config(
-        flags={
-            "name": "solo",
-            "bind": f"127.0.0.1:{free_port()}",
-            "api": f"127.0.0.1:{free_port()}",
-            "data_dir": str(tmp_path / "solo"),
-            "insecure": True,
-            "api_token": TOKEN,
-            "profile": "local",
-        },
-        environ={},
-    )
-    n = await Node.create(cfg)
-    await nursery.start(n.run)
+    n = await start_solo_node(tmp_path, nursery, token=TOKEN)
     yield n
     await n.shutdown()
     nursery.cancel_scope.cancel()

@@ -612,18 +612,9 @@ async def test_real_restore_from_backup_needs_an_epoch_raise(tmp_path):
 # ------------------------------------------- a real node: claims at shutdown
 
 async def _fenced_node(etcd, tmp_path, nursery, grace_s: float):
-    from node.config import build_config
-    from node.demo import free_port
-    from node.node import Node
-
-    cfg = build_config(flags={
-        "name": "solo", "bind": f"127.0.0.1:{free_port()}", "api": f"127.0.0.1:{free_port()}",
-        "data_dir": str(tmp_path / "solo"), "insecure": True, "api_token": "t", "profile": "local",
-        "etcd": etcd.url, "etcd_prefix": _prefix(), "shutdown_grace_s": str(grace_s),
-    }, environ={})
-    n = await Node.create(cfg)
-    await nursery.start(n.run)
-    return n
+    from tests.cluster_util import start_solo_node
+    return await start_solo_node(tmp_path, nursery, token="t", etcd=etcd.url, etcd_prefix=_prefix(),
+                                 shutdown_grace_s=str(grace_s))
 
 
 async def _put_and_run(n, marker) -> None:
