@@ -67,9 +67,16 @@ MANIFEST = "accel-manifest.json"
 _FORMAT = 1
 
 
+REPO_ENV = "PEERSIM_REPO"
+"""Set by ``--compiled`` re-executions to the repository they started from."""
+
+
 def repo_root() -> Path:
-    """The repository root this module was imported from (``sim/..``)."""
-    return Path(__file__).resolve().parent.parent
+    """The repository root: the one this module was imported from
+    (``sim/..``), or, in a ``--compiled`` child that imports the build
+    dir's copy, the one the command was started from (``$PEERSIM_REPO``)."""
+    env = os.environ.get(REPO_ENV)
+    return Path(env) if env else Path(__file__).resolve().parent.parent
 
 
 def default_dir(root: str | os.PathLike | None = None) -> Path:

@@ -23,13 +23,13 @@ import platform
 import sys
 import time
 
-from sim.accel import ENV_MARKER
+from sim.accel import ENV_MARKER, repo_root
 from sim.cli import parse_window
 
 __all__ = ["main", "run_one", "PROTOCOL_RUNS"]
 
-RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       "bench", "results", "sim.json")
+# the repository's, also in a --compiled child (which imports the build dir's copy)
+RESULTS = os.path.join(repo_root(), "bench", "results", "sim.json")
 SEED = 1
 
 # (scenario, loss): loss None = scenario default.
@@ -153,17 +153,17 @@ def table(path: str = RESULTS) -> str:
 
     def f(v, nd=2):
         return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
-    out = ["| kind | scenario | N | loss | boot | virt s | wall s | cpu s | node-s/cpu-s | detect p50/p99/max s "
-           "| 1st suspect p50 s | FP dead (suspect) | dissem. rounds p50/p99 | msgs/node/s | B/node/s "
-           "| converged (s after fault) |",
-           "|---" * 16 + "|"]
+    out = ["| kind | scenario | N | loss | boot | virt s | code | wall s | cpu s | node-s/cpu-s "
+           "| detect p50/p99/max s | 1st suspect p50 s | FP dead (suspect) | dissem. rounds p50/p99 "
+           "| msgs/node/s | B/node/s | converged (s after fault) |",
+           "|---" * 17 + "|"]
     for r in rows:
         d = r["detection_latency_s"] or {}
         s = r["first_suspicion_s"] or {}
         dr = r["dissemination_rounds"] or {}
         out.append(
             f"| {r['kind']} | {r['scenario']} | {r['nodes']} | {r['loss']:g} | {r.get('bootstrap')} "
-            f"| {r['duration_s']:g} "
+            f"| {r['duration_s']:g} | {'compiled' if r.get('compiled') else 'pure'} "
             f"| {f(r['wall_seconds'], 1)} | {f(r['cpu_seconds'], 1)} | {f(r['node_seconds_per_cpu_second'], 0)} "
             f"| {f(d.get('p50'))}/{f(d.get('p99'))}/{f(d.get('max'))} | {f(s.get('p50'))} "
             f"| {r['false_positives']} ({r['false_suspicions']}) | {f(dr.get('p50'))}/{f(dr.get('p99'))} "

@@ -264,6 +264,7 @@ def _reexec_compiled(argv: list[str], build_dir: str | None, *, module: str = "s
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([path] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env[accel.ENV_MARKER] = path
+    env[accel.REPO_ENV] = str(root.resolve())
     sys.stdout.flush()
     sys.stderr.flush()
     child = [a for a in argv if a != "--compiled"]

@@ -170,3 +170,13 @@ def test_cli_compiled_app_run_matches(build_dir, tmp_path):
     assert rep_p["compiled"] is False
     assert rep_c["trace_hash"] == rep_p["trace_hash"], "seed=3 replay: " + rep_p["replay"]
     assert rep_c["slots_fired"] == rep_p["slots_fired"]
+
+
+def test_compiled_child_uses_the_repository_files(build_dir, capfd):
+    # The child imports the build dir's copy of sim/bench.py; its results
+    # file must still be the repository's (it once landed under the build dir).
+    from sim.cli import _reexec_compiled
+    rc = _reexec_compiled(["table"], build_dir, module="sim.bench", prog="test")
+    out = capfd.readouterr()
+    assert rc == 0, out.err[-2000:]
+    assert "| protocol | steady |" in out.out, out.out[-2000:]
