@@ -100,7 +100,8 @@ class NodeMetrics:
         )
         self.handoff_timeouts = Counter(
             "peerd_handoff_timeouts_total",
-            "Tasks taken over without a confirmed handoff from a previous replica (timeout passed).",
+            "Tasks taken over without a confirmed handoff from a previous replica (no replica answered, "
+            "or the handoff timeout passed).",
             registry=r,
         )
         self.fire_lateness = Histogram(

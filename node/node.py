@@ -363,14 +363,21 @@ class Node:
     async def _handoff(self, task_id: str, others: list[str]) -> None:
         deadline = self._handoff_pending.get(task_id, _wall())
         ok = False
-        with trio.move_on_after(max(0.0, deadline - _wall())):
+        with trio.move_on_after(max(0.0, deadline - _wall())) as scope:
             for peer in others:
                 if await self._anti_entropy_with(peer):
                     ok = True
                     break
+        if self._stopping:
+            # leaving: nothing to take over (and nothing to log about it)
+            self._handoff_pending.pop(task_id, None)
+            return
         if not ok:
             self.metrics.handoff_timeouts.inc()
-            log.info("handoff for %s timed out; taking over with the state we have", task_id, extra={"task_id": task_id})
+            why = (f"timed out after {self.handoff_timeout_s:g} s" if scope.cancelled_caught
+                   else "failed: no replica answered")
+            log.info("handoff for %s %s (asked %s); taking over with the state we have", task_id, why,
+                     ", ".join(others), extra={"task_id": task_id})
         self._handoff_pending.pop(task_id, None)
         if self.ring.owner(task_id) == self.name:
             self._sync_control(task_id)
