@@ -232,6 +232,7 @@ class SwimStats:
     broadcast_queue: int = 0
     broadcasts_dropped: int = 0
     incarnation: int = 0
+    stale_corrections: int = 0
 
 
 class _Node:
@@ -427,6 +428,8 @@ class Swim:
              "refutes", "deaths_declared", "push_pulls", "reconnects"), 0)
         # the per-packet counters are attributes: compiled by mypyc, native
         # int adds instead of a dict update and a new int object each
+        self._corrected: dict[Addr, float] = {}  # addr -> last stale-accusation answer
+        self._stale_corrections = 0
         self._packets_in = 0
         self._packets_out = 0
         self._bytes_in = 0
@@ -665,6 +668,24 @@ class Swim:
         if rebroadcast:
             self._broadcast(name, _pack(self._alive_fields(n)), self._weak)
 
+    def _answer_stale(self, out: list, src: Addr, now: float) -> None:
+        """A suspect or dead about us, older than our incarnation: whoever
+        sent it missed our refutation. Nobody else will correct it (every
+        member that has the refutation drops the stale news instead of
+        passing it on), so its suspicion would run out and declare us dead.
+        Send our current alive straight back; at most once per probe
+        interval per address. (memberlist ignores such a message.)"""
+        if self._leaving:
+            return
+        last = self._corrected.get(src)
+        if last is not None and now - last < self.config.probe_interval_s:
+            return
+        if len(self._corrected) >= 256:
+            self._corrected.clear()
+        self._corrected[src] = now
+        self._stale_corrections += 1
+        self._send(out, src, [_pack(self._alive_fields(self._me))])
+
     def _on_suspect(self, out: list, now: float, name: str, inc: int, sender: str,
                     rebroadcast: bool) -> None:
         n = self._nodes.get(name)
@@ -796,8 +817,12 @@ class Swim:
         elif t == 2:  # ACK
             self._on_ack(out, src, it[1], now)
         elif t == 4:  # SUSPECT
+            if it[2] == self._name and it[1] < self._me.incarnation:
+                self._answer_stale(out, src, now)
             self._on_suspect(out, now, it[2], it[1], it[3], True)
         elif t == 6:  # DEAD
+            if it[2] == self._name and it[1] < self._me.incarnation:
+                self._answer_stale(out, src, now)
             self._on_dead(out, now, it[2], it[1], it[3], True)
         elif t == 1:  # INDIRECT_PING
             self._on_indirect_ping(out, src, it[1], it[2], (it[3], it[4]), it[5], now)
@@ -1361,6 +1386,7 @@ class Swim:
             broadcast_queue=len(self._queue),
             broadcasts_dropped=self._queue.dropped,
             incarnation=self._me.incarnation,
+            stale_corrections=self._stale_corrections,
         )
 
     def probe_interval_now_s(self) -> float:

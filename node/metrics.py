@@ -39,6 +39,9 @@ class _CoreCollector:
             ("suspicions_raised", "peerd_gossip_suspicions_total", "Members this node started to suspect."),
             ("refutes", "peerd_gossip_refutes_total", "Times this node refuted a suspicion about itself."),
             ("deaths_declared", "peerd_gossip_deaths_total", "Members this node declared dead."),
+            ("stale_corrections", "peerd_gossip_stale_corrections_total",
+             "Stale suspect/dead messages about this node answered with its current alive, sent straight "
+             "to the member that was behind."),
             ("push_pulls", "peerd_gossip_push_pulls_total", "Full-state TCP push-pull exchanges."),
         ):
             c = CounterMetricFamily(name, help_)

@@ -112,6 +112,7 @@ def test_three_node_cluster_with_peerctl(cluster, tmp_path):
     assert status == 200
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     for name in ("peerd_members", "peerd_gossip_probes", "peerd_gossip_packets", "peerd_slots",
+                 "peerd_gossip_stale_corrections",
                  "peerd_runs", "peerd_fire_lateness_seconds", "peerd_gossip_packets_rejected", "peerd_tasks"):
         assert name in fams, sorted(fams)
     alive = [s.value for s in fams["peerd_members"].samples if s.labels.get("state") == "alive"]

@@ -437,6 +437,69 @@ def test_suspected_member_told_directly_refutes_and_raises_awareness():
     assert any(isinstance(m, wire.Alive) and m.node == "a" and m.incarnation == 1 for m in msgs)
 
 
+def _alives_sent(effs, to=None):
+    out = []
+    for e in effs:
+        if isinstance(e, SendPacket) and (to is None or e.addr == to):
+            out += [m for m in wire.decode_compound(e.data) if isinstance(m, wire.Alive)]
+    return out
+
+
+def test_stale_accusation_about_us_is_answered_to_its_sender():
+    # Beyond memberlist: a member that missed our refutation would declare us
+    # dead when its suspicion runs out, and nobody else corrects it (they
+    # drop its stale news). We answer it with our current alive, directly,
+    # at most once per probe interval per address.
+    cfg = Config.local()
+    core = Swim(cfg, "a", ("h", 1), rng=random.Random(0), now=0.0, incarnation=3)
+    p, q = ("h", 2), ("h", 3)
+    effs = core.handle_packet(p, wire.encode_compound([wire.Suspect(1, "a", "b")]), 0.0)
+    assert [(m.node, m.incarnation) for m in _alives_sent(effs, p)] == [("a", 3)]
+    assert core.incarnation == 3  # no refutation needed: we are already newer
+    assert core.statistics().stale_corrections == 1
+    # rate-limited per address; another address gets its own answer
+    effs = core.handle_packet(p, wire.encode_compound([wire.Dead(2, "a", "b")]), 0.5 * cfg.probe_interval_s)
+    assert _alives_sent(effs, p) == []
+    effs = core.handle_packet(q, wire.encode_compound([wire.Dead(2, "a", "c")]), 0.5 * cfg.probe_interval_s)
+    assert [(m.node, m.incarnation) for m in _alives_sent(effs, q)] == [("a", 3)]
+    effs = core.handle_packet(p, wire.encode_compound([wire.Suspect(0, "a", "b")]), 1.5 * cfg.probe_interval_s)
+    assert [(m.node, m.incarnation) for m in _alives_sent(effs, p)] == [("a", 3)]
+    assert core.statistics().stale_corrections == 3
+    # a current accusation is refuted as before (broadcast, higher incarnation), not answered
+    t = 3.0 * cfg.probe_interval_s
+    core.handle_packet(("h", 4), wire.encode_compound([wire.Suspect(3, "a", "d")]), t)
+    assert core.incarnation == 4
+    assert core.statistics().stale_corrections == 3
+    # stale news about someone else is not ours to answer
+    core.handle_packet(("h", 5), wire.encode_compound([wire.Suspect(0, "zz", "d")]), t)
+    assert core.statistics().stale_corrections == 3
+
+
+def test_a_member_behind_on_our_incarnation_is_corrected_before_it_declares_us_dead():
+    # b holds a at incarnation 0 and suspects it; a is at 1 (it refuted an
+    # accusation b never heard of). b's suspicion reaches a (the buddy
+    # message), a answers, and b takes a back as alive: no DEAD.
+    cfg = Config.local()
+    a = Swim(cfg, "a", ("h", 1), rng=random.Random(1), now=0.0)
+    b = Swim(cfg, "b", ("h", 2), rng=random.Random(2), now=0.0)
+    b.handle_packet(a.addr, wire.encode_compound([wire.Alive(0, "a", "h", 1, {}, b"")]), 0.0)
+    a.handle_packet(b.addr, wire.encode_compound([wire.Alive(0, "b", "h", 2, {}, b"")]), 0.0)
+    a.handle_packet(("h", 3), wire.encode_compound([wire.Suspect(0, "a", "c")]), 0.0)
+    assert a.incarnation == 1
+    b.handle_packet(("h", 3), wire.encode_compound([wire.Suspect(0, "a", "c")]), 0.1)
+    assert b.member("a").state is MemberState.SUSPECT and b.member("a").incarnation == 0
+    # b's suspicion, as gossip or as the buddy message on its next ping, reaches a
+    answer = a.handle_packet(b.addr, wire.encode_compound([wire.Suspect(0, "a", "b")]), 0.2)
+    (pkt,) = [e for e in answer if isinstance(e, SendPacket) and e.addr == b.addr]
+    effs = b.handle_packet(a.addr, pkt.data, 0.3)
+    assert b.member("a").state is MemberState.ALIVE and b.member("a").incarnation == 1
+    assert [e.kind for e in effs if isinstance(e, MemberEvent)] == [EventKind.UPDATE]
+    # and b's suspicion timer, when it comes, declares nothing
+    effs = b.tick(100.0)
+    assert not [e for e in effs if isinstance(e, MemberEvent) and e.kind is EventKind.DEAD]
+    assert b.member("a").state is MemberState.ALIVE
+
+
 def test_deterministic_given_seed():
     def trace(seed):
         c = make_cluster(5, seed)
