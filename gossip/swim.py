@@ -426,10 +426,10 @@ class Swim:
         self._c = dict.fromkeys(
             ("probes_sent", "acks_received", "indirect_probes", "nacks", "suspicions_raised",
              "refutes", "deaths_declared", "push_pulls", "reconnects"), 0)
-        # the per-packet counters are attributes: compiled by mypyc, native
-        # int adds instead of a dict update and a new int object each
         self._corrected: dict[Addr, float] = {}  # addr -> last stale-accusation answer
         self._stale_corrections = 0
+        # the per-packet counters are attributes: compiled by mypyc, native
+        # int adds instead of a dict update and a new int object each
         self._packets_in = 0
         self._packets_out = 0
         self._bytes_in = 0
@@ -668,14 +668,15 @@ class Swim:
         if rebroadcast:
             self._broadcast(name, _pack(self._alive_fields(n)), self._weak)
 
-    def _answer_stale(self, out: list, src: Addr, now: float) -> None:
-        """A suspect or dead about us, older than our incarnation: whoever
-        sent it missed our refutation. Nobody else will correct it (every
-        member that has the refutation drops the stale news instead of
-        passing it on), so its suspicion would run out and declare us dead.
-        Send our current alive straight back; at most once per probe
-        interval per address. (memberlist ignores such a message.)"""
-        if self._leaving:
+    def _answer_stale(self, out: list, src: Addr, name: str, inc: int, now: float) -> None:
+        """A suspect or dead about ``name`` at ``inc``: if that is us at an
+        incarnation older than ours, whoever sent it missed our refutation.
+        Nobody else will correct it (every member that has the refutation
+        drops the stale news instead of passing it on), so its suspicion
+        would run out and declare us dead. Send our current alive straight
+        back; at most once per probe interval per address. (memberlist
+        ignores such a message.)"""
+        if name != self._name or inc >= self._me.incarnation or self._leaving:
             return
         last = self._corrected.get(src)
         if last is not None and now - last < self.config.probe_interval_s:
@@ -817,12 +818,10 @@ class Swim:
         elif t == 2:  # ACK
             self._on_ack(out, src, it[1], now)
         elif t == 4:  # SUSPECT
-            if it[2] == self._name and it[1] < self._me.incarnation:
-                self._answer_stale(out, src, now)
+            self._answer_stale(out, src, it[2], it[1], now)
             self._on_suspect(out, now, it[2], it[1], it[3], True)
         elif t == 6:  # DEAD
-            if it[2] == self._name and it[1] < self._me.incarnation:
-                self._answer_stale(out, src, now)
+            self._answer_stale(out, src, it[2], it[1], now)
             self._on_dead(out, now, it[2], it[1], it[3], True)
         elif t == 1:  # INDIRECT_PING
             self._on_indirect_ping(out, src, it[1], it[2], (it[3], it[4]), it[5], now)
