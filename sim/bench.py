@@ -23,7 +23,7 @@ import platform
 import sys
 import time
 
-from sim.accel import ENV_MARKER, repo_root
+from sim.accel import ENV_MARKER, compiled_modules, repo_root
 from sim.cli import parse_window
 
 __all__ = ["main", "run_one", "PROTOCOL_RUNS"]
@@ -54,7 +54,6 @@ ROW_KEYS = (
 
 def run_one(job: tuple) -> dict:
     """Run one (kind, scenario, nodes, loss, duration_s, seed, profile) job."""
-    from sim.accel import compiled_modules
     from sim.cluster import simulate
     from sim.scenarios import check_invariants
     kind, scenario, nodes, loss, duration_s, seed, profile, bootstrap = job
