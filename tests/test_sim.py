@@ -389,6 +389,24 @@ def test_settled_bootstrap_skips_the_warm_start_broadcasts():
         simulate(nodes=3, duration_s=1, seed=1, scenario="steady", bootstrap="cold")
 
 
+def test_settled_bootstrap_settles_each_core_as_soon_as_it_merged():
+    """Settling each core right after its merge drops exactly the news that
+    settling every core after the whole bootstrap dropped (the earlier
+    code), and leaves no membership news queued anywhere."""
+    from gossip.config import Config
+    from sim.cluster import Cluster, ClusterOptions
+    opts = ClusterOptions(nodes=40, seed=5, bootstrap="settled")
+    late = Cluster(Config.local(), opts)
+    assert late._warm_bootstrap(settle=False) == 0
+    dropped_late = sum(n.core.settle() for n in late.nodes)
+    early = Cluster(Config.local(), opts)
+    dropped_early = early._warm_bootstrap(settle=True)
+    assert dropped_early == dropped_late >= 40 * 39
+    for n in early.nodes:
+        assert not [k for k, _t in n.core._queue.pending() if k.startswith("m:")], n.name
+        assert n.core.settle() == 0
+
+
 @pytest.mark.parametrize("scenario,bootstrap", [("crash", "join"), ("pause", "warm"), ("churn", "join")])
 def test_cores_tick_only_when_due_as_in_the_udp_shell(scenario, bootstrap):
     """gossip/udp.py calls tick() only once next_deadline() has passed; a
