@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gossip.seal import (
+    EVICT_BATCH,
     MAX_SENDER_NAME_BYTES,
     MAX_TRACKED_SENDERS,
     REJECT_REASONS,
@@ -251,13 +252,66 @@ def test_restart_epochs():
     assert b.open(new.seal(b"again"))[1] == b"again"
 
 
-def test_replay_table_bounded():
+def test_replay_table_bounded_and_least_recently_heard_evicted():
     ring = Keyring([K1])
     b = Sealer(ring, "beta", 1)
     senders = [Sealer(ring, f"s{i}", 1, nonce=det_nonce(i)) for i in range(MAX_TRACKED_SENDERS + 10)]
-    for s in senders:
+    first = [s.seal(b"first") for s in senders[:3]]
+    for s, p in zip(senders[:3], first):
+        b.open(p)
+    for s in senders[3:MAX_TRACKED_SENDERS]:
         b.open(s.seal(b"x"))
     assert b.tracked_senders() == MAX_TRACKED_SENDERS
+    b.open(senders[0].seal(b"again"))  # s0 heard again: now the most recent
+    for s in senders[MAX_TRACKED_SENDERS:]:
+        b.open(s.seal(b"x"))
+    # one overflow forgot the least recently heard eighth at once
+    assert b.tracked_senders() == MAX_TRACKED_SENDERS - EVICT_BATCH + 9
+    assert reason_of(b, first[0]) == "replay"  # s0 still tracked
+    # s1 and s2 were evicted: their old packet passes once (documented), then not
+    assert b.open(first[1])[1] == b"first"
+    assert reason_of(b, first[1]) == "replay"
+    for s in senders[-10:]:
+        p = s.seal(b"y")
+        assert b.open(p)[1] == b"y" and reason_of(b, p) == "replay"
+
+
+class _WindowModel:
+    """The replay rule written plainly: per sender the highest epoch and
+    every seq accepted in it; a seq is new if unseen and within the window
+    below the highest."""
+
+    def __init__(self) -> None:
+        self.epoch: dict[str, int] = {}
+        self.seen: dict[str, set[int]] = {}
+
+    def check(self, sender: str, epoch: int, seq: int) -> bool:
+        if sender not in self.epoch or epoch > self.epoch[sender]:
+            self.epoch[sender], self.seen[sender] = epoch, {seq}
+            return True
+        if epoch < self.epoch[sender]:
+            return False
+        seen = self.seen[sender]
+        if seq in seen or seq <= max(seen) - REPLAY_WINDOW:
+            return False
+        seen.add(seq)
+        return True
+
+
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(1, 3),
+                          st.one_of(st.integers(1, 40), st.integers(1, 3 * REPLAY_WINDOW))),
+                max_size=300))
+def test_replay_window_matches_the_plain_rule(packets):
+    b = Sealer(Keyring([K1]), "beta", 1)
+    model = _WindowModel()
+    for i, (sender, epoch, seq) in enumerate(packets):
+        try:
+            b._check_replay(sender, epoch, seq)
+            accepted = True
+        except PacketRejected as exc:
+            assert exc.reason == "replay"
+            accepted = False
+        assert accepted == model.check(sender, epoch, seq), f"packet {i}: {(sender, epoch, seq)}"
 
 
 def test_forged_packets_do_not_touch_replay_window():
