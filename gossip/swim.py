@@ -144,6 +144,11 @@ _TO_WIRE = {ALIVE: WireState.ALIVE, SUSPECT: WireState.SUSPECT, DEAD: WireState.
             LEFT: WireState.LEFT}
 _EMPTY_TAGS: Mapping[str, str] = MappingProxyType({})
 _NO_TAGS: dict[str, str] = {}  # packed as is (msgpack cannot pack a mappingproxy); never mutated
+
+ROW_MEMO_MAX: Final = 1 << 16
+"""Packed push-pull rows remembered per process (``_Node.packed_row``);
+cleared when full."""
+_ROWS: dict[tuple[str, Addr, int, int], bytes] = {}
 _SEQ_MASK = 2**64 - 1
 _UINT64_MAX = wire.UINT64_MAX
 
@@ -256,8 +261,23 @@ class _Node:
         r = self.row
         if r is None:
             tags = self.tags
-            r = self.row = _pack([self.name, self.addr[0], self.addr[1], self.incarnation,
-                                  dict(tags) if tags else _NO_TAGS, self.meta, _rank(self.state)])
+            if tags or self.meta:
+                r = _pack([self.name, self.addr[0], self.addr[1], self.incarnation,
+                           dict(tags) if tags else _NO_TAGS, self.meta, _rank(self.state)])
+            else:
+                # The common row (no tags, no meta) comes from a memo shared
+                # by the cores of this process: the same state packs to the
+                # same bytes, so a simulator's 1000 cores keep one copy of
+                # each row instead of 1000 (10^6 packs and ~80 MB fewer).
+                key = (self.name, self.addr, self.incarnation, _rank(self.state))
+                r = _ROWS.get(key)
+                if r is None:
+                    r = _pack([self.name, self.addr[0], self.addr[1], self.incarnation,
+                               _NO_TAGS, b"", key[3]])
+                    if len(_ROWS) >= ROW_MEMO_MAX:
+                        _ROWS.clear()
+                    _ROWS[key] = r
+            self.row = r
         return r
 
     def snapshot(self) -> Member:

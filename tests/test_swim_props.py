@@ -184,3 +184,39 @@ def test_screen_rows_accepts_what_check_row_accepts(rows):
         assert ok, rows
         # nothing is known but "me" (whose rows are never skipped): all kept
         assert todo == rows
+
+
+# -- the shared memo of packed push-pull rows ----------------------------------
+
+_STATES = [MemberState.ALIVE, MemberState.SUSPECT, MemberState.DEAD, MemberState.LEFT]
+
+
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "n042"]), st.sampled_from(["10.0.0.1", "h"]),
+                          st.integers(0, 65535), st.integers(0, 2**64 - 1), st.sampled_from(_STATES),
+                          st.sampled_from([{}, {"role": "x"}]), st.sampled_from([b"", b"m"])),
+                min_size=1, max_size=30))
+def test_packed_rows_from_the_memo_equal_fresh_packing(nodes):
+    """Whatever the memo holds (it is shared by every core of the process),
+    a row is the record packed afresh and decodes to the member's state."""
+    from gossip import swim
+    for name, host, port, inc, state, tags, meta in nodes:
+        n = swim._Node(name, (host, port), state, inc, swim._freeze_tags(tags), meta, 0.0)
+        fresh = swim._pack([name, host, port, inc, dict(tags), meta, swim._rank(state)])
+        assert n.packed_row() == fresh
+        assert n.packed_row() is n.row  # cached on the record too
+        again = swim._Node(name, (host, port), state, inc, swim._freeze_tags(tags), meta, 1.0)
+        assert again.packed_row() == fresh
+    assert len(swim._ROWS) <= swim.ROW_MEMO_MAX
+
+
+def test_row_memo_is_bounded(monkeypatch):
+    import msgpack
+
+    from gossip import swim
+    monkeypatch.setattr(swim, "ROW_MEMO_MAX", 8)
+    swim._ROWS.clear()
+    for inc in range(20):
+        n = swim._Node("m", ("h", 1), MemberState.ALIVE, inc, swim._freeze_tags({}), b"", 0.0)
+        assert msgpack.unpackb(n.packed_row()) == ["m", "h", 1, inc, {}, b"", 0]
+        assert len(swim._ROWS) <= 8
+    swim._ROWS.clear()
