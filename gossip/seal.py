@@ -461,9 +461,9 @@ class Sealer:
             if len(replay) > MAX_TRACKED_SENDERS:
                 self._evict()
             return
-        state.used = heard
         if epoch < state.epoch:
             raise PacketRejected("replay", f"{sender}: epoch {epoch} < {state.epoch}")
+        state.used = heard
         top = state.top_seq
         if seq > top:
             shift = seq - top
