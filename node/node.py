@@ -368,17 +368,15 @@ class Node:
                 if await self._anti_entropy_with(peer):
                     ok = True
                     break
+        self._handoff_pending.pop(task_id, None)
         if self._stopping:
-            # leaving: nothing to take over (and nothing to log about it)
-            self._handoff_pending.pop(task_id, None)
-            return
+            return  # leaving: nothing to take over (and nothing to log about it)
         if not ok:
             self.metrics.handoff_timeouts.inc()
             why = (f"timed out after {self.handoff_timeout_s:g} s" if scope.cancelled_caught
                    else "failed: no replica answered")
             log.info("handoff for %s %s (asked %s); taking over with the state we have", task_id, why,
                      ", ".join(others), extra={"task_id": task_id})
-        self._handoff_pending.pop(task_id, None)
         if self.ring.owner(task_id) == self.name:
             self._sync_control(task_id)
             self.scheduler.set_owned(task_id, True, _wall(), handoff_ready=True)

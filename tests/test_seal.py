@@ -257,7 +257,7 @@ def test_replay_table_bounded_and_least_recently_heard_evicted():
     b = Sealer(ring, "beta", 1)
     senders = [Sealer(ring, f"s{i}", 1, nonce=det_nonce(i)) for i in range(MAX_TRACKED_SENDERS + 10)]
     first = [s.seal(b"first") for s in senders[:3]]
-    for s, p in zip(senders[:3], first):
+    for p in first:
         b.open(p)
     for s in senders[3:MAX_TRACKED_SENDERS]:
         b.open(s.seal(b"x"))

@@ -197,7 +197,7 @@ _STATES = [MemberState.ALIVE, MemberState.SUSPECT, MemberState.DEAD, MemberState
                 min_size=1, max_size=30))
 def test_packed_rows_from_the_memo_equal_fresh_packing(nodes):
     """Whatever the memo holds (it is shared by every core of the process),
-    a row is the record packed afresh and decodes to the member's state."""
+    a row is the record packed afresh."""
     from gossip import swim
     for name, host, port, inc, state, tags, meta in nodes:
         n = swim._Node(name, (host, port), state, inc, swim._freeze_tags(tags), meta, 0.0)
