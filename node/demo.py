@@ -9,6 +9,7 @@ leave gracefully.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import signal
@@ -20,19 +21,36 @@ from pathlib import Path
 import trio
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free for both UDP and TCP on ``host`` right now."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports, each free for both UDP and TCP on ``host`` right now.
+
+    Every probe socket stays bound until all ``n`` are found: the kernel may
+    hand a port out again as soon as its probe closes, and two nodes once got
+    the same API port from two calls in a row.
+    """
+    ports: list[int] = []
+    with contextlib.ExitStack() as held:
+        for _ in range(100 * n):
+            if len(ports) == n:
+                return ports
+            t = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
             t.bind((host, 0))
             port = t.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                try:
-                    u.bind((host, port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port found")
+            u = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            try:
+                u.bind((host, port))
+            except OSError:
+                continue  # t stays bound, so this port is not offered again
+            ports.append(port)
+        if len(ports) == n:
+            return ports
+    raise RuntimeError(f"no {n} free ports found on {host}")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free for both UDP and TCP on ``host`` right now (for several,
+    use ``free_ports``: separate calls may return the same port)."""
+    return free_ports(1, host)[0]
 
 
 def example_tasks_path() -> Path | None:
@@ -85,8 +103,9 @@ def main(argv: list[str]) -> int:
     token = secrets.token_urlsafe(18)
     tasks = args.tasks or (str(example_tasks_path()) if example_tasks_path() else "")
     nodes = []
+    ports = free_ports(2 * args.nodes)
     for i in range(args.nodes):
-        nodes.append({"name": f"node{i + 1}", "gossip": free_port(), "api": free_port()})
+        nodes.append({"name": f"node{i + 1}", "gossip": ports[2 * i], "api": ports[2 * i + 1]})
     seeds = f"127.0.0.1:{nodes[0]['gossip']}"
     cmds = [node_command(n, seeds, base, key_file, token, role="worker" if i < 2 else "edge",
                          tasks=tasks if i == 0 else "")

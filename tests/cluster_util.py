@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from node.demo import free_port
+from node.demo import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-123"
@@ -68,7 +68,8 @@ class Cluster:
         self.key_file = tmp / "gossip.key"
         self.key_file.write_text(Keyring.generate() + "\n")
         self.procs: list[Proc] = []
-        ports = [(free_port(), free_port()) for _ in range(n)]
+        flat = free_ports(2 * n)
+        ports = list(zip(flat[::2], flat[1::2]))
         seeds = ",".join(f"127.0.0.1:{g}" for g, _ in ports[:2])
         for i, (g, a) in enumerate(ports):
             name = f"n{i + 1}"
@@ -185,8 +186,9 @@ async def start_solo_node(tmp_path: Path, nursery, *, token: str, **flags: str):
     from node.config import build_config
     from node.node import Node
 
+    gossip_port, api_port = free_ports(2)
     cfg = build_config(flags={
-        "name": "solo", "bind": f"127.0.0.1:{free_port()}", "api": f"127.0.0.1:{free_port()}",
+        "name": "solo", "bind": f"127.0.0.1:{gossip_port}", "api": f"127.0.0.1:{api_port}",
         "data_dir": str(tmp_path / "solo"), "insecure": True, "api_token": token,
         "profile": "local", **flags,
     }, environ={})

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -31,6 +30,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from node.demo import free_port, free_ports
 
 __all__ = ["EtcdServer", "find_etcd_binary", "free_port", "etcd_server"]
 
@@ -57,13 +58,6 @@ def find_etcd_binary() -> str | None:
     return None
 
 
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class EtcdServer:
     """One etcd member. ``start()``/``stop()``/``kill()``/``restart()`` keep
     the data dir and ports, so a restart sees the same data."""
@@ -78,8 +72,7 @@ class EtcdServer:
         self.data_dir = self.workdir / "data"
         self.log_path = self.workdir / "etcd.log"
         self.name = name
-        self.client_port = free_port()
-        self.peer_port = free_port()
+        self.client_port, self.peer_port = free_ports(2)
         self.proc: subprocess.Popen | None = None
 
     @property

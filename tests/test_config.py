@@ -114,3 +114,18 @@ def test_demo_node_command_parses_any_token(tmp_path, token):
     assert args.api_token == token
     assert (args.name, args.bind, args.tags, args.tasks) == (
         "node1", "127.0.0.1:7001", "role=edge", "t.yaml")
+
+
+def test_free_ports_are_distinct_and_free_for_udp_and_tcp():
+    # Two calls of a bind-0-and-close probe can return the same port (two
+    # test nodes once got the same API port); free_ports holds every probe
+    # until all are found.
+    import socket
+
+    from node.demo import free_ports
+    ports = free_ports(40)
+    assert len(ports) == 40 and len(set(ports)) == 40, ports
+    for port in ports:
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            with socket.socket(socket.AF_INET, kind) as s:
+                s.bind(("127.0.0.1", port))
