@@ -543,7 +543,9 @@ class Swim:
     def _event(self, out: list, kind: EventKind, n: _Node) -> None:
         s = n.snap
         if s is None:
-            s = n.snapshot()
+            # not cached in n.snap: a 1000-core simulation would keep 10^6
+            # snapshots nobody reads again (~110 MB); member() caches its own
+            s = _new_member(n.name, n.addr, n.state, n.incarnation, n.tags, n.meta, n.state_change)
         out.append(_new_event(kind, s))
 
     def _alive_fields(self, n: _Node) -> list:

@@ -220,3 +220,16 @@ def test_row_memo_is_bounded(monkeypatch):
         assert msgpack.unpackb(n.packed_row()) == ["m", "h", 1, inc, {}, b"", 0]
         assert len(swim._ROWS) <= 8
     swim._ROWS.clear()
+
+
+def test_events_do_not_keep_member_snapshots():
+    """A member event carries a snapshot, but the core does not keep it: a
+    1000-member simulation would hold 10^6 of them (~110 MB at N=1000).
+    ``member()`` still builds an equal one on demand."""
+    core = Swim(Config.local(), "me", ("10.0.0.1", 7000), rng=random.Random(0), now=0.0)
+    effs = core.handle_packet(X_ADDR, wire.encode_compound([_msg("alive", 0, "x")]), 0.0)
+    joined = [e.member for e in effs if getattr(e, "kind", None) is not None and e.member.name == "x"]
+    assert len(joined) == 1
+    assert core._nodes["x"].snap is None
+    assert core.member("x") == joined[0]
+    assert core._nodes["x"].snap is not None  # member() caches until the next change
