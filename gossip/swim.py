@@ -279,11 +279,16 @@ class _Node:
         return r
 
     def snapshot(self) -> Member:
+        """The current ``Member``, cached until the next change."""
         s = self.snap
         if s is None:
-            s = self.snap = _new_member(self.name, self.addr, self.state, self.incarnation,
-                                        self.tags, self.meta, self.state_change)
+            s = self.snap = self.new_snapshot()
         return s
+
+    def new_snapshot(self) -> Member:
+        """The current ``Member``, not cached (see ``Swim._event``)."""
+        return _new_member(self.name, self.addr, self.state, self.incarnation, self.tags,
+                           self.meta, self.state_change)
 
 
 _obj_new: Final = object.__new__
@@ -545,7 +550,7 @@ class Swim:
         if s is None:
             # not cached in n.snap: a 1000-core simulation would keep 10^6
             # snapshots nobody reads again (~110 MB); member() caches its own
-            s = _new_member(n.name, n.addr, n.state, n.incarnation, n.tags, n.meta, n.state_change)
+            s = n.new_snapshot()
         out.append(_new_event(kind, s))
 
     def _alive_fields(self, n: _Node) -> list:
