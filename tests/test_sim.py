@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import os
 import subprocess
 import sys
@@ -442,6 +443,54 @@ def test_cores_tick_only_when_due_as_in_the_udp_shell(scenario, bootstrap):
     assert early[0] == 0, f"seed=5 {scenario}: {early[0]} ticks before the deadline"
     assert early[1] > 0  # the check can fail: ticking at every wake-up is early
     assert hashes[0] != hashes[1]  # and early ticks do change the run
+
+
+@pytest.mark.parametrize("scenario,bootstrap", [("crash", "join"), ("pause", "warm"), ("churn", "join")])
+def test_stale_wakeups_do_not_call_into_the_core(scenario, bootstrap):
+    """A stale timer entry is recognised from the deadline _arm last read
+    (SimNode.want_d), without asking the core again: at N=1000 the core is
+    cold in cache and a third of all timer entries are stale. So the core's
+    next_deadline() is read once per _arm and once per real tick, never for
+    a skipped wake-up; and the run is the one that asks the core every time."""
+    from gossip.config import Config as _Config
+    from gossip.swim import Swim
+    from sim.cluster import Cluster, ClusterOptions
+
+    class Counting(Swim):
+        reads = 0
+        ticks = 0
+
+        def next_deadline(self):
+            Counting.reads += 1
+            return super().next_deadline()
+
+        def tick(self, now):
+            Counting.ticks += 1
+            return super().tick(now)
+
+    class CountingArms(Cluster):
+        arms = 0
+
+        def _arm(self, node, t_s):
+            CountingArms.arms += 1
+            super()._arm(node, t_s)
+
+    class Asking(Cluster):
+        def _arm(self, node, t_s):
+            super()._arm(node, t_s)
+            node.want_d = -math.inf  # forget it: every wake-up asks the core
+
+    schedule = scenarios.build(scenario, node_names(20), 40.0, child_rng(5, "scenario"))
+    opts = ClusterOptions(nodes=20, seed=5, bootstrap=bootstrap, clock_drift_max_ppm=500.0)
+    cl = CountingArms(_Config.local(), opts, schedule, core_factory=Counting)
+    r = cl.run(40.0)
+    assert cl.stats["idle_ticks"] > 0
+    assert Counting.ticks > 0
+    # each read is _arm's or a due tick's; a skipped wake-up reads nothing
+    assert Counting.reads == CountingArms.arms + Counting.ticks, f"seed=5 {scenario}"
+    ref = Asking(_Config.local(), opts, schedule, core_factory=Swim)
+    assert ref.run(40.0)["trace_hash"] == r["trace_hash"]
+    assert ref.stats["idle_ticks"] == cl.stats["idle_ticks"]
 
 
 def test_sealed_datagrams_never_repeat_a_nonce_across_restarts():
