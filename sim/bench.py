@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "compiled", False) and not os.environ.get(ENV_MARKER):
         from sim.cli import _reexec_compiled
         return _reexec_compiled(argv, None, module="sim.bench", prog="python -m sim.bench")
+    if os.environ.get(ENV_MARKER):
+        from sim.accel import install_huge_pages
+        install_huge_pages()  # as peersim run --compiled does
     if args.cmd == "table":
         print(table())
         return 0

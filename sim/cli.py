@@ -24,7 +24,7 @@ import os
 import random
 import sys
 
-from sim.accel import ENV_MARKER, compiled_modules
+from sim.accel import ENV_MARKER, compiled_modules, huge_page_stats, install_huge_pages
 from sim.scenarios import SCENARIOS
 
 __all__ = ["main", "build_parser", "replay_command", "parse_window"]
@@ -63,7 +63,8 @@ detection_latency_s {p50,p99,max}, false_positives, dissemination_rounds
 convergence_s, slots_due/slots_fired/duplicate_fires/missed_slots (with
 --tasks N: the scheduler, store and ring ride on every simulated node; add
 --fencing for etcd claims; null without --tasks), compiled (true with
---compiled) and compiled_modules (the mypyc modules loaded), plus diagnostics.
+--compiled), compiled_modules (the compiled modules loaded) and huge_pages
+(the huge-page arena counters of a compiled run, null when off), plus diagnostics.
 """
 
 
@@ -265,6 +266,12 @@ def _reexec_compiled(argv: list[str], build_dir: str | None, *, module: str = "s
     env["PYTHONPATH"] = os.pathsep.join([path] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env[accel.ENV_MARKER] = path
     env[accel.REPO_ENV] = str(root.resolve())
+    if env.get(accel.HUGEPAGES_ENV, "1") != "0":
+        # glibc >= 2.35: malloc's own heap (objects over 512 B: dict tables,
+        # datagrams) on transparent huge pages too; older glibc ignores it
+        tunables = env.get("GLIBC_TUNABLES", "")
+        if "glibc.malloc.hugetlb" not in tunables:
+            env["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, accel.MALLOC_HUGETLB]))
     sys.stdout.flush()
     sys.stderr.flush()
     child = [a for a in argv if a != "--compiled"]
@@ -323,10 +330,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     compiled = compiled_modules()
     report["compiled"] = bool(compiled)
     report["compiled_modules"] = compiled
+    report["huge_pages"] = huge_page_stats() if compiled else None
     if not args.quiet:
         _print_report(report)
         if compiled:
             print(f"  compiled (mypyc)    {', '.join(compiled)}")
+            hp = report["huge_pages"]
+            print("  huge-page arenas    " + (f"{hp['arenas_in_range']} arenas of {hp['arena_bytes'] >> 10} KiB"
+                                            if hp else "off"))
         if args.tasks:
             print(f"  slots               due {report['slots_due']}  fired {report['slots_fired']}  "
                   f"duplicate_fires {report['duplicate_fires']} (reclaims {report['reclaim_duplicates']})  "
@@ -365,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"peersim: --compiled: gossip.swim loaded from {gossip.swim.__file__}, not from "
                   f"the build {os.environ[ENV_MARKER]}", file=sys.stderr)
             return 2
+        install_huge_pages()  # before the cluster's objects exist
     return cmd_run(args)
 
 

@@ -87,12 +87,12 @@ def _fake_build(tmp_path: Path) -> Path:
     bdir = tmp_path / "accel"
     import importlib.machinery
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    for mod in accel.MODULES:
-        p = bdir / (mod[:-3] + suffix)
+    for mod in (*accel.MODULES, *accel.EXTENSIONS):
+        p = bdir / (mod.rsplit(".", 1)[0] + suffix)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"")
     manifest = {"format": 1, "python": accel._py_tag(), "mypy": "test", "modules": list(accel.MODULES),
-                "sources": accel.source_hashes(ROOT)}
+                "extensions": list(accel.EXTENSIONS), "sources": accel.source_hashes(ROOT)}
     (bdir / accel.MANIFEST).write_text(json.dumps(manifest))
     return bdir
 
@@ -113,6 +113,9 @@ def test_missing_extension_and_other_python_are_stale(tmp_path):
     bdir = _fake_build(tmp_path)
     next(bdir.joinpath("gossip").glob("wire.*")).unlink()
     assert "gossip/wire.py" in accel.stale_reason(ROOT, bdir)
+    bdir = _fake_build(tmp_path / "c")
+    next(bdir.joinpath("sim").glob("_hugepages.*")).unlink()
+    assert "sim/_hugepages.c" in accel.stale_reason(ROOT, bdir)
     bdir = _fake_build(tmp_path / "b")
     m = json.loads((bdir / accel.MANIFEST).read_text())
     m["python"] = "cpython-00-0.0.0"
@@ -126,6 +129,16 @@ def test_pure_report_says_not_compiled(tmp_path):
     rc, rep, out = _cli(["--nodes", "4", "--duration", "5", "--seed", "1"], tmp_path / "r.json")
     assert rc == 0, out
     assert rep["compiled"] is False and rep["compiled_modules"] == []
+    assert rep["huge_pages"] is None
+
+
+def test_c_sources_count_for_freshness(tmp_path):
+    assert "sim/_hugepages.c" in accel.source_hashes(ROOT)
+    bdir = _fake_build(tmp_path)
+    m = json.loads((bdir / accel.MANIFEST).read_text())
+    m["sources"]["sim/_hugepages.c"] = "0" * 64
+    (bdir / accel.MANIFEST).write_text(json.dumps(m))
+    assert "sim/_hugepages.c" in accel.stale_reason(ROOT, bdir)
 
 
 # -- the real build ------------------------------------------------------------
@@ -166,10 +179,61 @@ def test_cli_compiled_app_run_matches(build_dir, tmp_path):
     assert rc_c == rc_p == 0, (out_c, out_p)
     assert rep_c["compiled"] is True
     assert "gossip.swim" in rep_c["compiled_modules"], rep_c["compiled_modules"]
-    assert sorted(m[:-3].replace("/", ".") for m in accel.MODULES) == rep_c["compiled_modules"]
+    assert sorted(m.rsplit(".", 1)[0].replace("/", ".")
+                  for m in (*accel.MODULES, *accel.EXTENSIONS)) == rep_c["compiled_modules"]
     assert rep_p["compiled"] is False
     assert rep_c["trace_hash"] == rep_p["trace_hash"], "seed=3 replay: " + rep_p["replay"]
     assert rep_c["slots_fired"] == rep_p["slots_fired"]
+    hp = rep_c["huge_pages"]
+    if _thp_possible():
+        assert hp is not None and hp["arenas_in_range"] > 0 and hp["arenas_outside"] == 0, hp
+        assert hp["arena_bytes"] > 0 and hp["range_used_bytes"] >= hp["arenas_in_range"] * hp["arena_bytes"]
+        assert hp["malloc_hugetlb"] is True
+    # turned off: the same run, no huge-page arenas
+    os.environ[accel.HUGEPAGES_ENV] = "0"
+    try:
+        rc_o, rep_o, out_o = _cli(args, tmp_path / "o.json", build_dir)
+    finally:
+        del os.environ[accel.HUGEPAGES_ENV]
+    assert rc_o == 0, out_o
+    assert rep_o["huge_pages"] is None and rep_o["compiled"] is True
+    assert rep_o["trace_hash"] == rep_c["trace_hash"]
+
+
+def _thp_possible() -> bool:
+    try:
+        return "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+
+
+_ARENAS = """\
+import json
+from sim import _hugepages as h
+out = {"first": h.install(), "again": h.install(), "before": h.stats()}
+keep = [[i] for i in range(300_000)]          # ~ 30 MB of small objects
+out["filled"] = h.stats()
+del keep                                      # their arenas are freed ...
+junk = [(i, i) for i in range(300_000)]       # ... and handed out again
+out["refilled"] = h.stats()
+out["sum"] = sum(a for a, _b in junk)
+print(json.dumps(out))
+"""
+
+
+def test_huge_page_arenas_place_and_reuse_arenas(build_dir):
+    if not _thp_possible():
+        pytest.skip("transparent huge pages are off on this kernel")
+    p = subprocess.run([sys.executable, "-P", "-c", _ARENAS], cwd=ROOT, env=_env(build_dir),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["first"] is True and out["again"] is False
+    filled, refilled = out["filled"], out["refilled"]
+    assert filled["installed"] and filled["arenas_in_range"] >= 10, out
+    assert refilled["arenas_reused"] > 0, out  # freed arenas come back from the range
+    assert refilled["arenas_outside"] == 0, out
+    assert out["sum"] == sum(range(300_000))
 
 
 def test_compiled_child_uses_the_repository_files(build_dir, capfd):
