@@ -233,3 +233,51 @@ def test_events_do_not_keep_member_snapshots():
     assert core._nodes["x"].snap is None
     assert core.member("x") == joined[0]
     assert core._nodes["x"].snap is not None  # member() caches until the next change
+
+
+# a message about one of a few members (and about "me": a refutation queues
+# our own alive), for start_settle
+_members = st.sampled_from(["me", "p", "q", "r", "s"])
+_news = st.tuples(st.sampled_from(["alive", "suspect", "dead"]), _members, st.integers(0, 4),
+                  st.sampled_from(["p", "q", "z"]))
+
+
+def _news_msg(kind, name, inc, sender):
+    if kind == "alive":
+        return wire.Alive(inc, name, "10.0.0.3", 7000 + ord(name[0]), {}, b"")
+    if kind == "suspect":
+        return wire.Suspect(inc, name, sender)
+    return wire.Dead(inc, name, sender)
+
+
+@given(before=st.lists(_news, max_size=8), during=st.lists(_news, max_size=20),
+       user=st.booleans(), join_reply=st.booleans())
+def test_start_settle_equals_queue_then_settle(before, during, user, join_reply):
+    """News held back after start_settle() (never queued, never packed) ends
+    as queued-then-settled news: the same members, the same count dropped,
+    the same queue (user broadcasts stay), the same next deadline."""
+    cores = []
+    for held in (False, True):
+        core = Swim(Config.local(), "me", ("10.0.0.1", 7000), rng=random.Random(3), now=0.0)
+        for i, m in enumerate(before):
+            core.handle_packet(X_ADDR, wire.encode_compound([_news_msg(*m)]), 0.1 * i)
+        if user:
+            core.queue_user_broadcast("app", b"payload")
+        if held:
+            core.start_settle()
+            core.start_settle()  # idempotent
+        if join_reply:  # the settled bootstrap's case: a join reply merged weakly
+            core.join([X_ADDR], 1.0)
+            recs = [wire.MemberRecord(n, "10.0.0.4", 7100 + i, 1, {}, b"", wire.WireState.ALIVE)
+                    for i, n in enumerate(["x", "p", "j1", "j2"])]
+            core.handle_push_pull_reply(X_ADDR, wire.encode_push_pull(recs, False, "x"), 1.0)
+        for i, m in enumerate(during):
+            core.handle_packet(X_ADDR, wire.encode_compound([_news_msg(*m)]), 1.0 + 0.1 * i)
+        dropped = core.settle()
+        cores.append((core, dropped))
+    (plain, n_plain), (held_core, n_held) = cores
+    assert n_held == n_plain, (before, during)
+    assert plain.members() == held_core.members()
+    assert plain._queue.pending() == held_core._queue.pending()
+    assert plain.next_deadline() == held_core.next_deadline()
+    assert held_core._settling is None and held_core.settle() == 0
