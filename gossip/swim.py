@@ -1345,7 +1345,9 @@ class Swim:
         """Until ``settle()``, do not queue membership news at all: ``settle``
         would drop it unsent, so building it is wasted (a settled bootstrap
         of 1000 members merges 10^6 records). ``settle`` counts it as
-        dropped all the same, so the two give the same state and count."""
+        dropped all the same, so the two give the same state and count as
+        long as no datagram is built in between (it would have carried some
+        of that news): the settled bootstrap only merges push-pull state."""
         if self._settling is None:
             self._settling = set()
 

@@ -408,6 +408,44 @@ def test_settled_bootstrap_settles_each_core_as_soon_as_it_merged():
         assert n.core.settle() == 0
 
 
+def test_settled_bootstrap_holding_news_back_changes_nothing():
+    """Swim.start_settle (news not even built until settle) gives the run
+    that queueing every item and dropping it gives: same trace hash, same
+    'settled' count; and no datagram leaves a core while it holds news."""
+    from gossip.config import Config
+    from gossip.effects import SendPacket
+    from gossip.swim import Swim
+    from sim.cluster import Cluster, ClusterOptions
+
+    class Queueing(Swim):
+        def start_settle(self):
+            pass  # the earlier code: queue everything, settle() drops it
+
+    class Watching(Swim):
+        sends_while_holding = 0
+
+        def handle_push_pull(self, src, data, now):
+            reply, fx = super().handle_push_pull(src, data, now)
+            self._count(fx)
+            return reply, fx
+
+        def handle_push_pull_reply(self, src, data, now):
+            fx = super().handle_push_pull_reply(src, data, now)
+            self._count(fx)
+            return fx
+
+        def _count(self, fx):
+            if self._settling is not None:
+                Watching.sends_while_holding += sum(type(e) is SendPacket for e in fx)
+
+    schedule = scenarios.build("crash", node_names(40), 30.0, child_rng(5, "scenario"))
+    opts = ClusterOptions(nodes=40, seed=5, bootstrap="settled")
+    runs = [Cluster(Config.local(), opts, schedule, core_factory=f) for f in (Watching, Queueing)]
+    held, queued = [cl.run(30.0)["trace_hash"] for cl in runs]
+    assert held == queued, "seed=5 crash N=40 settled"
+    assert Watching.sends_while_holding == 0
+
+
 @pytest.mark.parametrize("scenario,bootstrap", [("crash", "join"), ("pause", "warm"), ("churn", "join")])
 def test_cores_tick_only_when_due_as_in_the_udp_shell(scenario, bootstrap):
     """gossip/udp.py calls tick() only once next_deadline() has passed; a
