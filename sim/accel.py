@@ -28,7 +28,7 @@ Rules:
   typed well enough for native calls; some make the run slower.
 - The compiled child also takes pymalloc's arenas from a range on
   transparent huge pages (``sim/_hugepages.c``, ``install_huge_pages``):
-  fewer TLB misses over the ~670 MB of member records at N=1000; the
+  fewer TLB misses over the ~650 MB of member records at N=1000; the
   ``--compiled`` re-execution also sets the glibc tunable
   ``glibc.malloc.hugetlb=1`` for malloc's own heap. Objects and results are
   the same; ``PEERSIM_HUGEPAGES=0`` turns both off.
@@ -46,8 +46,9 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["MODULES", "EXTENSIONS", "PACKAGES", "HUGEPAGES_ENV", "install_huge_pages", "huge_page_stats", "ENV_MARKER", "MANIFEST", "default_dir", "build_dir_of", "repo_root",
-           "source_hashes", "stale_reason", "accel_path", "build", "compiled_modules", "main"]
+__all__ = ["MODULES", "EXTENSIONS", "PACKAGES", "ENV_MARKER", "MANIFEST", "HUGEPAGES_ENV", "MALLOC_HUGETLB",
+           "default_dir", "build_dir_of", "repo_root", "source_hashes", "stale_reason", "accel_path", "build",
+           "compiled_modules", "install_huge_pages", "huge_page_stats", "main"]
 
 # The module set compiled by default (paths relative to the repo root): the
 # fastest set measured. bench/results/sim-accel.json (1000 nodes x 600 s,
