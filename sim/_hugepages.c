@@ -1,6 +1,6 @@
 /* sim._hugepages: pymalloc arenas on transparent huge pages (compiled simulator only).
  *
- * A 1000-member simulation keeps ~670 MB of small objects (10^6 member
+ * A 1000-member simulation keeps ~650 MB of small objects (10^6 member
  * records across the cores) and touches them in random order, one cold core
  * after another: with 4 KiB pages nearly every such access also misses the
  * TLB. pymalloc takes its arenas (1 MiB) from mmap one by one, too small and
@@ -10,7 +10,9 @@
  * hands pymalloc its arenas from it.
  *
  * Measured (bench/README-sim.md, "Speed on 2026-11-27, night"): 1000 x 600 s
- * settled, side by side: 41.1 vs 43.7 s and 41.8 vs 44.2 s; same trace hash.
+ * settled, side by side with it off (PEERSIM_HUGEPAGES=0), together with the
+ * glibc tunable sim/cli.py sets: 37.6 vs 42.5 s and 40.7 vs 43.7 s; same
+ * trace hash. Linux only; elsewhere install() returns False.
  *
  * Only `peersim --compiled` calls it (sim/cli.py), once, before the cluster
  * is built. Objects never move; the reservation is address space only
@@ -23,15 +25,26 @@
 #include <Python.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+#if defined(__linux__)
 #include <sys/mman.h>
+#endif
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+#define HAVE_THP 1
+#else
+#define HAVE_THP 0  /* elsewhere install() declines and the build still works */
+#endif
 
 #define HUGE_PAGE ((size_t)2 << 20)
 
-static char *range_base = NULL, *range_top = NULL, *range_end = NULL;
+static char *range_base = NULL, *range_top = NULL;
 static size_t arena_size = 0;      /* the size pymalloc asks for (fixed per build) */
+static unsigned long long arenas_in_range = 0, arenas_outside = 0, arenas_reused = 0;
+
+#if HAVE_THP
+static char *range_end = NULL;
 static void **free_arenas = NULL;  /* stack of freed arenas of this range (kept outside them) */
 static size_t n_free = 0, max_free = 0;
-static unsigned long long arenas_in_range = 0, arenas_outside = 0, arenas_reused = 0;
 static PyObjectArenaAllocator previous;
 
 static int in_range(void *p) {
@@ -106,6 +119,15 @@ static PyObject *install(PyObject *self, PyObject *args) {
     PyObject_SetArenaAllocator(&ours);
     Py_RETURN_TRUE;
 }
+#else
+static PyObject *install(PyObject *self, PyObject *args) {
+    unsigned long long reserve = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "|K", &reserve))
+        return NULL;
+    Py_RETURN_FALSE;  /* no transparent huge pages on this platform */
+}
+#endif
 
 static PyObject *stats(PyObject *self, PyObject *unused) {
     (void)self;
