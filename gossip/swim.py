@@ -562,6 +562,14 @@ class Swim:
         return [5, n.incarnation, n.name, n.addr[0], n.addr[1], dict(tags) if tags else {},
                 n.meta]
 
+    def _broadcast_alive(self, n: _Node, weak: bool = False) -> None:
+        """Queue ``n``'s ALIVE; while settling, not even packed (settle()
+        would drop it unsent)."""
+        if self._settling is not None:
+            self._settling.add(n.name)
+            return
+        self._broadcast(n.name, _pack(self._alive_fields(n)), weak)
+
     def _broadcast(self, name: str, data: bytes, weak: bool = False) -> None:
         if self._settling is not None:
             self._settling.add(name)
@@ -651,7 +659,7 @@ class Swim:
         me.snap = me.row = None
         self._c["refutes"] += 1
         self._apply_awareness(1)
-        self._broadcast(me.name, _pack(self._alive_fields(me)))
+        self._broadcast_alive(me)
 
     def _on_alive(self, out: list, now: float, name: str, inc: int, addr: Addr,
                   tags: Mapping[str, str], meta: bytes, rebroadcast: bool) -> None:
@@ -674,10 +682,7 @@ class Swim:
             self._add_peer(name)
             self._event(out, EventKind.JOIN, n)
             if rebroadcast:
-                if self._settling is not None:  # news settle() drops: not even packed
-                    self._settling.add(name)
-                else:
-                    self._broadcast(name, _pack(self._alive_fields(n)), self._weak)
+                self._broadcast_alive(n, self._weak)
             return
         if inc <= n.incarnation:
             if inc < n.incarnation:
@@ -700,7 +705,7 @@ class Swim:
         elif old is SUSPECT or changed:
             self._event(out, EventKind.UPDATE, n)
         if rebroadcast:
-            self._broadcast(name, _pack(self._alive_fields(n)), self._weak)
+            self._broadcast_alive(n, self._weak)
 
     def _answer_stale(self, out: list, src: Addr, name: str, inc: int, now: float) -> None:
         """A suspect or dead about ``name`` at ``inc``: if that is us at an
@@ -1139,7 +1144,7 @@ class Swim:
         self._join_backoff_s = self.config.join_retry_initial_s
         self._join_retry_at = None
         # memberlist setAlive: announce ourselves; rides on our first datagrams
-        self._broadcast(self._name, _pack(self._alive_fields(self._me)))
+        self._broadcast_alive(self._me)
         out: list = []
         self._join_attempt(out, now)
         return out
@@ -1337,7 +1342,7 @@ class Swim:
         me.meta = new_meta
         me.incarnation += 1
         me.snap = me.row = None
-        self._broadcast(me.name, _pack(self._alive_fields(me)))
+        self._broadcast_alive(me)
         self._event(out, EventKind.UPDATE, me)
         return out
 
