@@ -59,7 +59,7 @@ import trio
 from node import http_client
 from node.processes import OutputTail, ProcessOutcome, run_child, signal_name
 from node.pyrunner import _TARGET_RE
-from node.retry import JITTER_MODES, backoff_delay_s
+from node.retry import JITTER_MODES, MAX_RETRIES, RetryPolicy
 
 __all__ = [
     "MAX_RETRIES",
@@ -83,8 +83,6 @@ __all__ = [
     "validate_command",
 ]
 
-#: Upper bound on ``retries.max`` (every retry loop is bounded).
-MAX_RETRIES = 100
 #: Statuses worth another attempt.
 RETRYABLE_STATUSES = frozenset({"failed", "timeout"})
 #: Shell used for ``shell`` commands (POSIX sh, as cron does).
@@ -489,15 +487,6 @@ async def execute(command: Any, ctx: RunContext, *, ssl_context: Any = None) -> 
         return _error(f"executor error: {type(e).__name__}: {e}")
 
 
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    max: int = 0
-    backoff_s: float = 1.0
-    max_backoff_s: float = 300.0
-    multiplier: float = 2.0
-    jitter: str = "equal"
-
-
 _RETRY_ALIASES = {"backoff": "backoff_s", "max_backoff": "max_backoff_s"}
 
 
@@ -507,7 +496,7 @@ def parse_retries(retries: Mapping[str, Any] | RetryPolicy | None) -> RetryPolic
     Missing keys take :class:`RetryPolicy`'s defaults; None means no retries.
     The task-file spellings ``backoff`` / ``max_backoff`` are accepted too,
     and so is any object with ``max``, ``backoff_s``, ``max_backoff_s`` and
-    ``multiplier`` attributes (``node.tasks.RetryPolicy``).
+    ``multiplier`` attributes.
 
     Raises:
         ValueError: naming the field.
@@ -591,10 +580,7 @@ async def execute_with_retries(
     result: RunResult | None = None
     for attempt in range(1, policy.max + 2):
         if attempt > 1:
-            await trio.sleep(backoff_delay_s(attempt - 1, base_s=policy.backoff_s,
-                                             multiplier=policy.multiplier,
-                                             max_s=policy.max_backoff_s, rng=rng,
-                                             jitter=policy.jitter))
+            await trio.sleep(policy.delay_s(attempt - 1, rng))
         ctx = ctx_factory(attempt)
         if on_start is not None:
             maybe = on_start(ctx)

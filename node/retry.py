@@ -21,7 +21,7 @@ Backoff And Jitter", AWS Architecture Blog, 2015-03-04
   always waits at least half the ceiling. We pick it because a task that just
   failed (a service down, a lock held) rarely succeeds if retried at once,
   and our contention is small (one owner per task, not thousands of clients
-  on one resource); it also matches ``node.tasks.RetryPolicy.delay_s``.
+  on one resource).
 * ``"full"``: ``uniform(0, ceiling)``. The blog measured it as the best at
   spreading many contending clients (least total work); its drawback is that
   a retry can come almost at once.
@@ -36,8 +36,12 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 
-__all__ = ["JITTER_MODES", "backoff_ceiling_s", "backoff_delay_s"]
+__all__ = ["JITTER_MODES", "MAX_RETRIES", "RetryPolicy", "backoff_ceiling_s", "backoff_delay_s"]
+
+#: Upper bound on ``retries.max`` (every retry loop is bounded).
+MAX_RETRIES = 100
 
 #: Jitter schemes understood by :func:`backoff_delay_s`.
 JITTER_MODES = ("full", "equal")
@@ -119,3 +123,38 @@ def backoff_delay_s(
         delay = half + rng.uniform(0.0, half)
     # uniform(a, b) may return b (or b + ulp through rounding); clamp.
     return min(max(delay, 0.0), ceiling)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a failed run is retried: the one policy type of peerd (tasks,
+    executor, node core and simulator all use it).
+
+    Attributes:
+        max: retries after the first attempt (0-:data:`MAX_RETRIES`).
+        backoff_s: delay ceiling of the first retry (task field ``backoff``).
+        max_backoff_s: cap on the ceiling (task field ``max_backoff``);
+            default 60 s: a task retried hourly is better served by its own
+            schedule than by a retry an hour later.
+        multiplier: growth of the ceiling per retry (>= 1).
+        jitter: ``"equal"`` (default) or ``"full"``; see the module docstring.
+    """
+
+    max: int = 0
+    backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+    multiplier: float = 2.0
+    jitter: str = "equal"
+
+    def delay_s(self, retry: int, rng: random.Random) -> float:
+        """Delay before retry number ``retry`` (1 = first retry)."""
+        return backoff_delay_s(retry, base_s=self.backoff_s, multiplier=self.multiplier,
+                               max_s=self.max_backoff_s, rng=rng, jitter=self.jitter)
+
+    def to_dict(self) -> dict:
+        """The task-file spelling (``backoff``, ``max_backoff``)."""
+        d = {"max": self.max, "backoff": self.backoff_s,
+             "max_backoff": self.max_backoff_s, "multiplier": self.multiplier}
+        if self.jitter != "equal":
+            d["jitter"] = self.jitter
+        return d

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Union
 
+from .retry import MAX_RETRIES, RetryPolicy
 from .schedule import (
     DstPolicy,
     ScheduleError,
@@ -94,7 +95,6 @@ MAX_NAME_LEN = 256
 MAX_TIMEOUT_S = 7 * 86400.0
 MAX_JITTER_S = 86400.0
 MAX_CATCHUP_WINDOW_S = 7 * 86400.0
-MAX_RETRIES = 100
 MAX_HISTORY = 10_000
 MAX_TAGS = 64
 MAX_ENV = 256
@@ -180,27 +180,6 @@ class HttpCommand:
 
 
 Command = Union[ShellCommand, ExecCommand, PythonCommand, HttpCommand]
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Retries of a failed run: attempt n (1-based retry) waits
-    ``min(max_backoff_s, backoff_s * multiplier**(n-1))`` scaled by jitter."""
-
-    max: int = 0
-    backoff_s: float = 1.0
-    max_backoff_s: float = 60.0
-    multiplier: float = 2.0
-
-    def delay_s(self, retry: int, rng) -> float:
-        """Delay before retry number ``retry`` (1 = first retry), with
-        "equal jitter" (half fixed, half uniform) from ``rng`` (random.Random)."""
-        base = min(self.max_backoff_s, self.backoff_s * self.multiplier ** max(0, retry - 1))
-        return base / 2 + rng.uniform(0, base / 2)
-
-    def to_dict(self) -> dict:
-        return {"max": self.max, "backoff": self.backoff_s,
-                "max_backoff": self.max_backoff_s, "multiplier": self.multiplier}
 
 
 # ---------------------------------------------------------------- task
