@@ -59,6 +59,7 @@ import trio
 from node import http_client
 from node.processes import OutputTail, ProcessOutcome, run_child, signal_name
 from node.pyrunner import _TARGET_RE
+from node.runstatus import RETRYABLE
 from node.retry import JITTER_MODES, MAX_RETRIES, RetryPolicy
 
 __all__ = [
@@ -83,8 +84,8 @@ __all__ = [
     "validate_command",
 ]
 
-#: Statuses worth another attempt.
-RETRYABLE_STATUSES = frozenset({"failed", "timeout"})
+#: Statuses worth another attempt (defined once, in node.runstatus).
+RETRYABLE_STATUSES = RETRYABLE
 #: Shell used for ``shell`` commands (POSIX sh, as cron does).
 SHELL = "/bin/sh"
 #: Directory holding the ``node`` package; put on the python child's path so

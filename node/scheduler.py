@@ -54,11 +54,43 @@ Rules
    and ``coalesced`` the rest; ``run_all`` fires each, oldest first, at most
    :attr:`max_catchup_slots` (default 1000, the latest ones).
 4. A slot about to fire passes the **overlap** policy when a run of the task
-   is still going: ``allow`` fires; ``forbid`` skips; ``replace`` cancels the
-   running run(s) and fires; ``buffer_one`` queues it, replacing (coalescing)
-   an older queued slot; ``buffer_all`` queues it, at most :attr:`max_buffer`
-   (default 100), beyond that ``buffer_full``. Queued slots fire one at a
-   time when no run is going.
+   is *really running* (started, not finished): ``allow`` fires; ``forbid``
+   skips; ``replace`` cancels the running run(s) and fires; ``buffer_one``
+   queues it, replacing (coalescing) an older queued slot; ``buffer_all``
+   queues it, at most :attr:`max_buffer` (default 100), beyond that
+   ``buffer_full``. Queued slots fire one at a time when no run is going.
+4a. A slot whose predecessor is only **pending** (a Fire not yet started: a
+   fencing claim waiting for etcd, a catch-up slot waiting its turn) is not
+   an overlap: unless the policy is ``allow`` it joins the task's *waiting
+   line* (bounded by :attr:`max_catchup_slots`, beyond that
+   ``catchup_limit``). When the task is idle again (nothing running or
+   pending) the oldest waiting slot is released and goes by the misfire
+   policy at that moment: older than the catch-up window -> ``expired``;
+   late (past the grace) -> ``skip`` skips it, ``run_once`` fires only the
+   latest late slot of the line (the others ``coalesced``), ``run_all``
+   fires it; on time -> fires. So ``run_all`` runs every missed slot inside
+   the window, oldest first, one at a time, and only a run really running
+   when a new slot comes can make ``forbid`` skip that slot. A pending Fire
+   the shell never reports stops blocking the line when it expires (below).
+
+   The rules as a table (rows: the situation a slot meets; ``W`` = waits in
+   the line, then goes by the misfire row of the moment it is released)::
+
+     situation + overlap       allow   forbid   replace        buffer_one  buffer_all
+     on time, task idle         fire    fire     fire           fire        fire
+     previous run running       fire    skip     cancel + fire  queue (1)   queue (<=100)
+     previous slot pending      fire    W        W              W           W
+     (claim waiting for etcd,
+      catch-up line, handoff)
+
+     misfire + situation       missed (restart, takeover)     released late from the line
+     skip                       misfire_skip each              misfire_skip
+     run_once                   latest fires, rest coalesced   latest late one fires
+     run_all                    each fires, oldest first       fires
+     (any)                      older than catchup_window: expired
+
+   A task held for a handoff fires nothing; when the hold ends its missed
+   slots are handled by the misfire row.
 5. Paused tasks keep their slots ticking but each one is ``paused``-skipped,
    so resuming does not replay the paused period.
 6. New task without a ``last_fired_slot``: a recurring task starts at the
@@ -175,7 +207,7 @@ class _Entry:
     __slots__ = (
         "task", "tid", "sched", "rule", "every_s", "every_off_s", "paused", "owned", "ready",
         "last_fired", "cursor", "next_slot", "due_at", "running", "pending", "pending_expire_at",
-        "queue", "backfill",
+        "queue", "backfill", "waiting",
     )
 
     def __init__(self, task: Task, sched: Schedule, paused: bool, cursor: int,
@@ -196,6 +228,8 @@ class _Entry:
         self.pending_expire_at = 0.0
         self.queue: deque[tuple[int, str]] = deque()
         self.backfill: deque[int] = deque()
+        # slots whose predecessor is pending: (slot, reason), oldest first
+        self.waiting: deque[tuple[int, str]] = deque()
 
     def set_sched(self, sched: Schedule) -> None:
         self.sched = sched
@@ -212,7 +246,12 @@ class _Entry:
             self.every_off_s = 0.0
 
     def busy(self) -> bool:
+        """Running, or a Fire not started yet: the next slot must not fire now."""
         return bool(self.running) or bool(self.pending)
+
+    def idle(self) -> bool:
+        """Nothing running, pending or waiting: a new slot may fire at once."""
+        return not self.running and not self.pending and not self.waiting
 
 
 class Scheduler:
@@ -306,6 +345,7 @@ class Scheduler:
         if not e.owned:
             e.queue.clear()
             e.backfill.clear()
+            e.waiting.clear()
             self._wake.pop(task_id, None)
         if e.owned and e.ready and not was_active:
             e.next_slot = e.sched.next_after(e.cursor)
@@ -354,7 +394,7 @@ class Scheduler:
         if e is None:
             return
         e.running.pop(run_id, None)
-        if (e.queue or e.backfill) and not e.running and not e.pending:
+        if (e.queue or e.backfill or e.waiting) and not e.running and not e.pending:
             self._maybe_wake(e, now)
 
     def fire_abandoned(self, task_id: str, slot: int, now: float) -> None:
@@ -370,7 +410,7 @@ class Scheduler:
         self._maybe_wake(e, now)
 
     def _maybe_wake(self, e: _Entry, now: float) -> None:
-        if not e.busy() and (e.queue or e.backfill):
+        if not e.busy() and (e.queue or e.backfill or e.waiting):
             t = self._wake.get(e.task.id)
             self._wake[e.task.id] = now if t is None else min(t, now)
 
@@ -571,7 +611,7 @@ class Scheduler:
                 s = e.next_slot
                 # Fast path (the common case): one due slot, on time, nothing
                 # running, not paused. Same decisions as _process_due, inlined.
-                if (not e.paused and not e.running and now - t <= grace
+                if (not e.paused and not e.running and now - t <= grace and not e.waiting
                         and (not e.pending or self._expire_pending(e, now))
                         and s is not None and s > e.cursor):
                     p = e.every_s
@@ -634,10 +674,7 @@ class Scheduler:
             nxt = sched.next_after(s)
             fire_at = sched.fire_time(s)
             if (nxt is None or sched.fire_time(nxt) > now) and now - fire_at <= self.misfire_grace_s:
-                if not e.running and not e.pending:
-                    self._fire(e, s, "due", effects, now)
-                else:
-                    self._offer(e, s, "due", now, effects)
+                self._offer(e, s, "due", now, effects)
                 e.next_slot = nxt
                 if s > e.cursor:
                     e.cursor = s
@@ -712,8 +749,22 @@ class Scheduler:
         policy = e.task.overlap
         if e.pending:
             self._expire_pending(e, now)
-        if policy == "allow" or not e.busy():
+        if policy == "allow" or e.idle():
             self._fire(e, slot, reason, effects, now)
+        elif e.pending or e.waiting:
+            # Rule 4a: the predecessor is not running yet; wait for it.
+            if len(e.waiting) >= self.max_catchup_slots:
+                self._skip(e, slot, "catchup_limit", effects)
+                return
+            e.waiting.append((slot, reason))
+            if e.pending:
+                # a pending Fire the shell never reports must not hold the
+                # line for ever: look again when it expires
+                t = self._wake.get(e.tid)
+                w = e.pending_expire_at + 1e-3
+                self._wake[e.tid] = w if t is None else min(t, w)
+            else:
+                self._maybe_wake(e, now)
         elif policy == "forbid":
             self._skip(e, slot, "overlap_forbid", effects)
         elif policy == "replace":
@@ -749,12 +800,43 @@ class Scheduler:
         if e.pending:
             self._expire_pending(e, now)
         if e.busy():
+            if e.pending and e.waiting:
+                t = self._wake.get(e.tid)
+                w = e.pending_expire_at + 1e-3
+                self._wake[e.tid] = w if t is None else min(t, w)
             return
         if e.queue:
             slot, _reason = e.queue.popleft()
             self._fire(e, slot, "buffered", effects, now)
+        elif e.waiting:
+            self._release_waiting(e, now, effects)
         elif e.backfill:
             self._fire(e, e.backfill.popleft(), "backfill", effects, now)
+
+    def _release_waiting(self, e: _Entry, now: float, effects: list[Effect]) -> None:
+        """Rule 4a: the oldest waiting slot goes by the misfire policy now."""
+        task = e.task
+        grace = self.misfire_grace_s
+        window_start = now - max(task.catchup_window_s, grace)
+        fire_time = e.sched.fire_time
+        while e.waiting:
+            slot, reason = e.waiting.popleft()
+            if e.paused:
+                self._skip(e, slot, "paused", effects)
+                continue
+            if fire_time(slot) < window_start and reason not in ("run_now", "backfill"):
+                self._skip(e, slot, "expired", effects)
+                continue
+            late = now - fire_time(slot) > grace and reason not in ("run_now", "backfill")
+            if late and task.misfire == "skip":
+                self._skip(e, slot, "misfire_skip", effects)
+                continue
+            if late and task.misfire == "run_once" and e.waiting \
+                    and now - fire_time(e.waiting[0][0]) > grace:
+                self._skip(e, slot, "coalesced", effects)
+                continue
+            self._fire(e, slot, "catchup" if late and reason == "due" else reason, effects, now)
+            return
 
     # ------------------------------------------------------------ introspection
 
@@ -788,8 +870,13 @@ class Scheduler:
             why.append(f"owned by {self.node}")
         if e.paused:
             why.append("paused: each slot is skipped until resumed")
-        if e.busy():
+        if e.running:
             why.append(f"a run is in progress; overlap={task.overlap} decides the next slot")
+        elif e.pending:
+            why.append("a fire is waiting to start (fencing claim or turn); later slots wait for it")
+        if e.waiting:
+            why.append(f"{len(e.waiting)} slot(s) wait their turn; each goes by misfire={task.misfire} "
+                       "when released")
         missed = 0
         window_start = now - max(task.catchup_window_s, self.misfire_grace_s)
         for s in e.sched.slots_between(max(e.cursor, math.ceil(window_start) - 1), int(now // 1)):
@@ -824,6 +911,7 @@ class Scheduler:
             "running": sorted(e.running),
             "pending": sum(e.pending.values()),
             "queued": [s for s, _ in e.queue],
+            "waiting": [s for s, _ in e.waiting],
             "backfill_queued": len(e.backfill),
             "missed_now": missed,
             "why": why,
@@ -838,7 +926,7 @@ class Scheduler:
             paused=sum(1 for e in es if e.paused),
             heap_size=self._queued,
             running=sum(len(e.running) + sum(e.pending.values()) for e in es),
-            queued=sum(len(e.queue) + len(e.backfill) for e in es),
+            queued=sum(len(e.queue) + len(e.backfill) + len(e.waiting) for e in es),
             fired=dict(sorted(self._fired.items())),
             skipped=dict(sorted(self._skipped.items())),
             cancelled=self._cancelled,

@@ -75,6 +75,7 @@ from typing import Any
 import msgpack
 
 from . import versions as dv
+from .runstatus import PENDING, RUNNING, TERMINAL
 
 __all__ = [
     "Store", "TaskView", "Control", "StoreStatistics", "ExchangeResult", "RemoteProtocolError",
@@ -90,8 +91,7 @@ MAX_MSG_ENTRIES = 100_000
 
 Entry = tuple[str, bytes]
 
-TERMINAL = frozenset({"succeeded", "failed", "timeout", "cancelled", "lost"})
-_STATUS_RANK = {"pending": 0, "running": 1} | {s: 2 for s in TERMINAL}
+_STATUS_RANK = {PENDING: 0, RUNNING: 1} | {s: 2 for s in sorted(TERMINAL)}
 RUN_FIELDS = ("task_id", "run_id", "slot", "node", "attempt", "status", "exit_code",
               "started", "finished", "fencing_token", "output")
 

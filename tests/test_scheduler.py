@@ -167,8 +167,16 @@ def test_once_past_catchup_window_expires():
 
 
 def test_run_now_respects_overlap_and_keeps_cursor():
-    s = owned(task(overlap="forbid"))
+    s = owned(task(overlap="forbid"), now=T0 + 0.5)
     assert kinds(s.run_now("t", T0 + 10.5)) == [("fire", T0 + 10, "run_now")]
+    # the first is only pending: the second waits its turn (rule 4a)
+    assert kinds(s.run_now("t", T0 + 10.7)) == []
+    assert s.explain("t", T0 + 10.7)["waiting"] == [T0 + 10]
+    s.run_started("t", T0 + 10, "r1", T0 + 10.8)
+    s.run_finished("t", "r1", T0 + 10.9)
+    assert kinds(s.tick(T0 + 10.9)) == [("fire", T0 + 10, "run_now")]  # its turn
+    s.run_started("t", T0 + 10, "r2", T0 + 10.95)
+    # really running, nothing waiting: forbid skips
     assert kinds(s.run_now("t", T0 + 11)) == [("skip", T0 + 11, "overlap_forbid")]
     assert s.last_fired_slot("t") is None
 
@@ -289,10 +297,18 @@ def test_ten_thousand_tasks_are_cheap():
 
 
 def test_unreported_fire_stops_blocking_after_the_catchup_window():
-    s = owned(task(overlap="forbid", catchup_window="5m"))
+    s = owned(task(overlap="forbid", catchup_window="5m", misfire="skip"))
     s.tick(T0)  # Fire never started nor abandoned (a buggy shell)
     for m in range(1, 6):
-        assert kinds(s.tick(T0 + 60 * m))[0] == ("skip", T0 + 60 * m, "overlap_forbid")
+        # pending, not running: later slots wait their turn (rule 4a)
+        assert kinds(s.tick(T0 + 60 * m)) == [("advance", T0 + 60 * m)]
+    # the pending Fire expires at T0 + 300 + grace: the line is released by
+    # the misfire policy (skip: every waiting slot is late), without a tick
+    # of a new slot
+    wake = s.next_deadline()
+    assert T0 + 300 < wake < T0 + 303
+    out = kinds(s.tick(wake))
+    assert [k for k in out if k[0] == "skip"] == [("skip", T0 + 60 * m, "misfire_skip") for m in range(1, 6)]
     assert kinds(s.tick(T0 + 360))[0] == ("fire", T0 + 360, "due")
     assert s.statistics().skipped["pending_expired"] == 1
 
