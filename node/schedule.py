@@ -40,15 +40,42 @@ time to UTC instants with ``zoneinfo``:
 Several wall times mapping to one instant (all of a gap under ``shift``) give
 one slot: slots are unique, strictly increasing instants.
 
-Default (``dst`` not set) follows Vixie cron: a task whose **hour field is
-fixed** (a number, list or range, e.g. ``30 2 * * *``) runs once per wall-clock
-time and a missing time runs at the transition (``shift`` + ``once``); a task
-whose **hour field is a wildcard or a step** (``*``, ``*/2``, ``1-23/2``)
-keeps its real-time cadence: it neither doubles up nor bunches, i.e. gap times
-are skipped and repeated times run twice (``skip`` + ``twice``). For a zone
-whose shift is a whole hour, ``*/30 * * * *`` therefore fires every 30 real
-minutes straight through both transitions. (croniter alone applies
-"shift + twice" to every task.)
+Default (``dst`` not set) is peerd's **fixed-hour rule**, decided by the hour
+field alone: a task whose hour field has no ``*``, ``?`` or ``/`` (a number,
+list or range, e.g. ``30 2 * * *``, ``* 2 * * *``, ``0 0-23 * * *``) is
+*fixed-time*: it runs once per wall-clock time and a missing time runs at the
+transition (``shift`` + ``once``); any other task (hour ``*``, ``*/2``,
+``1-23/2``, ``5,*/6``) is *wildcard*: it keeps its real-time cadence, neither
+doubling up nor bunching, i.e. gap times are skipped and repeated times run
+twice (``skip`` + ``twice``). For a zone whose shift is a whole hour,
+``*/30 * * * *`` therefore fires every 30 real minutes straight through both
+transitions. This is close to, but not, Vixie cron's rule: Vixie cron calls a
+job wildcard when its minute *or* hour field starts with ``*`` (so ``* 2 * *
+*`` is wildcard there and fixed-time here, and ``0 1-23/2 * * *`` is
+fixed-time there and wildcard here). croniter alone applies "shift + twice"
+to every task.
+
+Cron day fields
+---------------
+Day-of-month and day-of-week combine as in Vixie cron (``crontab(5)``, what
+Debian runs) and cronsim: if either field **starts with** ``*`` (``*``,
+``*/2``; ``?`` counts as ``*``), a day must match **both** fields; otherwise a
+day matching **either** field fires. ``0 0 1,15 * 1`` fires on the 1st, the
+15th and every Monday; ``0 0 */2 * 1`` fires on Mondays that are odd days of
+the month. The month field always applies. peerd's extensions are members of
+their field's set of days and follow the same rule: ``L`` (day-of-month: the
+last day), ``nW`` (day-of-month: the weekday nearest day n, within the
+month), ``dow#n`` (the n-th such weekday of the month) and ``Ldow`` (the last
+such weekday, e.g. ``L5``). So ``0 0 1 * 5#2`` fires on the 1st and on the
+second Friday, and ``0 0 */10 * 5#3`` on a third Friday that falls on the
+1st, 11th, 21st or 31st. The 6th (seconds) field does not take part.
+
+croniter, which peerd used to follow, reads the day fields differently: it
+ORs them whenever neither is exactly ``*`` (so ``0 0 */2 * 1`` is every odd
+day or any Monday), and ANDs them when either uses ``#``, ``W`` or ``L``
+weekdays. :func:`reading_notes` says when a task's expression is read
+differently (naming the first date where the readings part);
+:func:`upgrade_differences` says whether a task's next slots changed.
 
 Offset changes up to :data:`MAX_DST_SHIFT_S` (3 h) are handled exactly; all
 current IANA zones shift by 1 h or less (Antarctica/Troll by 2 h).
@@ -81,13 +108,16 @@ __all__ = [
     "Schedule",
     "ScheduleError",
     "compile_schedule",
+    "day_fields_combine",
     "explain",
     "format_duration",
     "jitter_fraction",
     "load_zone",
     "parse_duration",
     "parse_once",
+    "reading_notes",
     "resolve_now",
+    "upgrade_differences",
     "validate_cron",
     "validate_schedule",
 ]
@@ -317,20 +347,88 @@ def _validate_cron(expr: str) -> list[str]:
                 if v is not None and not low <= v <= high:
                     raise ScheduleError(f"{name} must be {low}-{high}")
     try:
-        it = croniter(text, datetime(2000, 1, 1))
+        croniter(text, datetime(2000, 1, 1))
     except Exception as exc:  # croniter raises several types; reason is its text
         raise ScheduleError(f"invalid cron expression: {exc}") from None
-    try:
-        it.get_next(datetime)
-    except Exception:
-        raise ScheduleError("never fires (no matching date)") from None
+    if next(_walls(tuple(fields), datetime(2000, 1, 1)), None) is None:
+        dom, dow = fields[2], fields[4]
+        if day_fields_combine(dom, dow) == "and" and not (_is_star(dom) or _is_star(dow)):
+            raise ScheduleError(
+                f"never fires (no date matches both day-of-month {dom!r} and day-of-week "
+                f"{dow!r}: a day field starting with '*' makes a day match both)"
+            )
+        raise ScheduleError("never fires (no matching date)")
     return fields
 
 
 def _hour_is_fixed(fields: list[str]) -> bool:
-    """Vixie's test: hour field without a wildcard or step is 'fixed'."""
+    """peerd's fixed-hour rule: an hour field without ``*``, ``?`` or ``/`` is fixed-time."""
     hour = fields[1]
     return not (hour.startswith("*") or "?" in hour or "/" in hour)
+
+
+# ---------------------------------------------------------------- day fields
+
+
+def _is_star(field: str) -> bool:
+    """The field is exactly ``*`` or ``?`` (every day)."""
+    return field in ("*", "?")
+
+
+def day_fields_combine(dom: str, dow: str) -> str:
+    """How a cron expression's day fields combine, as in Vixie cron.
+
+    Args:
+        dom: the day-of-month field as written.
+        dow: the day-of-week field as written.
+
+    Returns:
+        ``"and"`` when either field starts with ``*`` (or is ``?``): a day
+        must match both; ``"or"`` otherwise: a day matching either fires.
+    """
+    if dom.startswith("*") or dow.startswith("*") or dom == "?" or dow == "?":
+        return "and"
+    return "or"
+
+
+def _croniter_walls(expr: str, start: datetime, cron_bug: bool) -> Iterator[datetime]:
+    """croniter's walls strictly after ``start``; ends where croniter finds none."""
+    try:
+        it = croniter(expr, start, implement_cron_bug=cron_bug)
+    except Exception:
+        return
+    get_next = it.get_next
+    while True:
+        try:
+            yield get_next(datetime)
+        except Exception:  # CroniterBadDateError: no further match
+            return
+
+
+def _walls(fields: tuple[str, ...], start: datetime) -> Iterator[datetime]:
+    """Naive wall times matching ``fields`` strictly after ``start``, increasing.
+
+    Day fields combine by :func:`day_fields_combine`. An ``and`` expression is
+    stepped by one croniter with ``implement_cron_bug`` (croniter's name for
+    Vixie's rule; it intersects ``#``, ``W`` and ``L`` too). An ``or``
+    expression is the union of two croniter streams, one with day-of-week
+    ``*`` and one with day-of-month ``*``, so each extension reads as a plain
+    set of days (croniter itself would intersect ``#``/``W`` with the other
+    field).
+    """
+    if day_fields_combine(fields[2], fields[4]) == "and":
+        yield from _croniter_walls(" ".join(fields), start, True)
+        return
+    by_dom = list(fields)
+    by_dom[4] = "*"
+    by_dow = list(fields)
+    by_dow[2] = "*"
+    last = None
+    for wall in heapq.merge(_croniter_walls(" ".join(by_dom), start, True),
+                            _croniter_walls(" ".join(by_dow), start, True)):
+        if wall != last:
+            last = wall
+            yield wall
 
 
 # ---------------------------------------------------------------- once / now
@@ -506,6 +604,7 @@ class _CronRule(_Rule):
     def __init__(self, expr: str, tz: ZoneInfo, policy: DstPolicy) -> None:
         super().__init__()
         self.expr = expr
+        self.fields = tuple(expr.split(" "))
         self.tz = tz
         self.policy = policy
         self._utc = tz.key == "UTC" if hasattr(tz, "key") else False
@@ -568,14 +667,9 @@ class _CronRule(_Rule):
             start = self._local_wall(t)
         else:
             start = self._local_wall(t) - timedelta(seconds=MAX_DST_SHIFT_S)
-        it = croniter(self.expr, start)
         pending: list[tuple[int, datetime, str]] = []
         last = t
-        while True:
-            try:
-                wall = it.get_next(datetime)
-            except Exception:  # CroniterBadDateError: no further match
-                break
+        for wall in _walls(self.fields, start):
             if wall.year > _MAX_YEAR:
                 break
             bound, items = self._map_wall(wall)
@@ -726,3 +820,166 @@ def explain(task, now: float, n: int = 5) -> dict:
         "jitter_s": task.jitter_s,
         "next": sched.describe(int(now // 1), n),
     }
+
+
+# ---------------------------------------------------------------- readings
+
+#: Where :func:`reading_notes` counts dates from when no ``now`` is given (a
+#: fixed date, so every replica writes the same note).
+READING_BASE = datetime(2026, 1, 1)
+# The readings are compared day by day over at most this many matching days
+# and years; two readings that differ at all part within the first months.
+_READING_MAX_DAYS = 1500
+_READING_MAX_YEARS = 28
+
+
+def _croniter_combine(dom: str, mon: str, dow: str) -> str:
+    """How croniter (default ``day_or=True``) combines the day fields."""
+    try:
+        expanded, nth = croniter.expand(f"0 0 {dom} {mon} {dow}")
+    except Exception:
+        return "and"
+    if expanded[2] == ["*"] or expanded[4] == ["*"]:
+        return "and"
+    if nth or "w" in dom.lower():
+        return "and"  # croniter intersects '#', 'L' weekdays and 'W' with the other field
+    return "or"
+
+
+@functools.lru_cache(maxsize=1024)
+def _reading_difference(dom: str, mon: str, dow: str, base: datetime) -> tuple | None:
+    """First day after ``base`` where peerd's and croniter's day readings differ.
+
+    Returns:
+        None if they agree, else ``(peerd_rule, croniter_rule, day, who)``:
+        ``who`` is ``"peerd"`` or ``"croniter"`` (the reading that fires on
+        ``day``) or ``"croniter-never"`` (croniter's reading never fires).
+    """
+    ours = day_fields_combine(dom, dow)
+    theirs = _croniter_combine(dom, mon, dow)
+    if ours == theirs:
+        return None
+    fields = ("0", "0", dom, mon, dow)
+    a_it = _walls(fields, base)
+    c_it = _croniter_walls(" ".join(fields), base, False)
+    a, c = next(a_it, None), next(c_it, None)
+    if c is None:
+        return (ours, theirs, a.date() if a else None, "croniter-never")
+    for _ in range(_READING_MAX_DAYS):
+        if a != c:
+            if c is None or (a is not None and a < c):
+                return (ours, theirs, a.date(), "peerd")
+            return (ours, theirs, c.date(), "croniter")
+        if a is None or a.year > base.year + _READING_MAX_YEARS:
+            return None
+        a, c = next(a_it, None), next(c_it, None)
+    return None
+
+
+def _describe_rule(rule: str) -> str:
+    return ("a day must match both day fields" if rule == "and"
+            else "a day matching either day field fires")
+
+
+def _difference_sentence(spec: str, fields: list[str], diff: tuple) -> str:
+    ours, theirs, day, who = diff
+    dom, dow = fields[2], fields[4]
+    if ours == "and":
+        star = (f"day-of-month {dom!r}" if dom.startswith("*") or dom == "?"
+                else f"day-of-week {dow!r}")
+        why = (f"{star} starts with '*', so peerd (like Vixie cron and cronsim) fires only "
+               f"on days matching both day-of-month {dom!r} and day-of-week {dow!r}")
+    else:
+        why = ("neither day field starts with '*', so peerd (like Vixie cron and cronsim) "
+               f"fires on days matching day-of-month {dom!r} or day-of-week {dow!r}")
+    if theirs == "or":
+        other = "croniter ORs the fields whenever neither is exactly '*'"
+    else:
+        other = "croniter ANDs a '#', 'L' weekday or 'W' field with the other field"
+    if who == "croniter-never":
+        part = (f"under croniter's reading it never fires, while peerd first fires on "
+                f"{day:%Y-%m-%d} ({day:%a})")
+    elif who == "peerd":
+        part = (f"the readings first part on {day:%Y-%m-%d} ({day:%a}): peerd fires that day, "
+                "croniter's reading does not")
+    else:
+        part = (f"the readings first part on {day:%Y-%m-%d} ({day:%a}): croniter's reading "
+                "fires that day, peerd does not")
+    return f"Schedule {spec!r}: {why}; {other} ({_describe_rule(theirs)}); {part}."
+
+
+def _cron_fields(task) -> list[str] | None:
+    spec = getattr(task, "schedule", "")
+    if not isinstance(spec, str) or spec == "now" or spec.startswith(("once:", "@every")):
+        return None
+    try:
+        return validate_cron(spec)
+    except ScheduleError:
+        return None
+
+
+def _base_day(now: float | None) -> datetime:
+    if now is None:
+        return READING_BASE
+    return datetime(1970, 1, 1) + timedelta(days=int(now // 86400))
+
+
+def reading_notes(task, now: float | None = None) -> list[str]:
+    """Notes on a cron task whose day fields cron implementations read differently.
+
+    peerd reads day-of-month/day-of-week as Vixie cron and cronsim do (see
+    "Cron day fields" above); croniter reads some expressions differently.
+    The readings are compared day by day from ``now`` (UTC date; without it,
+    from :data:`READING_BASE`) for up to 28 years.
+
+    Args:
+        task: a :class:`node.tasks.Task` (or anything with ``schedule`` and
+            ``cron_reading_ack``).
+        now: epoch seconds the dates are counted from, or None.
+
+    Returns:
+        ``[]`` when the readings agree, the schedule is not cron, or the task
+        sets ``cron_reading_ack``; otherwise one sentence naming what each
+        reading does and the first date where they part.
+    """
+    if getattr(task, "cron_reading_ack", False):
+        return []
+    fields = _cron_fields(task)
+    if fields is None:
+        return []
+    diff = _reading_difference(fields[2], fields[3], fields[4], _base_day(now))
+    if diff is None:
+        return []
+    return [_difference_sentence(task.schedule, fields, diff)
+            + " Set cron_reading_ack: true on the task to silence this note."]
+
+
+def upgrade_differences(task, now: float) -> str | None:
+    """Whether a cron task fires on other days than earlier peerd releases.
+
+    Earlier releases read the day fields as croniter does; now they combine
+    as in Vixie cron. This says, for ``explain``, whether the task's slots
+    from ``now`` on changed with that upgrade (``cron_reading_ack`` does not
+    hide it).
+
+    Returns:
+        None when the slots are the same, else a sentence naming the first
+        date that differs.
+    """
+    fields = _cron_fields(task)
+    if fields is None:
+        return None
+    diff = _reading_difference(fields[2], fields[3], fields[4], _base_day(now))
+    if diff is None:
+        return None
+    ours, theirs, day, who = diff
+    head = ("Fires differently than earlier peerd releases, which read the day fields as "
+            "croniter does")
+    if who == "croniter-never":
+        return (f"{head}: they refused {task.schedule!r} as never firing; it now first fires "
+                f"on {day:%Y-%m-%d} ({day:%a}).")
+    verb = "now fires" if who == "peerd" else "no longer fires"
+    before = "a day matching either day field fired" if theirs == "or" else \
+        "a day had to match both day fields"
+    return (f"{head}: {task.schedule!r} {verb} on {day:%Y-%m-%d} ({day:%a}), the first date "
+            f"that differs ({_describe_rule(ours)} now; {before} before).")

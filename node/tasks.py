@@ -211,11 +211,14 @@ class Task:
     cwd: str | None = None
     paused: bool = False
     history: int = 100
+    #: the operator has read how peerd's day-field reading differs from
+    #: croniter's for this schedule (node.schedule.reading_notes): no warning
+    cron_reading_ack: bool = False
 
     FIELDS: ClassVar[tuple[str, ...]] = (
         "id", "name", "schedule", "timezone", "dst", "jitter", "command", "timeout",
         "retries", "overlap", "misfire", "catchup_window", "on_owner_loss", "tags",
-        "env", "cwd", "paused", "history",
+        "env", "cwd", "paused", "history", "cron_reading_ack",
     )
 
     def __hash__(self) -> int:  # dict fields are unhashable; equal tasks share these
@@ -252,6 +255,7 @@ class Task:
             "cwd": self.cwd,
             "paused": self.paused,
             "history": self.history,
+            "cron_reading_ack": self.cron_reading_ack,
         }
 
     @classmethod
@@ -454,6 +458,10 @@ class _Validator:
             self.err("paused", "must be true or false", paused)
             paused = False
         history = self._int(d, "history", 100, 1, MAX_HISTORY)
+        ack = d.get("cron_reading_ack", False)
+        if not isinstance(ack, bool):
+            self.err("cron_reading_ack", "must be true or false", ack)
+            ack = False
 
         if self.errors or command is None:
             return None
@@ -462,7 +470,7 @@ class _Validator:
             jitter_s=jitter_s, command=command, timeout_s=timeout_s, retries=retries,
             overlap=overlap, misfire=misfire, catchup_window_s=window_s,
             on_owner_loss=owner_loss, tags=tags, env=env, cwd=cwd, paused=paused,
-            history=history,
+            history=history, cron_reading_ack=ack,
         )
 
     def retries(self, raw: Any) -> RetryPolicy:
