@@ -114,12 +114,18 @@ class NodeConfig:
             seals). Required unless ``insecure`` is true.
         insecure: run gossip unsealed (tests and demos only).
         api_token: bearer token for every API route that changes state or
-            runs code. Without one those routes refuse everything.
+            runs code. Without one those routes refuse everything. A flag
+            shows in the process list (``ps``) to every local user: prefer
+            ``api_token_file``.
+        api_token_file: file holding the API token (first line; the file
+            should be mode 0600). Exclusive with ``api_token``.
         open_reads: let read-only routes answer without the token (default
             false: reads need the token too; ``/metrics`` is always open).
         tags: member tags ``k=v,...`` used by task placement.
         etcd: etcd endpoints (``http://host:2379,...``); empty = no fencing.
         etcd_prefix, etcd_user, etcd_password, etcd_ca_file: etcd options.
+        etcd_password_file: file holding the etcd password (first line),
+            exclusive with ``etcd_password``.
         fencing_on_unavailable: ``skip`` (default, never risk a duplicate) or
             ``fire`` (fire without a token while etcd is down).
         fencing_retention_s: lease TTL of slot claims (default 1 day).
@@ -150,12 +156,14 @@ class NodeConfig:
     key_file: str = ""
     insecure: bool = False
     api_token: str = ""
+    api_token_file: str = ""
     open_reads: bool = False
     tags: Mapping[str, str] = field(default_factory=dict)
     etcd: tuple[str, ...] = ()
     etcd_prefix: str = "/peerd"
     etcd_user: str = ""
     etcd_password: str = ""
+    etcd_password_file: str = ""
     etcd_ca_file: str = ""
     fencing_on_unavailable: str = "skip"
     fencing_retention_s: float = 86400.0
@@ -225,12 +233,14 @@ PARSERS: dict[str, Any] = {
     "key_file": _str,
     "insecure": _parse_bool,
     "api_token": _str,
+    "api_token_file": _str,
     "open_reads": _parse_bool,
     "tags": parse_tags,
     "etcd": lambda v, w: tuple(_parse_list(v, w)),
     "etcd_prefix": _str,
     "etcd_user": _str,
     "etcd_password": _str,
+    "etcd_password_file": _str,
     "etcd_ca_file": _str,
     "fencing_on_unavailable": _choice("skip", "fire"),
     "fencing_retention_s": lambda v, w: _parse_float(v, w, minimum=1.0),
@@ -291,6 +301,10 @@ def build_config(
         environ: environment (``os.environ`` by default).
         config_file: path of a config file, or None.
 
+    Secrets named by ``api_token_file`` / ``etcd_password_file`` are read
+    here into ``api_token`` / ``etcd_password`` (the ``*_file`` fields keep
+    the paths).
+
     Raises:
         ConfigError: names the source, the key and the reason.
     """
@@ -318,7 +332,56 @@ def build_config(
         import socket
 
         cfg = replace(cfg, name=socket.gethostname().split(".")[0] or "peerd")
-    return validate(cfg)
+    return validate(_resolve_secret_files(cfg))
+
+
+#: A secret file is small; anything longer is not a token.
+MAX_SECRET_FILE_BYTES = 4096
+
+
+def read_secret_file(path: str, what: str) -> str:
+    """The first line of a secret file, stripped.
+
+    Raises:
+        ConfigError: unreadable, empty, too long or not UTF-8.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SECRET_FILE_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{what}: {path}: cannot read: {e.strerror or e}") from None
+    if len(raw) > MAX_SECRET_FILE_BYTES:
+        raise ConfigError(f"{what}: {path}: longer than {MAX_SECRET_FILE_BYTES} bytes")
+    try:
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}: {path}: not UTF-8 text") from None
+    value = lines[0].strip() if lines else ""
+    if not value:
+        raise ConfigError(f"{what}: {path}: empty (the secret is the file's first line)")
+    return value
+
+
+def loose_permissions(path: str) -> int | None:
+    """The mode bits of ``path`` if group or others may read it, else None
+    (also None when the file cannot be stat'ed: the reader reports that)."""
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except OSError:
+        return None
+    return mode if mode & 0o044 else None
+
+
+def _resolve_secret_files(cfg: NodeConfig) -> NodeConfig:
+    if cfg.api_token_file:
+        if cfg.api_token:
+            raise ConfigError("api_token_file: give either api_token or api_token_file, not both")
+        cfg = replace(cfg, api_token=read_secret_file(cfg.api_token_file, "api_token_file"))
+    if cfg.etcd_password_file:
+        if cfg.etcd_password:
+            raise ConfigError("etcd_password_file: give either etcd_password or etcd_password_file, not both")
+        cfg = replace(cfg, etcd_password=read_secret_file(cfg.etcd_password_file, "etcd_password_file"))
+    return cfg
 
 
 def validate(cfg: NodeConfig) -> NodeConfig:

@@ -2,7 +2,8 @@
 
     peerd --name n1 --bind 127.0.0.1:7946 --api 127.0.0.1:7701 \\
           --seeds 127.0.0.1:7947 --key-file key --api-token T [--config FILE]
-    peerd keygen            print a new base64 AES-256 gossip key
+    peerd keygen [-o FILE]  print a new base64 AES-256 gossip key, or write it
+                            to a new FILE with mode 0600
     peerd demo              start a local 3-node cluster with example tasks
 
 Every flag can also come from ``--config FILE`` (TOML/YAML/JSON) and from
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import signal
 import sys
 
@@ -32,7 +34,10 @@ RUN_FLAGS = [
     ("api", "HTTP API and /metrics address (default 127.0.0.1:7701)"),
     ("data_dir", "directory for the node's SQLite state (default ./peerd-data/NAME)"),
     ("key_file", "gossip keyring file: base64 AES keys, one per line, first seals"),
-    ("api_token", "bearer token required by API routes that change state or run code"),
+    ("api_token", "bearer token required by API routes that change state or run code "
+                  "(visible to local users in the process list: prefer --api-token-file)"),
+    ("api_token_file", "file whose first line is the API token (mode 0600)"),
+    ("etcd_password_file", "file whose first line is the etcd password (mode 0600)"),
     ("tags", "member tags k=v,... used by task placement"),
     ("etcd", "etcd endpoints http://HOST:PORT,... (enables fencing tokens)"),
     ("tasks", "task file (YAML/JSON/TOML) applied at start"),
@@ -67,11 +72,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_keygen() -> int:
+def cmd_keygen(argv: list[str]) -> int:
+    """``peerd keygen [-o FILE]``: print a key, or write it to a new 0600 file."""
     from gossip.seal import Keyring
 
-    print(Keyring.generate())
+    p = argparse.ArgumentParser(prog="peerd keygen", description="Make a new base64 AES-256 gossip key.")
+    p.add_argument("-o", "--output", help="write the key to this new file, mode 0600 (refuses to overwrite)")
+    args = p.parse_args(argv)
+    key = Keyring.generate()
+    if not args.output:
+        print(key)
+        return 0
+    try:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        print(f"peerd keygen: {args.output}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # whatever the umask allowed
+        f.write(key + "\n")
+    print(f"wrote a new key to {args.output} (mode 0600)", file=sys.stderr)
     return 0
+
+
+def _check_start_files(cfg) -> int | None:
+    """Before the node starts: warn about secrets others can read, and refuse
+    a task file with errors (exit 2, every error naming file, task, field)."""
+    from .config import loose_permissions
+
+    for what, path in (("key_file", cfg.key_file), ("api_token_file", cfg.api_token_file),
+                       ("etcd_password_file", cfg.etcd_password_file)):
+        mode = loose_permissions(path) if path else None
+        if mode is not None:
+            log.warning("%s %s is readable by group or others (mode %04o); run: chmod 600 %s",
+                        what, path, mode, path)
+    if cfg.tasks:
+        from .tasks import TaskError, load_task_file
+
+        try:
+            load_task_file(cfg.tasks)
+        except TaskError as e:
+            print(f"peerd: tasks file not applied:\n{e}", file=sys.stderr)
+            return 2
+    return None
 
 
 def cmd_run(argv: list[str]) -> int:
@@ -85,6 +128,9 @@ def cmd_run(argv: list[str]) -> int:
     from .logs import setup_logging
 
     setup_logging(cfg.name, cfg.log_format, cfg.log_level)
+    code = _check_start_files(cfg)
+    if code is not None:
+        return code
     from .node import Node, StartupError
 
     async def main_async() -> int:
@@ -122,7 +168,7 @@ def cmd_run(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "keygen":
-        return cmd_keygen()
+        return cmd_keygen(argv[1:])
     if argv and argv[0] == "demo":
         from .demo import main as demo_main
 

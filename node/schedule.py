@@ -471,7 +471,11 @@ def parse_once(value: object, tz: ZoneInfo) -> int:
 
 
 def _iso_utc(instant: int) -> str:
-    return datetime.fromtimestamp(instant, _UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # Not strftime("%Y"): glibc does not zero-pad years below 1000, and
+    # fromisoformat refuses "1-01-01"; the canonical form must parse back.
+    d = datetime.fromtimestamp(instant, _UTC)
+    return (f"{d.year:04d}-{d.month:02d}-{d.day:02d}"
+            f"T{d.hour:02d}:{d.minute:02d}:{d.second:02d}Z")
 
 
 def validate_schedule(spec: object, tz: ZoneInfo | None = None) -> str:

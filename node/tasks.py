@@ -46,21 +46,24 @@ Defaults (and why):
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import os
 import re
+import reprlib
 import tomllib
+from datetime import datetime, timezone
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Union
 
+from .decoding import DecodeError, check_tree, format_path, loads_json, loads_yaml
 from .retry import MAX_RETRIES, RetryPolicy
 from .schedule import (
     DstPolicy,
     ScheduleError,
     load_zone,
     parse_duration,
+    parse_once,
     resolve_now,
     validate_schedule,
 )
@@ -77,11 +80,16 @@ __all__ = [
     "ShellCommand",
     "Task",
     "TaskError",
+    "decode_error_message",
     "load_task_file",
     "parse_tasks",
+    "valid_id",
 ]
 
-ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+#: Task ids: 1-128 of these characters, not only dots (``.`` and ``..`` would
+#: read as path segments in ``/v1/tasks/{id}``). Use :func:`valid_id`
+#: (``fullmatch``: ``$`` alone would also match before a trailing newline).
+ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 OVERLAP_POLICIES = ("allow", "forbid", "replace", "buffer_one", "buffer_all")
 MISFIRE_POLICIES = ("skip", "run_once", "run_all")
 OWNER_LOSS_POLICIES = ("rerun", "skip")
@@ -99,6 +107,30 @@ MAX_HISTORY = 10_000
 MAX_TAGS = 64
 MAX_ENV = 256
 MAX_TASKS_PER_FILE = 100_000
+#: Task files larger than this are refused before they are parsed.
+MAX_TASK_FILE_BYTES = 64 << 20
+#: Longest schedule string (a cron line is ~100 characters).
+MAX_SCHEDULE_LEN = 1024
+#: Longest ``@every`` period: ten years of 365 days. Slots are multiples of
+#: the period since the epoch, so the next 100 (explain's maximum) stay
+#: within year 9999, the last year the platform's time functions represent.
+MAX_EVERY_S = 10 * 365 * 86400
+#: One-shot instants: what ``datetime`` represents, 0001-01-01T00:00:00Z to
+#: 9999-12-31T23:59:59Z (and the instant must also exist in the task's zone).
+MIN_INSTANT = int(datetime(1, 1, 1, tzinfo=timezone.utc).timestamp())
+MAX_INSTANT = int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp())
+#: python command args/kwargs integers: the msgpack range replication carries.
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+_UTC_ZONE = timezone.utc
+
+
+def _iso(instant: int) -> str:
+    return datetime.fromtimestamp(instant, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def valid_id(value: Any) -> bool:
+    """True for a task id: 1-128 of ``A-Z a-z 0-9 . _ -``, not only dots."""
+    return isinstance(value, str) and ID_RE.fullmatch(value) is not None and value.strip(".") != ""
 
 
 class TaskError(ValueError):
@@ -281,8 +313,17 @@ class Task:
 # ---------------------------------------------------------------- validation
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = 80
+_REPR.maxother = 80
+_REPR.maxlong = 40
+
+
 def _fmt_value(value: Any) -> str:
-    text = repr(value)
+    # reprlib bounds the work: a huge or deeply shared value (YAML aliases)
+    # is shown by its head, never walked whole.
+    text = _REPR.repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -290,8 +331,10 @@ def _is_plain(value: Any, depth: int = 0) -> bool:
     """JSON/msgpack-able plain data (python command args/kwargs)."""
     if depth > 16:
         return False
-    if value is None or isinstance(value, (bool, int, str)):
+    if value is None or isinstance(value, (bool, str)):
         return True
+    if isinstance(value, int):
+        return _INT_MIN <= value <= _INT_MAX
     if isinstance(value, float):
         return math.isfinite(value)
     if isinstance(value, (list, tuple)):
@@ -342,6 +385,9 @@ class _Validator:
         except ScheduleError as exc:
             self.err(name, str(exc), value)
             return default
+        except (OverflowError, ValueError):  # an integer too large for a float
+            self.err(name, f"must be between {low:g}s and {high:g}s", value)
+            return default
         if not low <= secs <= high:
             self.err(name, f"must be between {low:g}s and {high:g}s", value)
             return default
@@ -391,8 +437,8 @@ class _Validator:
         tid = d.get("id")
         if tid is None:
             self.err("id", "required", show=False)
-        elif not isinstance(tid, str) or not ID_RE.match(tid):
-            self.err("id", "must be 1-128 characters of A-Z a-z 0-9 . _ -", tid)
+        elif not valid_id(tid):
+            self.err("id", "must be 1-128 characters of A-Z a-z 0-9 . _ - (not only dots)", tid)
         else:
             self.tid = tid
         self._unknown(d, Task.FIELDS, "")
@@ -434,10 +480,7 @@ class _Validator:
             self.err("schedule", "required", show=False)
         else:
             raw = d["schedule"]
-            try:
-                schedule = validate_schedule(raw, zone)
-            except ScheduleError as exc:
-                self.err("schedule", str(exc), raw)
+            schedule = self.schedule(raw, zone) or schedule
 
         jitter_s = self._duration(d, "jitter", 0.0, low=0.0, high=MAX_JITTER_S)
         command = self.command(d.get("command"))
@@ -472,6 +515,42 @@ class _Validator:
             on_owner_loss=owner_loss, tags=tags, env=env, cwd=cwd, paused=paused,
             history=history, cron_reading_ack=ack,
         )
+
+    def schedule(self, raw: Any, zone: Any) -> str | None:
+        """Validate and canonicalise a schedule; None (and an error) if bad."""
+        if isinstance(raw, str) and len(raw) > MAX_SCHEDULE_LEN:
+            self.err("schedule", f"longer than {MAX_SCHEDULE_LEN} characters", raw)
+            return None
+        span = f"{_iso(MIN_INSTANT)} to {_iso(MAX_INSTANT)}"
+        try:
+            spec = validate_schedule(raw, zone)
+        except ScheduleError as exc:
+            self.err("schedule", str(exc), raw)
+            return None
+        except (OverflowError, ValueError, OSError):
+            # the platform's time functions cannot represent the instant or period
+            self.err("schedule", f"outside what peerd can represent (one-shot instants {span}, "
+                                 f"@every up to {MAX_EVERY_S // 86400}d)", raw)
+            return None
+        if spec.startswith("@every"):
+            period = parse_duration(spec[len("@every"):].strip())
+            if period > MAX_EVERY_S:
+                self.err("schedule", f"@every period longer than {MAX_EVERY_S // 86400}d "
+                                     f"(use a cron schedule for calendar dates)", raw)
+                return None
+        elif spec.startswith("once:"):
+            try:
+                instant = parse_once(spec[5:], _UTC_ZONE)
+                ok = MIN_INSTANT <= instant <= MAX_INSTANT
+                if ok and zone is not None:
+                    datetime.fromtimestamp(instant, zone)  # must exist in the task's zone too
+            except (ScheduleError, OverflowError, ValueError, OSError):
+                ok = False
+            if not ok:
+                self.err("schedule", f"once: instant outside {span} "
+                                     f"or not representable in the task's timezone", raw)
+                return None
+        return spec
 
     def retries(self, raw: Any) -> RetryPolicy:
         if raw is None:
@@ -620,6 +699,28 @@ def parse_tasks(data: Any, source: str) -> list[Task]:
     return tasks
 
 
+def decode_error_message(data: Any, exc: DecodeError, source: str) -> str:
+    """Name the file, the task and the field of a decoding error.
+
+    Args:
+        data: the decoded document (None if it could not be decoded at all).
+        exc: the error, whose ``path`` starts at the document's root.
+        source: the file name (or ``request``).
+    """
+    path = exc.path
+    items = data
+    if isinstance(data, dict) and path[:1] == ("tasks",):
+        items, path = data.get("tasks"), path[1:]
+    if isinstance(items, list) and path and isinstance(path[0], int) and path[0] < len(items):
+        item = items[path[0]]
+        tid = item.get("id") if isinstance(item, dict) else None
+        who = f"task {tid!r}" if valid_id(tid) else f"task #{path[0] + 1}"
+        field = format_path(path[1:])
+        return f"{source}: {who}: {field + ': ' if field else ''}{exc.reason}"
+    where = format_path(exc.path)
+    return f"{source}: {where + ': ' if where else ''}{exc.reason}"
+
+
 def load_task_file(path: str | os.PathLike) -> list[Task]:
     """Load and validate a YAML (.yaml/.yml), JSON (.json) or TOML (.toml) file.
 
@@ -636,20 +737,26 @@ def load_task_file(path: str | os.PathLike) -> list[Task]:
     if suffix not in (".yaml", ".yml", ".json", ".toml"):
         raise TaskError([f"{source}: unknown file type (use .yaml, .yml, .json or .toml)"])
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:
+            raw = f.read(MAX_TASK_FILE_BYTES + 1)
+        if len(raw) > MAX_TASK_FILE_BYTES:
+            raise TaskError([f"{source}: larger than {MAX_TASK_FILE_BYTES >> 20} MiB"])
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise TaskError([f"{source}: cannot read: {exc}"]) from None
+    kind = {".json": "JSON", ".toml": "TOML"}.get(suffix, "YAML")
+    data = None
     try:
         if suffix == ".json":
-            data = json.loads(text)
+            data = loads_json(text, check=False)
         elif suffix == ".toml":
             data = tomllib.loads(text)
         else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as exc:  # each parser has its own error type
-        kind = {".json": "JSON", ".toml": "TOML"}.get(suffix, "YAML")
+            data = loads_yaml(text, check=False)
+        check_tree(data)
+    except DecodeError as exc:
+        raise TaskError([decode_error_message(data, exc, source)]) from None
+    except Exception as exc:  # tomllib's errors, or its recursion on deep nesting
         msg = " ".join(str(exc).split())
         raise TaskError([f"{source}: not valid {kind}: {msg}"]) from None
     return parse_tasks(data, source)
