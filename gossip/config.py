@@ -20,6 +20,10 @@ __all__ = ["Config"]
 # this many members.
 PUSH_PULL_SCALE_THRESHOLD = 32
 
+# Fixed part of a push-pull body: its msgpack header (type, version, join
+# flag, sender name <= 128 bytes, array header) and the seal's envelope.
+PUSH_PULL_FRAME_BASE_BYTES = 512
+
 
 @dataclass(frozen=True, slots=True)
 class Config:
@@ -159,6 +163,71 @@ class Config:
     meta_max_bytes: int = 512
     """Largest opaque metadata blob per member (memberlist MetaMaxSize)."""
 
+    # -- streams (TCP push-pull and request/response) ------------------------
+    # Every stream message is a small sealed head (kind and body length),
+    # then the sealed body (``gossip/streams.py``). Until its head opened
+    # under a key of the ring a stream is *unauthenticated*: it holds at most
+    # ``streams.HEAD_FRAME_MAX_BYTES`` plus one read chunk, and the caps below
+    # bound how many such streams exist. A body buffer is sized only from an
+    # authenticated head, and never beyond the limits derived here.
+    streams_inbound_max: int = 64
+    """Inbound streams served at once, authenticated or not; one more is
+    closed at accept (``too_many_streams``). Authenticated streams last up
+    to ``stream_timeout_s`` (a push-pull, a node request and its handler)."""
+
+    streams_unauth_max: int = 32
+    """Inbound streams whose head has not opened yet, per node; one more is
+    closed at accept, before any byte is read (``too_many_unauthenticated``).
+    A member's head follows its connect at once, so a member's stream is
+    unauthenticated for about one round trip and 32 leave ample room for a
+    join storm. What anyone who can reach the port can make the node hold:
+    ``streams_unauth_max * (HEAD_FRAME_MAX_BYTES + READ_CHUNK_BYTES)``
+    (32 x 64.1 KiB = 2 MiB) plus a trio task and a socket each. Lower =
+    less to hold; but connections that send nothing occupy a slot for
+    ``stream_head_timeout_s``, and while a flood from many addresses fills
+    every slot, members' streams are refused too (push-pull retries at its
+    next interval, a node request fails with an error)."""
+
+    streams_unauth_per_source_max: int = 8
+    """Inbound unauthenticated streams per source IP address (the port is
+    ignored); one more is closed at accept (``too_many_from_source``). Keeps
+    one address from taking all ``streams_unauth_max`` slots; a member
+    rarely has more than one or two streams to us in their first round
+    trip. Behind one NAT address several members share this cap."""
+
+    stream_head_timeout_s: float = 2.0
+    """A stream's head (about 100 bytes) must arrive within this long after
+    accept, or the connection is dropped (``timeout``). Slow-loris
+    connections hold an unauthenticated slot at most this long. Higher =
+    tolerates slower links, lets idle connections hold slots longer."""
+
+    stream_members_min: int = 1024
+    """Cluster size the push-pull frame limit assumes at least, whatever
+    this member knows: a member that knows only itself (joining) accepts
+    the full state of a cluster of this many members whose rows are all at
+    the largest size a datagram allows. Rows are usually much smaller
+    (~100-700 bytes), so in practice a joiner accepts far larger clusters.
+    See ``push_pull_frame_max_bytes``."""
+
+    request_frame_max_bytes: int = 4 * 1024 * 1024
+    """Largest body of a request, reply or error on a user stream (the node
+    layer's replication pushes, anti-entropy steps, run-now and key
+    operations). These messages do not grow with the cluster size: an
+    anti-entropy digest step is <= 8 KiB + 512 bytes per differing bucket
+    (<= 520 KiB), entries are shipped in batches the node layer keeps under
+    this limit. Bigger = larger batches, more memory per authenticated
+    stream (<= ``stream_buffer_budget_bytes`` in total)."""
+
+    stream_buffer_budget_bytes: int = 32 * 1024 * 1024
+    """Bytes of message bodies all inbound streams may buffer at once
+    (reserved from the authenticated head's announced length before the
+    first body byte is read). A body that does not fit what is left is
+    refused (``buffer_budget``) and the sender retries later. Bounds what
+    members (key holders) can make a node buffer at once, whatever they
+    send: 32 MiB = 8 request frames of 4 MiB, or 12 push-pulls of a
+    1000-member cluster at the worst-case row size. Must be at least the
+    largest single frame limit at the cluster sizes in use."""
+
     # -- housekeeping ---------------------------------------------------------
     reap_interval_s: float = 3600.0
     """Dead and left members stay listed (with their state) this long, then
@@ -196,6 +265,32 @@ class Config:
             k = 0
         return max(0, k)
 
+    def push_pull_row_max_bytes(self) -> int:
+        """Upper bound of one member's row in a push-pull state: a member's
+        alive message (name, address, incarnation, tags, meta) must fit one
+        datagram's payload (``payload_budget_bytes``, checked when a member
+        starts or updates), and a row holds the same fields plus a state
+        byte. 1304 bytes at the default packet budget."""
+        return self.payload_budget_bytes
+
+    def push_pull_frame_max_bytes(self, n: int) -> int:
+        """Largest push-pull body accepted from a stream, for ``n`` members
+        known (all states: dead and left members are in the state until
+        reaped):
+
+            ``PUSH_PULL_FRAME_BASE_BYTES + push_pull_row_max_bytes()
+              * max(stream_members_min, 2 * n)``
+
+        The factor 2 leaves room for members the sender knows and we do not
+        yet; ``stream_members_min`` lets a joiner take in a whole cluster.
+        Defaults: 1.27 MiB up to 512 members, 2.5 MiB at 1000 (the old fixed
+        limit of 4 MiB held 3,200 worst-case rows), 12.4 MiB at 5000.
+        Trade-off: a push-pull whose state is over the receiver's limit
+        fails (counted as ``oversized``); a larger limit lets a member make
+        a peer buffer more (bounded by ``stream_buffer_budget_bytes``)."""
+        rows = max(self.stream_members_min, 2 * max(1, n))
+        return PUSH_PULL_FRAME_BASE_BYTES + self.push_pull_row_max_bytes() * rows
+
     def push_pull_interval_for(self, n: int) -> float:
         """Push-pull period scaled with ``n`` (memberlist pushPullScale)."""
         if n <= PUSH_PULL_SCALE_THRESHOLD:
@@ -226,6 +321,7 @@ class Config:
             join_retry_initial_s=0.1,
             join_retry_max_s=2.0,
             stream_timeout_s=2.0,
+            stream_head_timeout_s=1.0,
             reconnect_interval_s=2.0,
         )
 
@@ -240,11 +336,13 @@ class Config:
 
         for name in ("probe_interval_s", "probe_timeout_s", "gossip_interval_s",
                      "join_retry_initial_s", "join_retry_max_s", "stream_timeout_s",
-                     "reap_interval_s"):
+                     "reap_interval_s", "stream_head_timeout_s"):
             pos(name)
         for name in ("suspicion_mult", "suspicion_max_timeout_mult", "retransmit_mult",
                      "awareness_max_multiplier", "gossip_nodes", "broadcast_queue_max",
-                     "gossip_fresh_burst"):
+                     "gossip_fresh_burst", "streams_inbound_max", "streams_unauth_max",
+                     "streams_unauth_per_source_max", "stream_members_min",
+                     "request_frame_max_bytes", "stream_buffer_budget_bytes"):
             pos(name)
         if not 0.0 <= self.probe_suspect_share <= 1.0:
             raise ValueError("Config.probe_suspect_share must be within 0..1")
@@ -255,5 +353,8 @@ class Config:
             raise ValueError("Config intervals must be >= 0")
         if self.payload_budget_bytes < 256:
             raise ValueError("Config.packet_budget_bytes - seal_overhead_bytes must be >= 256")
+        if self.stream_buffer_budget_bytes < self.request_frame_max_bytes:
+            raise ValueError("Config.stream_buffer_budget_bytes must be >= request_frame_max_bytes "
+                             "(else no request could ever be read)")
         if not 0 <= self.meta_max_bytes <= 1024:
             raise ValueError("Config.meta_max_bytes must be within 0..1024")

@@ -11,8 +11,11 @@ reordered; streams are reliable and ordered. Two implementations:
   with a ``route_packet`` fault hook, for shell tests under ``MockClock``.
 
 Streams carry length-prefixed frames: 4-byte big-endian length, then the
-payload. A frame longer than ``max_frame_bytes`` (default 4 MiB) drops the
-connection and is counted (``frames_oversized``).
+payload. A frame announced longer than the reader's ``max_bytes`` (default
+4 MiB) drops the connection and is counted (``frames_oversized``); a frame
+is read in chunks of at most ``READ_CHUNK_BYTES`` (64 KiB), so it takes
+memory as its bytes arrive, not as its header announces. What a message on
+a stream looks like, and which limits apply, is ``gossip/streams.py``.
 
 Nothing here decides protocol; it moves bytes and counts them.
 """
@@ -23,13 +26,14 @@ import ipaddress
 import socket as _stdsocket
 import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 import trio
 import trio.testing
 
 from gossip.effects import Addr
+from gossip.streams import READ_CHUNK_BYTES, REFUSE_REASONS
 
 __all__ = [
     "Addr",
@@ -49,8 +53,10 @@ __all__ = [
 ]
 
 MAX_FRAME_BYTES = 4 * 1024 * 1024
-"""Largest stream frame accepted (a full push-pull state of thousands of
-members fits comfortably)."""
+"""Frame limit of ``send_frame``/``recv_frame`` when the caller gives none.
+The gossip shell passes the limits derived in ``gossip/config.py``
+(``push_pull_frame_max_bytes(n)``, ``request_frame_max_bytes``) and reads
+a frame only after its sealed head opened (``gossip/streams.py``)."""
 
 MAX_DATAGRAM_BYTES = 65535
 _LEN = struct.Struct(">I")
@@ -81,9 +87,17 @@ class TransportStats:
     streams_opened: int = 0
     streams_accepted: int = 0
     frames_oversized: int = 0
+    streams_rejected: dict[str, int] = field(default_factory=lambda: {r: 0 for r in REFUSE_REASONS})
+    """Inbound streams closed by the gossip shell, by reason
+    (``gossip.streams.REFUSE_REASONS``)."""
+
+    def reject_stream(self, reason: str) -> None:
+        self.streams_rejected[reason] = self.streams_rejected.get(reason, 0) + 1
 
     def snapshot(self) -> "TransportStats":
-        return TransportStats(**{f.name: getattr(self, f.name) for f in fields(self)})
+        copy = {f.name: getattr(self, f.name) for f in fields(self)}
+        copy["streams_rejected"] = dict(self.streams_rejected)
+        return TransportStats(**copy)
 
 
 def parse_addr(text: str, default_port: int | None = None) -> Addr:
@@ -168,9 +182,15 @@ class FramedStream:
         self._stats = stats
         self._buf = bytearray()
 
-    async def send_frame(self, data: bytes) -> None:
-        if len(data) > MAX_FRAME_BYTES:
-            raise FrameTooLarge(f"refusing to send {len(data)} bytes")
+    async def send_frame(self, data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> None:
+        """Send one frame.
+
+        Raises:
+            FrameTooLarge: ``data`` is over ``max_bytes`` (nothing sent).
+            StreamClosed: the connection broke.
+        """
+        if len(data) > max_bytes:
+            raise FrameTooLarge(f"refusing to send {len(data)} bytes (limit {max_bytes})")
         payload = _LEN.pack(len(data)) + data
         try:
             await self._stream.send_all(payload)
@@ -179,17 +199,24 @@ class FramedStream:
         self._stats.tcp_bytes_sent += len(payload)
 
     async def _read_exactly(self, n: int) -> bytes:
-        while len(self._buf) < n:
+        # Ask for at most one chunk at a time: socket.recv(k) allocates k
+        # bytes before it knows how many arrive.
+        buf = self._buf
+        while len(buf) < n:
             try:
-                chunk = await self._stream.receive_some(max(65536, n - len(self._buf)))
+                chunk = await self._stream.receive_some(READ_CHUNK_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise StreamClosed(str(exc)) from None
             if not chunk:
                 raise StreamClosed("peer closed the stream")
             self._stats.tcp_bytes_received += len(chunk)
-            self._buf += chunk
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
+            buf += chunk
+        if len(buf) == n:
+            out = bytes(buf)
+            buf.clear()
+            return out
+        out = bytes(buf[:n])
+        del buf[:n]
         return out
 
     async def recv_frame(self, max_bytes: int = MAX_FRAME_BYTES) -> bytes:
