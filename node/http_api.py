@@ -8,45 +8,159 @@ secrets and Prometheus scrapes it).
 
 Routes call methods of the node object (``node/node.py``); this module only
 checks auth, decodes and validates request shapes, and encodes replies.
+
+Rules:
+
+1. **Routes are a table** (:data:`ROUTES`): a template such as
+   ``/v1/tasks/{id}/runs``, and per method the endpoint, whether it reads or
+   writes, and whether it takes a body. The request counter's labels come
+   from the table only: the matched template, ``unknown`` for any other
+   path, and the method if it is one of :data:`METHODS`, else ``other``. A
+   client cannot create a label.
+2. **Check before body** (:meth:`Api.check`, called by the server with the
+   request head only): routing, 404/405, path parameters and the token are
+   checked before a body byte is read or parsed.
+3. **Refusals are cheap and quiet**: a refused request costs the head's
+   parsing and one constant-time token comparison; it is counted in
+   ``peerd_api_refusals_total{reason}`` and logged through a rate limit
+   (``node/ratelog.py``: at most 5 lines a minute, then one summary).
+4. **Every decoder names the field**: bodies go through
+   ``node/decoding.py`` (depth, numbers, duplicate keys); path ids must be
+   task ids (``[A-Za-z0-9._-]{1,128}``, not only dots); query parameters
+   and time values are checked with bounds, so bad input is a 4xx whose
+   message names the field, never a 500.
 """
 from __future__ import annotations
 
 import hmac
+import logging
 import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .http_server import HTTPError, Request, Response
+from .ratelog import RateLimitedLog
+from .tasks import MAX_INSTANT, MIN_INSTANT, valid_id
 
-_TASK_ROUTE = re.compile(r"^/v1/tasks/([^/]+)(?:/(pause|resume|run|runs|explain|backfill))?$")
-_OWNER_ROUTE = re.compile(r"^/v1/owner/([^/]+)$")
+log = logging.getLogger("peerd.http")
+
+#: Methods counted under their own label; any other is ``other``.
+METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+#: Longest ``source`` query value (it is quoted in error messages).
+MAX_SOURCE_LEN = 128
+#: explain's ``n``: 1 to this many upcoming fires.
+MAX_EXPLAIN_N = 100
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    auth: str | None  # "read", "write" or None (open)
+    body: bool = False
+
+
+# (template, {method: Endpoint}). ``{id}`` is one path segment.
+ROUTES: tuple[tuple[str, dict[str, Endpoint]], ...] = (
+    ("/metrics", {"GET": Endpoint("metrics", None)}),
+    ("/v1/status", {"GET": Endpoint("status", "read")}),
+    ("/v1/members", {"GET": Endpoint("members", "read")}),
+    ("/v1/ring", {"GET": Endpoint("ring", "read")}),
+    ("/v1/tasks", {"GET": Endpoint("tasks", "read"), "PUT": Endpoint("apply", "write", body=True)}),
+    ("/v1/keys", {"GET": Endpoint("keys", "read"), "POST": Endpoint("key_op", "write", body=True)}),
+    ("/v1/owner/{id}", {"GET": Endpoint("owner", "read")}),
+    ("/v1/tasks/{id}", {"GET": Endpoint("task", "read"), "DELETE": Endpoint("delete", "write")}),
+    ("/v1/tasks/{id}/pause", {"POST": Endpoint("pause", "write")}),
+    ("/v1/tasks/{id}/resume", {"POST": Endpoint("resume", "write")}),
+    ("/v1/tasks/{id}/run", {"POST": Endpoint("run", "write")}),
+    ("/v1/tasks/{id}/runs", {"GET": Endpoint("runs", "read")}),
+    ("/v1/tasks/{id}/explain", {"GET": Endpoint("explain", "read")}),
+    # a dry run changes nothing, but listing past slots is gated like the
+    # real thing: it is a step towards running code
+    ("/v1/tasks/{id}/backfill", {"POST": Endpoint("backfill", "write", body=True)}),
+)
+UNKNOWN_ROUTE = "unknown"
+
+_STATIC = {t: (t, eps) for t, eps in ROUTES if "{id}" not in t}
+_PARAM = [(re.compile("/".join("([^/]*)" if p == "{id}" else re.escape(p) for p in t.split("/"))), t, eps)
+          for t, eps in ROUTES if "{id}" in t]
+
+
+def match_route(path: str) -> tuple[str, dict[str, Endpoint], str | None] | None:
+    """``(template, endpoints, id)`` for a path, or None (rule 1)."""
+    p = path.rstrip("/") or "/"
+    hit = _STATIC.get(p)
+    if hit is not None:
+        return hit[0], hit[1], None
+    for rx, template, eps in _PARAM:
+        m = rx.fullmatch(p)
+        if m:
+            return template, eps, m.group(1)
+    return None
+
+
+def route_label(path: str) -> str:
+    """The request counter's route label: a template or ``unknown``."""
+    hit = match_route(path)
+    return hit[0] if hit else UNKNOWN_ROUTE
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else "other"
 
 
 def parse_time(value, what: str) -> int:
-    """ISO 8601 (``2026-11-26T10:00:00Z``) or epoch seconds -> epoch seconds."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(value)
-    if not isinstance(value, str) or not value:
+    """ISO 8601 (``2026-11-26T10:00:00Z``) or epoch seconds -> epoch seconds
+    in years 1-9999.
+
+    Raises:
+        HTTPError(400): naming ``what``.
+    """
+    span = "years 0001-9999"
+    if isinstance(value, bool) or value is None:
+        raise HTTPError(400, f"{what}: expected an ISO 8601 time or epoch seconds")
+    if isinstance(value, (int, float)):
+        if value != value or not MIN_INSTANT <= value <= MAX_INSTANT:
+            raise HTTPError(400, f"{what}: epoch seconds outside {span}")
+        return int(value // 1)
+    if not isinstance(value, str) or not value or len(value) > 64:
         raise HTTPError(400, f"{what}: expected an ISO 8601 time or epoch seconds")
     v = value.strip()
-    if re.fullmatch(r"-?\d+(\.\d+)?", v):
-        return int(float(v))
+    if re.fullmatch(r"-?[0-9]{1,20}(\.[0-9]{1,9})?", v):
+        return parse_time(float(v), what)
     try:
         dt = datetime.fromisoformat(v.replace("Z", "+00:00"))
-    except ValueError:
-        raise HTTPError(400, f"{what}: {value!r} is not an ISO 8601 time") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return int(dt.timestamp())
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        ts = dt.timestamp()
+    except (ValueError, OverflowError):
+        raise HTTPError(400, f"{what}: {value[:40]!r} is not an ISO 8601 time in {span}") from None
+    return parse_time(ts, what)
 
 
 class Api:
-    def __init__(self, node, *, token: str, open_reads: bool = False):
+    def __init__(self, node, *, token: str, open_reads: bool = False, clock=None):
         self.node = node
         self.token = token
         self.open_reads = open_reads
+        self._log = RateLimitedLog()
+        self._clock = clock or trio.current_time
 
+    # ------------------------------------------------------------ refusals
+    def refused(self, reason: str, peer: str, detail: str) -> None:
+        """Count a refusal and log it within the rate limit (rule 3)."""
+        metrics = self.node.metrics
+        metrics.api_refusals.labels(reason).inc()
+        for line in self._log.note(self._clock(), reason, f"API refused a request from {peer}: {detail}"):
+            log.warning("%s", line)
+
+    def flush_log(self, now: float) -> None:
+        for line in self._log.flush(now):
+            log.warning("%s", line)
+
+    # ------------------------------------------------------------ auth
     def _authorized(self, req: Request) -> bool:
         if not self.token:
             return False
@@ -54,111 +168,111 @@ class Api:
         scheme, _, given = auth.partition(" ")
         if scheme.lower() != "bearer" or not given:
             return False
-        return hmac.compare_digest(given.strip().encode(), self.token.encode())
+        return hmac.compare_digest(given.strip().encode("utf-8", "replace"), self.token.encode())
 
-    def _need_auth(self, req: Request, *, write: bool) -> None:
-        if not write and self.open_reads:
+    def _need_auth(self, req: Request, ep: Endpoint) -> None:
+        if ep.auth is None or (ep.auth == "read" and self.open_reads):
             return
         if not self._authorized(req):
             if not self.token:
                 raise HTTPError(401, "this node has no API token configured; set api_token to use this route")
             raise HTTPError(401, "missing or wrong API token (Authorization: Bearer <token>)")
 
+    def _resolve(self, req: Request) -> tuple[Endpoint, str | None]:
+        """Route, path parameter and token (rules 1, 2, 4), body not needed."""
+        hit = match_route(req.path)
+        if hit is None:
+            raise HTTPError(404, f"no route {method_label(req.method)} {req.path[:100]!r}")
+        template, eps, ident = hit
+        ep = eps.get(req.method)
+        if ep is None:
+            raise HTTPError(405, f"{method_label(req.method)} not allowed on {template}")
+        self._need_auth(req, ep)
+        if ident is not None and not valid_id(ident):
+            raise HTTPError(400, f"task id {ident[:140]!r}: must be 1-128 characters of A-Z a-z 0-9 . _ - "
+                                 "(not only dots)")
+        return ep, ident
+
+    def check(self, req: Request) -> Response | None:
+        """The server's pre-body hook: a refusal, or None to go on (rule 2)."""
+        try:
+            self._resolve(req)
+        except HTTPError as e:
+            self.node.metrics.api_requests(method_label(req.method), route_label(req.path))
+            if e.status == 401:
+                self.refused("unauthorized", req.peer,
+                             f"{method_label(req.method)} {route_label(req.path)}: no valid token")
+            return Response.json({"error": e.message}, e.status)
+        return None
+
+    # ------------------------------------------------------------ routes
     async def __call__(self, req: Request) -> Response:
-        self.node.metrics.api_requests(req.method, _route_label(req.path))
-        path = req.path.rstrip("/") or "/"
-        m = req.method
-        if path == "/metrics" and m == "GET":
-            return Response(200, self.node.metrics_text(), CONTENT_TYPE_LATEST)
-        if path == "/v1/status" and m == "GET":
-            self._need_auth(req, write=False)
-            return Response.json(self.node.status())
-        if path == "/v1/members" and m == "GET":
-            self._need_auth(req, write=False)
-            return Response.json(self.node.members_json())
-        if path == "/v1/ring" and m == "GET":
-            self._need_auth(req, write=False)
-            return Response.json(self.node.ring_json())
-        if path == "/v1/tasks":
-            if m == "GET":
-                self._need_auth(req, write=False)
-                return Response.json(self.node.tasks_json())
-            if m == "PUT":
-                self._need_auth(req, write=True)
-                body = req.json()
-                if isinstance(body, dict) and "tasks" in body:
-                    body = body["tasks"]
-                if not isinstance(body, list):
-                    raise HTTPError(400, "PUT /v1/tasks: body must be a JSON list of tasks (or {\"tasks\": [...]})")
-                source = req.query.get("source", "request")
-                return Response.json(await self.node.apply_tasks(body, source=source))
-            raise HTTPError(405, f"{m} not allowed on /v1/tasks")
-        if path == "/v1/keys":
-            if m == "GET":
-                self._need_auth(req, write=False)
-                return Response.json(self.node.keys_json())
-            if m == "POST":
-                self._need_auth(req, write=True)
-                body = req.json()
-                if not isinstance(body, dict) or body.get("op") not in ("install", "use", "remove"):
-                    raise HTTPError(400, 'POST /v1/keys: body must be {"op": "install|use|remove", "key": "<base64>"}')
-                if not isinstance(body.get("key"), str):
-                    raise HTTPError(400, "POST /v1/keys: 'key' must be a base64 string")
-                return Response.json(await self.node.key_op(body["op"], body["key"]))
-            raise HTTPError(405, f"{m} not allowed on /v1/keys")
-        mo = _OWNER_ROUTE.match(path)
-        if mo and m == "GET":
-            self._need_auth(req, write=False)
-            return Response.json(self.node.owner_json(mo.group(1)))
-        mt = _TASK_ROUTE.match(path)
-        if mt:
-            task_id, action = mt.group(1), mt.group(2)
-            if action is None:
-                if m == "GET":
-                    self._need_auth(req, write=False)
-                    return Response.json(self.node.task_json(task_id))
-                if m == "DELETE":
-                    self._need_auth(req, write=True)
-                    return Response.json(await self.node.delete_task(task_id))
-            elif action in ("pause", "resume") and m == "POST":
-                self._need_auth(req, write=True)
-                return Response.json(await self.node.set_paused(task_id, action == "pause"))
-            elif action == "run" and m == "POST":
-                self._need_auth(req, write=True)
-                return Response.json(await self.node.run_now(task_id))
-            elif action == "runs" and m == "GET":
-                self._need_auth(req, write=False)
-                return Response.json(self.node.runs_json(task_id))
-            elif action == "explain" and m == "GET":
-                self._need_auth(req, write=False)
-                n = req.query.get("n", "5")
-                if not n.isdigit() or not 1 <= int(n) <= 100:
-                    raise HTTPError(400, "n: expected an integer 1-100")
-                return Response.json(self.node.explain_json(task_id, int(n)))
-            elif action == "backfill" and m == "POST":
-                body = req.json() or {}
-                if not isinstance(body, dict):
-                    raise HTTPError(400, 'backfill: body must be {"from": T1, "to": T2, "dry_run": bool}')
-                dry = bool(body.get("dry_run", False))
-                # a dry run changes nothing, but listing past slots is still
-                # gated like the real thing: it is a step towards running code
-                self._need_auth(req, write=True)
-                start = parse_time(body.get("from"), "from")
-                end = parse_time(body.get("to"), "to")
-                if end < start:
-                    raise HTTPError(400, "backfill: 'to' is before 'from'")
-                return Response.json(await self.node.backfill(task_id, start, end, dry))
-            raise HTTPError(405, f"{m} not allowed on {path}")
-        raise HTTPError(404, f"no route {m} {req.path}")
+        self.node.metrics.api_requests(method_label(req.method), route_label(req.path))
+        ep, ident = self._resolve(req)
+        node = self.node
+        name = ep.name
+        if name == "metrics":
+            return Response(200, node.metrics_text(), CONTENT_TYPE_LATEST)
+        if name == "status":
+            return Response.json(node.status())
+        if name == "members":
+            return Response.json(node.members_json())
+        if name == "ring":
+            return Response.json(node.ring_json())
+        if name == "tasks":
+            return Response.json(node.tasks_json())
+        if name == "apply":
+            body = req.json()
+            if isinstance(body, dict) and list(body) == ["tasks"]:
+                body = body["tasks"]
+            if not isinstance(body, list):
+                raise HTTPError(400, 'PUT /v1/tasks: body must be a JSON list of tasks (or {"tasks": [...]})')
+            source = req.query.get("source", "request")
+            if not 0 < len(source) <= MAX_SOURCE_LEN or not source.isprintable():
+                raise HTTPError(400, f"source: 1-{MAX_SOURCE_LEN} printable characters")
+            return Response.json(await node.apply_tasks(body, source=source))
+        if name == "keys":
+            return Response.json(node.keys_json())
+        if name == "key_op":
+            body = req.json()
+            if not isinstance(body, dict) or body.get("op") not in ("install", "use", "remove"):
+                raise HTTPError(400, 'POST /v1/keys: body must be {"op": "install|use|remove", "key": "<base64>"}')
+            if not isinstance(body.get("key"), str) or len(body["key"]) > 1024:
+                raise HTTPError(400, "POST /v1/keys: 'key' must be a base64 string")
+            return Response.json(await node.key_op(body["op"], body["key"]))
+        if name == "owner":
+            return Response.json(node.owner_json(ident))
+        if name == "task":
+            return Response.json(node.task_json(ident))
+        if name == "delete":
+            return Response.json(await node.delete_task(ident))
+        if name in ("pause", "resume"):
+            return Response.json(await node.set_paused(ident, name == "pause"))
+        if name == "run":
+            return Response.json(await node.run_now(ident))
+        if name == "runs":
+            return Response.json(node.runs_json(ident))
+        if name == "explain":
+            n = req.query.get("n", "5")
+            if not re.fullmatch(r"[0-9]{1,3}", n) or not 1 <= int(n) <= MAX_EXPLAIN_N:
+                raise HTTPError(400, f"n: expected an integer 1-{MAX_EXPLAIN_N}")
+            return Response.json(node.explain_json(ident, int(n)))
+        if name == "backfill":
+            body = req.json()
+            if body is None:
+                body = {}
+            if not isinstance(body, dict):
+                raise HTTPError(400, 'backfill: body must be {"from": T1, "to": T2, "dry_run": bool}')
+            unknown = sorted(k for k in body if k not in ("from", "to", "dry_run"))
+            if unknown:
+                raise HTTPError(400, f"backfill: {unknown[0][:40]}: unknown field (from, to, dry_run)")
+            dry = body.get("dry_run", False)
+            if not isinstance(dry, bool):
+                raise HTTPError(400, "dry_run: must be true or false")
+            start = parse_time(body.get("from"), "from")
+            end = parse_time(body.get("to"), "to")
+            if end < start:
+                raise HTTPError(400, "backfill: 'to' is before 'from'")
+            return Response.json(await node.backfill(ident, start, end, dry))
+        raise HTTPError(404, f"no route {name}")  # a table entry without a branch: a bug
 
-
-def _route_label(path: str) -> str:
-    """Low-cardinality route label for the request counter."""
-    if path.startswith("/v1/tasks/"):
-        parts = path.split("/")
-        return "/v1/tasks/{id}" + ("/" + parts[4] if len(parts) > 4 else "")
-    if path.startswith("/v1/owner/"):
-        return "/v1/owner/{id}"
-    if path in ("/metrics", "/v1/status", "/v1/members", "/v1/ring", "/v1/tasks", "/v1/keys"):
-        return path
-    return "other"

@@ -1,11 +1,34 @@
 """A small HTTP/1.1 server on trio + h11 (the trio shell for the API).
 
 h11 does the parsing (it is the sans-IO model this project follows); this
-module only moves bytes. Limits: request line and headers 16 KiB (h11's
-``max_incomplete_event_size``), body ``max_body_bytes`` (1 MiB), an idle
-connection closes after ``idle_timeout_s``. A handler exception becomes a
-500 with a JSON error; a malformed request a 400; nothing a client sends can
-stop the server.
+module only moves bytes and enforces the protocol limits below. Nothing a
+client sends can stop the server or reach a 500 on its own: a handler
+exception is a bug, answered 500 and logged (rate-limited).
+
+Theory of operation, per request:
+
+1. Read the request head (request line and headers) within
+   ``idle_timeout_s``. Refuse at once with 400 and close: an HTTP version
+   other than 1.0/1.1; a head over :data:`MAX_HEADER_BYTES` (16 KiB, as
+   h11's default incomplete-event limit; node.js allows 16 KiB, nginx 8 KiB
+   per line); both ``Content-Length`` and ``Transfer-Encoding`` (RFC 9112
+   §6.3 calls it a smuggling vector); a query with more than
+   :data:`MAX_QUERY_FIELDS` fields; a path that is not UTF-8 once
+   percent-decoded. A declared body over ``max_body_bytes`` (1 MiB) is 413.
+2. Call ``handler.check(request)`` (if the handler has one) with the head
+   only, before a single body byte is read: authentication and routing
+   happen there, so a client without the token costs a bounded amount of
+   work whatever body it sends. A refusal is answered; if a body was
+   announced the connection is closed after a bounded *lingering close*
+   (at most :data:`LINGER_BYTES` read and dropped within :data:`LINGER_S`,
+   so the client sees the answer instead of a reset).
+3. Read the body (bounded), call the handler, answer; keep the connection
+   for the next request unless either side asked to close.
+
+Refusals the server makes itself (protocol errors, 413, timeouts) are
+reported to ``handler.refused(reason, peer, detail)`` when the handler has
+it, which counts them and logs at a bounded rate (see ``node/ratelog.py``);
+they are never logged one by one here.
 """
 from __future__ import annotations
 
@@ -20,6 +43,19 @@ import trio
 
 log = logging.getLogger("peerd.http")
 
+#: Largest request head (request line + headers), bytes.
+MAX_HEADER_BYTES = 16 * 1024
+#: Largest request body, bytes (a task list of ~3,000 tasks).
+MAX_BODY_BYTES = 1 << 20
+#: Most query fields in one request.
+MAX_QUERY_FIELDS = 32
+#: A connection with no complete request within this many seconds is closed.
+IDLE_TIMEOUT_S = 30.0
+#: Lingering close after refusing a request with an unread body.
+LINGER_BYTES = 256 * 1024
+LINGER_S = 1.0
+_HTTP_VERSIONS = (b"1.0", b"1.1")
+
 
 @dataclass
 class Request:
@@ -31,17 +67,20 @@ class Request:
     peer: str = ""
 
     def json(self):
-        """Decode the body as JSON.
+        """Decode the body as JSON under ``node/decoding.py``'s bounds.
 
         Raises:
-            HTTPError(400): not JSON.
+            HTTPError(400): not JSON, or a bound broken (the reason names
+                the field's path in the body).
         """
+        from .decoding import DecodeError, loads_json
+
         if not self.body:
             return None
         try:
-            return json.loads(self.body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise HTTPError(400, f"request body is not valid JSON: {e}") from None
+            return loads_json(self.body)
+        except DecodeError as e:
+            raise HTTPError(400, f"request body: {e}") from None
 
 
 @dataclass
@@ -67,89 +106,186 @@ class HTTPError(Exception):
 
 Handler = Callable[[Request], Awaitable[Response]]
 
-MAX_BODY_BYTES = 1 << 20
-IDLE_TIMEOUT_S = 30.0
+
+class _Refuse(Exception):
+    """A protocol-level refusal: answer ``status`` and close."""
+
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
 
 
-async def _send_response(conn: h11.Connection, stream: trio.abc.Stream, resp: Response) -> None:
+async def _send_response(conn: h11.Connection, stream: trio.abc.Stream, resp: Response,
+                         *, close: bool = False) -> None:
     headers = [
         ("content-type", resp.content_type),
         ("content-length", str(len(resp.body))),
         ("server", "peerd"),
     ] + resp.headers
+    if close:
+        headers.append(("connection", "close"))
     await stream.send_all(conn.send(h11.Response(status_code=resp.status, headers=headers)))
     await stream.send_all(conn.send(h11.Data(data=resp.body)))
     await stream.send_all(conn.send(h11.EndOfMessage()))
 
 
+def _head_size(ev: h11.Request) -> int:
+    # request line + CRLF, each header "name: value" + CRLF, final CRLF
+    return (len(ev.method) + len(ev.target) + len(ev.http_version) + 8
+            + sum(len(k) + len(v) + 4 for k, v in ev.headers.raw_items()) + 2)
+
+
+def _build_request(ev: h11.Request, peer: str, max_body_bytes: int) -> Request:
+    """Check the head (rule 1) and decode it.
+
+    Raises:
+        _Refuse: with the status and reason.
+    """
+    if ev.http_version not in _HTTP_VERSIONS:
+        raise _Refuse(400, "protocol", f"unsupported HTTP version {ev.http_version.decode('ascii', 'replace')[:8]}")
+    if _head_size(ev) > MAX_HEADER_BYTES:
+        raise _Refuse(400, "protocol", f"request head over {MAX_HEADER_BYTES} bytes")
+    names = [k for k, _ in ev.headers]
+    if b"content-length" in names and b"transfer-encoding" in names:
+        raise _Refuse(400, "protocol", "both Content-Length and Transfer-Encoding")
+    for k, v in ev.headers:
+        if k == b"content-length" and (len(v) > 15 or int(v) > max_body_bytes):  # h11 checked: digits
+            raise _Refuse(413, "too_large", f"request body over {max_body_bytes} bytes")
+    target = ev.target.decode("latin-1")
+    parsed = urllib.parse.urlsplit(target)
+    try:
+        path = urllib.parse.unquote(parsed.path, errors="strict")
+    except UnicodeDecodeError:
+        raise _Refuse(400, "protocol", "path: not UTF-8 once percent-decoded") from None
+    try:
+        fields = urllib.parse.parse_qsl(parsed.query, max_num_fields=MAX_QUERY_FIELDS, errors="strict")
+    except ValueError:  # too many fields (UnicodeDecodeError is a ValueError too)
+        raise _Refuse(400, "protocol", f"query: not UTF-8, or more than {MAX_QUERY_FIELDS} fields") from None
+    return Request(
+        method=ev.method.decode("ascii", "replace").upper(),
+        path=path,
+        query={k: v for k, v in fields},
+        headers={k.decode("latin-1").lower(): v.decode("latin-1") for k, v in ev.headers},
+        body=b"",
+        peer=peer,
+    )
+
+
+def _report(handler, reason: str, peer: str, detail: str) -> None:
+    refused = getattr(handler, "refused", None)
+    if refused is not None:
+        try:
+            refused(reason, peer, detail)
+        except Exception:  # accounting must never break serving
+            log.debug("refusal accounting failed", exc_info=True)
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Rule 2's lingering close: stop sending, drop a bounded amount of what
+    the client is still sending, so it reads our answer rather than a reset."""
+    try:
+        await stream.send_eof()
+    except (AttributeError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return
+    dropped = 0
+    with trio.move_on_after(LINGER_S):
+        while dropped < LINGER_BYTES:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            dropped += len(data)
+
+
+async def _next_event(conn: h11.Connection, stream: trio.abc.Stream):
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(65536))
+            continue
+        return event
+
+
 async def _handle_connection(stream: trio.SocketStream, handler: Handler, max_body_bytes: int) -> None:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
     try:
         peer = stream.socket.getpeername()
         peer_s = f"{peer[0]}:{peer[1]}"
-    except OSError:
+    except (OSError, AttributeError):
         peer_s = "?"
+    check = getattr(handler, "check", None)
     try:
         while True:
-            # read one request
-            req_event = None
-            body = bytearray()
-            too_big = False
+            request = None
+            early = None
             with trio.move_on_after(IDLE_TIMEOUT_S) as idle:
-                while True:
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        data = await stream.receive_some(65536)
-                        conn.receive_data(data)
-                        continue
-                    if isinstance(event, h11.Request):
-                        req_event = event
-                    elif isinstance(event, h11.Data):
-                        if len(body) + len(event.data) > max_body_bytes:
-                            too_big = True
-                        else:
+                event = await _next_event(conn, stream)
+                if isinstance(event, h11.ConnectionClosed):
+                    return
+                if not isinstance(event, h11.Request):  # h11 gives a Request first
+                    return
+                request = _build_request(event, peer_s, max_body_bytes)
+                early = check(request) if check is not None else None
+                if early is None:
+                    body = bytearray()
+                    while True:
+                        event = await _next_event(conn, stream)
+                        if isinstance(event, h11.Data):
+                            if len(body) + len(event.data) > max_body_bytes:
+                                raise _Refuse(413, "too_large", f"request body over {max_body_bytes} bytes")
                             body += event.data
-                    elif isinstance(event, h11.EndOfMessage):
-                        break
-                    elif isinstance(event, h11.ConnectionClosed):
-                        return
-                    if too_big:
-                        break
-            if idle.cancelled_caught or req_event is None:
+                        elif isinstance(event, h11.EndOfMessage):
+                            break
+                        elif isinstance(event, h11.ConnectionClosed):
+                            return
+                    request.body = bytes(body)
+            if idle.cancelled_caught:
+                if request is not None or conn.their_state is not h11.IDLE:
+                    _report(handler, "timeout", peer_s, f"no complete request in {IDLE_TIMEOUT_S:g}s")
                 return
-            if too_big:
-                await _send_response(
-                    conn, stream, Response.json({"error": f"request body over {max_body_bytes} bytes"}, 413)
-                )
-                return
-            target = req_event.target.decode("latin-1")
-            parsed = urllib.parse.urlsplit(target)
-            request = Request(
-                method=req_event.method.decode("ascii", "replace").upper(),
-                path=urllib.parse.unquote(parsed.path),
-                query={k: v[-1] for k, v in urllib.parse.parse_qs(parsed.query).items()},
-                headers={k.decode("latin-1").lower(): v.decode("latin-1") for k, v in req_event.headers},
-                body=bytes(body),
-                peer=peer_s,
-            )
-            try:
-                resp = await handler(request)
-            except HTTPError as e:
-                resp = Response.json({"error": e.message}, e.status)
-            except Exception as e:  # a bug in a handler must not kill the server
-                log.exception("API handler failed: %s %s", request.method, request.path)
-                resp = Response.json({"error": f"internal error: {type(e).__name__}: {e}"}, 500)
-            await _send_response(conn, stream, resp)
+            if early is not None:
+                # no body announced: h11 has EndOfMessage ready without I/O
+                pending_body = not isinstance(conn.next_event(), h11.EndOfMessage)
+                await _send_response(conn, stream, early, close=pending_body)
+                if pending_body:
+                    await _linger(stream)
+                    return
+            else:
+                try:
+                    resp = await handler(request)
+                except HTTPError as e:
+                    resp = Response.json({"error": e.message}, e.status)
+                except Exception as e:  # a bug in a handler must not kill the server
+                    _report(handler, "internal", peer_s, f"{request.method} {request.path[:200]}: "
+                                                         f"{type(e).__name__}: {e}"[:500])
+                    if getattr(handler, "refused", None) is None:
+                        log.exception("API handler failed: %s %s", request.method, request.path[:200])
+                    resp = Response.json({"error": f"internal error: {type(e).__name__}"}, 500)
+                await _send_response(conn, stream, resp)
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             try:
                 conn.start_next_cycle()
             except h11.LocalProtocolError:
                 return
-    except h11.RemoteProtocolError as e:
+    except _Refuse as e:
+        _report(handler, e.reason, peer_s, e.message)
         try:
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await _send_response(conn, stream, Response.json({"error": f"bad request: {e}"}, 400))
+                await _send_response(conn, stream, Response.json({"error": e.message}, e.status), close=True)
+                await _linger(stream)
+        except Exception:
+            pass
+    except h11.RemoteProtocolError as e:
+        status = 400  # h11 hints 431 for an over-long head; one status for every protocol refusal
+        msg = f"bad request: {e}"
+        if "buffer too long" in str(e).lower():
+            msg = f"bad request: request head over {MAX_HEADER_BYTES} bytes"
+        _report(handler, "protocol", peer_s, msg)
+        try:
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                await _send_response(conn, stream, Response.json({"error": msg}, status), close=True)
         except Exception:
             pass
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.LocalProtocolError):
@@ -171,13 +307,28 @@ async def serve_http(
     max_body_bytes: int = MAX_BODY_BYTES,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled. ``task_status.started`` gets the bound (host, port)."""
+    """Serve until cancelled. ``task_status.started`` gets the bound (host, port).
+
+    If the handler has ``flush_log(now)`` it is called every 10 s (the
+    rate-limited refusal log's summaries go out even when refusals stop).
+    """
     listeners = await trio.open_tcp_listeners(port, host=host)
 
     async def conn_handler(stream):
         await _handle_connection(stream, handler, max_body_bytes)
 
+    async def flush_loop(flush):
+        while True:
+            await trio.sleep(10.0)
+            try:
+                flush(trio.current_time())
+            except Exception:
+                log.debug("refusal log flush failed", exc_info=True)
+
     bound = listeners[0].socket.getsockname()[:2]
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, conn_handler, listeners)
+        flush = getattr(handler, "flush_log", None)
+        if flush is not None:
+            nursery.start_soon(flush_loop, flush)
         task_status.started((bound[0], bound[1]))

@@ -17,6 +17,20 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
 DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 
 
+def _streams_rejected(g: dict, snapshot: Callable) -> dict:
+    """Stream refusals from the gossip transport statistics: the snapshot's
+    ``streams_rejected`` if it carries one, else read from the node that
+    owns the snapshot (``node.gossip.statistics().transport``)."""
+    rej = g.get("streams_rejected")
+    if rej is None:
+        gossip = getattr(getattr(snapshot, "__self__", None), "gossip", None)
+        try:
+            rej = gossip.statistics().transport.streams_rejected if gossip is not None else {}
+        except Exception:  # a scrape must never take the node down
+            rej = {}
+    return dict(rej)
+
+
 class _CoreCollector:
     """Reads cumulative counters from the node's cores at scrape time."""
 
@@ -59,6 +73,15 @@ class _CoreCollector:
             "peerd_gossip_packets_rejected_total", "Gossip packets dropped, by reason.", labels=["reason"]
         )
         for reason, n in sorted((g.get("rejected") or {}).items()):
+            c.add_metric([reason], float(n))
+        yield c
+        c = CounterMetricFamily(
+            "peerd_gossip_streams_rejected_total",
+            "Inbound gossip streams closed before or while reading their message, by reason "
+            "(gossip/streams.py: caps, oversized, timeout, unauthenticated, malformed, buffer_budget).",
+            labels=["reason"],
+        )
+        for reason, n in sorted(_streams_rejected(g, self.snapshot).items()):
             c.add_metric([reason], float(n))
         yield c
         a = GaugeMetricFamily("peerd_gossip_awareness", "Lifeguard local health score (0 = healthy).")
@@ -123,11 +146,22 @@ class NodeMetrics:
         self.fencing_claims = Counter(
             "peerd_fencing_claims_total", "etcd slot claims by result (won, lost, unavailable, ...).", ["result"], registry=r
         )
-        self.api = Counter("peerd_api_requests_total", "HTTP API requests.", ["method", "route"], registry=r)
+        self.api = Counter(
+            "peerd_api_requests_total",
+            "HTTP API requests, by method (GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS or other) and route "
+            "template (/v1/tasks/{id}/runs; unknown for any other path): a closed set of labels.",
+            ["method", "route"], registry=r,
+        )
+        self.api_refusals = Counter(
+            "peerd_api_refusals_total",
+            "API requests refused before a handler ran, by reason (unauthorized, protocol, too_large, "
+            "timeout, internal); logged at most 5 lines a minute, the rest summarised.",
+            ["reason"], registry=r,
+        )
         self.store_writes = Counter("peerd_store_persist_rows_total", "Rows written to the local SQLite store.", registry=r)
 
     def api_requests(self, method: str, route: str) -> None:
-        self.api.labels(method if method in ("GET", "PUT", "POST", "DELETE") else "other", route).inc()
+        self.api.labels(method, route).inc()  # labels from node/http_api.py's closed sets
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
