@@ -670,11 +670,11 @@ async def test_claim_answered_after_the_shutdown_wait_does_not_run(etcd, tmp_pat
     is counted (slots{claim_after_shutdown}) and not run."""
     with trio.fail_after(DEADLINE_S):
         n, marker, release, stopped = await _claim_held_then_shutdown(etcd, tmp_path, nursery, 0.5)
-        while not n._runs_closed:  # the grace wait is over, the claim still unanswered
+        while not n.core.runs_closed:  # the grace wait is over, the claim still unanswered
             await trio.sleep(0.01)
         release.set()
         await stopped.wait()
-        while n._claims_in_flight:
+        while n.core.claims_in_flight():
             await trio.sleep(0.01)
     assert not marker.exists()
     assert n.metrics.slots.labels("claim_after_shutdown")._value.get() == 1
@@ -686,7 +686,7 @@ async def test_claim_answered_within_the_grace_runs_and_is_waited_for(etcd, tmp_
         n, marker, release, stopped = await _claim_held_then_shutdown(etcd, tmp_path, nursery, 20.0)
         while not n._stopping:
             await trio.sleep(0.01)
-        assert not n._runs_closed  # shutdown waits for the claim in flight
+        assert not n.core.runs_closed  # shutdown waits for the claim in flight
         release.set()
         await stopped.wait()
     assert marker.exists()  # the run happened before the node stopped
