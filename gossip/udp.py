@@ -28,11 +28,26 @@ Theory of operation:
 
 Stream frames: ``seal(type byte + payload)``; types ``PUSH_PULL``,
 ``USER`` (request) and ``USER_REPLY`` / ``USER_ERROR`` (responses).
+
+Seed names. A seed may be a DNS name (a Kubernetes headless Service, a
+round-robin record). The core treats a seed as an opaque address and asks
+for one join push-pull per seed per attempt; the shell resolves a name
+*at every attempt* (so members that come back with new IPs are found) to
+all its addresses (at most ``SEED_ADDRS_MAX``), drops our own address, and
+push-pulls with each of them at once, as memberlist's ``Join`` does. The
+first reply is handed to the core as the seed's reply (the join succeeded);
+later replies are merged as ordinary push-pulls; the attempt fails only when
+the name resolves to nothing else or every address fails. IP literals are
+dialled as before. Resolution is ``trio.socket.getaddrinfo`` unless a
+``resolver`` is given; with an injected transport (``MemoryNetwork``) and
+no resolver, names are not resolved.
 """
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
+import socket as _stdsocket
 import math
 import random
 import time
@@ -56,7 +71,7 @@ from gossip.transport import (
     format_addr,
 )
 
-__all__ = ["GossipNode", "GossipNodeStats", "RequestError"]
+__all__ = ["GossipNode", "GossipNodeStats", "RequestError", "Resolver", "resolve_seed"]
 
 log = logging.getLogger("peerd.gossip")
 
@@ -69,6 +84,37 @@ SEND_QUEUE_MAX = 10_000
 PUSH_PULL_INFLIGHT_MAX = 16
 INBOUND_STREAMS_MAX = 64
 MAX_ERROR_TEXT = 500
+#: A seed name's addresses contacted per join attempt (the first ones the
+#: resolver gives). A headless Service lists every ready pod; 16 is plenty
+#: to find the cluster and bounds the fan-out.
+SEED_ADDRS_MAX = 16
+
+#: ``await resolver(host, port)`` -> the addresses to dial for a seed name.
+Resolver = Callable[[str, int], Awaitable[list[Addr]]]
+
+
+async def resolve_seed(host: str, port: int) -> list[Addr]:
+    """Every address ``host`` resolves to now (``getaddrinfo``, TCP), in the
+    resolver's order, without duplicates.
+
+    Raises:
+        OSError: the name does not resolve (``socket.gaierror``).
+    """
+    infos = await trio.socket.getaddrinfo(host, port, type=_stdsocket.SOCK_STREAM)
+    out: list[Addr] = []
+    for _family, _type, _proto, _canon, sockaddr in infos:
+        a = (str(sockaddr[0]), int(sockaddr[1]))
+        if a not in out:
+            out.append(a)
+    return out
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
 
 
 class RequestError(Exception):
@@ -128,6 +174,9 @@ class GossipNode:
             default opens a ``UdpTcpTransport`` on ``bind`` in ``run``.
         rng: randomness for the core (default seeded from ``os.urandom``).
         epoch: boot epoch for replay protection (default wall-clock ms).
+        resolver: resolves seed names at every join attempt (default
+            :func:`resolve_seed` when the shell opens its own UDP/TCP
+            transport; none with an injected transport).
 
     Raises:
         KeyringError: no keyring and not insecure.
@@ -148,6 +197,7 @@ class GossipNode:
         transport: Any = None,
         rng: random.Random | None = None,
         epoch: int | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         if keyring is None and not insecure:
             raise KeyringError(
@@ -158,6 +208,7 @@ class GossipNode:
         self._bind = bind
         self._advertise = advertise
         self._seeds = list(seeds)
+        self._resolver = resolver if resolver is not None else (resolve_seed if transport is None else None)
         self._keyring = keyring
         self._tags = dict(tags or {})
         self._meta = meta
@@ -498,24 +549,10 @@ class GossipNode:
 
     async def _push_pull(self, eff: StartPushPull) -> None:
         try:
-            body = None
-            try:
-                with trio.fail_after(self.config.stream_timeout_s):
-                    stream = await self._transport.connect(eff.addr)
-                    try:
-                        await stream.send_frame(self.sealer.seal(bytes((PUSH_PULL,)) + eff.data))
-                        frame = await stream.recv_frame(MAX_FRAME_BYTES)
-                    finally:
-                        await stream.aclose()
-                _sender, body = self.sealer.open(frame, max_bytes=MAX_FRAME_BYTES)
-                if body[:1] != bytes((PUSH_PULL,)):
-                    raise PacketRejected("malformed", "push-pull reply of another type")
-            except PacketRejected as exc:
-                self._reject(exc.reason)
-                body = None
-            except (trio.TooSlowError, OSError, StreamClosed, FrameTooLarge) as exc:
-                log.debug("push-pull with %s failed: %s", format_addr(eff.addr), exc)
-                body = None
+            if eff.join and self._resolver is not None and not _is_ip_literal(eff.addr[0]):
+                await self._join_by_name(eff)
+                return
+            body = await self._exchange(eff.addr, eff.data)
             now = trio.current_time()
             if body is None:
                 self._counters.push_pull_failed += 1
@@ -523,10 +560,70 @@ class GossipNode:
             else:
                 self._counters.push_pull_ok += 1
                 self._apply(
-                    self._core_call("handle_push_pull_reply", self._core.handle_push_pull_reply, eff.addr, body[1:], now)
+                    self._core_call("handle_push_pull_reply", self._core.handle_push_pull_reply, eff.addr, body, now)
                 )
         finally:
             self._push_pulls_inflight -= 1
+
+    async def _exchange(self, addr: Addr, data: bytes) -> bytes | None:
+        """One push-pull round trip with ``addr``: the reply's payload, or
+        None on failure (a rejected reply is counted by reason)."""
+        try:
+            with trio.fail_after(self.config.stream_timeout_s):
+                stream = await self._transport.connect(addr)
+                try:
+                    await stream.send_frame(self.sealer.seal(bytes((PUSH_PULL,)) + data))
+                    frame = await stream.recv_frame(MAX_FRAME_BYTES)
+                finally:
+                    await stream.aclose()
+            _sender, body = self.sealer.open(frame, max_bytes=MAX_FRAME_BYTES)
+            if body[:1] != bytes((PUSH_PULL,)):
+                raise PacketRejected("malformed", "push-pull reply of another type")
+        except PacketRejected as exc:
+            self._reject(exc.reason)
+            return None
+        except (trio.TooSlowError, OSError, StreamClosed, FrameTooLarge) as exc:
+            log.debug("push-pull with %s failed: %s", format_addr(addr), exc)
+            return None
+        return body[1:]
+
+    async def _join_by_name(self, eff: StartPushPull) -> None:
+        """A join attempt through a seed name: resolve it now, push-pull with
+        each address but our own; the first reply is the seed's reply."""
+        host, port = eff.addr
+        try:
+            # half a stream timeout, so resolving and the exchange together
+            # end before the core's join deadline (1.5 stream timeouts)
+            with trio.fail_after(self.config.stream_timeout_s / 2):
+                addrs = list(await self._resolver(host, port))
+        except Exception as exc:  # gaierror, timeout, or a resolver's bug
+            log.info("seed %s: cannot resolve: %s", format_addr(eff.addr), exc or type(exc).__name__)
+            addrs = []
+        own = {self.advertise_addr, self._bound}
+        targets = [(str(a[0]), int(a[1])) for a in addrs]
+        targets = [a for a in dict.fromkeys(targets) if a not in own][:SEED_ADDRS_MAX]
+        log.debug("seed %s resolves to %s", format_addr(eff.addr), ", ".join(map(format_addr, targets)) or "nothing but us")
+        replied = False
+
+        async def one(addr: Addr) -> None:
+            nonlocal replied
+            body = await self._exchange(addr, eff.data)
+            if body is None:
+                self._counters.push_pull_failed += 1
+                return
+            self._counters.push_pull_ok += 1
+            replied = True
+            self._apply(self._core_call(
+                "handle_push_pull_reply", self._core.handle_push_pull_reply, eff.addr, body, trio.current_time()
+            ))
+
+        async with trio.open_nursery() as nursery:
+            for addr in targets:
+                nursery.start_soon(one, addr)
+        if not replied:
+            self._apply(self._core_call(
+                "push_pull_failed", self._core.push_pull_failed, eff.addr, trio.current_time()
+            ))
 
     # -- streams (server side) -----------------------------------------------------
     async def _serve_stream(self, stream: FramedStream) -> None:

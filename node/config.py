@@ -10,8 +10,10 @@ environment variable), the key and the reason. Nothing here does network I/O.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -107,7 +109,9 @@ class NodeConfig:
         advertise: address other members use to reach us (default: bind, or
             127.0.0.1 when bound to a wildcard).
         seeds: addresses to join through; any member can be a seed; seeds that
-            are down are retried with backoff.
+            are down are retried with backoff. A seed may be a DNS name
+            (``peerd.ns.svc.cluster.local:7946``): it is resolved again at
+            every join attempt, to all its addresses.
         api: HTTP API and ``/metrics`` address (default ``127.0.0.1:7701``).
         data_dir: directory for the SQLite state (default ``./peerd-data/<name>``).
         key_file: gossip keyring file (one base64 AES key per line; the first
@@ -197,8 +201,33 @@ def _addr_parser(value: Any, what: str) -> Addr:
     return parse_addr(str(value), what=what)
 
 
+# RFC 1123 host name (underscores tolerated), optional trailing dot
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
+)
+
+
 def _seeds_parser(value: Any, what: str) -> tuple[Addr, ...]:
-    return tuple(parse_addr(s, what=what) for s in _parse_list(value, what))
+    """Seeds are ``HOST:PORT`` where HOST is an IP address or a DNS name.
+    A name is resolved by the gossip shell at every join attempt, to all
+    its addresses (a Kubernetes headless Service lists every pod), so it
+    is only checked for shape here."""
+    out = []
+    for s in _parse_list(value, what):
+        host, port = parse_addr(s, what=what)
+        try:
+            ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            if not _HOST_NAME.fullmatch(host):
+                raise ConfigError(
+                    f"{what}: seed {s!r}: {host!r} is neither an IP address nor a DNS name "
+                    "(labels of letters, digits and '-', separated by dots)"
+                ) from None
+        if port == 0:
+            raise ConfigError(f"{what}: seed {s!r}: port 0 cannot be dialled")
+        out.append((host, port))
+    return tuple(out)
 
 
 def _choice(*choices: str):
