@@ -286,6 +286,7 @@ async def _handle_connection(stream: trio.SocketStream, handler: Handler, max_bo
         try:
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 await _send_response(conn, stream, Response.json({"error": msg}, status), close=True)
+                await _linger(stream)
         except Exception:
             pass
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.LocalProtocolError):
