@@ -161,6 +161,10 @@ def run(args) -> int:
         if tc == "apply":
             tasks = _load_tasks_file(args.file)
             r = c.call("PUT", f"/v1/tasks?source={_q(os.path.basename(args.file))}", tasks)
+            if not js:
+                for w in r.get("warnings") or []:
+                    print(f"peerctl: warning: task {w.get('task_id')!r}: {w.get('message')}",
+                          file=sys.stderr)
             emit(r, f"applied {len(r.get('applied', []))} task(s): {', '.join(r.get('applied', []))}")
         elif tc == "ls":
             ts = c.call("GET", "/v1/tasks")
@@ -189,8 +193,9 @@ def run(args) -> int:
                 f"owner: {e.get('owner') or '-'}   replicas: {', '.join(e.get('replicas') or []) or '-'}",
                 f"last fired: {_ts(e.get('last_fired_slot')) or '-'}",
                 "why: " + ("; ".join(e["why"]) if isinstance(e.get("why"), list) else str(e.get("why"))),
-                "next fires:",
             ]
+            lines += [f"note: {n}" for n in e.get("notes") or []]
+            lines.append("next fires:")
             for f in e.get("next", []):
                 note = f"  ({f['note']})" if f.get("note") else ""
                 lines.append(f"  {f.get('utc')}   {f.get('local')}{note}")

@@ -334,6 +334,7 @@ def _validate_cron(expr: str) -> list[str]:
         )
     for idx, field in enumerate(fields):
         name, low, high = _FIELDS[idx]
+        items = []
         for item in field.split(","):
             if item == "":
                 raise ScheduleError(f"{name}: empty list item")
@@ -346,6 +347,13 @@ def _validate_cron(expr: str) -> list[str]:
                 v = _field_value(part, idx)
                 if v is not None and not low <= v <= high:
                     raise ScheduleError(f"{name} must be {low}-{high}")
+            if dash and lo_s.lower() == hi_s.lower():
+                # a one-value range ('5-5', '5-5/2'): croniter reads it as the
+                # whole range ('*'), crontab(5) as the one value
+                item = lo_s
+            items.append(item)
+        fields[idx] = ",".join(items)
+    text = " ".join(fields)
     try:
         croniter(text, datetime(2000, 1, 1))
     except Exception as exc:  # croniter raises several types; reason is its text
@@ -864,8 +872,9 @@ def _reading_difference(dom: str, mon: str, dow: str, base: datetime) -> tuple |
     if ours == theirs:
         return None
     fields = ("0", "0", dom, mon, dow)
-    a_it = _walls(fields, base)
-    c_it = _croniter_walls(" ".join(fields), base, False)
+    start = base - timedelta(minutes=1)  # base's own day counts
+    a_it = _walls(fields, start)
+    c_it = _croniter_walls(" ".join(fields), start, False)
     a, c = next(a_it, None), next(c_it, None)
     if c is None:
         return (ours, theirs, a.date() if a else None, "croniter-never")
