@@ -201,7 +201,7 @@ def day_matches(fields, d):
     return a or b
 
 
-def reference_slots(expr, after, n, horizon_days=3 * 366):
+def reference_slots(expr, after, n, horizon_days=3 * 366 + 2):
     """The first n slots after ``after`` (UTC), day by day, then the time fields."""
     fields = expr.split()
     times = sorted((h, m, s) for h in _expand(fields[1], 0, 23) for m in _expand(fields[0], 0, 59)
