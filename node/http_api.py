@@ -43,7 +43,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from .http_server import HTTPError, Request, Response
 from .ratelog import RateLimitedLog
-from .tasks import MAX_INSTANT, MIN_INSTANT, valid_id
+from .decoding import DecodeError, check_tree, loads_json
+from .tasks import MAX_INSTANT, MIN_INSTANT, decode_error_message, valid_id
 
 log = logging.getLogger("peerd.http")
 
@@ -222,14 +223,14 @@ class Api:
         if name == "tasks":
             return Response.json(node.tasks_json())
         if name == "apply":
-            body = req.json()
+            source = req.query.get("source", "request")
+            if not 0 < len(source) <= MAX_SOURCE_LEN or not source.isprintable():
+                raise HTTPError(400, f"source: 1-{MAX_SOURCE_LEN} printable characters")
+            body = _task_document(req.body, source)
             if isinstance(body, dict) and list(body) == ["tasks"]:
                 body = body["tasks"]
             if not isinstance(body, list):
                 raise HTTPError(400, 'PUT /v1/tasks: body must be a JSON list of tasks (or {"tasks": [...]})')
-            source = req.query.get("source", "request")
-            if not 0 < len(source) <= MAX_SOURCE_LEN or not source.isprintable():
-                raise HTTPError(400, f"source: 1-{MAX_SOURCE_LEN} printable characters")
             return Response.json(await node.apply_tasks(body, source=source))
         if name == "keys":
             return Response.json(node.keys_json())
@@ -276,3 +277,14 @@ class Api:
             return Response.json(await node.backfill(ident, start, end, dry))
         raise HTTPError(404, f"no route {name}")  # a table entry without a branch: a bug
 
+
+def _task_document(body: bytes, source: str):
+    """Decode a task list; a decoding error names the task and the field
+    (``request: task 'a': schedule: duplicate key ...``)."""
+    data = None
+    try:
+        data = loads_json(body, check=False)
+        check_tree(data)
+    except DecodeError as e:
+        raise HTTPError(400, decode_error_message(data, e, source)) from None
+    return data

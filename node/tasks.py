@@ -714,7 +714,8 @@ def decode_error_message(data: Any, exc: DecodeError, source: str) -> str:
     if isinstance(items, list) and path and isinstance(path[0], int) and path[0] < len(items):
         item = items[path[0]]
         tid = item.get("id") if isinstance(item, dict) else None
-        who = f"task {tid!r}" if valid_id(tid) else f"task #{path[0] + 1}"
+        named = valid_id(tid) and path[1:2] != ("id",)  # a doubled id names the task by position
+        who = f"task {tid!r}" if named else f"task #{path[0] + 1}"
         field = format_path(path[1:])
         return f"{source}: {who}: {field + ': ' if field else ''}{exc.reason}"
     where = format_path(exc.path)
