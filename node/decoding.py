@@ -279,8 +279,9 @@ def loads_yaml(text: str, *, check: bool = True) -> Any:
     Raises:
         DecodeError: bad YAML (with the position) or a rule broken.
     """
-    loader = _YamlLoader(text)
+    loader = None
     try:
+        loader = _YamlLoader(text)  # the reader refuses control characters here
         value = loader.get_single_data()
     except DecodeError:
         raise
@@ -289,7 +290,8 @@ def loads_yaml(text: str, *, check: bool = True) -> Any:
     except (ValueError, TypeError, RecursionError) as e:  # e.g. an int over 4300 digits
         raise DecodeError((), f"not valid YAML: {e}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if check:
         check_tree(value)
     return value
