@@ -60,8 +60,10 @@ Rules
    queues it, at most :attr:`max_buffer` (default 100), beyond that
    ``buffer_full``. Queued slots fire one at a time when no run is going.
 4a. A slot whose predecessor is only **pending** (a Fire not yet started: a
-   fencing claim waiting for etcd, a catch-up slot waiting its turn) is not
-   an overlap: unless the policy is ``allow`` it joins the task's *waiting
+   fencing claim waiting for etcd, a catch-up slot waiting its turn), or is
+   running *late* (a backlog run: a catch-up, a rerun, or a slot released
+   from the waiting line; not a run started on its own time that overran its
+   period), is not an overlap: unless the policy is ``allow`` it joins the task's *waiting
    line* (bounded by :attr:`max_catchup_slots`, beyond that
    ``catchup_limit``). When the task is idle again (nothing running or
    pending) the oldest waiting slot is released and goes by the misfire
@@ -82,6 +84,8 @@ Rules
      previous slot pending      fire    W        W              W           W
      (claim waiting for etcd,
       catch-up line, handoff)
+     a late run running         fire    W        W              W           W
+     (catch-up, rerun)
 
      misfire + situation       missed (restart, takeover)     released late from the line
      skip                       misfire_skip each              misfire_skip
@@ -207,7 +211,7 @@ class _Entry:
     __slots__ = (
         "task", "tid", "sched", "rule", "every_s", "every_off_s", "paused", "owned", "ready",
         "last_fired", "cursor", "next_slot", "due_at", "running", "pending", "pending_expire_at",
-        "queue", "backfill", "waiting",
+        "queue", "backfill", "waiting", "late", "backlog",
     )
 
     def __init__(self, task: Task, sched: Schedule, paused: bool, cursor: int,
@@ -230,6 +234,9 @@ class _Entry:
         self.backfill: deque[int] = deque()
         # slots whose predecessor is pending: (slot, reason), oldest first
         self.waiting: deque[tuple[int, str]] = deque()
+        # running run ids of backlog runs, and slots fired as backlog (not started yet)
+        self.late: set[str] = set()
+        self.backlog: set[int] = set()
 
     def set_sched(self, sched: Schedule) -> None:
         self.sched = sched
@@ -387,6 +394,9 @@ class Scheduler:
         else:
             e.pending.pop(slot, None)
         e.running[run_id] = slot
+        if slot in e.backlog:
+            e.backlog.discard(slot)
+            e.late.add(run_id)
 
     def run_finished(self, task_id: str, run_id: str, now: float) -> None:
         """A run ended (all attempts); queued slots may now be released."""
@@ -394,6 +404,7 @@ class Scheduler:
         if e is None:
             return
         e.running.pop(run_id, None)
+        e.late.discard(run_id)
         if (e.queue or e.backfill or e.waiting) and not e.running and not e.pending:
             self._maybe_wake(e, now)
 
@@ -407,6 +418,7 @@ class Scheduler:
             e.pending[slot] = n - 1
         else:
             e.pending.pop(slot, None)
+            e.backlog.discard(slot)
         self._maybe_wake(e, now)
 
     def _maybe_wake(self, e: _Entry, now: float) -> None:
@@ -737,8 +749,12 @@ class Scheduler:
         effects.append(SlotSkipped(e.task.id, slot, reason))
         self._skipped[reason] = self._skipped.get(reason, 0) + 1
 
-    def _fire(self, e: _Entry, slot: int, reason: str, effects: list[Effect], now: float) -> None:
+    def _fire(self, e: _Entry, slot: int, reason: str, effects: list[Effect], now: float,
+              backlog: bool = False) -> None:
         effects.append(Fire(e.task.id, slot, e.sched.fire_time(slot), reason))
+        if backlog or reason in ("catchup", "rerun_owner_loss"):
+            # its run will be a backlog run (rule 4a), not a run on its own time
+            e.backlog.add(slot)
         e.pending[slot] = e.pending.get(slot, 0) + 1
         e.pending_expire_at = max(e.pending_expire_at,
                                   now + e.task.catchup_window_s + self.misfire_grace_s)
@@ -751,8 +767,9 @@ class Scheduler:
             self._expire_pending(e, now)
         if policy == "allow" or e.idle():
             self._fire(e, slot, reason, effects, now)
-        elif e.pending or e.waiting:
-            # Rule 4a: the predecessor is not running yet; wait for it.
+        elif e.pending or e.waiting or self._running_late(e, slot):
+            # Rule 4a: the predecessor is not running yet (or is a late run:
+            # catching up, not overrunning its period); wait for it.
             if len(e.waiting) >= self.max_catchup_slots:
                 self._skip(e, slot, "catchup_limit", effects)
                 return
@@ -783,6 +800,12 @@ class Scheduler:
             else:
                 e.queue.append((slot, reason))
 
+    @staticmethod
+    def _running_late(e: _Entry, slot: int) -> bool:
+        """Every run going is a backlog run (a catch-up, a rerun, a slot
+        released from the waiting line), not a run that overran its period."""
+        return bool(e.running) and all(r in e.late for r in e.running)
+
     def _expire_pending(self, e: _Entry, now: float) -> bool:
         """Forget Fires the shell never reported as started or abandoned.
 
@@ -793,6 +816,7 @@ class Scheduler:
         if e.pending and now > e.pending_expire_at:
             n = sum(e.pending.values())
             e.pending.clear()
+            e.backlog.clear()
             self._skipped["pending_expired"] = self._skipped.get("pending_expired", 0) + n
         return not e.pending
 
@@ -835,7 +859,8 @@ class Scheduler:
                     and now - fire_time(e.waiting[0][0]) > grace:
                 self._skip(e, slot, "coalesced", effects)
                 continue
-            self._fire(e, slot, "catchup" if late and reason == "due" else reason, effects, now)
+            self._fire(e, slot, "catchup" if late and reason == "due" else reason, effects, now,
+                       backlog=True)
             return
 
     # ------------------------------------------------------------ introspection

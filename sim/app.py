@@ -319,6 +319,7 @@ class AppCluster(Cluster):
         # From this virtual time on no scheduler ticks (runs finish, replication
         # goes on), so the end-of-run replica check sees a quiet catalogue.
         self.quiesce_s = INF
+        self.expect_no_missed = False
         self.disks: dict[str, dict[str, bytes]] = {}
         self.ledger: list[tuple] = []
         self.skipped: dict[tuple[str, int], str] = {}
@@ -568,8 +569,13 @@ class _DownTracker:
 
 def check_app_invariants(rep: dict, *, fencing: bool) -> list[str]:
     """Fenced: no duplicate fire (reclaim duplicates reported on their own
-    line). Always: replicas equal, no acknowledged write lost."""
+    line). Always: replicas equal, no acknowledged write lost. With
+    ``expect_no_missed`` (every task ``misfire: run_all`` and every outage
+    shorter than its ``catchup_window``): no slot missed."""
     out = []
+    if rep.get("expect_no_missed") and rep.get("missed_slots"):
+        out.append(f"{rep['missed_slots']} slot(s) missed with run_all inside the window: "
+                   f"{rep.get('missed_examples')}")
     if fencing and rep.get("duplicate_fires_warmup"):
         out.append(f"{rep['duplicate_fires_warmup']} duplicate fire(s) with fencing before the window")
     if fencing and rep.get("duplicate_fires"):
@@ -585,7 +591,8 @@ def build_app_cluster(config, options: ClusterOptions, schedule, *, duration_s: 
                       tasks: list[dict] | int = 5, fencing: bool = False,
                       etcd_outages: list[tuple[float, float]] = (), app_options: AppOptions | None = None,
                       catchup_margin_s: float = 10.0, start_s: float = 10.0,
-                      clock_offset_max_s: float | None = 0.05) -> AppCluster:
+                      clock_offset_max_s: float | None = 0.05,
+                      expect_no_missed: bool = False) -> AppCluster:
     """An :class:`AppCluster` ready to ``run(duration_s)``; then call
     ``cluster.app_report(report)``.
 
@@ -609,6 +616,7 @@ def build_app_cluster(config, options: ClusterOptions, schedule, *, duration_s: 
     cluster = AppCluster(config, options, schedule, app_options=ao, etcd=etcd)
     cluster.downs = _DownTracker(cluster)
     cluster.tasks_applied = list(tasks)
+    cluster.expect_no_missed = expect_no_missed
     cluster.window_s = (start_s, duration_s - catchup_margin_s)
     cluster.quiesce_s = duration_s - 0.6 * catchup_margin_s
     names = node_names(options.nodes)
@@ -643,6 +651,7 @@ def app_report(cluster: AppCluster, report: dict) -> dict:
     report["missed_examples"] = examples
     fencing = cluster.etcd is not None
     report["fencing"] = fencing
+    report["expect_no_missed"] = cluster.expect_no_missed
     report["ledger_hash"] = cluster.ledger_hash()
     report["fires"] = len(cluster.ledger)
     live = [n for n in cluster.nodes if n.up and n.apps]
@@ -672,7 +681,7 @@ def simulate_app(*, nodes: int, duration_s: float, seed: int, scenario: str = "s
                  tasks: list[dict] | int = 5, fencing: bool = False, loss: float | None = None,
                  etcd_outages: list[tuple[float, float]] = (), app_options: AppOptions | None = None,
                  profile: str = "lan", start_s: float = 10.0, catchup_margin_s: float = 10.0,
-                 schedule=None, **cluster_kw) -> tuple[dict, AppCluster]:
+                 schedule=None, expect_no_missed: bool = False, **cluster_kw) -> tuple[dict, AppCluster]:
     """Run ``scenario`` with the scheduler app on every node (see
     :func:`build_app_cluster` for the task write and the due window).
 
@@ -698,7 +707,7 @@ def simulate_app(*, nodes: int, duration_s: float, seed: int, scenario: str = "s
     cluster = build_app_cluster(config, opts, schedule, duration_s=duration_s, tasks=tasks, fencing=fencing,
                                 etcd_outages=etcd_outages, app_options=app_options,
                                 catchup_margin_s=catchup_margin_s, start_s=start_s,
-                                clock_offset_max_s=offset)
+                                clock_offset_max_s=offset, expect_no_missed=expect_no_missed)
     report = cluster.run(duration_s)
     report["scenario"] = scenario
     return app_report(cluster, report), cluster

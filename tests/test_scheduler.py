@@ -176,7 +176,10 @@ def test_run_now_respects_overlap_and_keeps_cursor():
     s.run_finished("t", "r1", T0 + 10.9)
     assert kinds(s.tick(T0 + 10.9)) == [("fire", T0 + 10, "run_now")]  # its turn
     s.run_started("t", T0 + 10, "r2", T0 + 10.95)
-    # really running, nothing waiting: forbid skips
+    s.run_finished("t", "r2", T0 + 10.97)
+    assert kinds(s.run_now("t", T0 + 10.98)) == [("fire", T0 + 10, "run_now")]
+    s.run_started("t", T0 + 10, "r3", T0 + 10.99)
+    # a run on its own time really running, nothing waiting: forbid skips
     assert kinds(s.run_now("t", T0 + 11)) == [("skip", T0 + 11, "overlap_forbid")]
     assert s.last_fired_slot("t") is None
 

@@ -84,6 +84,21 @@ def test_previous_slot_only_pending_waits_its_turn(policy):
     assert fires(s.tick(T0 + 121)) == [(T0 + 120, "due")]
 
 
+@pytest.mark.parametrize("policy", ["forbid", "replace", "buffer_one", "buffer_all"])
+def test_a_late_run_running_is_not_an_overlap(policy):
+    """A catch-up run still going when the next slot comes (draining a
+    backlog, not overrunning its own period): the slot waits its turn."""
+    s = Scheduler("n2")
+    s.set_task(task(policy, "run_all"), last_fired_slot=T0 + 60, now=T0 + 130)
+    s.set_owned("t", True, T0 + 130)
+    assert fires(s.tick(T0 + 130)) == [(T0 + 120, "catchup")]
+    s.run_started("t", T0 + 120, "late", T0 + 130)
+    out = s.tick(T0 + 180)                 # the catch-up run is still going
+    assert not fires(out) and not skips(out) and not [e for e in out if isinstance(e, Cancel)]
+    s.run_finished("t", "late", T0 + 181)
+    assert fires(s.tick(T0 + 181)) == [(T0 + 180, "due")]
+
+
 @pytest.mark.parametrize("misfire,expect", [
     ("run_all", [(T0 + 120, "catchup"), (T0 + 180, "catchup")]),
     ("run_once", [(T0 + 180, "catchup")]),
