@@ -26,8 +26,11 @@ Theory of operation:
    dropped and counted beyond it), subscriber channels (events dropped per
    subscriber and counted), concurrent push-pulls and inbound streams.
 
-Stream frames: ``seal(type byte + payload)``; types ``PUSH_PULL``,
-``USER`` (request) and ``USER_REPLY`` / ``USER_ERROR`` (responses).
+Stream messages: a sealed head (kind, body length), then the sealed body
+``seal(kind byte + payload)``; kinds ``PUSH_PULL``, ``USER`` (request) and
+``USER_REPLY`` / ``USER_ERROR`` (responses). Inbound streams are admitted,
+bounded and refused by the rules of ``gossip/streams.py`` (``StreamGate``);
+refusals are counted by reason in ``TransportStats.streams_rejected``.
 
 Seed names. A seed may be a DNS name (a Kubernetes headless Service, a
 round-robin record). The core treats a seed as an opaque address and asks
@@ -60,9 +63,20 @@ import trio
 from gossip.config import Config
 from gossip.effects import Addr, MemberEvent, SendPacket, StartPushPull, UserMessage
 from gossip.seal import REJECT_REASONS, Keyring, KeyringError, PacketRejected, Sealer
+from gossip.streams import (
+    HEAD_FRAME_MAX_BYTES,
+    PUSH_PULL,
+    USER,
+    USER_ERROR,
+    USER_REPLY,
+    GateStatistics,
+    StreamGate,
+    StreamRefused,
+    decode_head,
+    encode_head,
+)
 from gossip.swim import Swim
 from gossip.transport import (
-    MAX_FRAME_BYTES,
     FramedStream,
     FrameTooLarge,
     StreamClosed,
@@ -75,14 +89,8 @@ __all__ = ["GossipNode", "GossipNodeStats", "RequestError", "Resolver", "resolve
 
 log = logging.getLogger("peerd.gossip")
 
-PUSH_PULL = 1
-USER = 2
-USER_REPLY = 3
-USER_ERROR = 4
-
 SEND_QUEUE_MAX = 10_000
 PUSH_PULL_INFLIGHT_MAX = 16
-INBOUND_STREAMS_MAX = 64
 MAX_ERROR_TEXT = 500
 #: A seed name's addresses contacted per join attempt (the first ones the
 #: resolver gives). A headless Service lists every ready pod; 16 is plenty
@@ -138,6 +146,7 @@ class GossipNodeStats:
     push_pull_failed: int
     streams_refused: int
     requests_served: int
+    streams: GateStatistics | None = None
 
 
 @dataclass
@@ -230,7 +239,7 @@ class GossipNode:
         self._timer_wakeup = trio.Event()
         self._timer_target = math.inf
         self._push_pulls_inflight = 0
-        self._inbound_streams = 0
+        self._gate = StreamGate.from_config(config)
         self._stream_handler: StreamHandlerFn | None = None
         self._nursery: trio.Nursery | None = None
         self._cancel: trio.CancelScope | None = None
@@ -369,6 +378,7 @@ class GossipNode:
             push_pull_failed=c.push_pull_failed,
             streams_refused=c.streams_refused,
             requests_served=c.requests_served,
+            streams=self._gate.statistics(),
         )
 
     def update_local(self, tags: dict[str, str] | None = None, meta: bytes | None = None) -> None:
@@ -409,26 +419,104 @@ class GossipNode:
             with trio.fail_after(timeout_s):
                 stream = await self._transport.connect(addr)
                 try:
-                    await stream.send_frame(self.sealer.seal(bytes((USER,)) + data))
-                    frame = await stream.recv_frame(MAX_FRAME_BYTES)
+                    await self._send_message(stream, USER, data)
+                    _sender, kind, body = await self._recv_message(stream)
                 finally:
                     await stream.aclose()
         except trio.TooSlowError:
             raise RequestError(f"request to {format_addr(addr)} timed out after {timeout_s} s") from None
         except (OSError, StreamClosed, FrameTooLarge) as exc:
             raise RequestError(f"request to {format_addr(addr)} failed: {exc}") from None
+        except StreamRefused as exc:
+            raise RequestError(f"reply from {format_addr(addr)} rejected: {exc}") from None
+        if kind == USER_REPLY:
+            return body
+        if kind == USER_ERROR:
+            raise RequestError(
+                f"{format_addr(addr)} handler failed: {body.decode('utf-8', 'replace')}"
+            )
+        raise RequestError(f"reply from {format_addr(addr)} has unexpected kind {kind}")
+
+    # -- stream messages (gossip/streams.py) -------------------------------------------
+    def _members_known(self) -> int:
+        core = self._core
+        if core is None:
+            return 1
+        return max(1, sum(core.statistics().members_by_state.values()))
+
+    def _body_limit(self, kind: int) -> int:
+        """Largest body accepted or sent for a message of ``kind``."""
+        if kind == PUSH_PULL:
+            return self.config.push_pull_frame_max_bytes(self._members_known())
+        return self.config.request_frame_max_bytes
+
+    async def _send_message(self, stream: FramedStream, kind: int, payload: bytes) -> None:
+        """Send a head announcing the sealed body's length, then the body.
+
+        Raises:
+            FrameTooLarge: the body is over the kind's limit (nothing sent).
+            StreamClosed: the connection broke.
+        """
+        limit = self._body_limit(kind)
+        body_len = 1 + len(payload) + self.sealer.overhead()
+        if body_len > limit:
+            raise FrameTooLarge(f"refusing to send a body of {body_len} bytes (limit {limit})")
+        head = self.sealer.seal(encode_head(kind, body_len))
+        body = self.sealer.seal(bytes((kind,)) + payload)
+        assert len(body) == body_len, (len(body), body_len)
+        await stream.send_frame(head, HEAD_FRAME_MAX_BYTES)
+        await stream.send_frame(body, limit)
+
+    async def _recv_head(self, stream: FramedStream) -> tuple[str, int, int]:
+        """Read and open a head: ``(sender, kind, body length)``.
+
+        Raises:
+            StreamRefused: ``oversized``, ``unauthenticated`` (the seal's
+                reason is counted as a rejected packet too), ``malformed``.
+            StreamClosed: EOF before a whole head.
+        """
         try:
-            _sender, body = self.sealer.open(frame, max_bytes=MAX_FRAME_BYTES)
+            frame = await stream.recv_frame(HEAD_FRAME_MAX_BYTES)
+        except FrameTooLarge as exc:
+            raise StreamRefused("oversized", f"head: {exc}") from None
+        try:
+            sender, plain = self.sealer.open(frame, max_bytes=HEAD_FRAME_MAX_BYTES)
         except PacketRejected as exc:
             self._reject(exc.reason)
-            raise RequestError(f"reply from {format_addr(addr)} rejected: {exc.reason}") from None
-        if body[:1] == bytes((USER_REPLY,)):
-            return body[1:]
-        if body[:1] == bytes((USER_ERROR,)):
-            raise RequestError(
-                f"{format_addr(addr)} handler failed: {body[1:].decode('utf-8', 'replace')}"
-            )
-        raise RequestError(f"reply from {format_addr(addr)} has unknown type")
+            raise StreamRefused("unauthenticated", f"head: {exc}") from None
+        kind, body_len = decode_head(plain)
+        return sender, kind, body_len
+
+    async def _recv_body(self, stream: FramedStream, sender: str, kind: int, body_len: int) -> bytes:
+        """Read the body a head announced and open it; its payload.
+
+        Raises:
+            StreamRefused: ``malformed`` (length, sender or kind differ from
+                the head), ``unauthenticated`` (does not open).
+            StreamClosed: EOF before the whole body.
+        """
+        try:
+            frame = await stream.recv_frame(body_len)
+        except FrameTooLarge:
+            raise StreamRefused("malformed", f"body frame longer than the {body_len} bytes announced") from None
+        if len(frame) != body_len:
+            raise StreamRefused("malformed", f"body frame of {len(frame)} bytes, {body_len} announced")
+        try:
+            body_sender, body = self.sealer.open(frame, max_bytes=body_len)
+        except PacketRejected as exc:
+            self._reject(exc.reason)
+            raise StreamRefused("unauthenticated", f"body: {exc}") from None
+        if body_sender != sender or body[:1] != bytes((kind,)):
+            raise StreamRefused("malformed", "body of another sender or kind than its head")
+        return body[1:]
+
+    async def _recv_message(self, stream: FramedStream) -> tuple[str, int, bytes]:
+        """Read one message (client side: a reply): ``(sender, kind, payload)``."""
+        sender, kind, body_len = await self._recv_head(stream)
+        limit = self._body_limit(kind)
+        if body_len > limit:
+            raise StreamRefused("oversized", f"body of {body_len} bytes announced, limit {limit}")
+        return sender, kind, await self._recv_body(stream, sender, kind, body_len)
 
     # -- effects ---------------------------------------------------------------
     def _apply(self, effects) -> None:
@@ -572,20 +660,19 @@ class GossipNode:
             with trio.fail_after(self.config.stream_timeout_s):
                 stream = await self._transport.connect(addr)
                 try:
-                    await stream.send_frame(self.sealer.seal(bytes((PUSH_PULL,)) + data))
-                    frame = await stream.recv_frame(MAX_FRAME_BYTES)
+                    await self._send_message(stream, PUSH_PULL, data)
+                    _sender, kind, body = await self._recv_message(stream)
                 finally:
                     await stream.aclose()
-            _sender, body = self.sealer.open(frame, max_bytes=MAX_FRAME_BYTES)
-            if body[:1] != bytes((PUSH_PULL,)):
-                raise PacketRejected("malformed", "push-pull reply of another type")
-        except PacketRejected as exc:
-            self._reject(exc.reason)
+            if kind != PUSH_PULL:
+                raise StreamRefused("malformed", f"push-pull reply of kind {kind}")
+        except StreamRefused as exc:
+            log.debug("push-pull reply from %s refused: %s", format_addr(addr), exc)
             return None
         except (trio.TooSlowError, OSError, StreamClosed, FrameTooLarge) as exc:
             log.debug("push-pull with %s failed: %s", format_addr(addr), exc)
             return None
-        return body[1:]
+        return body
 
     async def _join_by_name(self, eff: StartPushPull) -> None:
         """A join attempt through a seed name: resolve it now, push-pull with
@@ -626,18 +713,49 @@ class GossipNode:
             ))
 
     # -- streams (server side) -----------------------------------------------------
+    def _refuse_stream(self, stream: FramedStream, reason: str, detail: object = "") -> None:
+        self._transport.stats.reject_stream(reason)
+        log.debug("stream from %s refused: %s %s", format_addr(stream.peer), reason, detail)
+
     async def _serve_stream(self, stream: FramedStream) -> None:
-        if self._inbound_streams >= INBOUND_STREAMS_MAX:
+        """Serve one inbound stream under the rules of ``gossip/streams.py``."""
+        source = stream.peer[0]
+        reason = self._gate.admit(source)  # before any byte is read
+        if reason is not None:
             self._counters.streams_refused += 1
+            self._refuse_stream(stream, reason)
             await stream.aclose()
             return
-        self._inbound_streams += 1
+        authenticated = False
+        received = False
+        reserved = 0
         try:
-            with trio.move_on_after(self.config.stream_timeout_s) as scope:
-                await self._serve_one(stream)
-            if scope.cancelled_caught:
-                self._counters.peer_errors += 1
-                log.debug("stream from %s timed out", format_addr(stream.peer))
+            with trio.move_on_after(self.config.stream_timeout_s) as whole:
+                with trio.move_on_after(self.config.stream_head_timeout_s) as head_scope:
+                    sender, kind, body_len = await self._recv_head(stream)
+                if head_scope.cancelled_caught:
+                    raise StreamRefused("timeout", f"no head within {self.config.stream_head_timeout_s} s")
+                self._gate.authenticated(source)
+                authenticated = True
+                if kind not in (PUSH_PULL, USER):
+                    raise StreamRefused("malformed", f"a stream opened with a message of kind {kind}")
+                limit = self._body_limit(kind)
+                if body_len > limit:
+                    raise StreamRefused("oversized", f"body of {body_len} bytes announced, limit {limit}")
+                if not self._gate.reserve(body_len):
+                    raise StreamRefused("buffer_budget", f"body of {body_len} bytes announced")
+                reserved = body_len
+                payload = await self._recv_body(stream, sender, kind, body_len)
+                received = True
+                await self._serve_one(stream, sender, kind, payload)
+            if whole.cancelled_caught:
+                if received:  # our side (the handler) was too slow
+                    self._counters.peer_errors += 1
+                    log.debug("stream from %s: handler timed out", format_addr(stream.peer))
+                else:
+                    self._refuse_stream(stream, "timeout", f"no whole message within {self.config.stream_timeout_s} s")
+        except StreamRefused as exc:
+            self._refuse_stream(stream, exc.reason, exc.detail)
         except (StreamClosed, FrameTooLarge, OSError) as exc:
             self._counters.peer_errors += 1
             log.debug("stream from %s dropped: %s", format_addr(stream.peer), exc)
@@ -645,19 +763,13 @@ class GossipNode:
             self._counters.internal_errors += 1
             log.exception("stream from %s: unexpected error", format_addr(stream.peer))
         finally:
-            self._inbound_streams -= 1
+            if reserved:
+                self._gate.release(reserved)
+            self._gate.close(source, authenticated)
             await stream.aclose()
 
-    async def _serve_one(self, stream: FramedStream) -> None:
-        frame = await stream.recv_frame(MAX_FRAME_BYTES)
-        try:
-            sender, body = self.sealer.open(frame, max_bytes=MAX_FRAME_BYTES)
-        except PacketRejected as exc:
-            log.debug("stream from %s rejected: %s", format_addr(stream.peer), exc)
-            self._reject(exc.reason)
-            return
-        kind, payload = body[:1], body[1:]
-        if kind == bytes((PUSH_PULL,)):
+    async def _serve_one(self, stream: FramedStream, sender: str, kind: int, payload: bytes) -> None:
+        if kind == PUSH_PULL:
             result = self._core_call(
                 "handle_push_pull", self._core.handle_push_pull, stream.peer, payload, trio.current_time()
             )
@@ -666,19 +778,21 @@ class GossipNode:
             reply, effects = result
             self._apply(effects)
             if reply is not None:
-                await stream.send_frame(self.sealer.seal(bytes((PUSH_PULL,)) + reply))
-        elif kind == bytes((USER,)):
-            handler = self._stream_handler
-            if handler is None:
-                out = bytes((USER_ERROR,)) + b"no stream handler on this member"
-            else:
-                try:
-                    out = bytes((USER_REPLY,)) + bytes(await handler(sender, payload))
-                    self._counters.requests_served += 1
-                except Exception as exc:
-                    log.debug("stream handler failed for %s", sender, exc_info=True)
-                    text = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_TEXT]
-                    out = bytes((USER_ERROR,)) + text.encode("utf-8", "replace")
-            await stream.send_frame(self.sealer.seal(out))
+                await self._send_message(stream, PUSH_PULL, reply)
+            return
+        handler = self._stream_handler
+        if handler is None:
+            out_kind, out = USER_ERROR, b"no stream handler on this member"
         else:
-            self._reject("malformed")
+            try:
+                out_kind, out = USER_REPLY, bytes(await handler(sender, payload))
+                self._counters.requests_served += 1
+            except Exception as exc:
+                log.debug("stream handler failed for %s", sender, exc_info=True)
+                text = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_TEXT]
+                out_kind, out = USER_ERROR, text.encode("utf-8", "replace")
+        try:
+            await self._send_message(stream, out_kind, out)
+        except FrameTooLarge as exc:
+            log.warning("reply to %s not sent: %s", sender, exc)
+            await self._send_message(stream, USER_ERROR, f"reply not sent: {exc}".encode())
