@@ -355,10 +355,17 @@ def _validate_cron(expr: str) -> list[str]:
         fields[idx] = ",".join(items)
     text = " ".join(fields)
     try:
-        croniter(text, datetime(2000, 1, 1))
+        it = croniter(text, datetime(2000, 1, 1), implement_cron_bug=True)
     except Exception as exc:  # croniter raises several types; reason is its text
         raise ScheduleError(f"invalid cron expression: {exc}") from None
-    if next(_walls(tuple(fields), datetime(2000, 1, 1)), None) is None:
+    if day_fields_combine(fields[2], fields[4]) == "and":
+        try:  # the iterator built above steps exactly as _walls would
+            fires = it.get_next(datetime) is not None
+        except Exception:  # CroniterBadDateError
+            fires = False
+    else:
+        fires = next(_walls(tuple(fields), datetime(2000, 1, 1)), None) is not None
+    if not fires:
         dom, dow = fields[2], fields[4]
         if day_fields_combine(dom, dow) == "and" and not (_is_star(dom) or _is_star(dow)):
             raise ScheduleError(
