@@ -45,6 +45,7 @@ from .http_api import Api
 from .http_server import HTTPError, serve_http
 from .knobs import NodeKnobs
 from .metrics import NodeMetrics
+from .schedule import reading_notes
 from .sqlite_store import CorruptDatabase, SqliteStore
 from .store import Store
 from .tasks import Task, TaskError, parse_tasks
@@ -620,14 +621,9 @@ class Node:
         applied, effects = self.core.apply_tasks([t.resolve_now(now) for t in tasks], now)
         self._do(effects)
         out: dict = {"applied": applied}
-        try:
-            from .schedule import reading_notes
-        except ImportError:
-            reading_notes = None
-        if reading_notes is not None:
-            warnings = [{"task_id": t.id, "message": msg} for t in tasks for msg in reading_notes(t)]
-            if warnings:
-                out["warnings"] = warnings
+        warnings = [{"task_id": t.id, "message": msg} for t in tasks for msg in reading_notes(t)]
+        if warnings:
+            out["warnings"] = warnings
         return out
 
     async def delete_task(self, task_id: str) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .core import NodeCore
+from .schedule import reading_notes
 
 __all__ = [
     "member_json", "ring_json", "tasks_json", "task_json", "owner_json", "runs_json",
@@ -115,10 +116,5 @@ def explain_json(core: NodeCore, task_id: str, n: int, now: float) -> dict:
         e["why"] = list(e.get("why", [])) + [
             f"held until a handoff exchange with a replica completes (at most "
             f"{core.knobs.handoff_timeout_s:g} s)"]
-    try:
-        from .schedule import reading_notes
-    except ImportError:  # pragma: no cover - older schedule module
-        reading_notes = None
-    if reading_notes is not None:
-        e["notes"] = list(reading_notes(t))
+    e["notes"] = list(reading_notes(t))
     return e
