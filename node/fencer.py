@@ -60,7 +60,7 @@ from node.etcd import EtcdClient
 from node.fencing import (
     ClaimDecision, ClaimValue, EtcdClientError, EtcdError, EtcdProtocolError, EtcdUnavailable,
     Reason, alive_key, decide_claim, decide_reclaim, epoch_key, fire_key, is_lease_not_found,
-    parse_epoch, plan_reclaim, reclaim_txn, claim_txn, split_token,
+    fold_decision, parse_epoch, plan_reclaim, reclaim_txn, claim_txn, split_token,
 )
 from node.retry import backoff_delay_s
 
@@ -415,7 +415,7 @@ class Fencer:
             except trio.TooSlowError:
                 last_err = f"attempt took longer than {self.request_timeout_s} s"
             if decision is not None and decision.claimer_alive:
-                self._high_water = max(self._high_water, decision.high_water)
+                self._high_water, self._epoch = fold_decision(decision, self._high_water, self._epoch)
                 if not waited_alive:
                     waited_alive = True
                     log.info("%s waits: the claimer's etcd session still holds (declared dead "
@@ -429,10 +429,7 @@ class Fencer:
                 await self._retry_pause(attempt, give_up_at - now)
                 continue
             if decision is not None:
-                self._high_water = decision.high_water
-                if decision.token is not None:
-                    self._high_water = max(self._high_water, decision.token)
-                self._epoch = max(self._epoch, split_token(self._high_water)[0])
+                self._high_water, self._epoch = fold_decision(decision, self._high_water, self._epoch)
                 holder = decision.holder.node if decision.holder else None
                 return ClaimResult(decision.won, decision.token, decision.reason,
                                    decision.detail, attempt, holder)

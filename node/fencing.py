@@ -106,7 +106,7 @@ __all__ = [
     "decode_error", "decode_int64", "decode_body", "b64", "unb64",
     "fire_key", "epoch_key", "alive_key", "make_token", "split_token", "parse_epoch",
     "ClaimValue", "encode_claim", "decode_claim", "claim_txn", "reclaim_txn",
-    "ClaimDecision", "decide_claim", "ReclaimPlan", "plan_reclaim",
+    "ClaimDecision", "decide_claim", "fold_decision", "ReclaimPlan", "plan_reclaim",
     "decide_reclaim", "is_auth_error", "is_lease_not_found",
     "is_retryable_error",
 ]
@@ -723,6 +723,16 @@ def decide_claim(res: TxnResult, *, node: str, run_id: str,
                              kv.mod_revision)
     return ClaimDecision(False, None, "lost", f"held by {holder.node} run {holder.run_id}",
                          hw, holder, kv.mod_revision)
+
+
+def fold_decision(d: ClaimDecision, high_water: int, epoch: int) -> tuple[int, int]:
+    """Rule 5 after an answered claim or re-claim: the fencer's new
+    ``(high_water, epoch)``. A re-claim refused because the claimer is alive
+    only raises the mark."""
+    if d.claimer_alive:
+        return max(high_water, d.high_water), epoch
+    hw = d.high_water if d.token is None else max(d.high_water, d.token)
+    return hw, max(epoch, split_token(hw)[0])
 
 
 @dataclass(frozen=True, slots=True)

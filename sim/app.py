@@ -13,8 +13,11 @@ one:
   duration (drawn per task from the seed: ``run_duration_s * U(0.25, 1.75)``);
 - ``CancelRun`` -> the run ends cancelled;
 - ``Claim``/``Reclaim`` -> one attempt against the shared
-  ``sim.etcd_model.EtcdModel``; a re-claim is planned by the real
-  ``node.fencing.plan_reclaim``; the answer goes to ``claim_answered``;
+  ``sim.etcd_model.EtcdModel``, as the daemon's fencer makes it: the same
+  ``node.fencing`` transactions (``claim_txn``, ``reclaim_txn`` planned by
+  ``plan_reclaim``) through the model's gateway JSON, decided by the same
+  ``decide_claim`` / ``decide_reclaim`` and ``fold_decision``; the answer
+  goes to ``claim_answered``;
 - ``Note`` -> counted (every skipped or abandoned slot is kept with its
   reason, so each missed slot of a run is reported with why).
 
@@ -42,7 +45,17 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from node.core import CancelRun, Claim, NodeCore, Note, Reclaim, Request, StartRun
-from node.fencing import ClaimValue, KeyValue, alive_key, encode_claim, plan_reclaim
+from node.fencing import (
+    ClaimValue,
+    alive_key,
+    claim_txn,
+    decide_claim,
+    decide_reclaim,
+    fire_key,
+    fold_decision,
+    plan_reclaim,
+    reclaim_txn,
+)
 from node.knobs import NodeKnobs
 from node.store import Store
 from node.tasks import Task
@@ -59,16 +72,6 @@ EPOCH_BASE = 1_800_000_000.0
 # SimNode clocks read 1000 + offset at t=0 (sim/cluster.py).
 EPOCH_SHIFT = EPOCH_BASE - 1000.0
 ETCD_PREFIX = "/peerd"  # node/config.py default; alive keys are the real ones
-
-
-def _claim_record(key: str, kv) -> KeyValue | None:
-    """The model's claim ``(node, run_id, reclaims, dead, session)`` as the
-    etcd record a real fencer reads (JSON claim value, same revisions)."""
-    if kv is None:
-        return None
-    node, run_id, reclaims, dead, session = kv.value
-    value = encode_claim(ClaimValue(node, run_id, 0, reclaims, tuple(dead), session))
-    return KeyValue(key.encode(), value, kv.create_revision, kv.mod_revision, kv.version, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,8 @@ class SchedulerApp:
         self.store = store
         self.boot_id = child_rng(cluster.seed, "boot", node.name, node.boots).getrandbits(64) or 1
         self.alive_key = alive_key(ETCD_PREFIX, node.name, self.boot_id).decode()
+        self.high_water = 0   # the fencer's Rule 5 mark and epoch, per process
+        self.fence_epoch = 0
         self.finish: dict[str, float] = {}          # run id -> epoch it ends
         self.timers: list[tuple[float, int, str, Any]] = []
         self._tseq = 0
@@ -248,39 +253,44 @@ class SchedulerApp:
                 work.extend(self.core.claim_answered(e.task_id, e.slot, e.run_id, outcome, token, now))
 
     def _claim(self, e: Claim) -> tuple[str, int | None]:
+        """One claim attempt: the fencer's transaction (``claim_txn``) through
+        the model's gateway, decided by ``decide_claim``."""
+        value = ClaimValue(self.name, e.run_id, self.fence_epoch, session=self.boot_id)
+        hw0 = self.high_water
         try:
-            res = self.cluster.etcd.claim(f"fire/{e.task_id}/{e.slot}",
-                                          (self.name, e.run_id, 0, (), self.boot_id), self._t())
+            res = self.cluster.etcd.txn(*claim_txn(ETCD_PREFIX, e.task_id, e.slot, value, 0), self._t())
         except EtcdModelUnavailable:
             return "unavailable", None
-        return ("won", res.token) if res.won else ("lost", None)
+        d = decide_claim(res, node=self.name, run_id=e.run_id, high_water_before=hw0,
+                         high_water_now=self.high_water)
+        self.high_water, self.fence_epoch = fold_decision(d, self.high_water, self.fence_epoch)
+        return d.reason, d.token
 
     def _reclaim(self, e: Reclaim) -> tuple[str, int | None]:
-        """One re-claim attempt: the model's claim tuple is turned into the
-        record a real fencer reads and planned by ``node.fencing.plan_reclaim``
-        (Rules 7 and 8); the plan is written with the model's compare-and-put."""
+        """One re-claim attempt as the fencer makes it: read the claim, plan by
+        ``plan_reclaim`` (Rules 7 and 8), send ``reclaim_txn``, decide by
+        ``decide_reclaim``."""
         etcd = self.cluster.etcd
-        key = f"fire/{e.task_id}/{e.slot}"
         t_s = self._t()
+        hw0 = self.high_water
         try:
-            kv = etcd.get(key, t_s)
-            plan = plan_reclaim(_claim_record(key, kv), node=self.name, run_id=e.run_id,
-                                dead_node=e.dead, epoch=0, max_reclaims=self.opts.knobs.max_reclaims,
-                                expected_run_id=e.expected_run_id, session=self.boot_id, prefix=ETCD_PREFIX)
+            kv = etcd.range(fire_key(ETCD_PREFIX, e.task_id, e.slot), t_s)
+            plan = plan_reclaim(kv, node=self.name, run_id=e.run_id, dead_node=e.dead,
+                                epoch=self.fence_epoch, max_reclaims=self.opts.knobs.max_reclaims,
+                                expected_run_id=e.expected_run_id, session=self.boot_id,
+                                prefix=ETCD_PREFIX)
             if plan.value is None:
                 return "lost", None
-            v = plan.value
-            dead_alive = None if plan.dead_alive is None else plan.dead_alive.decode()
-            token = etcd.reclaim(key, plan.mod_revision, (v.node, v.run_id, v.reclaims, v.dead, v.session),
-                                 t_s, dead_alive=dead_alive)
+            res = etcd.txn(*reclaim_txn(ETCD_PREFIX, e.task_id, e.slot, plan.value, 0,
+                                        plan.mod_revision, plan.dead_alive), t_s)
         except EtcdModelUnavailable:
             return "unavailable", None
-        if token is not None:
-            return "won", token
-        if dead_alive is not None and etcd.session_alive(dead_alive, t_s) \
-                and etcd.peek(key).mod_revision == plan.mod_revision:
+        d = decide_reclaim(res, node=self.name, run_id=e.run_id, high_water_before=hw0,
+                           high_water_now=self.high_water, mod_revision=plan.mod_revision)
+        self.high_water, self.fence_epoch = fold_decision(d, self.high_water, self.fence_epoch)
+        if d.claimer_alive:
             return "claimer_alive", None
-        return "lost", None
+        return d.reason, d.token
 
     # ------------------------------------------------------------- sessions
     def _session_tick(self, now: float) -> None:

@@ -30,6 +30,18 @@ Rule 4 (tokens): ``token = node.fencing.make_token(epoch, revision)`` exactly
     as the real fencer computes it; ``restore(snapshot)`` puts revisions back
     (a restore from backup), ``raise_epoch()`` is the operator's fix.
 
+Rule 5 (the real transaction shapes): ``txn(compare, success, failure,
+    now_s)`` takes the very ``node.fencing`` ops the daemon's fencer sends
+    (``claim_txn``, ``reclaim_txn``), encodes them with ``encode_txn`` into
+    the gateway's JSON, applies them in ``txn_json`` and answers in the
+    gateway's JSON (int64 as strings, base64 keys and values, ``succeeded``
+    omitted when false), which ``decode_txn`` reads back. So the simulator's
+    claims go through the same codec and the same ``decide_claim`` /
+    ``decide_reclaim`` as a real one. A process's alive key (Rule 4b) reads
+    as present (version 1) while its session holds; the epoch key reads as
+    ``epoch`` when it is above 0. A txn's writes share one new revision, as
+    in etcd.
+
 Determinism: no randomness here; dict iteration only after sorting.
 """
 from __future__ import annotations
@@ -39,7 +51,19 @@ import heapq
 import math
 from dataclasses import dataclass
 
-from node.fencing import make_token
+from node.fencing import (
+    Compare,
+    KeyValue,
+    Op,
+    TxnResult,
+    b64,
+    decode_range,
+    decode_txn,
+    encode_txn,
+    epoch_key,
+    make_token,
+    unb64,
+)
 
 __all__ = ["EtcdModel", "EtcdModelUnavailable", "ModelKV", "ModelClaim", "ModelSnapshot"]
 
@@ -81,7 +105,7 @@ class EtcdModel:
             (``end_s`` may be ``inf``: etcd never comes back).
     """
 
-    def __init__(self, outages: list[tuple[float, float]] | tuple = ()):
+    def __init__(self, outages: list[tuple[float, float]] | tuple = (), prefix: str = "/peerd"):
         wins = sorted((float(a), float(b)) for a, b in outages)
         for a, b in wins:
             if not math.isfinite(a) or math.isnan(b) or not a < b:
@@ -102,6 +126,8 @@ class EtcdModel:
         self._expiry: list[tuple[float, str, int]] = []  # (expires_at_s, key, mod_revision)
         self.writes = 0
         self.rejected_unavailable = 0
+        self._epoch_key = epoch_key(prefix).decode()
+        self.txns = 0
 
     # -------------------------------------------------------------- outages
 
@@ -214,6 +240,101 @@ class EtcdModel:
             return ModelClaim(True, make_token(self.epoch, kv.mod_revision), kv.value, kv.mod_revision)
         return ModelClaim(False, None, kv.value, kv.mod_revision)
 
+    # ------------------------------------------- the gateway's txn (Rule 5)
+
+    def txn(self, compare: list[Compare], success: list[Op], failure: list[Op], now_s: float, *,
+            lost_reply: bool = False) -> TxnResult:
+        """One transaction in ``node.fencing``'s shapes, through the gateway's
+        JSON both ways. Raises EtcdModelUnavailable in an outage (nothing
+        done) or, with ``lost_reply``, after applying it."""
+        return decode_txn(self.txn_json(encode_txn(compare, success, failure), now_s,
+                                        lost_reply=lost_reply))
+
+    def range(self, key: bytes, now_s: float) -> KeyValue | None:
+        """``GET key`` as the real client decodes it (None: absent)."""
+        self._enter(now_s)
+        rr = decode_range(self._range_json(key.decode("utf-8", "surrogateescape"), now_s))
+        return rr.kvs[0] if rr.kvs else None
+
+    def txn_json(self, body: dict, now_s: float, *, lost_reply: bool = False) -> dict:
+        """``POST /v3/kv/txn``: the gateway's request body in, its reply out."""
+        self._enter(now_s)
+        self.txns += 1
+        ok = all(self._compare_json(c, now_s) for c in body.get("compare", []))
+        ops = body.get("success" if ok else "failure", [])
+        out: list[dict] = []
+        rev = None
+        for op in ops:
+            if "requestPut" in op:
+                d = op["requestPut"]
+                key = unb64(d["key"], "key").decode("utf-8", "surrogateescape")
+                if rev is None:
+                    self.revision += 1
+                    rev = self.revision
+                self._put_at(key, unb64(d.get("value", ""), "value"), rev, int(d.get("lease", 0)))
+                out.append({"response_put": {"header": {"revision": str(self.revision)}}})
+            elif "requestRange" in op:
+                key = unb64(op["requestRange"]["key"], "key").decode("utf-8", "surrogateescape")
+                out.append({"response_range": self._range_json(key, now_s)})
+            else:
+                raise ValueError(f"op {sorted(op)} is not modelled")
+        reply: dict = {"header": {"revision": str(self.revision)}, "responses": out}
+        if ok:
+            reply["succeeded"] = True  # the gateway omits it when false
+        if lost_reply and rev is not None:
+            raise EtcdModelUnavailable("reply lost (write applied)")
+        return reply
+
+    def _put_at(self, key: str, value: bytes, rev: int, lease: int) -> None:
+        if lease:
+            raise ValueError("leases are not modelled in txn (claims are written with lease 0)")
+        self.writes += 1
+        old = self._kv.get(key)
+        self._kv[key] = ModelKV(value, old.create_revision if old else rev, rev,
+                                (old.version if old else 0) + 1, None)
+
+    def _view(self, key: str, now_s: float) -> ModelKV | None:
+        """A key as a txn sees it: stored keys, live alive keys, the epoch."""
+        kv = self._kv.get(key)
+        if kv is not None:
+            return kv
+        if key in self._sessions and self.session_alive(key, now_s):
+            return ModelKV(b"alive", 1, 1, 1, None)
+        if key == self._epoch_key and self.epoch > 0:
+            return ModelKV(str(self.epoch).encode(), 1, 1, 1, None)
+        return None
+
+    def _compare_json(self, c: dict, now_s: float) -> bool:
+        kv = self._view(unb64(c["key"], "key").decode("utf-8", "surrogateescape"), now_s)
+        target = c["target"]
+        if target == "VALUE":
+            have: int | bytes = b"" if kv is None else _as_bytes(kv.value)
+            want: int | bytes = unb64(c.get("value", ""), "value")
+        else:
+            field = {"VERSION": "version", "CREATE": "createRevision", "MOD": "modRevision"}[target]
+            have = 0 if kv is None else {"VERSION": kv.version, "CREATE": kv.create_revision,
+                                         "MOD": kv.mod_revision}[target]
+            want = int(c.get(field, 0))
+        result = c["result"]
+        if result == "EQUAL":
+            return have == want
+        if result == "NOT_EQUAL":
+            return have != want
+        if result == "GREATER":
+            return have > want  # type: ignore[operator]
+        return have < want  # type: ignore[operator]
+
+    def _range_json(self, key: str, now_s: float) -> dict:
+        kv = self._view(key, now_s)
+        kvs = [] if kv is None else [{
+            "key": b64(key.encode("utf-8", "surrogateescape")), "value": b64(_as_bytes(kv.value)),
+            "create_revision": str(kv.create_revision), "mod_revision": str(kv.mod_revision),
+            "version": str(kv.version)}]
+        d: dict = {"header": {"revision": str(self.revision)}, "count": str(len(kvs))}
+        if kvs:
+            d["kvs"] = kvs
+        return d
+
     # ------------------------------------------------------- backup/restore
 
     def snapshot(self) -> ModelSnapshot:
@@ -246,3 +367,8 @@ class EtcdModel:
     def peek(self, key: str) -> ModelKV | None:
         """The stored value without availability or expiry (for checkers)."""
         return self._kv.get(key)
+
+
+def _as_bytes(v: object) -> bytes:
+    """A stored value as etcd would hold it (the older tuple API stores reprs)."""
+    return v if isinstance(v, bytes) else repr(v).encode()
