@@ -11,7 +11,6 @@ environment variable), the key and the reason. Nothing here does network I/O.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import re
 import tomllib
@@ -19,9 +18,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 
 from gossip.transport import parse_addr as _parse_addr
+from node.decoding import DecodeError, check_tree, loads_json, loads_yaml
 
 Addr = tuple[str, int]
 
@@ -286,6 +285,10 @@ PARSERS: dict[str, Any] = {
 assert set(PARSERS) == {f.name for f in fields(NodeConfig)}
 
 
+#: A config file is a page of settings; anything larger is not one.
+MAX_CONFIG_FILE_BYTES = 1 << 20
+
+
 def load_config_file(path: str) -> dict[str, Any]:
     """Read a TOML / YAML / JSON config file into a flat dict.
 
@@ -294,21 +297,31 @@ def load_config_file(path: str) -> dict[str, Any]:
     """
     p = Path(path)
     try:
-        text = p.read_text()
+        with p.open("rb") as f:
+            raw = f.read(MAX_CONFIG_FILE_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from None
+    if len(raw) > MAX_CONFIG_FILE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_FILE_BYTES >> 10} KiB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     suffix = p.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ConfigError(f"{path}: unknown config format {suffix!r} (use .toml, .yaml or .json)")
     try:
         if suffix == ".toml":
             data = tomllib.loads(text)
+            check_tree(data)
         elif suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
-        elif suffix == ".json":
-            data = json.loads(text)
+            data = loads_yaml(text)
         else:
-            raise ConfigError(f"{path}: unknown config format {suffix!r} (use .toml, .yaml or .json)")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: syntax error: {e}") from None
+            data = loads_json(text)
+    except DecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except Exception as e:  # tomllib's errors, or its recursion on deep nesting
+        raise ConfigError(f"{path}: syntax error: {' '.join(str(e).split())[:300]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -1,0 +1,61 @@
+"""Every decoder a peer or a client reaches (sim/fuzz.py's targets) under
+hypothesis: raw bytes and mutated valid samples either pass or raise the one
+error type the caller turns into a refusal. The long runs (and atheris) are
+``python -m sim.fuzz``; figures in README."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from node.config import ConfigError, build_config
+from sim.fuzz import check_one, mutate, targets
+
+TARGETS = targets()
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_valid_samples_pass(name):
+    t = TARGETS[name]
+    for s in t.seeds:
+        assert check_one(t, s) is None, name
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.binary(max_size=512), seed=st.integers(0, 2**32), mutated=st.booleans())
+def test_any_input_is_accepted_or_refused(name, data, seed, mutated):
+    t = TARGETS[name]
+    if mutated:
+        data = mutate(random.Random(seed), t.seeds)
+    f = check_one(t, data)
+    assert f is None, f"{name}: {f.error} on input {data[:200].hex()}"
+
+
+def test_the_checker_reports_an_unexpected_error():
+    """The harness itself can fail: a decoder raising outside its allowed
+    type is a finding."""
+    from sim.fuzz import Target
+
+    def boom(data: bytes) -> None:
+        raise KeyError("x")
+    assert check_one(Target("t", boom, (ValueError,)), b"") is not None
+
+
+@pytest.mark.parametrize("suffix,body,words", [
+    (".yaml", b"name: n1\nname: n2\n", ["duplicate", "name"]),
+    (".toml", b"name = \"\xff\"\n", ["not UTF-8"]),
+    (".json", b"[" * 5000, ["nest"]),
+])
+def test_config_file_errors_name_the_file(tmp_path, suffix, body, words):
+    p = tmp_path / ("node" + suffix)
+    p.write_bytes(body)
+    try:
+        build_config(flags={}, environ={}, config_file=str(p))
+    except ConfigError as e:
+        assert str(p) in str(e)
+        for w in words:
+            assert w in str(e), str(e)
+    else:
+        assert not words, "accepted"
