@@ -934,14 +934,18 @@ class NodeCore:
             self._abandon(tid, c.slot, now, "claim_after_shutdown")
             return
         self.running[c.run_id] = _Run(tid, c.slot, token, c.reason, now)
-        self.scheduler.run_started(tid, c.slot, c.run_id, now)
+        for eff in self.scheduler.run_started(tid, c.slot, c.run_id, now):
+            self._scheduler_effect(eff, now)
         self._note("slot_fired", task_id=tid, slot=c.slot, reason=c.reason,
                    late_s=max(0.0, now - c.fire_at), token=token)
         self._out.append(StartRun(task, c.slot, c.run_id, c.reason, c.fire_at, token))
 
     def _abandon(self, tid: str, slot: int, now: float, why: str) -> None:
         self.stats["abandoned"] += 1
-        self.scheduler.fire_abandoned(tid, slot, now)
+        # a slot left because we stop stays open for the next owner
+        settled = why not in ("shutting_down", "claim_after_shutdown")
+        for eff in self.scheduler.fire_abandoned(tid, slot, now, settled=settled):
+            self._scheduler_effect(eff, now)
         self._note("slot_skipped", task_id=tid, slot=slot, reason=why, misfire=None)
 
     def _put_run(self, r: _Run, run_id: str, attempt: int, fields: dict) -> None:

@@ -22,8 +22,10 @@ Effects (immutable named tuples)
 - :class:`Cancel` ``(task_id, run_id, reason)``: stop a running run
   (``replace``).
 - :class:`Advance` ``(task_id, slot)``: persist and replicate the task's
-  ``last_fired_slot``, a max register meaning "every slot <= this one has been
-  decided" (fired, queued or skipped). At most one per task per call.
+  ``last_fired_slot``, a max register meaning "every slot <= this one is
+  settled" (its run started, or it was skipped or expired; rule 2a). At most
+  one per task per call; ``run_started`` and ``fire_abandoned`` return one
+  too.
 
 Contract with the shell
 -----------------------
@@ -45,6 +47,13 @@ Rules
    (max of its own decisions and the replicated ``last_fired_slot``) and never
    decides a slot ``<= cursor`` again. One-shot tasks (``once:``) have one
    slot, so ``last_fired_slot`` makes them fire once cluster-wide.
+2a. What a node hands out as ``last_fired_slot`` stops before its oldest
+   *open* slot: a Fire not started yet (a claim waiting for etcd), a slot in
+   the waiting line or the overlap queue, or a Fire given up at shutdown.
+   So when ownership moves (a takeover, a partition's heal, a restart)
+   while slots wait, the next owner starts from the oldest of them and
+   handles them by its misfire policy; the node that loses the task drops
+   its lines and moves its own cursor back to the value it handed out.
 3. A due slot is **on time** if ``now - fire_at <= misfire_grace_s`` (default
    2 s) and **missed** otherwise. Missed slots exist after downtime, a pause
    of the process, or a takeover; slots older than ``catchup_window`` (or
@@ -211,7 +220,7 @@ class _Entry:
     __slots__ = (
         "task", "tid", "sched", "rule", "every_s", "every_off_s", "paused", "owned", "ready",
         "last_fired", "cursor", "next_slot", "due_at", "running", "pending", "pending_expire_at",
-        "queue", "backfill", "waiting", "late", "backlog",
+        "queue", "backfill", "waiting", "late", "backlog", "advanced", "unsettled",
     )
 
     def __init__(self, task: Task, sched: Schedule, paused: bool, cursor: int,
@@ -237,6 +246,12 @@ class _Entry:
         # running run ids of backlog runs, and slots fired as backlog (not started yet)
         self.late: set[str] = set()
         self.backlog: set[int] = set()
+        # the last value handed out as Advance (or merged from replicas): every
+        # slot <= it is settled (started, skipped or expired), cluster-wide
+        self.advanced = cursor if last_fired is None else max(cursor, last_fired)
+        # slots whose Fire was given up without a decision (shutdown): the
+        # next owner must still see them as open
+        self.unsettled: set[int] = set()
 
     def set_sched(self, sched: Schedule) -> None:
         self.sched = sched
@@ -354,6 +369,11 @@ class Scheduler:
             e.backfill.clear()
             e.waiting.clear()
             self._wake.pop(task_id, None)
+            # slots decided here but never started go back to whoever owns
+            # the task next, and to us if we own it again
+            if e.cursor > e.advanced:
+                e.cursor = e.advanced
+            e.unsettled.clear()
         if e.owned and e.ready and not was_active:
             e.next_slot = e.sched.next_after(e.cursor)
         self._push(e)
@@ -376,6 +396,8 @@ class Scheduler:
         slot = int(slot)
         if e.last_fired is None or slot > e.last_fired:
             e.last_fired = slot
+        if slot > e.advanced:
+            e.advanced = slot
         if slot > e.cursor:
             e.cursor = slot
             return True
@@ -383,11 +405,12 @@ class Scheduler:
 
     # ------------------------------------------------------------ runs
 
-    def run_started(self, task_id: str, slot: int, run_id: str, now: float) -> None:
-        """The shell started the run of a Fire."""
+    def run_started(self, task_id: str, slot: int, run_id: str, now: float) -> list[Effect]:
+        """The shell started the run of a Fire. Returns an ``Advance`` when
+        the slot was the oldest open one (Rule 2a)."""
         e = self._entries.get(task_id)
         if e is None:
-            return
+            return []
         n = e.pending.get(slot, 0)
         if n > 1:
             e.pending[slot] = n - 1
@@ -397,6 +420,9 @@ class Scheduler:
         if slot in e.backlog:
             e.backlog.discard(slot)
             e.late.add(run_id)
+        out: list[Effect] = []
+        self._advance(e, out)
+        return out
 
     def run_finished(self, task_id: str, run_id: str, now: float) -> None:
         """A run ended (all attempts); queued slots may now be released."""
@@ -408,18 +434,27 @@ class Scheduler:
         if (e.queue or e.backfill or e.waiting) and not e.running and not e.pending:
             self._maybe_wake(e, now)
 
-    def fire_abandoned(self, task_id: str, slot: int, now: float) -> None:
-        """A Fire was not started (claim lost, shutdown...)."""
+    def fire_abandoned(self, task_id: str, slot: int, now: float, *,
+                       settled: bool = True) -> list[Effect]:
+        """A Fire was not started. ``settled``: the slot is decided anyway
+        (its claim is another node's, or etcd stayed down past the window);
+        False (shutting down) leaves it open for the next owner. Returns an
+        ``Advance`` when that lets the handed-out value move (Rule 2a)."""
         e = self._entries.get(task_id)
         if e is None:
-            return
+            return []
         n = e.pending.get(slot, 0)
         if n > 1:
             e.pending[slot] = n - 1
         else:
             e.pending.pop(slot, None)
             e.backlog.discard(slot)
+        if not settled:
+            e.unsettled.add(slot)
         self._maybe_wake(e, now)
+        out: list[Effect] = []
+        self._advance(e, out)
+        return out
 
     def _maybe_wake(self, e: _Entry, now: float) -> None:
         if not e.busy() and (e.queue or e.backfill or e.waiting):
@@ -642,9 +677,7 @@ class Scheduler:
                         fired_due += 1
                         e.next_slot = nxt
                         e.cursor = s
-                        if e.last_fired is None or s > e.last_fired:
-                            e.last_fired = s
-                        append(new(Advance, (tid, s)))
+                        # the slot is pending: Advance follows run_started
                         if nxt_at is not None:
                             e.due_at = nxt_at
                             if nxt_at != last_t:
@@ -690,9 +723,7 @@ class Scheduler:
                 e.next_slot = nxt
                 if s > e.cursor:
                     e.cursor = s
-                    if e.last_fired is None or s > e.last_fired:
-                        e.last_fired = s
-                    effects.append(Advance(tid, s))
+                self._advance(e, effects)
                 return
         if s is not None and s < window_start:
             self._skip(e, s, "expired", effects)
@@ -741,9 +772,58 @@ class Scheduler:
                     self._offer(e, x, "due", now, effects)
         if decided > e.cursor:
             e.cursor = decided
-            if e.last_fired is None or decided > e.last_fired:
-                e.last_fired = decided
-            effects.append(Advance(tid, decided))
+        self._advance(e, effects)
+
+    def _advance(self, e: _Entry, effects: list[Effect]) -> None:
+        """Rule 2a: hand out ``Advance`` up to the slot before the oldest
+        open one. A slot is open while it is pending (a Fire not started),
+        waiting in the line, queued by the overlap policy, or given up
+        without a decision; slots at or below the value already handed out
+        are settled by definition (a rerun of a lost run is one)."""
+        adv = e.advanced
+        floor = e.cursor + 1
+        for slot, reason in e.waiting:
+            if slot > adv and reason not in ("run_now", "backfill"):
+                if slot < floor:
+                    floor = slot
+                break
+        for slot, _reason in e.queue:
+            if adv < slot < floor:
+                floor = slot
+            break
+        for slot in e.pending:
+            if adv < slot < floor:
+                floor = slot
+        for slot in e.unsettled:
+            if adv < slot < floor:
+                floor = slot
+        safe = floor - 1
+        if safe > adv and floor <= e.cursor:
+            safe = self._last_slot_below(e, adv, floor)
+        if safe > adv:
+            e.advanced = safe
+            if e.last_fired is None or safe > e.last_fired:
+                e.last_fired = safe
+            effects.append(Advance(e.tid, safe))
+
+    @staticmethod
+    def _last_slot_below(e: _Entry, adv: int, floor: int) -> int:
+        """The last slot in ``(adv, floor)``, or ``adv`` if there is none (so a
+        handed-out value names a real slot). @every slots are multiples of
+        the period; a cron rule is stepped, at most 2,000 slots, beyond which
+        ``floor - 1`` itself is handed out."""
+        if e.every_s:
+            p = e.every_s
+            last = ((floor - 1) // p) * p
+            return last if last > adv else adv
+        nxt = e.rule.next_after(adv)
+        last = adv
+        for _ in range(2000):
+            if nxt is None or nxt >= floor:
+                return last
+            last = nxt
+            nxt = e.rule.next_after(nxt)
+        return floor - 1
 
     def _skip(self, e: _Entry, slot: int, reason: str, effects: list[Effect]) -> None:
         effects.append(SlotSkipped(e.task.id, slot, reason))
@@ -752,6 +832,7 @@ class Scheduler:
     def _fire(self, e: _Entry, slot: int, reason: str, effects: list[Effect], now: float,
               backlog: bool = False) -> None:
         effects.append(Fire(e.task.id, slot, e.sched.fire_time(slot), reason))
+        e.unsettled.discard(slot)
         if backlog or reason in ("catchup", "rerun_owner_loss"):
             # its run will be a backlog run (rule 4a), not a run on its own time
             e.backlog.add(slot)
@@ -836,6 +917,7 @@ class Scheduler:
             self._release_waiting(e, now, effects)
         elif e.backfill:
             self._fire(e, e.backfill.popleft(), "backfill", effects, now)
+        self._advance(e, effects)
 
     def _release_waiting(self, e: _Entry, now: float, effects: list[Effect]) -> None:
         """Rule 4a: the oldest waiting slot goes by the misfire policy now."""

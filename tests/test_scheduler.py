@@ -47,13 +47,16 @@ def test_not_owned_never_fires_and_held_until_handoff():
     assert s.statistics().held == 1
     s.update_control("t", last_fired_slot=T0 + 660)  # handoff brought the state
     s.set_owned("t", True, T0 + 700, handoff_ready=True)
-    assert kinds(s.tick(T0 + 720)) == [("fire", T0 + 720, "due"), ("advance", T0 + 720)]
+    assert kinds(s.tick(T0 + 720)) == [("fire", T0 + 720, "due")]
+    # last_fired_slot moves once the run has started (rule 2a)
+    assert kinds(s.run_started("t", T0 + 720, "r", T0 + 720)) == [("advance", T0 + 720)]
 
 
 def test_first_slot_after_creation_and_exact_boundary():
     s = owned(task(), now=T0)  # T0 is itself a slot: due now
     assert s.next_deadline() == T0
-    assert kinds(s.tick(T0)) == [("fire", T0, "due"), ("advance", T0)]
+    assert kinds(s.tick(T0)) == [("fire", T0, "due")]
+    assert kinds(s.run_started("t", T0, "r", T0)) == [("advance", T0)]
     s2 = owned(task(), now=T0 + 0.5)
     assert s2.next_deadline() == T0 + 60
 
@@ -65,14 +68,19 @@ def test_never_fires_a_slot_twice_or_at_or_below_replicated():
     s.update_control("t", last_fired_slot=T0 + 120)  # another owner got further (split brain)
     assert kinds(s.tick(T0 + 120)) == []
     assert [e.slot for e in s.tick(T0 + 180) if isinstance(e, Fire)] == [T0 + 180]
+    assert s.last_fired_slot("t") == T0 + 120   # T0+180 is not started yet
+    s.run_started("t", T0 + 180, "r", T0 + 180)
     s.update_control("t", last_fired_slot=T0)  # max register: older value ignored
     assert s.last_fired_slot("t") == T0 + 180
 
 
 def start(s, effects, now):
+    """Start every fired run; the effects run_started returned."""
+    out = []
     for e in effects:
         if isinstance(e, Fire):
-            s.run_started(e.task_id, e.slot, f"run-{e.slot}", now)
+            out += s.run_started(e.task_id, e.slot, f"run-{e.slot}", now)
+    return out
 
 
 def test_overlap_forbid():
@@ -92,16 +100,17 @@ def test_overlap_allow():
 def test_overlap_replace():
     s = owned(task(overlap="replace"))
     start(s, s.tick(T0), T0)
-    assert kinds(s.tick(T0 + 60)) == [("cancel", f"run-{T0}", "replace"), ("fire", T0 + 60, "due"),
-                                      ("advance", T0 + 60)]
+    eff = s.tick(T0 + 60)
+    assert kinds(eff) == [("cancel", f"run-{T0}", "replace"), ("fire", T0 + 60, "due")]
+    assert kinds(start(s, eff, T0 + 60)) == [("advance", T0 + 60)]
     assert s.statistics().cancelled == 1
 
 
 def test_overlap_buffer_one_coalesces_to_newest():
     s = owned(task(overlap="buffer_one"))
     start(s, s.tick(T0), T0)
-    assert kinds(s.tick(T0 + 60)) == [("advance", T0 + 60)]
-    assert kinds(s.tick(T0 + 120)) == [("skip", T0 + 60, "coalesced"), ("advance", T0 + 120)]
+    assert kinds(s.tick(T0 + 60)) == []   # queued: still open, nothing handed out
+    assert kinds(s.tick(T0 + 120)) == [("skip", T0 + 60, "coalesced"), ("advance", T0 + 60)]
     assert s.explain("t", T0 + 125)["queued"] == [T0 + 120]
     s.run_finished("t", f"run-{T0}", T0 + 130)
     assert s.next_deadline() == T0 + 130
@@ -116,7 +125,7 @@ def test_overlap_buffer_all_serialises_and_bounds():
     start(s, s.tick(T0), T0)
     s.tick(T0 + 60)
     s.tick(T0 + 120)
-    assert kinds(s.tick(T0 + 180)) == [("skip", T0 + 180, "buffer_full"), ("advance", T0 + 180)]
+    assert kinds(s.tick(T0 + 180)) == [("skip", T0 + 180, "buffer_full")]  # T0+60 still queued
     s.run_finished("t", f"run-{T0}", T0 + 181)
     eff = s.tick(T0 + 181)
     assert kinds(eff) == [("fire", T0 + 60, "buffered")]
@@ -138,7 +147,8 @@ def test_paused_slots_are_skipped_and_not_replayed():
     assert kinds(s.tick(T0)) == [("skip", T0, "paused"), ("advance", T0)]
     s.tick(T0 + 120)
     s.update_control("t", paused=False)
-    assert kinds(s.tick(T0 + 180)) == [("fire", T0 + 180, "due"), ("advance", T0 + 180)]
+    assert kinds(s.tick(T0 + 180)) == [("fire", T0 + 180, "due")]   # paused slots were handed out
+    assert s.last_fired_slot("t") == T0 + 120
     assert s.statistics().skipped["paused"] == 3
 
 
@@ -146,7 +156,8 @@ def test_once_fires_once_cluster_wide():
     t = task("now").resolve_now(T0 + 0.3)
     a = owned(t, now=T0 + 1.0)  # replicated a moment after apply: still fires
     eff = a.tick(T0 + 1.0)
-    assert kinds(eff) == [("fire", T0, "due"), ("advance", T0)]
+    assert kinds(eff) == [("fire", T0, "due")]
+    assert kinds(start(a, eff, T0 + 1.0)) == [("advance", T0)]
     assert a.next_deadline() is None
     # Owner dies; the next owner has the replicated last fired slot: no second fire.
     b = Scheduler("b")
@@ -155,7 +166,7 @@ def test_once_fires_once_cluster_wide():
     assert b.tick(T0 + 5) == [] and b.next_deadline() is None
     # Without it (owner died before replicating), b catches it up once.
     c = owned(t, now=T0 + 30)
-    assert kinds(c.tick(T0 + 30)) == [("fire", T0, "catchup"), ("advance", T0)]
+    assert kinds(c.tick(T0 + 30)) == [("fire", T0, "catchup")]
     with pytest.raises(ValueError):
         Scheduler("x").set_task(task("now"), now=T0)
 
@@ -303,8 +314,10 @@ def test_unreported_fire_stops_blocking_after_the_catchup_window():
     s = owned(task(overlap="forbid", catchup_window="5m", misfire="skip"))
     s.tick(T0)  # Fire never started nor abandoned (a buggy shell)
     for m in range(1, 6):
-        # pending, not running: later slots wait their turn (rule 4a)
-        assert kinds(s.tick(T0 + 60 * m)) == [("advance", T0 + 60 * m)]
+        # pending, not running: later slots wait their turn (rule 4a), and
+        # stay open (rule 2a: nothing handed out past the pending slot)
+        assert kinds(s.tick(T0 + 60 * m)) == []
+        assert s.last_fired_slot("t") is None
     # the pending Fire expires at T0 + 300 + grace: the line is released by
     # the misfire policy (skip: every waiting slot is late), without a tick
     # of a new slot
@@ -325,7 +338,7 @@ def test_removed_then_readded_task_does_not_fire_unowned():
     s.set_owned("t", False, T0 + 120)
     assert s.tick(T0 + 120) == [] and s.next_deadline() is None
     s.set_owned("t", True, T0 + 120)
-    assert kinds(s.tick(T0 + 120)) == [("fire", T0 + 120, "due"), ("advance", T0 + 120)]
+    assert kinds(s.tick(T0 + 120)) == [("fire", T0 + 120, "due")]
 
 
 def test_tick_limit_hands_out_due_tasks_in_batches():

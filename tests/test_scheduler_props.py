@@ -69,7 +69,8 @@ def drive(s, start, end, rng_delays, record, limit=5000):
         for eff in s.tick(now):
             record.append((now, eff))
             if isinstance(eff, Fire):  # run starts and ends at once
-                s.run_started(eff.task_id, eff.slot, f"r{eff.slot}", now)
+                for more in s.run_started(eff.task_id, eff.slot, f"r{eff.slot}", now):
+                    record.append((now, more))
                 s.run_finished(eff.task_id, f"r{eff.slot}", now)
     raise AssertionError("too many ticks")
 

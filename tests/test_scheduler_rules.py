@@ -273,3 +273,69 @@ def test_run_all_loses_no_slot_to_a_pending_predecessor(seed, claim_max_s, run_m
     assert not missing, f"lost {missing[:5]} (seed {seed})"
     if claim_max_s + run_max_s < 1.0 and outage[1] == 0:
         assert not skipped, f"skipped {sorted(skipped.items())[:5]} with short claims and runs (seed {seed})"
+
+
+# ------------------------------------------------------ rule 2a: open slots
+
+def _advances(effects):
+    from node.scheduler import Advance
+    return [e.slot for e in effects if isinstance(e, Advance)]
+
+
+@pytest.mark.parametrize("policy", ["forbid", "replace", "buffer_one", "buffer_all"])
+def test_slots_waiting_behind_a_pending_claim_go_to_the_next_owner(policy):
+    """A claim waits for etcd; the next slots wait behind it. Ownership moves:
+    the new owner starts from the oldest open slot, and the node that lost
+    the task hands out nothing past it."""
+    t = task(policy, misfire="run_all")
+    a = sched(t)
+    a.tick(T0 + 60)
+    handed = _advances(a.run_started("t", T0 + 60, "r0", T0 + 60))
+    a.run_finished("t", "r0", T0 + 61)
+    assert handed == [T0 + 60]
+    handed += _advances(a.tick(T0 + 120))                    # Fire T0+120, claim in flight
+    for m in (3, 4):
+        handed += _advances(a.tick(T0 + 60 * m))            # T0+180, T0+240 wait
+    a.set_owned("t", False, T0 + 250)
+    handed += _advances(a.fire_abandoned("t", T0 + 120, T0 + 250, settled=False))
+    assert max(handed) == T0 + 60
+    b = Scheduler("n2")
+    b.set_task(t, last_fired_slot=max(handed), now=T0 + 251)
+    b.set_owned("t", True, T0 + 251)
+    got = []
+    now = T0 + 251
+    for _ in range(10):
+        for e in b.tick(now):
+            if isinstance(e, Fire):
+                got.append(e.slot)
+                b.run_started("t", e.slot, f"r{e.slot}", now)
+                b.run_finished("t", f"r{e.slot}", now + 1)
+        now += 2
+    assert got[:3] == [T0 + 120, T0 + 180, T0 + 240]
+
+
+def test_a_node_that_gets_a_task_back_redecides_its_dropped_line():
+    t = task("forbid", misfire="run_all")
+    a = sched(t)
+    a.tick(T0 + 60)
+    a.run_started("t", T0 + 60, "r0", T0 + 60)
+    a.run_finished("t", "r0", T0 + 61)
+    a.tick(T0 + 120)                                        # pending
+    a.tick(T0 + 180)                                        # waits
+    a.set_owned("t", False, T0 + 190)                       # line dropped
+    a.fire_abandoned("t", T0 + 120, T0 + 190, settled=False)
+    a.set_owned("t", True, T0 + 200)
+    fired = [e.slot for e in a.tick(T0 + 200) if isinstance(e, Fire)]
+    assert fired[:1] == [T0 + 120]
+
+
+def test_handed_out_value_names_a_real_slot_and_follows_starts():
+    t = task("forbid", misfire="run_all", spec="*/5 * * * *")
+    s = sched(t)
+    out = s.tick(T0 + 300)
+    assert _advances(out) == []
+    assert _advances(s.run_started("t", T0 + 300, "r1", T0 + 300)) == [T0 + 300]
+    s.run_finished("t", "r1", T0 + 301)
+    s.tick(T0 + 600)
+    s.tick(T0 + 900)   # T0+600 pending, T0+900 waits
+    assert s.last_fired_slot("t") == T0 + 300
