@@ -736,6 +736,9 @@ class NodeCore:
         except (TaskError, ValueError, TypeError) as e:
             self._note("task_invalid", task_id=tid, error=str(e))
             return set()
+        if task.id != tid:  # a peer's entry whose definition names another task
+            self._note("task_invalid", task_id=tid, error=f"definition of task {task.id!r} stored as {tid!r}")
+            return set()
         self.tasks[tid] = task
         self._defs[tid] = view.value
         self._shared_cache.clear()

@@ -311,7 +311,9 @@ def _atheris_child(name: str, runs: int) -> None:
     for i, s in enumerate(t.seeds):
         with open(os.path.join(corpus, f"seed{i}"), "wb") as f:
             f.write(s)
-    atheris.Setup([sys.argv[0], f"-runs={runs}", "-max_len=4096", "-seed=1", corpus], one)
+    artifacts = os.path.join(tempfile.gettempdir(), f"peerd-fuzz-{name}-")
+    atheris.Setup([sys.argv[0], f"-runs={runs}", "-max_len=4096", "-seed=1",
+                   f"-artifact_prefix={artifacts}", corpus], one)
     atheris.Fuzz()
 
 

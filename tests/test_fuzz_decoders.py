@@ -59,3 +59,23 @@ def test_config_file_errors_name_the_file(tmp_path, suffix, body, words):
             assert w in str(e), str(e)
     else:
         assert not words, "accepted"
+
+
+def test_a_pushed_definition_under_another_tasks_key_is_refused():
+    """Found by the fuzzer: a peer's entry ``task/t2`` whose definition says
+    ``id: t1`` made NodeCore.serve raise KeyError from the scheduler."""
+    from node import peerwire
+    from node.core import NodeCore, Note
+    from node.store import Store
+    from node.tasks import Task
+
+    core = NodeCore("me", Store("me"), rng=random.Random(0))
+    other = Store("peer")
+    t1 = Task.from_dict({"id": "t1", "schedule": "@every 1s", "command": {"type": "shell", "run": "true"}})
+    entries = other.put_task("t2", t1.to_dict(), None, 1_800_000_000.0)
+    reply, effects = core.serve("peer", peerwire.encode({"t": "push", "entries": [list(e) for e in entries]}),
+                                1_800_000_000.0)
+    assert peerwire.decode(reply)["ok"]
+    notes = [e for e in effects if isinstance(e, Note) and e.event == "task_invalid"]
+    assert notes and "stored as 't2'" in notes[0].fields["error"]
+    assert "t2" not in core.tasks
