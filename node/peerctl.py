@@ -195,11 +195,17 @@ def run(args) -> int:
                 "why: " + ("; ".join(e["why"]) if isinstance(e.get("why"), list) else str(e.get("why"))),
             ]
             lines += [f"note: {n}" for n in e.get("notes") or []]
+            if e.get("upgrade"):
+                lines.append(f"upgrade: {e['upgrade']}")
             lines.append("next fires:")
             for f in e.get("next", []):
                 note = f"  ({f['note']})" if f.get("note") else ""
                 lines.append(f"  {f.get('utc')}   {f.get('local')}{note}")
             emit(e, "\n".join(lines))
+        elif tc == "upgrade-check":
+            emit_rows = _upgrade_check(_load_tasks_file(args.file) if args.file else c.call("GET", "/v1/tasks"))
+            emit(emit_rows, table(emit_rows, ["id", "schedule", "difference"]) if emit_rows
+                 else "no task fires on other days than under earlier releases")
         elif tc == "backfill":
             r = c.call(
                 "POST",
@@ -210,6 +216,23 @@ def run(args) -> int:
             slots = r.get("slots", [])
             emit(r, f"{verb} {len(slots)} slot(s):" + "".join(f"\n  {_ts(s)}" for s in slots))
     return 0
+
+
+def _upgrade_check(tasks: list[dict]) -> list[dict]:
+    """Tasks whose cron day fields now select other days than under earlier
+    releases (which read them as croniter does)."""
+    import time
+    from types import SimpleNamespace
+
+    from .schedule import upgrade_differences
+
+    now = time.time()
+    rows = []
+    for t in tasks:
+        diff = upgrade_differences(SimpleNamespace(schedule=t.get("schedule", "")), now)
+        if diff:
+            rows.append({"id": t.get("id"), "schedule": t.get("schedule"), "difference": diff})
+    return rows
 
 
 def _q(s: str) -> str:
@@ -259,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     te = tsub.add_parser("explain", help="next fires, owner, last fired slot and why")
     te.add_argument("id")
     te.add_argument("-n", type=int, default=5, help="number of next fires (default 5)")
+    tu = tsub.add_parser("upgrade-check",
+                         help="tasks whose cron day fields fire on other days than under earlier releases")
+    tu.add_argument("-f", "--file", help="check a task file instead of the cluster's tasks")
     tb = tsub.add_parser("backfill", help="run the slots of a past window once each")
     tb.add_argument("id")
     tb.add_argument("--from", dest="from_", required=True, help="start (ISO 8601 or epoch seconds)")

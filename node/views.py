@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .core import NodeCore
-from .schedule import reading_notes
+from .schedule import reading_notes, upgrade_differences
 
 __all__ = [
     "member_json", "ring_json", "tasks_json", "task_json", "owner_json", "runs_json",
@@ -117,4 +117,5 @@ def explain_json(core: NodeCore, task_id: str, n: int, now: float) -> dict:
             f"held until a handoff exchange with a replica completes (at most "
             f"{core.knobs.handoff_timeout_s:g} s)"]
     e["notes"] = list(reading_notes(t))
+    e["upgrade"] = upgrade_differences(t, now)
     return e
