@@ -101,7 +101,8 @@ class _CoreCollector:
             ("run_records", "peerd_store_run_records", "Run records held by this node."),
         ):
             gg = GaugeMetricFamily(name, help_)
-            gg.add_metric([], float(st.get(key, 0)))
+            # the store's statistics call the run-record count ``runs``
+            gg.add_metric([], float(st.get("runs", 0) if key == "run_records" else st.get(key, 0)))
             yield gg
         owned = GaugeMetricFamily("peerd_tasks_owned", "Tasks this node owns (first in the preference list).")
         owned.add_metric([], float(s.get("owned", 0)))

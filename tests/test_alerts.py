@@ -71,3 +71,11 @@ def test_rules_name_only_metrics_a_node_exports():
         for r in g["rules"]:
             for name in re.findall(r"\b(peerd_\w+)", r["expr"]):
                 assert name in exported, f"{r['alert']}: {name} is not exported by a node"
+
+
+def test_run_record_gauge_reads_the_stores_count():
+    """peerd_store_run_records showed 0 whatever the store held: it read a
+    field the store's statistics call ``runs``."""
+    m = NodeMetrics(snapshot=lambda: {"store": {"runs": 42, "tasks": 3}})
+    text = m.text().decode()
+    assert "peerd_store_run_records 42.0" in text and "peerd_tasks 3.0" in text
