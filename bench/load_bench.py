@@ -2,7 +2,8 @@
 
 Three ``peerd`` processes on loopback (local profile, sealed gossip, SQLite
 data dirs, every run record replicated to all three as in production) get
-``--tasks`` exec tasks ``@every 1s`` running ``/bin/true``. After a warm-up,
+``--tasks`` exec tasks ``@every 1s`` running ``/bin/true`` (``overlap``
+left at its default, ``forbid``). After a warm-up,
 two windows of ``--window`` seconds each are measured:
 
 * ``quiet``: the cluster alone;
@@ -12,7 +13,8 @@ two windows of ``--window`` seconds each are measured:
 
 For each window, from the run records (``started`` is stamped just before
 the process is spawned, ``slot`` is the scheduled instant): p50/p99/max of
-``started - slot``, slots due without any run (lost) and runs later than the
+``started - slot``, slots due without any run (``not_run``: skipped as an
+overlap, or never fired) and runs later than the
 2 s misfire grace; per node: CPU seconds per second (utime+stime of the
 process and its children that were reaped), peak RSS, SQLite rows written per
 second (``peerd_store_persist_rows_total``).
@@ -78,11 +80,15 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def _rows_written(addr: str) -> float:
-    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("peerd_store_persist_rows_total "):
-                return float(line.split()[1])
+def _rows_written(addr: str) -> float | None:
+    """``peerd_store_persist_rows_total`` (None: the node did not answer in 60 s)."""
+    try:
+        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=60) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("peerd_store_persist_rows_total "):
+                    return float(line.split()[1])
+    except OSError:
+        return None
     return 0.0
 
 
@@ -158,7 +164,8 @@ def _window(cluster: Cluster, seconds: float, api_clients: int) -> dict:
     out = {"start": start, "end": end, "nodes": {
         n: {"cpu_per_s": round((cpu1[n] - cpu0[n]) / (end - start), 3),
             "rss_peak_mb": round(sampler.peak[n], 1),
-            "sqlite_rows_per_s": round((rows1[n] - rows0[n]) / (end - start), 1)} for n in pids}}
+            "sqlite_rows_per_s": None if rows0[n] is None or rows1[n] is None
+            else round((rows1[n] - rows0[n]) / (end - start), 1)} for n in pids}}
     if load:
         out["api"] = dict(_summary_ms(load.lat), errors=load.errors, clients=api_clients,
                           requests_per_s=round(len(load.lat) / (end - start), 1))
@@ -166,12 +173,24 @@ def _window(cluster: Cluster, seconds: float, api_clients: int) -> dict:
 
 
 def _lateness(cluster: Cluster, ids: list[str], start: float, end: float) -> dict:
-    addr = cluster.procs[0].api_addr
-    late, lost, over_grace = [], 0, 0
-    for tid in ids:
-        st, runs = api(addr, "GET", f"/v1/tasks/{tid}/runs", timeout=30)
+    from concurrent.futures import ThreadPoolExecutor
+
+    addrs = [p.api_addr for p in cluster.procs]
+
+    def fetch(i_tid):
+        i, tid = i_tid
+        st, runs = api(addrs[i % len(addrs)], "GET", f"/v1/tasks/{tid}/runs", timeout=120)
         if st != 200:
             raise RuntimeError(f"runs of {tid}: {st} {runs}")
+        return runs
+
+    with ThreadPoolExecutor(8) as pool:
+        all_runs = list(pool.map(fetch, enumerate(ids)))
+    late, not_run, over_grace = [], 0, 0
+    statuses: dict[str, int] = {}
+    for runs in all_runs:
+        for r in runs:
+            statuses[r.get("status")] = statuses.get(r.get("status"), 0) + 1
         by_slot: dict[int, float] = {}
         for r in runs:
             slot = r.get("slot")
@@ -184,11 +203,11 @@ def _lateness(cluster: Cluster, ids: list[str], start: float, end: float) -> dic
         for slot in range(int(start) + 1, int(end) - 3):
             s = by_slot.get(slot)
             if s is None:
-                lost += 1
+                not_run += 1
             else:
                 late.append(s - slot)
                 over_grace += s - slot > GRACE_S
-    return dict(_summary_ms(late), lost=lost, late_beyond_grace=over_grace)
+    return dict(_summary_ms(late), not_run=not_run, late_beyond_grace=over_grace, run_statuses=statuses)
 
 
 def run_peerd(n_tasks: int, window_s: float, clients: int, warmup_s: float) -> dict:
@@ -198,7 +217,7 @@ def run_peerd(n_tasks: int, window_s: float, clients: int, warmup_s: float) -> d
     try:
         wait_converged(cluster, 90)
         ids = [f"load-{i:05d}" for i in range(n_tasks)]
-        tasks = [{"id": t, "schedule": "@every 1s", "history": 300, "overlap": "allow",
+        tasks = [{"id": t, "schedule": "@every 1s", "history": 300,
                   "command": {"type": "exec", "argv": ["/bin/true"]}} for t in ids]
         a = cluster.procs[0].api_addr
         for i in range(0, n_tasks, 250):
