@@ -148,13 +148,25 @@ def cmd_run(argv: list[str]) -> int:
             gc.collect()
             gc.freeze()
 
+            async def leave():
+                await node.shutdown()
+                nursery.cancel_scope.cancel()
+
             async def signals():
+                # Keep reading signals while the node leaves: a second SIGINT
+                # (a terminal's Ctrl-C reaches the whole process group, and
+                # `peerd demo` forwards it too) left pending here would be
+                # re-raised by trio on exit as a KeyboardInterrupt traceback.
+                leaving = False
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
                     async for signum in sigs:
-                        log.info("received %s: leaving the cluster", signal.Signals(signum).name)
-                        await node.shutdown()
-                        nursery.cancel_scope.cancel()
-                        return
+                        name = signal.Signals(signum).name
+                        if leaving:
+                            log.info("received %s again: already leaving the cluster", name)
+                            continue
+                        leaving = True
+                        log.info("received %s: leaving the cluster", name)
+                        nursery.start_soon(leave)
 
             nursery.start_soon(signals)
         return 0

@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import trio
@@ -56,6 +57,19 @@ def free_port(host: str = "127.0.0.1") -> int:
 def example_tasks_path() -> Path | None:
     here = Path(__file__).resolve().parent.parent / "configs" / "tasks.example.yaml"
     return here if here.exists() else None
+
+
+def demo_tasks_file(example: Path, base: Path, now: float) -> Path:
+    """The example task file with its one-shot moved to a minute after
+    ``now``, so the demo shows it fire instead of skipping a date long past."""
+    import re
+    from datetime import datetime, timezone
+
+    when = datetime.fromtimestamp(int(now) + 60, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    text = re.sub(r'once: "[0-9T:Z-]+"', f'once: "{when}"', example.read_text(), count=1)
+    out = base / "tasks.yaml"
+    out.write_text(text)
+    return out
 
 
 def node_command(n: dict, seeds: str, base: Path, key_file: Path, token: str, *,
@@ -102,6 +116,8 @@ def main(argv: list[str]) -> int:
         key_file.chmod(0o600)
     token = secrets.token_urlsafe(18)
     tasks = args.tasks or (str(example_tasks_path()) if example_tasks_path() else "")
+    if tasks and not args.tasks:
+        tasks = str(demo_tasks_file(Path(tasks), base, time.time()))
     nodes = []
     ports = free_ports(2 * args.nodes)
     for i in range(args.nodes):
