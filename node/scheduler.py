@@ -70,9 +70,10 @@ Rules
    ``buffer_full``. Queued slots fire one at a time when no run is going.
 4a. A slot whose predecessor is only **pending** (a Fire not yet started: a
    fencing claim waiting for etcd, a catch-up slot waiting its turn), or is
-   running *late* (a backlog run: a catch-up, a rerun, or a slot released
-   from the waiting line; not a run started on its own time that overran its
-   period), is not an overlap: unless the policy is ``allow`` it joins the task's *waiting
+   running *late* (a backlog run: a catch-up, a rerun, a slot released
+   from the waiting line, or an ``@every`` slot fired more than half a
+   period after its time, e.g. by a new owner just after a takeover; not a
+   run started on its own time that overran its period), is not an overlap: unless the policy is ``allow`` it joins the task's *waiting
    line* (bounded by :attr:`max_catchup_slots`, beyond that
    ``catchup_limit``). When the task is idle again (nothing running or
    pending) the oldest waiting slot is released and goes by the misfire
@@ -673,6 +674,8 @@ class Scheduler:
                         tid = e.tid
                         append(new(Fire, (tid, s, t, "due")))
                         e.pending[s] = 1
+                        if p and (now - t) * 2 > p:
+                            e.backlog.add(s)  # rule 4a: started over half a period late
                         e.pending_expire_at = now + e.task.catchup_window_s + grace
                         fired_due += 1
                         e.next_slot = nxt
@@ -833,7 +836,9 @@ class Scheduler:
               backlog: bool = False) -> None:
         effects.append(Fire(e.task.id, slot, e.sched.fire_time(slot), reason))
         e.unsettled.discard(slot)
-        if backlog or reason in ("catchup", "rerun_owner_loss"):
+        late_due = (reason == "due" and e.every_s
+                    and (now - e.sched.fire_time(slot)) * 2 > e.every_s)
+        if backlog or late_due or reason in ("catchup", "rerun_owner_loss"):
             # its run will be a backlog run (rule 4a), not a run on its own time
             e.backlog.add(slot)
         e.pending[slot] = e.pending.get(slot, 0) + 1

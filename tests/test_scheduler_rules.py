@@ -339,3 +339,27 @@ def test_handed_out_value_names_a_real_slot_and_follows_starts():
     s.tick(T0 + 600)
     s.tick(T0 + 900)   # T0+600 pending, T0+900 waits
     assert s.last_fired_slot("t") == T0 + 300
+
+
+def test_a_due_slot_fired_over_half_a_period_late_is_a_backlog_run():
+    """A new owner fires an @every 2s slot 1.5 s late (inside the 2 s grace,
+    so reason 'due'); its run overruns into the next slot. Under forbid that
+    next slot waits its turn instead of being skipped (found by the chaos
+    harness after a takeover)."""
+    t = task("forbid", misfire="run_all", spec="@every 2s", window="1m")
+    s = sched(t, now=T0 + 0.5)
+    out = s.tick(T0 + 3.5)                           # slot T0+2 fired 1.5 s late
+    assert fires(out) == [(T0 + 2, "due")]
+    s.run_started("t", T0 + 2, "r1", T0 + 3.5)
+    out = s.tick(T0 + 4.0)                           # next slot while r1 runs
+    assert not skips(out) and not fires(out)
+    s.run_finished("t", "r1", T0 + 4.5)
+    assert fires(s.tick(T0 + 4.5)) == [(T0 + 4, "due")]
+
+
+def test_an_on_time_run_that_overruns_still_makes_forbid_skip():
+    t = task("forbid", misfire="run_all", spec="@every 2s", window="1m")
+    s = sched(t, now=T0 + 0.5)
+    out = s.tick(T0 + 2.2)                           # 0.2 s late: its own time
+    s.run_started("t", T0 + 2, "r1", T0 + 2.2)
+    assert skips(s.tick(T0 + 4.0)) == [(T0 + 4, "overlap_forbid")]
