@@ -41,6 +41,7 @@ from datetime import datetime, timezone
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from . import status_page
 from .http_server import HTTPError, Request, Response
 from .ratelog import RateLimitedLog
 from .decoding import DecodeError, check_tree, loads_json
@@ -102,8 +103,14 @@ def match_route(path: str) -> tuple[str, dict[str, Endpoint], str | None] | None
     return None
 
 
+#: Route label of the status page and its files (``node/status_page.py``).
+PAGE_ROUTE = "page"
+
+
 def route_label(path: str) -> str:
-    """The request counter's route label: a template or ``unknown``."""
+    """The request counter's route label: a template, ``page`` or ``unknown``."""
+    if status_page.is_page_path(path):
+        return PAGE_ROUTE
     hit = match_route(path)
     return hit[0] if hit else UNKNOWN_ROUTE
 
@@ -196,6 +203,8 @@ class Api:
 
     def check(self, req: Request) -> Response | None:
         """The server's pre-body hook: a refusal, or None to go on (rule 2)."""
+        if status_page.is_page_path(req.path):
+            return None
         try:
             self._resolve(req)
         except HTTPError as e:
@@ -209,6 +218,8 @@ class Api:
     # ------------------------------------------------------------ routes
     async def __call__(self, req: Request) -> Response:
         self.node.metrics.api_requests(method_label(req.method), route_label(req.path))
+        if status_page.is_page_path(req.path):
+            return status_page.serve(req.path, req.method)
         ep, ident = self._resolve(req)
         node = self.node
         name = ep.name
