@@ -79,7 +79,7 @@ NOTES = (
     "joined", "boot_alone", "member", "slot_skipped", "slot_fired", "misfire", "claim",
     "claim_after_shutdown", "run_started", "run_finished", "run_lost", "handoff",
     "handoff_timeout", "ae_round", "replication_in", "replication_out", "bad_message",
-    "task_invalid", "rejected_entries",
+    "task_invalid", "rejected_entries", "run_cancel",
 )
 
 
@@ -100,6 +100,8 @@ class StartRun:
     reason: str
     fire_at: float
     token: int | None
+    #: a manual run's parameters: {"env": {...}, "args": [...]} (tasks.bind_run)
+    params: dict | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +151,8 @@ class _Run:
     reason: str
     started: float
     attempt: int = 0
+    attempt_started: float = 0.0
+    params: dict | None = None
 
 
 @dataclass(slots=True)
@@ -222,6 +226,8 @@ class NodeCore:
         self._reclaims_inflight: set[tuple[str, int]] = set()
         self._lost_claimers: dict[tuple[str, int], tuple[str, str | None]] = {}
         self.running: dict[str, _Run] = {}
+        self._cancels: dict[str, tuple[str, str | None]] = {}   # claim run id -> (why, by)
+        self._run_params: dict[tuple[str, int], dict] = {}       # (task, slot) -> manual run params
         self.stopping = False
         self.runs_closed = False
         #: False: the scheduler decides nothing (the simulator's quiet end of
@@ -423,6 +429,7 @@ class NodeCore:
         if r is None:
             return self._take()
         r.attempt = attempt
+        r.attempt_started = now
         self._put_run(r, run_id, attempt, {"status": RUNNING, "exit_code": None, "started": now,
                                             "finished": None, "output": ""})
         self._note("run_started", task_id=r.task_id, run_id=f"{run_id}.{attempt}", attempt=attempt)
@@ -446,21 +453,50 @@ class NodeCore:
         return self._take()
 
     def run_ended(self, run_id: str, now: float, *, cancelled_attempt: int | None = None,
-                  why: str = "cancelled (overlap replace or shutdown)") -> list[Effect]:
+                  why: str = "cancelled (shutdown)") -> list[Effect]:
         """The run is over (after its last attempt), or was cancelled during
-        attempt ``cancelled_attempt``."""
+        attempt ``cancelled_attempt`` (the reason is the one given to the
+        ``CancelRun`` this core asked for, else ``why``)."""
         r = self.running.pop(run_id, None)
+        asked = self._cancels.pop(run_id, None)
         if r is None:
             return self._take()
         if cancelled_attempt is not None:
-            self._put_run(r, run_id, cancelled_attempt, {
-                "status": CANCELLED, "exit_code": None, "started": now, "finished": now,
-                "output": "", "error": why})
+            by = None
+            if asked is not None:
+                why, by = asked
+            fields = {"status": CANCELLED, "exit_code": None,
+                      "started": r.attempt_started if r.attempt == cancelled_attempt else now,
+                      "finished": now, "output": "", "error": why}
+            if by is not None:
+                fields["cancelled_by"] = by
+            self._put_run(r, run_id, cancelled_attempt, fields)
             self._note("run_finished", task_id=r.task_id, run_id=f"{run_id}.{cancelled_attempt}",
                        attempt=cancelled_attempt, status=CANCELLED, exit_code=None, error=why,
                        duration_s=0.0)
         self.scheduler.run_finished(r.task_id, run_id, now)
         return self._take()
+
+    def cancel_run(self, run_id: str, by: str, now: float) -> tuple[dict | None, list[Effect]]:
+        """Cancel one of our runs (``run_id`` with or without its ``.attempt``)
+        on behalf of ``by``: the shell ends its process group and reports
+        :meth:`run_ended`, which records ``cancelled`` with ``cancelled_by``.
+
+        Returns ``({"task_id", "run_id", "attempt"}, effects)``, or ``(None,
+        effects)`` when no such run is running here.
+        """
+        claim = run_id
+        head, dot, tail = run_id.rpartition(".")
+        if dot and tail.isdigit():
+            claim = head
+        r = self.running.get(claim)
+        if r is None:
+            return None, self._take()
+        if claim not in self._cancels:
+            self._cancels[claim] = (f"cancelled by {by}", by)
+            self._out.append(CancelRun(claim, f"cancelled by {by}"))
+            self._note("run_cancel", task_id=r.task_id, run_id=claim, by=by)
+        return {"task_id": r.task_id, "run_id": claim, "attempt": r.attempt}, self._take()
 
     # ------------------------------------------------------------ API writes
 
@@ -489,8 +525,12 @@ class NodeCore:
         self._commit(self.store.set_paused(task_id, paused, now), now)
         return self._take()
 
-    def run_now(self, task_id: str, now: float) -> tuple[int | None, list[str], list[Effect]]:
-        """Fire ``task_id`` now if we own it: ``(slot or None, skip reasons, effects)``."""
+    def run_now(self, task_id: str, now: float, params: dict | None = None
+                ) -> tuple[int | None, list[str], list[Effect]]:
+        """Fire ``task_id`` now if we own it: ``(slot or None, skip reasons, effects)``.
+        ``params`` (checked by ``tasks.bind_run``) go with that run only."""
+        if params and (params.get("env") or params.get("args")):
+            self._run_params[(task_id, int(now // 1))] = params
         effects = self.scheduler.run_now(task_id, now)
         slot = None
         reasons = []
@@ -505,6 +545,8 @@ class NodeCore:
             waiting = self.scheduler.explain(task_id, now, 0).get("waiting") or []
             if int(now // 1) in waiting:
                 slot = int(now // 1)
+        if slot is None:
+            self._run_params.pop((task_id, int(now // 1)), None)
         return slot, reasons, self._take()
 
     def backfill(self, task_id: str, start: int, end: int, now: float, dry_run: bool) -> list[int]:
@@ -836,6 +878,8 @@ class NodeCore:
                        misfire=t.misfire if t else None)
         elif kind is Cancel:
             if eff.run_id in self.running:
+                why = "cancelled by the overlap policy (replace)" if eff.reason == "replace" else eff.reason
+                self._cancels.setdefault(eff.run_id, (why, None))
                 self._out.append(CancelRun(eff.run_id, eff.reason))
         elif kind is Advance:
             self._commit(self.store.advance_fired(eff.task_id, eff.slot), now)
@@ -936,15 +980,17 @@ class NodeCore:
             self._note("claim_after_shutdown", task_id=tid, slot=c.slot)
             self._abandon(tid, c.slot, now, "claim_after_shutdown")
             return
-        self.running[c.run_id] = _Run(tid, c.slot, token, c.reason, now)
+        params = self._run_params.pop((tid, c.slot), None) if c.reason == "run_now" else None
+        self.running[c.run_id] = _Run(tid, c.slot, token, c.reason, now, params=params)
         for eff in self.scheduler.run_started(tid, c.slot, c.run_id, now):
             self._scheduler_effect(eff, now)
         self._note("slot_fired", task_id=tid, slot=c.slot, reason=c.reason,
                    late_s=max(0.0, now - c.fire_at), token=token)
-        self._out.append(StartRun(task, c.slot, c.run_id, c.reason, c.fire_at, token))
+        self._out.append(StartRun(task, c.slot, c.run_id, c.reason, c.fire_at, token, params))
 
     def _abandon(self, tid: str, slot: int, now: float, why: str) -> None:
         self.stats["abandoned"] += 1
+        self._run_params.pop((tid, slot), None)
         # a slot left because we stop stays open for the next owner
         settled = why not in ("shutting_down", "claim_after_shutdown")
         for eff in self.scheduler.fire_abandoned(tid, slot, now, settled=settled):
@@ -954,6 +1000,8 @@ class NodeCore:
     def _put_run(self, r: _Run, run_id: str, attempt: int, fields: dict) -> None:
         rec = {"task_id": r.task_id, "slot": int(r.slot), "run_id": f"{run_id}.{attempt}",
                "node": self.name, "attempt": int(attempt), "fencing_token": r.token}
+        if r.params:
+            rec["params"] = r.params
         rec.update(fields)
         self._commit(self.store.put_run(rec), float(rec.get("finished") or rec.get("started") or 0.0),
                      run_task=r.task_id)

@@ -76,12 +76,13 @@ ROUTES: tuple[tuple[str, dict[str, Endpoint]], ...] = (
     ("/v1/tasks/{id}", {"GET": Endpoint("task", "read"), "DELETE": Endpoint("delete", "write")}),
     ("/v1/tasks/{id}/pause", {"POST": Endpoint("pause", "write")}),
     ("/v1/tasks/{id}/resume", {"POST": Endpoint("resume", "write")}),
-    ("/v1/tasks/{id}/run", {"POST": Endpoint("run", "write")}),
+    ("/v1/tasks/{id}/run", {"POST": Endpoint("run", "write", body=True)}),
     ("/v1/tasks/{id}/runs", {"GET": Endpoint("runs", "read")}),
     ("/v1/tasks/{id}/explain", {"GET": Endpoint("explain", "read")}),
     # a dry run changes nothing, but listing past slots is gated like the
     # real thing: it is a step towards running code
     ("/v1/tasks/{id}/backfill", {"POST": Endpoint("backfill", "write", body=True)}),
+    ("/v1/runs/{id}/cancel", {"POST": Endpoint("cancel", "write")}),
 )
 UNKNOWN_ROUTE = "unknown"
 
@@ -117,6 +118,16 @@ def route_label(path: str) -> str:
 
 def method_label(method: str) -> str:
     return method if method in METHODS else "other"
+
+
+def _flag(req: Request, name: str) -> bool:
+    """A boolean query parameter: absent, ``0``/``false`` or ``1``/``true``."""
+    v = req.query.get(name)
+    if v is None or v in ("0", "false"):
+        return False
+    if v in ("1", "true", ""):
+        return True
+    raise HTTPError(400, f"{name}: expected 1, true, 0 or false")
 
 
 def parse_time(value, what: str) -> int:
@@ -196,7 +207,10 @@ class Api:
         if ep is None:
             raise HTTPError(405, f"{method_label(req.method)} not allowed on {template}")
         self._need_auth(req, ep)
-        if ident is not None and not valid_id(ident):
+        if ident is not None and template.startswith("/v1/runs/"):
+            if not 0 < len(ident) <= 200 or not ident.isprintable() or " " in ident:
+                raise HTTPError(400, f"run id {ident[:80]!r}: 1-200 printable characters without spaces")
+        elif ident is not None and not valid_id(ident):
             raise HTTPError(400, f"task id {ident[:140]!r}: must be 1-128 characters of A-Z a-z 0-9 . _ - "
                                  "(not only dots)")
         return ep, ident
@@ -242,7 +256,8 @@ class Api:
                 body = body["tasks"]
             if not isinstance(body, list):
                 raise HTTPError(400, 'PUT /v1/tasks: body must be a JSON list of tasks (or {"tasks": [...]})')
-            return Response.json(await node.apply_tasks(body, source=source))
+            return Response.json(await node.apply_tasks(body, source=source, dry_run=_flag(req, "dry_run"),
+                                                        prune=_flag(req, "prune")))
         if name == "keys":
             return Response.json(node.keys_json())
         if name == "key_op":
@@ -261,7 +276,13 @@ class Api:
         if name in ("pause", "resume"):
             return Response.json(await node.set_paused(ident, name == "pause"))
         if name == "run":
-            return Response.json(await node.run_now(ident))
+            body = req.json() or {}
+            if not isinstance(body, dict) or set(body) - {"env", "args"}:
+                raise HTTPError(400, 'POST /v1/tasks/{id}/run: body must be {"env": {NAME: value}, '
+                                     '"args": [string, ...]} (both optional)')
+            return Response.json(await node.run_now(ident, body.get("env"), body.get("args")))
+        if name == "cancel":
+            return Response.json(await node.cancel_run(ident, f"api client {req.peer.rsplit(':', 1)[0]}"))
         if name == "runs":
             return Response.json(node.runs_json(ident))
         if name == "explain":

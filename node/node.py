@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import secrets
 import time
 from pathlib import Path
@@ -48,11 +49,16 @@ from .metrics import NodeMetrics
 from .schedule import reading_notes
 from .sqlite_store import CorruptDatabase, SqliteStore
 from .store import Store
-from .tasks import Task, TaskError, parse_tasks
+from .taskdiff import diff_tasks
+from .tasks import Task, TaskError, bind_run, command_with_args, parse_tasks
 
 log = logging.getLogger("peerd.node")
 
 _SKIP_IS_MISFIRE = ("misfire_skip", "coalesced", "expired", "catchup_limit")
+
+
+#: A run id: ``<slot>-<node>-<8 hex>`` and, for one attempt, ``.<n>``.
+RUN_ID_RE = re.compile(r"(-?[0-9]{1,20})-(.{1,160})-([0-9a-f]{8})(?:\.([0-9]{1,4}))?")
 
 
 def _clock_offset_s() -> float:
@@ -384,17 +390,23 @@ class Node:
         self._scopes[eff.run_id] = scope
         self.metrics.running.inc()
 
+        params = eff.params or {}
+        run_env = dict(task.env or {}) | task.param_defaults() | dict(params.get("env") or {})
+        command = command_with_args(task.command, list(params.get("args") or []))
+
         def ctx(attempt: int) -> RunContext:
             return RunContext(
                 task_id=task.id, slot=eff.slot, run_id=f"{eff.run_id}.{attempt}", attempt=attempt,
-                node=self.name, fencing_token=eff.token, env=dict(task.env or {}),
+                node=self.name, fencing_token=eff.token, env=run_env,
                 cwd=task.cwd or None, timeout_s=float(task.timeout_s),
             )
 
         current: list[int] = []
+        last: list[int] = [0]
 
         def on_start(c: RunContext) -> None:
             current[:] = [c.attempt]
+            last[0] = c.attempt
             self._do(self.core.attempt_started(eff.run_id, c.attempt, _wall()))
 
         def on_done(c: RunContext, r) -> None:
@@ -406,9 +418,11 @@ class Node:
         cancelled_attempt = None
         try:
             with scope:
-                await execute_with_retries(task.command, ctx, task.retries, self.rng, on_done, on_start=on_start)
-            if scope.cancelled_caught and current:
-                cancelled_attempt = current[0]
+                await execute_with_retries(command, ctx, task.retries, self.rng, on_done, on_start=on_start)
+            if scope.cancelled_caught:
+                # during an attempt, or waiting to retry (the next attempt
+                # is the one cancelled)
+                cancelled_attempt = current[0] if current else last[0] + 1
         except Exception as e:
             # a bug in the executor: the run ends as 'error' with the reason
             log.exception("executor failed: %s: %s", type(e).__name__, e,
@@ -465,12 +479,17 @@ class Node:
                 self._do(effects)
                 return reply
             if t == "run_now":
-                return peerwire.reply(True, wall, body=await self._run_now_local(msg["task_id"]))
+                params = msg.get("params")
+                if params is not None and not isinstance(params, dict):
+                    return peerwire.reply(False, wall, error="run_now: params must be a map")
+                return peerwire.reply(True, wall, body=await self._run_now_local(msg["task_id"], params))
             if t == "backfill":
                 body = await self._backfill_local(msg["task_id"], msg["start"], msg["end"], msg["dry_run"])
                 return peerwire.reply(True, wall, body=body)
             if t == "key":
                 return peerwire.reply(True, wall, body=self._key_op_local(msg["op"], msg["key"]))
+            if t == "cancel":
+                return peerwire.reply(True, wall, body=self._cancel_local(msg["run_id"][:200], msg["by"][:200]))
         except HTTPError as e:
             return peerwire.reply(False, wall, error=e.message)
         except Exception as e:
@@ -612,15 +631,24 @@ class Node:
         except LookupError as e:
             raise HTTPError(404, str(e.args[0])) from None
 
-    async def apply_tasks(self, items: list, *, source: str = "request") -> dict:
+    async def apply_tasks(self, items: list, *, source: str = "request", dry_run: bool = False,
+                          prune: bool = False) -> dict:
         try:
             tasks = parse_tasks(items, source=source)
         except TaskError as e:
             raise HTTPError(400, str(e)) from None
         now = _wall()
-        applied, effects = self.core.apply_tasks([t.resolve_now(now) for t in tasks], now)
-        self._do(effects)
-        out: dict = {"applied": applied}
+        resolved = [t.resolve_now(now) for t in tasks]
+        diff = diff_tasks({tid: t.to_dict() for tid, t in self.core.tasks.items()},
+                          [t.to_dict() for t in resolved], prune=prune)
+        if dry_run:
+            out: dict = {"dry_run": True, **diff}
+        else:
+            applied, effects = self.core.apply_tasks(resolved, now)
+            self._do(effects)
+            for tid in diff["removed"]:
+                self._do(self.core.delete_task(tid, now))
+            out = {"applied": applied, **diff}
         warnings = [{"task_id": t.id, "message": msg} for t in tasks for msg in reading_notes(t)]
         if warnings:
             out["warnings"] = warnings
@@ -636,25 +664,69 @@ class Node:
         self._do(self.core.set_paused(task_id, paused, _wall()))
         return {"task_id": task_id, "paused": paused}
 
-    async def run_now(self, task_id: str) -> dict:
-        self._task_or_404(task_id)
+    async def run_now(self, task_id: str, env=None, args=None) -> dict:
+        task = self._task_or_404(task_id)
+        try:
+            params = bind_run(task, env, args)
+        except TaskError as e:
+            raise HTTPError(400, str(e)) from None
         owner = self.core.ring.owner(task_id)
         if owner is None:
             raise HTTPError(409, f"task {task_id!r} has no eligible member to run on")
         if owner == self.name:
-            return await self._run_now_local(task_id)
-        rep = await self._request(owner, {"t": "run_now", "task_id": task_id})
+            return await self._run_now_local(task_id, params)
+        msg = {"t": "run_now", "task_id": task_id}
+        if params["env"] or params["args"]:
+            msg["params"] = params
+        rep = await self._request(owner, msg)
         return rep.get("body") or {}
 
-    async def _run_now_local(self, task_id: str) -> dict:
-        self._task_or_404(task_id)
+    async def _run_now_local(self, task_id: str, params: dict | None = None) -> dict:
+        task = self._task_or_404(task_id)
         if self.core.ring.owner(task_id) != self.name:
             raise HTTPError(409, f"{self.name} does not own {task_id!r} (owner: {self.core.ring.owner(task_id)})")
-        slot, reasons, effects = self.core.run_now(task_id, _wall())
+        if params is not None:
+            # checked again here: the definition may have changed on the way
+            try:
+                params = bind_run(task, params.get("env"), params.get("args"))
+            except (TaskError, AttributeError) as e:
+                raise HTTPError(400, str(e)) from None
+        slot, reasons, effects = self.core.run_now(task_id, _wall(), params)
         self._do(effects)
         if slot is None:
             raise HTTPError(409, f"{task_id}: not run now ({', '.join(reasons) or 'overlap policy'})")
-        return {"task_id": task_id, "node": self.name, "slot": slot}
+        out = {"task_id": task_id, "node": self.name, "slot": slot}
+        if params and (params["env"] or params["args"]):
+            out["params"] = params
+        return out
+
+    async def cancel_run(self, run_id: str, by: str) -> dict:
+        """End a running run wherever it runs: the node named in its run id
+        (``<slot>-<node>-<8 hex>[.<attempt>]``) ends its process group."""
+        m = RUN_ID_RE.fullmatch(run_id)
+        if m is None:
+            raise HTTPError(400, f"run id {run_id[:80]!r}: expected <slot>-<node>-<8 hex digits>[.<attempt>] "
+                                 "(see peerctl runs TASK)")
+        runner = m.group(2)
+        if runner == self.name:
+            return self._cancel_local(run_id, by)
+        member = self.gossip.core.member(runner) if self.gossip else None
+        if member is None:
+            raise HTTPError(404, f"run {run_id}: its node {runner} is not a member")
+        if member.state.value in ("dead", "left"):
+            raise HTTPError(409, f"run {run_id}: its node {runner} is {member.state.value}; "
+                                 "its unfinished runs are lost, not running")
+        rep = await self._request(runner, {"t": "cancel", "run_id": run_id, "by": by})
+        return rep.get("body") or {}
+
+    def _cancel_local(self, run_id: str, by: str) -> dict:
+        found, effects = self.core.cancel_run(run_id, by, _wall())
+        self._do(effects)
+        if found is None:
+            raise HTTPError(409, f"run {run_id} is not running on {self.name} (finished, or never started here)")
+        log.info("run cancel requested by %s", by, extra={"task_id": found["task_id"], "run_id": run_id})
+        return {"run_id": found["run_id"], "task_id": found["task_id"], "node": self.name,
+                "attempt": found["attempt"], "status": "cancelling", "by": by}
 
     async def backfill(self, task_id: str, start: int, end: int, dry_run: bool) -> dict:
         self._task_or_404(task_id)

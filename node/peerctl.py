@@ -135,7 +135,14 @@ def run(args) -> int:
     elif cmd == "owner":
         o = c.call("GET", f"/v1/owner/{_q(args.id)}")
         emit(o, f"task {o['task_id']}: owner {o['owner'] or '-'}; replicas {', '.join(o['replicas']) or '-'}")
+    elif cmd == "runs" and len(args.words) == 2 and args.words[0] == "cancel":
+        r = c.call("POST", f"/v1/runs/{_q(args.words[1])}/cancel")
+        emit(r, f"run {r.get('run_id')} of {r.get('task_id')}: cancelling on {r.get('node')} "
+                "(SIGTERM to its process group, SIGKILL after the grace)")
     elif cmd == "runs":
+        if len(args.words) != 1:
+            raise CtlError("usage: peerctl runs TASK_ID | peerctl runs cancel RUN_ID", EXIT_USAGE)
+        args.id = args.words[0]
         rs = c.call("GET", f"/v1/tasks/{_q(args.id)}/runs")
         rows = [
             dict(r, slot_s=_ts(r.get("slot")), started_s=_ts(r.get("started")), finished_s=_ts(r.get("finished")))
@@ -160,12 +167,22 @@ def run(args) -> int:
         tc = args.tasks_cmd
         if tc == "apply":
             tasks = _load_tasks_file(args.file)
-            r = c.call("PUT", f"/v1/tasks?source={_q(os.path.basename(args.file))}", tasks)
+            query = f"source={_q(os.path.basename(args.file))}"
+            if args.dry_run:
+                query += "&dry_run=1"
+            if args.prune:
+                query += "&prune=1"
+            r = c.call("PUT", f"/v1/tasks?{query}", tasks)
             if not js:
                 for w in r.get("warnings") or []:
                     print(f"peerctl: warning: task {w.get('task_id')!r}: {w.get('message')}",
                           file=sys.stderr)
-            emit(r, f"applied {len(r.get('applied', []))} task(s): {', '.join(r.get('applied', []))}")
+            text = _diff_text(r)
+            if not args.dry_run:
+                text = (f"applied {len(r.get('applied', []))} task(s): {', '.join(r.get('applied', []))}"
+                        + (f"\ndeleted {len(r['removed'])} task(s): {', '.join(r['removed'])}"
+                           if r.get("removed") else ""))
+            emit(r, text)
         elif tc == "ls":
             ts = c.call("GET", "/v1/tasks")
             rows = [dict(t, last_fired=_ts(t.get("last_fired"))) for t in ts]
@@ -184,7 +201,18 @@ def run(args) -> int:
             r = c.call("POST", f"/v1/tasks/{_q(args.id)}/{tc}")
             emit(r, f"{args.id}: {'paused' if tc == 'pause' else 'resumed'}")
         elif tc == "run":
-            r = c.call("POST", f"/v1/tasks/{_q(args.id)}/run")
+            body = {}
+            if args.env:
+                env = {}
+                for kv in args.env:
+                    k, sep, v = kv.partition("=")
+                    if not sep or not k:
+                        raise CtlError(f"--env {kv!r}: expected NAME=VALUE", EXIT_USAGE)
+                    env[k] = v
+                body["env"] = env
+            if args.arg:
+                body["args"] = list(args.arg)
+            r = c.call("POST", f"/v1/tasks/{_q(args.id)}/run", body or None)
             emit(r, f"{args.id}: run requested on {r.get('node')} (slot {_ts(r.get('slot'))})")
         elif tc == "explain":
             e = c.call("GET", f"/v1/tasks/{_q(args.id)}/explain?n={args.n}")
@@ -216,6 +244,32 @@ def run(args) -> int:
             slots = r.get("slots", [])
             emit(r, f"{verb} {len(slots)} slot(s):" + "".join(f"\n  {_ts(s)}" for s in slots))
     return 0
+
+
+def _short(v, limit: int = 60) -> str:
+    text = json.dumps(v, sort_keys=True) if not isinstance(v, str) else repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _diff_text(r: dict) -> str:
+    """``apply --dry-run``: + added, ~ changed (one line per field), - removed."""
+    lines = [f"+ {tid}   (added)" for tid in r.get("added", [])]
+    for ch in r.get("changed", []):
+        lines.append(f"~ {ch['id']}   (changed)")
+        for f in ch.get("fields", []):
+            if f.get("added"):
+                lines.append(f"    {f['field']}: set to {_short(f['to'])}")
+            elif f.get("removed"):
+                lines.append(f"    {f['field']}: unset (was {_short(f['from'])})")
+            else:
+                lines.append(f"    {f['field']}: {_short(f['from'])} -> {_short(f['to'])}")
+    lines += [f"- {tid}   (removed)" for tid in r.get("removed", [])]
+    n_same = len(r.get("unchanged", []))
+    if not lines:
+        return f"no change ({n_same} task(s) unchanged)"
+    summary = (f"would add {len(r.get('added', []))}, change {len(r.get('changed', []))}, "
+               f"remove {len(r.get('removed', []))}; {n_same} unchanged")
+    return "\n".join(lines + [summary])
 
 
 def _upgrade_check(tasks: list[dict]) -> list[dict]:
@@ -257,8 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("ring", help="ownership: tasks owned per member, eligibility, clock skew")
     o = sub.add_parser("owner", help="owner and replicas of a task")
     o.add_argument("id")
-    r = sub.add_parser("runs", help="run records of a task")
-    r.add_argument("id")
+    r = sub.add_parser("runs", help="run records of a task; cancel a running run",
+                       usage="peerctl runs TASK_ID\n       peerctl runs cancel RUN_ID")
+    r.add_argument("words", nargs="+", metavar="TASK_ID | cancel RUN_ID",
+                   help="a task id lists its runs; 'cancel RUN_ID' ends a running run on the node "
+                        "that runs it (the record ends 'cancelled')")
     k = sub.add_parser("keys", help="gossip keyring: list, install, use, remove")
     ksub = k.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
     ksub.add_parser("list", help="keys and how many members hold each")
@@ -269,16 +326,27 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = t.add_subparsers(dest="tasks_cmd", required=True, metavar="ACTION")
     ta = tsub.add_parser("apply", help="apply a task file (all or nothing)")
     ta.add_argument("-f", "--file", required=True, help="YAML, JSON or TOML task file")
+    ta.add_argument("--dry-run", action="store_true",
+                    help="print what would change (added, changed with a field diff, removed with --prune); "
+                         "apply nothing")
+    ta.add_argument("--prune", action="store_true",
+                    help="also delete every task of the cluster that the file does not name")
     tsub.add_parser("ls", help="list tasks")
     for name, h in (
         ("get", "show a task's definition (and any conflict)"),
         ("rm", "delete a task"),
         ("pause", "pause a task"),
         ("resume", "resume a task"),
-        ("run", "run a task now, once, cluster-wide"),
     ):
         x = tsub.add_parser(name, help=h)
         x.add_argument("id")
+    tr = tsub.add_parser("run", help="run a task now, once, cluster-wide (with parameters)")
+    tr.add_argument("id")
+    tr.add_argument("--env", action="append", metavar="NAME=VALUE",
+                    help="environment for this run only (checked against the task's params); repeatable")
+    tr.add_argument("--arg", action="append", metavar="ARG",
+                    help="argument appended for this run only (exec argv, python args, shell $1...); "
+                         "repeatable")
     te = tsub.add_parser("explain", help="next fires, owner, last fired slot and why")
     te.add_argument("id")
     te.add_argument("-n", type=int, default=5, help="number of next fires (default 5)")

@@ -11,6 +11,7 @@ Types:
     run_now    {"t": "run_now", "task_id": str}
     backfill   {"t": "backfill", "task_id": str, "start": int, "end": int, "dry_run": bool}
     key        {"t": "key", "op": "install|use|remove|list", "key": str}
+    cancel     {"t": "cancel", "run_id": str, "by": str}            end a run on the node that runs it
     reply      {"t": "reply", "ok": bool, "wall": float, "body": any, "error": str}
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import msgpack
 
 MAX_MESSAGE_BYTES = 8 << 20
-TYPES = ("push", "ae", "run_now", "backfill", "key", "reply")
+TYPES = ("push", "ae", "run_now", "backfill", "key", "reply", "cancel")
 
 
 class PeerProtocolError(ValueError):
@@ -34,6 +35,7 @@ _FIELDS: dict[str, dict[str, tuple]] = {
     "backfill": {"task_id": (str,), "start": (int,), "end": (int,), "dry_run": (bool,)},
     "key": {"op": (str,), "key": (str,)},
     "reply": {"ok": (bool,), "wall": (float, int)},
+    "cancel": {"run_id": (str,), "by": (str,)},
 }
 
 

@@ -70,6 +70,8 @@ from .schedule import (
 
 __all__ = [
     "COMMAND_TYPES",
+    "bind_run",
+    "command_with_args",
     "ExecCommand",
     "HttpCommand",
     "MISFIRE_POLICIES",
@@ -106,6 +108,11 @@ MAX_CATCHUP_WINDOW_S = 7 * 86400.0
 MAX_HISTORY = 10_000
 MAX_TAGS = 64
 MAX_ENV = 256
+#: Parameters per task, and the longest value (or default) of one.
+MAX_PARAMS = 64
+MAX_PARAM_LEN = 4096
+#: Extra arguments a manual run may add.
+MAX_RUN_ARGS = 64
 MAX_TASKS_PER_FILE = 100_000
 #: Task files larger than this are refused before they are parsed.
 MAX_TASK_FILE_BYTES = 64 << 20
@@ -246,11 +253,14 @@ class Task:
     #: the operator has read how peerd's day-field reading differs from
     #: croniter's for this schedule (node.schedule.reading_notes): no warning
     cron_reading_ack: bool = False
+    #: parameters a manual run may set: name -> {"required": bool,
+    #: "default": str | None, "description": str} (see :func:`bind_run`)
+    params: dict = field(default_factory=dict)
 
     FIELDS: ClassVar[tuple[str, ...]] = (
         "id", "name", "schedule", "timezone", "dst", "jitter", "command", "timeout",
         "retries", "overlap", "misfire", "catchup_window", "on_owner_loss", "tags",
-        "env", "cwd", "paused", "history", "cron_reading_ack",
+        "env", "cwd", "paused", "history", "cron_reading_ack", "params",
     )
 
     def __hash__(self) -> int:  # dict fields are unhashable; equal tasks share these
@@ -261,6 +271,10 @@ class Task:
         """True for one-shot tasks (``now`` or ``once:``)."""
         return self.schedule == "now" or self.schedule.startswith("once:")
 
+    def param_defaults(self) -> dict[str, str]:
+        """Environment every run gets from ``params`` defaults."""
+        return {k: v["default"] for k, v in self.params.items() if v.get("default") is not None}
+
     def resolve_now(self, now: float) -> "Task":
         """Return the task with ``schedule: now`` turned into ``once:<now>``."""
         spec = resolve_now(self.schedule, now)
@@ -268,7 +282,7 @@ class Task:
 
     def to_dict(self) -> dict:
         """Canonical dict (msgpack/JSON-able); ``from_dict`` round-trips it."""
-        return {
+        d = {
             "id": self.id,
             "name": self.name,
             "schedule": self.schedule,
@@ -289,6 +303,11 @@ class Task:
             "history": self.history,
             "cron_reading_ack": self.cron_reading_ack,
         }
+        # fields added after the first release appear only when set, so a
+        # definition without them is byte-for-byte what older nodes wrote
+        if self.params:
+            d["params"] = {k: dict(v) for k, v in self.params.items()}
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, *, source: str | None = None, index: int | None = None) -> "Task":
@@ -506,6 +525,8 @@ class _Validator:
             self.err("cron_reading_ack", "must be true or false", ack)
             ack = False
 
+        params = self.params(d.get("params"))
+
         if self.errors or command is None:
             return None
         return Task(
@@ -513,8 +534,61 @@ class _Validator:
             jitter_s=jitter_s, command=command, timeout_s=timeout_s, retries=retries,
             overlap=overlap, misfire=misfire, catchup_window_s=window_s,
             on_owner_loss=owner_loss, tags=tags, env=env, cwd=cwd, paused=paused,
-            history=history, cron_reading_ack=ack,
+            history=history, cron_reading_ack=ack, params=params,
         )
+
+    def params(self, raw: Any) -> dict:
+        """``params: {NAME: {required, default, description}}`` (a list of
+        names is short for optional parameters without default)."""
+        if raw is None:
+            return {}
+        if isinstance(raw, list):
+            raw = {n: {} for n in raw} if all(isinstance(n, str) for n in raw) else raw
+        if not isinstance(raw, dict):
+            self.err("params", "must be a mapping NAME: {required, default, description}", raw)
+            return {}
+        if len(raw) > MAX_PARAMS:
+            self.err("params", f"at most {MAX_PARAMS} parameters")
+            return {}
+        out: dict = {}
+        for name in sorted(raw, key=str):
+            spec = raw[name]
+            where = f"params.{name}"
+            if not isinstance(name, str) or not _ENV_RE.match(name):
+                self.err(where, "a parameter name is an environment variable name "
+                                "([A-Za-z_][A-Za-z0-9_]*)", show=False)
+                continue
+            if spec is None:
+                spec = {}
+            if not isinstance(spec, dict):
+                self.err(where, "must be a mapping {required, default, description}", spec)
+                continue
+            self._unknown(spec, ("required", "default", "description"), where + ".")
+            req = spec.get("required", False)
+            default = spec.get("default")
+            desc = spec.get("description", "")
+            if not isinstance(req, bool):
+                self.err(where + ".required", "must be true or false", req)
+                continue
+            if default is not None and (not isinstance(default, str) or "\x00" in default
+                                        or len(default) > MAX_PARAM_LEN):
+                self.err(where + ".default", f"must be a string of at most {MAX_PARAM_LEN} characters "
+                                             "(quote it in YAML)", default)
+                continue
+            if not isinstance(desc, str) or len(desc) > MAX_NAME_LEN:
+                self.err(where + ".description", f"must be a string of at most {MAX_NAME_LEN} characters",
+                         desc)
+                continue
+            if req and default is not None:
+                self.err(where, "a required parameter has no default", show=False)
+                continue
+            entry: dict = {"required": req}
+            if default is not None:
+                entry["default"] = default
+            if desc:
+                entry["description"] = desc
+            out[name] = entry
+        return out
 
     def schedule(self, raw: Any, zone: Any) -> str | None:
         """Validate and canonicalise a schedule; None (and an error) if bad."""
@@ -761,3 +835,76 @@ def load_task_file(path: str | os.PathLike) -> list[Task]:
         msg = " ".join(str(exc).split())
         raise TaskError([f"{source}: not valid {kind}: {msg}"]) from None
     return parse_tasks(data, source)
+
+
+# ---------------------------------------------------------------- manual runs
+
+
+def bind_run(task: Task, env: Any, args: Any) -> dict:
+    """Check a manual run's parameters against the task: ``{"env": {...},
+    "args": [...]}`` as the run will use them (defaults filled in).
+
+    With a ``params`` schema, ``env`` may set only declared names and must
+    set every required one; without one, any environment name is accepted.
+    ``args`` are appended to an ``exec`` command's argv, to a ``python``
+    command's args, or passed to a ``shell`` command as ``$1 ...``; an
+    ``http`` command takes none.
+
+    Raises:
+        TaskError: naming the parameter and the reason.
+    """
+    errors: list[str] = []
+    where = f"run of {task.id!r}"
+    env = {} if env is None else env
+    args = [] if args is None else args
+    if not isinstance(env, dict):
+        raise TaskError([f"{where}: env must be a mapping of strings"])
+    if not isinstance(args, list):
+        raise TaskError([f"{where}: args must be a list of strings"])
+    out_env: dict[str, str] = {}
+    if len(env) > MAX_PARAMS:
+        errors.append(f"{where}: at most {MAX_PARAMS} env entries")
+    for k in sorted(env, key=str):
+        v = env[k]
+        if not isinstance(k, str) or not _ENV_RE.match(k):
+            errors.append(f"{where}: env {str(k)[:60]!r}: not an environment variable name")
+        elif task.params and k not in task.params:
+            known = ", ".join(sorted(task.params))
+            errors.append(f"{where}: env {k}: not a parameter of this task (its params: {known})")
+        elif not isinstance(v, str) or "\x00" in v or len(v) > MAX_PARAM_LEN:
+            errors.append(f"{where}: env {k}: must be a string of at most {MAX_PARAM_LEN} characters")
+        else:
+            out_env[k] = v
+    for name, spec in sorted(task.params.items()):
+        if name in out_env:
+            continue
+        if spec.get("required"):
+            errors.append(f"{where}: env {name}: required parameter not given"
+                          + (f" ({spec['description']})" if spec.get("description") else ""))
+        elif spec.get("default") is not None:
+            out_env[name] = spec["default"]
+    if len(args) > MAX_RUN_ARGS:
+        errors.append(f"{where}: at most {MAX_RUN_ARGS} args")
+    elif not all(isinstance(a, str) and "\x00" not in a and len(a) <= MAX_PARAM_LEN for a in args):
+        errors.append(f"{where}: args must be strings of at most {MAX_PARAM_LEN} characters")
+    elif args and isinstance(task.command, HttpCommand):
+        errors.append(f"{where}: args: an http command takes no arguments")
+    if errors:
+        raise TaskError(errors)
+    return {"env": out_env, "args": list(args)}
+
+
+def command_with_args(command: Command, args: list[str]) -> Command:
+    """The command a manual run with extra ``args`` executes."""
+    if not args:
+        return command
+    if isinstance(command, ExecCommand):
+        return ExecCommand(tuple(command.argv) + tuple(args))
+    if isinstance(command, PythonCommand):
+        return PythonCommand(command.target, tuple(command.args) + tuple(args), dict(command.kwargs))
+    if isinstance(command, ShellCommand):
+        import shlex
+
+        # sh -c 'run' sh arg1 ...: the script reads them as "$1" ...
+        return ShellCommand(f"set -- {shlex.join(args)}\n{command.run}")
+    raise ValueError("an http command takes no arguments")

@@ -19,6 +19,9 @@ __all__ = [
 #: Keys of a run in ``GET /v1/tasks/{id}/runs`` (DESIGN §6 plus ``output`` and ``error``).
 RUN_KEYS = ("task_id", "slot", "run_id", "node", "attempt", "status", "exit_code",
             "started", "finished", "fencing_token", "output", "error")
+#: Keys shown only when a run has them (manual run parameters, who
+#: cancelled it, its notifications, its chained upstream run).
+RUN_OPTIONAL_KEYS = ("params", "cancelled_by", "notify", "upstream")
 CONFLICT_RULE = "greatest (updated_at, writer, content hash) wins; siblings kept until the next write"
 
 
@@ -103,7 +106,7 @@ def runs_json(core: NodeCore, task_id: str) -> list[dict]:
     runs = core.store.runs(task_id)
     if task_id not in core.tasks and not runs:
         raise LookupError(f"unknown task {task_id!r}")
-    return [{k: r.get(k) for k in RUN_KEYS} for r in runs]
+    return [{k: r.get(k) for k in RUN_KEYS} | {k: r[k] for k in RUN_OPTIONAL_KEYS if k in r} for r in runs]
 
 
 def explain_json(core: NodeCore, task_id: str, n: int, now: float) -> dict:

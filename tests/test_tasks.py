@@ -160,6 +160,7 @@ FULL = base(
     retries={"max": 2, "backoff": "500ms", "max_backoff": "10s", "multiplier": 3},
     overlap="buffer_one", misfire="run_all", catchup_window="2h", on_owner_loss="skip",
     tags={"zone": "a"}, env={"MODE": "full"}, cwd="/tmp", paused=True, history=7,
+    params={"DATE": {"required": True, "description": "day to process"}, "LEVEL": {"default": "info"}},
 )
 
 

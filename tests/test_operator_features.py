@@ -1,0 +1,184 @@
+"""Operator features on three real ``peerd`` processes, driven by ``peerctl``:
+``apply --dry-run`` / ``--prune``, ``runs cancel`` (forwarded to the node
+that runs the run, which ends its process group) and manual runs with
+parameters checked against the task's ``params``.
+
+Waits are conditions with deadlines (tests/cluster_util.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+
+import pytest
+
+from tests.cluster_util import api, peerctl, running_cluster, wait_for
+
+FAR = "once:2099-01-01T00:00:00Z"   # a task that only runs when asked
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with running_cluster(tmp_path_factory.mktemp("ops"), 3, wait_converged_s=60) as c:
+        yield c
+
+
+def _owner(c, tid):
+    return wait_for(lambda: api(c.procs[0].api_addr, "GET", f"/v1/owner/{tid}")[1].get("owner"),
+                    timeout=30, what=f"an owner for {tid}", cluster=c)
+
+
+def _proc(c, name):
+    return next(p for p in c.procs if p.name == name)
+
+
+def _everywhere(c, tid):
+    for p in c.procs:
+        wait_for(lambda p=p: api(p.api_addr, "GET", f"/v1/tasks/{tid}")[0] == 200, timeout=30,
+                 what=f"{p.name} has {tid}", cluster=c)
+
+
+def test_apply_dry_run_and_prune(cluster, tmp_path):
+    a, b, _ = cluster.procs
+    f = tmp_path / "tasks.yaml"
+    f.write_text(textwrap.dedent(f"""
+        - id: dr-keep
+          schedule: "{FAR}"
+          command: {{type: exec, argv: ["true"]}}
+          timeout: 10s
+        - id: dr-gone
+          schedule: "{FAR}"
+          command: {{type: exec, argv: ["true"]}}
+    """))
+    r = peerctl("tasks", "apply", "-f", str(f), node=a.api_addr)
+    assert r.returncode == 0, r.stderr
+    _everywhere(cluster, "dr-gone")
+    f2 = tmp_path / "tasks2.yaml"
+    f2.write_text(textwrap.dedent(f"""
+        - id: dr-keep
+          schedule: "{FAR}"
+          command: {{type: exec, argv: ["true", "x"]}}
+          timeout: 20s
+        - id: dr-new
+          schedule: "{FAR}"
+          command: {{type: exec, argv: ["true"]}}
+    """))
+    r = peerctl("tasks", "apply", "-f", str(f2), "--dry-run", node=b.api_addr)
+    assert r.returncode == 0, r.stderr
+    assert "+ dr-new" in r.stdout and "~ dr-keep" in r.stdout
+    assert "timeout: 10.0 -> 20.0" in r.stdout and "command.argv" in r.stdout
+    assert "dr-gone" not in r.stdout                      # no --prune: left alone
+    # nothing applied
+    assert api(b.api_addr, "GET", "/v1/tasks/dr-new")[0] == 404
+    assert api(b.api_addr, "GET", "/v1/tasks/dr-keep")[1]["task"]["timeout"] == 10.0
+
+    r = peerctl("--json", "tasks", "apply", "-f", str(f2), "--dry-run", "--prune", node=b.api_addr)
+    d = json.loads(r.stdout)
+    assert d["dry_run"] is True and d["added"] == ["dr-new"] and "dr-gone" in d["removed"]
+    assert [c["id"] for c in d["changed"]] == ["dr-keep"]
+    assert {x["field"] for x in d["changed"][0]["fields"]} == {"timeout", "command.argv"}
+    assert api(b.api_addr, "GET", "/v1/tasks/dr-gone")[0] == 200
+
+    r = peerctl("tasks", "apply", "-f", str(f2), "--prune", node=b.api_addr)
+    assert r.returncode == 0, r.stderr
+    assert "deleted" in r.stdout and "dr-gone" in r.stdout
+    for p in cluster.procs:
+        wait_for(lambda p=p: api(p.api_addr, "GET", "/v1/tasks/dr-gone")[0] == 404, timeout=30,
+                 what=f"dr-gone deleted on {p.name}", cluster=cluster)
+    assert api(a.api_addr, "GET", "/v1/tasks/dr-keep")[1]["task"]["timeout"] == 20.0
+
+
+def test_cancel_a_running_run_from_another_node(cluster, tmp_path):
+    pidfile = tmp_path / "pid"
+    f = tmp_path / "long.yaml"
+    f.write_text(textwrap.dedent(f"""
+        - id: cx-long
+          schedule: "{FAR}"
+          command: {{type: shell, run: "echo $$ > {pidfile}; sleep 300 & wait"}}
+          timeout: 10m
+          retries: 2
+    """))
+    a = cluster.procs[0]
+    assert peerctl("tasks", "apply", "-f", str(f), node=a.api_addr).returncode == 0
+    _everywhere(cluster, "cx-long")
+    owner = _owner(cluster, "cx-long")
+    other = next(p for p in cluster.procs if p.name != owner)
+    r = peerctl("tasks", "run", "cx-long", node=other.api_addr)
+    assert r.returncode == 0, r.stderr + cluster.logs()
+    op = _proc(cluster, owner)
+
+    def running():
+        rs = api(op.api_addr, "GET", "/v1/tasks/cx-long/runs")[1]
+        live = [x for x in rs if x["status"] == "running"]
+        return live[0] if live and pidfile.exists() and pidfile.read_text().strip() else None
+
+    run = wait_for(running, timeout=30, what="cx-long running", cluster=cluster)
+    pid = int(pidfile.read_text())
+    # cancel through a node that does not run it: forwarded to the owner
+    r = peerctl("runs", "cancel", run["run_id"], node=other.api_addr)
+    assert r.returncode == 0, r.stderr
+    assert "cancelling" in r.stdout and owner in r.stdout
+
+    def cancelled():
+        rs = api(op.api_addr, "GET", "/v1/tasks/cx-long/runs")[1]
+        done = [x for x in rs if x["status"] == "cancelled"]
+        return done[0] if done else None
+
+    rec = wait_for(cancelled, timeout=30, what="the run recorded cancelled", cluster=cluster)
+    assert rec["cancelled_by"].startswith("api client 127.0.0.1")
+    assert "cancelled by" in rec["error"]
+    # the process group is gone, and no retry started (retries: 2)
+    wait_for(lambda: not _alive(pid), timeout=30, what=f"pid {pid} gone")
+    rs = api(op.api_addr, "GET", "/v1/tasks/cx-long/runs")[1]
+    assert [x["status"] for x in rs] == ["cancelled"]
+    # a finished run cannot be cancelled; a malformed id is a 400
+    r = peerctl("runs", "cancel", run["run_id"], node=other.api_addr)
+    assert r.returncode == 1 and "not running" in r.stderr
+    st, body = api(other.api_addr, "POST", "/v1/runs/nonsense/cancel")
+    assert st == 400 and "run id" in body["error"]
+    st, _ = api(other.api_addr, "POST", f"/v1/runs/{run['run_id']}/cancel", token="wrong")
+    assert st == 401
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_run_with_parameters(cluster, tmp_path):
+    out = tmp_path / "params.out"
+    f = tmp_path / "p.yaml"
+    f.write_text(textwrap.dedent(f"""
+        - id: px
+          schedule: "{FAR}"
+          command: {{type: shell, run: 'echo "$DAY|$LEVEL|$*" >> {out}'}}
+          params:
+            DAY: {{required: true, description: day to process}}
+            LEVEL: {{default: info}}
+    """))
+    a, b, c = cluster.procs
+    assert peerctl("tasks", "apply", "-f", str(f), node=a.api_addr).returncode == 0
+    _everywhere(cluster, "px")
+    # refused before anything runs: a required parameter missing, an unknown one
+    r = peerctl("tasks", "run", "px", node=b.api_addr)
+    assert r.returncode == 1 and "DAY: required parameter not given (day to process)" in r.stderr
+    r = peerctl("tasks", "run", "px", "--env", "DAY=1", "--env", "OTHER=2", node=b.api_addr)
+    assert r.returncode == 1 and "OTHER: not a parameter of this task" in r.stderr
+    r = peerctl("tasks", "run", "px", "--env", "nope", node=b.api_addr)
+    assert r.returncode == 2 and "NAME=VALUE" in r.stderr
+    r = peerctl("tasks", "run", "px", "--env", "DAY=2026-12-01", "--arg", "a b", "--arg", "$(c)",
+                node=c.api_addr)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: out.exists() and out.read_text().strip(), timeout=30, what="px ran", cluster=cluster)
+    assert out.read_text().strip() == "2026-12-01|info|a b $(c)"
+    owner = _owner(cluster, "px")
+    rs = api(_proc(cluster, owner).api_addr, "GET", "/v1/tasks/px/runs")[1]
+    assert rs[-1]["params"] == {"env": {"DAY": "2026-12-01", "LEVEL": "info"}, "args": ["a b", "$(c)"]}
