@@ -27,7 +27,7 @@ def test_plan_is_seeded_sequential_and_covers_every_kind(seed):
 def test_short_chaos_run_loses_nothing(tmp_path):
     out = tmp_path / "chaos.json"
     rc = main(["--nodes", "5", "--duration", "110", "--seed", "4", "--tasks", "3", "--etcd",
-               "--json", str(out)])
+               "--net", "loopback", "--json", str(out)])
     rep = json.loads(out.read_text())
     assert rc == 0, f"{rep['failures']} replay: {rep['replay']}"
     real = rep["real"]
