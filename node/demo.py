@@ -139,6 +139,8 @@ def main(argv: list[str]) -> int:
     print("  peerctl runs heartbeat")
     print("  peerctl tasks explain nightly-report")
     print(f"  curl -s http://{first}/metrics | grep ^peerd_")
+    print("\nOr open the status page of any node in a browser (it asks for the PEERCTL_TOKEN value):")
+    print(f"  http://{first}/")
     print("\nCtrl-C stops the cluster (each node leaves gracefully).\n", flush=True)
 
     async def run() -> int:
