@@ -16,7 +16,10 @@ import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    import ssl
 
 
 from gossip.transport import parse_addr as _parse_addr
@@ -129,6 +132,12 @@ class NodeConfig:
         etcd_prefix, etcd_user, etcd_password, etcd_ca_file: etcd options.
         etcd_password_file: file holding the etcd password (first line),
             exclusive with ``etcd_password``.
+        etcd_cert_file, etcd_key_file: client certificate and its key (PEM)
+            for ``https://`` etcd endpoints that require one; both or
+            neither (the same file if it holds both).
+        api_tls_cert, api_tls_key: serve the HTTP API over TLS with this
+            certificate chain and private key (PEM); both or neither. Every
+            route, ``/metrics`` included, is then https only.
         fencing_on_unavailable: ``skip`` (default, never risk a duplicate) or
             ``fire`` (fire without a token while etcd is down).
         fencing_retention_s: lease TTL of slot claims (default 1 day).
@@ -168,6 +177,10 @@ class NodeConfig:
     etcd_password: str = ""
     etcd_password_file: str = ""
     etcd_ca_file: str = ""
+    etcd_cert_file: str = ""
+    etcd_key_file: str = ""
+    api_tls_cert: str = ""
+    api_tls_key: str = ""
     fencing_on_unavailable: str = "skip"
     fencing_retention_s: float = 86400.0
     fencing_session_ttl_s: float = 10.0
@@ -270,6 +283,10 @@ PARSERS: dict[str, Any] = {
     "etcd_password": _str,
     "etcd_password_file": _str,
     "etcd_ca_file": _str,
+    "etcd_cert_file": _str,
+    "etcd_key_file": _str,
+    "api_tls_cert": _str,
+    "api_tls_key": _str,
     "fencing_on_unavailable": _choice("skip", "fire"),
     "fencing_retention_s": lambda v, w: _parse_float(v, w, minimum=1.0),
     "fencing_session_ttl_s": lambda v, w: _parse_float(v, w, minimum=2.0),
@@ -437,4 +454,61 @@ def validate(cfg: NodeConfig) -> NodeConfig:
     for url in cfg.etcd:
         if not (url.startswith("http://") or url.startswith("https://")):
             raise ConfigError(f"etcd: {url!r}: endpoints are http:// or https:// URLs")
+    api_tls_context(cfg)  # both or neither, readable, a key that fits the certificate
+    _check_pair(cfg.etcd_cert_file, "etcd_cert_file", cfg.etcd_key_file, "etcd_key_file")
+    if cfg.etcd_cert_file:
+        import ssl
+
+        _load_pair(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), cfg.etcd_cert_file, "etcd_cert_file",
+                   cfg.etcd_key_file, "etcd_key_file")
+    if cfg.etcd_ca_file:
+        _check_readable(cfg.etcd_ca_file, "etcd_ca_file")
     return cfg
+
+
+def _check_readable(path: str, what: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise ConfigError(f"{what}: {path}: cannot read: {e.strerror or e}") from None
+
+
+def _check_pair(cert: str, cert_what: str, key: str, key_what: str) -> None:
+    if bool(cert) != bool(key):
+        given, missing = (cert_what, key_what) if cert else (key_what, cert_what)
+        raise ConfigError(f"{missing}: {given} is set but {missing} is not; give both "
+                          "(the same file if it holds the certificate and the key)")
+
+
+def _load_pair(ctx: "ssl.SSLContext", cert: str, cert_what: str, key: str, key_what: str) -> None:
+    import ssl
+
+    _check_readable(cert, cert_what)
+    _check_readable(key, key_what)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        raise ConfigError(f"{cert_what}/{key_what}: {cert}, {key}: not a PEM certificate chain "
+                          f"and its private key, or the key does not fit the certificate ({e.reason or e})") from None
+    except OSError as e:  # e.g. a passphrase-protected key (no prompt in a daemon)
+        raise ConfigError(f"{key_what}: {key}: cannot load: {e.strerror or e}") from None
+
+
+def api_tls_context(cfg: NodeConfig) -> "ssl.SSLContext | None":
+    """The server-side TLS context of the HTTP API (TLS 1.2 or later), or
+    None when ``api_tls_cert`` / ``api_tls_key`` are not set.
+
+    Raises:
+        ConfigError: only one of the two set, a file unreadable, not PEM, or
+            a key that does not fit the certificate (naming the field).
+    """
+    _check_pair(cfg.api_tls_cert, "api_tls_cert", cfg.api_tls_key, "api_tls_key")
+    if not cfg.api_tls_cert:
+        return None
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_pair(ctx, cfg.api_tls_cert, "api_tls_cert", cfg.api_tls_key, "api_tls_key")
+    return ctx

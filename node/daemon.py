@@ -49,6 +49,11 @@ RUN_FLAGS = [
     ("fencing_on_unavailable", "skip (default) or fire when etcd is unreachable"),
     ("fencing_session_ttl_s", "etcd session TTL proving this node alive to reclaimers (default 10)"),
     ("etcd_prefix", "etcd key prefix (default /peerd)"),
+    ("etcd_ca_file", "CA bundle (PEM) that signed the https:// etcd endpoints' certificates"),
+    ("etcd_cert_file", "client certificate (PEM) for etcd endpoints that require one"),
+    ("etcd_key_file", "private key (PEM) of --etcd-cert-file"),
+    ("api_tls_cert", "serve the API over https with this certificate chain (PEM); needs --api-tls-key"),
+    ("api_tls_key", "private key (PEM) of --api-tls-cert (mode 0600)"),
     ("max_skew_s", "members with clocks off by more than this own nothing (default 2)"),
 ]
 
@@ -101,7 +106,8 @@ def _check_start_files(cfg) -> int | None:
     from .config import loose_permissions
 
     for what, path in (("key_file", cfg.key_file), ("api_token_file", cfg.api_token_file),
-                       ("etcd_password_file", cfg.etcd_password_file)):
+                       ("etcd_password_file", cfg.etcd_password_file), ("api_tls_key", cfg.api_tls_key),
+                       ("etcd_key_file", cfg.etcd_key_file)):
         mode = loose_permissions(path) if path else None
         if mode is not None:
             log.warning("%s %s is readable by group or others (mode %04o); run: chmod 600 %s",
@@ -133,9 +139,17 @@ def cmd_run(argv: list[str]) -> int:
         return code
     from .node import Node, StartupError
 
+    class DaemonNode(Node):
+        def _start_fencing(self, nursery: trio.Nursery) -> None:
+            super()._start_fencing(nursery)
+            # The etcd client certificate (the client was made just now and
+            # has sent nothing yet: its loop starts at the next checkpoint).
+            if self.cfg.etcd_cert_file:
+                self.fencer.client.load_client_certificate(self.cfg.etcd_cert_file, self.cfg.etcd_key_file)
+
     async def main_async() -> int:
         try:
-            node = await Node.create(cfg)
+            node = await DaemonNode.create(cfg)
         except StartupError as e:
             log.error("cannot start: %s", e)
             return 1

@@ -129,6 +129,26 @@ class EtcdClient:
             self._ssl_context = ctx
         self._requests = self._failovers = self._unavailable = self._auth_refreshes = 0
 
+    @classmethod
+    def from_config(cls, cfg, **kw) -> "EtcdClient":
+        """The client a node's config describes (``node/config.py``: etcd,
+        etcd_user, etcd_password, etcd_ca_file, etcd_cert_file,
+        etcd_key_file); keyword arguments win."""
+        opts = dict(username=cfg.etcd_user, password=cfg.etcd_password, ca_file=cfg.etcd_ca_file,
+                    cert_file=cfg.etcd_cert_file, key_file=cfg.etcd_key_file)
+        opts.update(kw)
+        return cls(list(cfg.etcd), **opts)
+
+    def load_client_certificate(self, cert_file: str, key_file: str = "") -> None:
+        """Present this certificate (and key) to ``https://`` endpoints from
+        the next request on; no effect when every endpoint is ``http://``.
+
+        Raises:
+            ssl.SSLError, OSError: the files do not hold a certificate and its key.
+        """
+        if self._ssl_context is not None:
+            self._ssl_context.load_cert_chain(cert_file, key_file or None)
+
     # ------------------------------------------------------------ public API
 
     @property

@@ -25,7 +25,16 @@ Theory of operation, per request:
 3. Read the body (bounded), call the handler, answer; keep the connection
    for the next request unless either side asked to close.
 
-Refusals the server makes itself (protocol errors, 413, timeouts) are
+With TLS (``serve_http(..., ssl_context=...)``; the node's
+``api_tls_cert`` / ``api_tls_key``) every accepted connection first goes
+through a TLS handshake bounded by :data:`TLS_HANDSHAKE_TIMEOUT_S`, so a
+client that connects and never finishes one holds nothing for long; then
+the rules above apply to the decrypted stream unchanged. A connection
+whose first bytes are plain HTTP rather than a TLS record is answered a
+plain-text 400 ("this port speaks https") and closed; any other failed
+handshake is closed. Both are refusals with reason ``tls``.
+
+Refusals the server makes itself (protocol errors, 413, timeouts, TLS) are
 reported to ``handler.refused(reason, peer, detail)`` when the handler has
 it, which counts them and logs at a bounded rate (see ``node/ratelog.py``);
 they are never logged one by one here.
@@ -34,6 +43,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -55,6 +65,13 @@ IDLE_TIMEOUT_S = 30.0
 LINGER_BYTES = 256 * 1024
 LINGER_S = 1.0
 _HTTP_VERSIONS = (b"1.0", b"1.1")
+#: A TLS handshake not finished within this many seconds is dropped.
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+#: First byte of a TLS handshake record (RFC 8446 §5.1, content type 22).
+_TLS_HANDSHAKE_RECORD = 0x16
+_PLAIN_ON_TLS_BODY = b"this port speaks https: use https:// with this address\n"
+_PLAIN_ON_TLS = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\nconnection: close\r\n"
+                 b"content-length: %d\r\nserver: peerd\r\n\r\n" % len(_PLAIN_ON_TLS_BODY)) + _PLAIN_ON_TLS_BODY
 
 
 @dataclass
@@ -207,13 +224,84 @@ async def _next_event(conn: h11.Connection, stream: trio.abc.Stream):
         return event
 
 
-async def _handle_connection(stream: trio.SocketStream, handler: Handler, max_body_bytes: int) -> None:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+def _peer(stream: trio.abc.Stream) -> str:
     try:
         peer = stream.socket.getpeername()
-        peer_s = f"{peer[0]}:{peer[1]}"
+        return f"{peer[0]}:{peer[1]}"
     except (OSError, AttributeError):
-        peer_s = "?"
+        return "?"
+
+
+class _Replay(trio.abc.Stream):
+    """``stream`` whose first reads return ``head``: the bytes read to tell
+    a TLS handshake from plain HTTP, handed on to the TLS layer."""
+
+    def __init__(self, stream: trio.abc.Stream, head: bytes):
+        self.transport_stream = stream
+        self._head = head
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._head:
+            await trio.lowlevel.checkpoint()
+            n = len(self._head) if max_bytes is None else max_bytes
+            out, self._head = self._head[:n], self._head[n:]
+            return out
+        return await self.transport_stream.receive_some(max_bytes)
+
+    async def send_all(self, data) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
+
+
+async def _start_tls(stream: trio.abc.Stream, ctx: ssl.SSLContext, handler, peer_s: str,
+                     timeout_s: float) -> trio.SSLStream | None:
+    """The server side of the TLS handshake, bounded by ``timeout_s``; None
+    (refusal reported) when the client is not speaking TLS, fails the
+    handshake or does not finish it in time."""
+    with trio.move_on_after(timeout_s):
+        try:
+            head = await stream.receive_some(4096)
+            if not head:
+                return None  # connected and closed again (a port probe)
+            if head[0] != _TLS_HANDSHAKE_RECORD:
+                _report(handler, "tls", peer_s, "plain HTTP or other non-TLS bytes on the https port")
+                if head[:1].isalpha():  # an HTTP method: say why in words it shows
+                    await stream.send_all(_PLAIN_ON_TLS)
+                    await _linger(stream)
+                return None
+            tls = trio.SSLStream(_Replay(stream, head), ctx, server_side=True, https_compatible=True)
+            await tls.do_handshake()
+            return tls
+        except trio.BrokenResourceError as e:
+            _report(handler, "tls", peer_s, f"TLS handshake failed: {e.__cause__ or e}"[:300])
+            return None
+        except (trio.ClosedResourceError, OSError):
+            return None
+    _report(handler, "tls", peer_s, f"no TLS handshake in {timeout_s:g}s")
+    return None
+
+
+def _node_tls_context(handler) -> ssl.SSLContext | None:
+    """The TLS context of the node behind ``handler`` (its config's
+    ``api_tls_cert`` / ``api_tls_key``), or None."""
+    cfg = getattr(getattr(handler, "node", None), "cfg", None)
+    if cfg is None or not getattr(cfg, "api_tls_cert", ""):
+        return None
+    from .config import api_tls_context
+
+    return api_tls_context(cfg)
+
+
+async def _handle_connection(stream: trio.abc.Stream, handler: Handler, max_body_bytes: int,
+                             peer_s: str | None = None) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+    if peer_s is None:
+        peer_s = _peer(stream)
     check = getattr(handler, "check", None)
     try:
         while True:
@@ -306,17 +394,35 @@ async def serve_http(
     port: int,
     *,
     max_body_bytes: int = MAX_BODY_BYTES,
+    ssl_context: ssl.SSLContext | None = None,
+    tls_handshake_timeout_s: float = TLS_HANDSHAKE_TIMEOUT_S,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled. ``task_status.started`` gets the bound (host, port).
 
+    With ``ssl_context`` (a server-side context) the API is https only.
+    Without one, a handler that is a node's API (``handler.node.cfg``)
+    brings its node's ``api_tls_cert`` / ``api_tls_key`` context.
+
     If the handler has ``flush_log(now)`` it is called every 10 s (the
     rate-limited refusal log's summaries go out even when refusals stop).
     """
+    if ssl_context is None:
+        ssl_context = _node_tls_context(handler)
     listeners = await trio.open_tcp_listeners(port, host=host)
 
     async def conn_handler(stream):
-        await _handle_connection(stream, handler, max_body_bytes)
+        if ssl_context is None:
+            await _handle_connection(stream, handler, max_body_bytes)
+            return
+        peer_s = _peer(stream)
+        tls = await _start_tls(stream, ssl_context, handler, peer_s, tls_handshake_timeout_s)
+        if tls is None:
+            with trio.move_on_after(1) as cs:
+                cs.shield = True
+                await stream.aclose()
+            return
+        await _handle_connection(tls, handler, max_body_bytes, peer_s)
 
     async def flush_loop(flush):
         while True:

@@ -1,0 +1,329 @@
+"""The HTTP API over TLS (``--api-tls-cert`` / ``--api-tls-key``).
+
+Certificates are made here with ``cryptography``: a CA, a server
+certificate for 127.0.0.1 (IP SAN) signed by it, and a second CA that signed
+nothing the node shows. A real ``peerd`` process serves https;
+``node.client.Client`` with the CA talks to it; plain http to the same port
+gets a clear 400 and the node keeps serving; a client trusting the other CA
+refuses the node; config mistakes are errors that name the field. In-process
+servers check the handshake bound and that the hostile-input rules hold
+behind TLS.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import ssl
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from node.client import AuthError, Client, UnreachableError
+from node.config import ConfigError, build_config
+from node.http_server import MAX_HEADER_BYTES, Response, serve_http
+from tests.cluster_util import ROOT, TOKEN, Cluster, peerctl, wait_for
+
+
+# ----------------------------------------------------------------- certificates
+@dataclass
+class Pki:
+    ca: Path
+    cert: Path
+    key: Path
+    other_ca: Path
+    other_key: Path  # a key that does not fit ``cert``
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _write_key(path: Path, key) -> None:
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    path.chmod(0o600)
+
+
+def _ca(cn: str, now: datetime.datetime):
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+    return key, cert
+
+
+def make_pki(d: Path) -> Pki:
+    """A CA, a 127.0.0.1 server certificate signed by it, and a stranger CA."""
+    import ipaddress
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, ca_cert = _ca("peerd test CA", now)
+    other_key, other_cert = _ca("some other CA", now)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(_name("peerd test node")).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pki = Pki(ca=d / "ca.pem", cert=d / "node.pem", key=d / "node-key.pem", other_ca=d / "other-ca.pem",
+              other_key=d / "other-key.pem")
+    pki.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    pki.other_ca.write_bytes(other_cert.public_bytes(serialization.Encoding.PEM))
+    pki.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(pki.key, key)
+    _write_key(pki.other_key, other_key)
+    return pki
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+# ----------------------------------------------------------------------- config
+def _cfg(**flags):
+    return build_config(flags={"name": "t", "insecure": True, **flags}, environ={})
+
+
+def test_config_needs_both_cert_and_key(pki):
+    with pytest.raises(ConfigError, match=r"^api_tls_key: api_tls_cert is set but api_tls_key is not"):
+        _cfg(api_tls_cert=str(pki.cert))
+    with pytest.raises(ConfigError, match=r"^api_tls_cert: api_tls_key is set but api_tls_cert is not"):
+        _cfg(api_tls_key=str(pki.key))
+    with pytest.raises(ConfigError, match=r"^etcd_key_file: etcd_cert_file is set"):
+        _cfg(etcd_cert_file=str(pki.cert))
+    with pytest.raises(ConfigError, match=r"^etcd_cert_file: etcd_key_file is set"):
+        _cfg(etcd_key_file=str(pki.key))
+
+
+def test_config_names_the_unreadable_or_wrong_file(pki, tmp_path):
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(ConfigError, match=rf"^api_tls_cert: {missing}: cannot read"):
+        _cfg(api_tls_cert=str(missing), api_tls_key=str(pki.key))
+    with pytest.raises(ConfigError, match=rf"^api_tls_key: {missing}: cannot read"):
+        _cfg(api_tls_cert=str(pki.cert), api_tls_key=str(missing))
+    with pytest.raises(ConfigError, match=r"^api_tls_cert/api_tls_key: .*does not fit the certificate"):
+        _cfg(api_tls_cert=str(pki.cert), api_tls_key=str(pki.other_key))
+    with pytest.raises(ConfigError, match=r"^api_tls_cert/api_tls_key: .*not a PEM"):
+        _cfg(api_tls_cert=str(pki.key), api_tls_key=str(pki.key))
+    with pytest.raises(ConfigError, match=rf"^etcd_cert_file: {missing}: cannot read"):
+        _cfg(etcd_cert_file=str(missing), etcd_key_file=str(pki.key))
+    with pytest.raises(ConfigError, match=rf"^etcd_ca_file: {missing}: cannot read"):
+        _cfg(etcd_ca_file=str(missing))
+
+
+def test_config_from_environment_and_file(pki, tmp_path):
+    cfg = build_config(flags={"name": "t", "insecure": True},
+                       environ={"PEERD_API_TLS_CERT": str(pki.cert), "PEERD_API_TLS_KEY": str(pki.key),
+                                "PEERD_ETCD_CERT_FILE": str(pki.cert), "PEERD_ETCD_KEY_FILE": str(pki.key)})
+    assert (cfg.api_tls_cert, cfg.api_tls_key) == (str(pki.cert), str(pki.key))
+    assert (cfg.etcd_cert_file, cfg.etcd_key_file) == (str(pki.cert), str(pki.key))
+    f = tmp_path / "node.toml"
+    f.write_text(f'name = "t"\ninsecure = true\napi-tls-cert = "{pki.cert}"\n')
+    with pytest.raises(ConfigError, match="^api_tls_key: api_tls_cert is set"):
+        build_config(flags={}, environ={}, config_file=str(f))
+
+
+def test_etcd_client_gets_the_client_certificate(pki):
+    from node.etcd import EtcdClient
+
+    cfg = _cfg(etcd="https://127.0.0.1:2379", etcd_ca_file=str(pki.ca), etcd_cert_file=str(pki.cert),
+               etcd_key_file=str(pki.key))
+    client = EtcdClient.from_config(cfg)
+    assert client.endpoints == ["https://127.0.0.1:2379"]
+    # a key that does not fit is refused by the context: the certificate was loaded
+    with pytest.raises(ssl.SSLError):
+        client.load_client_certificate(str(pki.cert), str(pki.other_key))
+    client.load_client_certificate(str(pki.cert), str(pki.key))
+
+
+def test_peerd_refuses_to_start_with_half_a_tls_config(pki, tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "node.daemon", "--name", "x", "--insecure", "--data-dir", str(tmp_path / "x"),
+         "--api-tls-cert", str(pki.cert)],
+        capture_output=True, text=True, timeout=60, cwd=str(ROOT),
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert r.returncode == 2, r.stderr
+    assert "config error: api_tls_key: api_tls_cert is set but api_tls_key is not" in r.stderr
+
+
+# --------------------------------------------------------- a real peerd process
+def _plain_get(port: int, path: str = "/v1/status"):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    req.add_header("Authorization", f"Bearer {TOKEN}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _status_or_none(client: Client):
+    try:
+        return client.status()
+    except UnreachableError:  # not listening yet
+        return None
+
+
+def test_real_node_serves_https_and_refuses_plain_http(pki, tmp_path):
+    c = Cluster(tmp_path, 1, extra_args=["--api-tls-cert", str(pki.cert), "--api-tls-key", str(pki.key)])
+    c.start()
+    p = c.procs[0]
+    url = f"https://127.0.0.1:{p.api}"
+    client = Client(url, token=TOKEN, ca_cert=str(pki.ca), timeout_s=10)
+    try:
+        st = wait_for(lambda: _status_or_none(client), timeout=60, what="https /v1/status", cluster=c,
+                      interval=0.2)
+        assert st["name"] == "n1"
+        assert [m["name"] for m in client.members()] == ["n1"]
+        client.tasks.apply([{"id": "tls-t", "schedule": "@hourly", "command": {"type": "shell", "run": "true"}}],
+                     source="tls-test")
+        assert client.tasks.get("tls-t")["task"]["id"] == "tls-t"
+
+        # the token is still required behind TLS
+        with pytest.raises(AuthError):
+            Client(url, token="wrong", ca_cert=str(pki.ca)).status()
+
+        # plain http to the https port: a clear 400, then the node serves on
+        status, body = _plain_get(p.api)
+        assert status == 400 and b"this port speaks https" in body
+        # junk that is neither TLS nor HTTP: closed without an answer
+        import socket
+
+        with socket.create_connection(("127.0.0.1", p.api), timeout=10) as s:
+            s.sendall(b"\x00\x01\x02\x03garbage")
+            s.shutdown(socket.SHUT_WR)
+            assert s.recv(100) == b""
+        assert client.status()["name"] == "n1"
+
+        # a client that trusts another CA refuses the node
+        with pytest.raises(UnreachableError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            Client(url, token=TOKEN, ca_cert=str(pki.other_ca), timeout_s=10).status()
+        # and one that trusts the system store only
+        with pytest.raises(UnreachableError):
+            Client(url, token=TOKEN, timeout_s=10).status()
+        assert client.status()["name"] == "n1"
+
+        # every refusal above was counted, none as a protocol error
+        metrics = client.metrics()
+        tls_refusals = [ln for ln in metrics.splitlines()
+                        if ln.startswith('peerd_api_refusals_total{reason="tls"}')]
+        assert tls_refusals and float(tls_refusals[0].split()[-1]) >= 3, metrics[-2000:]
+
+        # peerctl (urllib's default context) trusts the CA named by SSL_CERT_FILE
+        os.environ["SSL_CERT_FILE"] = str(pki.ca)
+        try:
+            r = peerctl("members", node=url)
+        finally:
+            del os.environ["SSL_CERT_FILE"]
+        assert r.returncode == 0, r.stderr
+        assert "n1" in r.stdout and "alive" in r.stdout
+    finally:
+        c.stop()
+    assert p.popen.returncode == 0, c.logs()
+
+
+# ------------------------------------------------------- in-process, bounds held
+class _Echo:
+    """A handler that answers 200 with the path, and records refusals."""
+
+    def __init__(self):
+        self.refusals: list[tuple[str, str]] = []
+
+    async def __call__(self, req):
+        return Response.json({"path": req.path})
+
+    def refused(self, reason, peer, detail):
+        self.refusals.append((reason, detail))
+
+
+def _server_ctx(pki: Pki) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(pki.cert), str(pki.key))
+    return ctx
+
+
+async def _read_until_closed(stream, limit_s: float) -> bytes:
+    out = b""
+    with trio.fail_after(limit_s):
+        try:
+            while chunk := await stream.receive_some(65536):
+                out += chunk
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    return out
+
+
+async def test_stalled_handshakes_are_dropped_after_the_bound(pki, nursery):
+    """A client that connects and sends nothing, and one that sends the start
+    of a ClientHello and stalls, are both closed after the handshake bound;
+    a real client is served meanwhile."""
+    handler = _Echo()
+    host, port = await nursery.start(lambda task_status: serve_http(
+        handler, "127.0.0.1", 0, ssl_context=_server_ctx(pki), tls_handshake_timeout_s=1.0,
+        task_status=task_status))
+    silent = await trio.open_tcp_stream(host, port)
+    partial = await trio.open_tcp_stream(host, port)
+    await partial.send_all(b"\x16\x03\x01\x02\x00\x01")  # a record header and one byte of a hello
+    t0 = trio.current_time()
+
+    from node.http_client import request
+
+    client_ctx = ssl.create_default_context(cafile=str(pki.ca))
+    r = await request("GET", f"https://127.0.0.1:{port}/ok", timeout_s=10, ssl_context=client_ctx)
+    assert r.status == 200 and b'"/ok"' in r.body_tail
+
+    for s in (silent, partial):
+        assert await _read_until_closed(s, limit_s=10) == b""
+        await s.aclose()
+    assert trio.current_time() - t0 < 9
+    reasons = [d for reason, d in handler.refusals if reason == "tls"]
+    assert any("no TLS handshake in 1s" in d for d in reasons), handler.refusals
+
+
+async def test_hostile_input_rules_hold_behind_tls(pki, nursery):
+    """An over-long request head is refused with 400 over TLS, as in plain
+    HTTP, and the server goes on serving."""
+    handler = _Echo()
+    host, port = await nursery.start(lambda task_status: serve_http(
+        handler, "127.0.0.1", 0, ssl_context=_server_ctx(pki), task_status=task_status))
+    client_ctx = ssl.create_default_context(cafile=str(pki.ca))
+    tcp = await trio.open_tcp_stream(host, port)
+    tls = trio.SSLStream(tcp, client_ctx, server_hostname="127.0.0.1", https_compatible=True)
+    await tls.send_all(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * (MAX_HEADER_BYTES + 10) + b"\r\n\r\n")
+    answer = await _read_until_closed(tls, limit_s=10)
+    await trio.aclose_forcefully(tls)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"request head over" in answer
+    assert any(reason == "protocol" and f"request head over {MAX_HEADER_BYTES} bytes" in detail
+               for reason, detail in handler.refusals), handler.refusals
+
+    from node.http_client import request
+
+    r = await request("GET", f"https://127.0.0.1:{port}/still", timeout_s=10, ssl_context=client_ctx)
+    assert r.status == 200
