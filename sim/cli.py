@@ -2,7 +2,7 @@
 
 ``peersim run --nodes N --duration SECONDS --seed S [--loss P]
 [--scenario steady|crash|partition|flaky|pause|churn] [--json FILE]
-[--profile lan|local] [--compiled]``
+[--profile lan|local] [--compiled] [--plot FILE.png]``
 
 Like TigerBeetle's VOPR, a run prints ``SEED=`` and every derived parameter
 first, then the report. The checkers run at the end; when one fails the run
@@ -56,6 +56,7 @@ examples:
   peersim run --nodes 100 --duration 300 --seed 3 --scenario flaky --loss 0.2
   peersim run --nodes 6 --duration 60 --seed 3 --scenario partition --tasks 5 --fencing
   python -m sim.accel build && peersim run --nodes 1000 --duration 600 --seed 1 --compiled
+  peersim run --nodes 30 --duration 120 --seed 1 --scenario churn --profile local --plot churn.png
 
 JSON keys: seed, nodes, virtual_seconds, wall_seconds, trace_hash,
 detection_latency_s {p50,p99,max}, false_positives, dissemination_rounds
@@ -151,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "seconds (JSON key load_window), e.g. 100,300: steady state after a warm "
                         "start has drained")
     r.add_argument("--quiet", action="store_true", help="print only the seed line and the verdict")
+    r.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="also draw the run into a PNG (sim/plot.py: members as each node sees them, the "
+                        "fault schedule, detection and dissemination histograms, task slots with --tasks); "
+                        "needs matplotlib (pip install 'peerd[plot]'); the run itself is unchanged")
     r.add_argument("--tasks", type=int, default=0, metavar="N",
                    help="run the scheduler app (sim/app.py) with N tasks (@every 1s / 5s) and report "
                         "slots_due, slots_fired, duplicate_fires, missed_slots (default 0: membership only)")
@@ -298,6 +303,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.fencing and not args.tasks:
         print("peersim: --fencing needs --tasks N", file=sys.stderr)
         return 2
+    if args.plot:
+        from sim import plot
+        missing = plot.require_matplotlib()
+        if missing:
+            print(f"peersim: {missing}", file=sys.stderr)
+            return 2
     cluster: Cluster
     if args.tasks:
         from sim.app import build_app_cluster
@@ -314,6 +325,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         # derived values, as the run will use them
         cluster_opts = dataclasses.replace(cluster_opts, update_interval_s=cluster.update_interval_s)
         _print_header(args, seed, config, cluster.net.options, cluster_opts, schedule)
+    recorder = None
+    if args.plot:
+        recorder = plot.Recorder(cluster, args.duration)  # reads the run, changes nothing
     report = cluster.run(args.duration)
     report["scenario"] = args.scenario
     report["profile"] = args.profile
@@ -342,6 +356,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  slots               due {report['slots_due']}  fired {report['slots_fired']}  "
                   f"duplicate_fires {report['duplicate_fires']} (reclaims {report['reclaim_duplicates']})  "
                   f"missed {report['missed_slots']}  fencing {args.fencing}")
+    if recorder is not None:
+        recorder.finish()
+        try:
+            plot.write_plot(args.plot, recorder, report)
+        except OSError as exc:
+            print(f"peersim: cannot write --plot {args.plot}: {exc}", file=sys.stderr)
+            return 2
+        if not args.quiet:
+            print(f"  plot                {args.plot}")
     if args.json:
         try:
             with open(args.json, "w", encoding="utf-8") as fh:
