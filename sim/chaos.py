@@ -480,17 +480,21 @@ class Harness:
         verdicts["convergence_s_after_last_heal"] = None if last is None else last["converged_s"]
         # definitions everywhere
         missing_defs = {}
+        unreachable = set()
         for p in c.procs:
-            st, ts = api(p.api_addr, "GET", "/v1/tasks")
+            st, ts = _get(p.api_addr, "/v1/tasks")
             have = {t["id"] for t in ts} if st == 200 else set()
+            if st is None:
+                unreachable.add(p.name)
             if set(ids) - have:
                 missing_defs[p.name] = sorted(set(ids) - have)
         verdicts["definitions_lost"] = missing_defs
+        verdicts["api_unreachable"] = sorted(unreachable)
         # runs (for lost records) from every node
         lost: set[tuple[str, int]] = set()
         for tid in ids:
             for p in c.procs:
-                st, runs = api(p.api_addr, "GET", f"/v1/tasks/{tid}/runs")
+                st, runs = _get(p.api_addr, f"/v1/tasks/{tid}/runs")
                 if st == 200:
                     lost |= {(tid, r["slot"] if isinstance(r["slot"], int) else _epoch(r["slot"]))
                              for r in runs if r.get("status") == "lost"}
@@ -572,6 +576,17 @@ class Harness:
         return left
 
 
+def _get(addr: str, path: str):
+    """``api`` GET that answers ``(None, error)`` for a node that does not
+    answer (it exited, or its socket is gone) instead of raising."""
+    from tests.cluster_util import api
+
+    try:
+        return api(addr, "GET", path, timeout=10.0)
+    except (OSError, HTTPException) as e:
+        return None, str(e)
+
+
 def _rss_growth(rss: dict) -> dict:
     growth = {n: round(v["last"] - v["first"], 1) for n, v in rss.items()}
     if not growth:
@@ -607,6 +622,8 @@ def failures(v: dict) -> list[str]:
         out.append("fencing tokens not unique or not growing with the slot")
     if not v.get("membership_converged"):
         out.append(f"membership did not converge: {v.get('membership_error')}")
+    if v.get("api_unreachable"):
+        out.append(f"API not answering at the end: {v['api_unreachable']}")
     if v.get("unexpected_exits"):
         out.append(f"nodes exited: {v['unexpected_exits']}")
     if v.get("tracebacks"):
@@ -751,6 +768,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         h.setup()
         verdicts = h.run(faults)
+    except BaseException:
+        print(f"sim.chaos: run stopped; data dirs and logs kept in {tmp}\nreplay: {replay}", flush=True)
+        raise
     finally:
         try:
             left = h.close()
