@@ -79,6 +79,9 @@ class Recorder:
         # per category: (min, median, max) lists
         self.series: list[tuple[list[float], list[float], list[float]]] = [([], [], []) for _ in CATEGORIES]
         self.observers: list[int] = []
+        # per category: the lowest and highest count any node had since the last sample
+        self._lo = [math.inf] * len(CATEGORIES)
+        self._hi = [-math.inf] * len(CATEGORIES)
         self.running: list[int] = []
         m = cluster.metrics
         self._metrics = m
@@ -120,6 +123,15 @@ class Recorder:
             counts[old] -= 1
         counts[code] += 1
         view[target] = code
+        # the band covers every value between two samples, not only the
+        # values at the sample times (a suspicion refuted within 0.2 s shows)
+        lo, hi = self._lo, self._hi
+        for c in (code, old) if old is not None else (code,):
+            v = counts[c]
+            if v < lo[c]:
+                lo[c] = v
+            if v > hi[c]:
+                hi[c] = v
 
     def _advance(self, t_s: float) -> None:
         """Take every sample whose time is before ``t_s`` (the state has
@@ -128,7 +140,20 @@ class Recorder:
             self._sample(self._next * self.step_s)
             self._next += 1
 
+    def _fold(self) -> None:
+        """Widen the last sample's band by what happened since it."""
+        if self.t:
+            for i, (lo, _, hi) in enumerate(self.series):
+                a, b = self._lo[i], self._hi[i]
+                if a != math.inf:
+                    lo[-1] = a if lo[-1] != lo[-1] else min(lo[-1], a)
+                if b != -math.inf:
+                    hi[-1] = b if hi[-1] != hi[-1] else max(hi[-1], b)
+        self._lo = [math.inf] * len(CATEGORIES)
+        self._hi = [-math.inf] * len(CATEGORIES)
+
     def _sample(self, at_s: float) -> None:
+        self._fold()
         self.t.append(at_s)
         rows = list(self.counts.values())
         self.observers.append(len(rows))
@@ -147,6 +172,7 @@ class Recorder:
     def finish(self) -> None:
         """Take the samples up to the end of the run."""
         self._advance(self.duration_s + self.step_s)
+        self._fold()
 
     # -- figures the report summarises, per value ---------------------------------------------
 
@@ -298,36 +324,40 @@ def write_plot(path: str, rec: Recorder, report: dict) -> None:
     slots = rec.slots()
     duration_s = rec.duration_s
     spans, lines = _fault_spans(rec.cluster.schedule, duration_s)
-    rows = 3 if slots else 2
-    fig = Figure(figsize=(11, 3.1 * rows + 0.5), dpi=80)
+    rows = 4 if slots else 3
+    fig = Figure(figsize=(11, 2.6 * rows + 0.6), dpi=80)
     FigureCanvasAgg(fig)
-    gs = fig.add_gridspec(rows, 2, height_ratios=[1.35] + [1] * (rows - 1), hspace=0.45, wspace=0.18)
+    gs = fig.add_gridspec(rows, 2, height_ratios=[1.2, 0.8] + [1] * (rows - 2), hspace=0.55, wspace=0.18)
 
     ax = fig.add_subplot(gs[0, :])
+    ax2 = fig.add_subplot(gs[1, :], sharex=ax)
     _shade(ax, spans, lines, legend=True)
+    _shade(ax2, spans, lines, legend=False)
     for i, (name, colour) in enumerate(CATEGORIES):
         lo, med, hi = rec.series[i]
-        ax.fill_between(rec.t, lo, hi, color=colour, alpha=0.25, lw=0, step="post")
-        ax.step(rec.t, med, where="post", color=colour, lw=1.4, label=name)
+        a = ax if i == ALIVE else ax2
+        a.fill_between(rec.t, lo, hi, color=colour, alpha=0.3, lw=0, step="post")
+        a.step(rec.t, med, where="post", color=colour, lw=1.4, label=name)
     ax.step(rec.t, rec.running, where="post", color="#222", lw=0.9, ls=":", label="running (truth)")
-    ax.set_xlim(0, duration_s)
-    ax.set_ylim(bottom=0)
-    ax.set_ylabel("members", fontsize=8)
-    ax.set_xlabel("virtual time (s)", fontsize=8)
-    ax.set_title("members as each running node sees them (line: median over the nodes, band: min to max)",
-                 fontsize=9)
-    ax.tick_params(labelsize=7)
-    handles, labels = ax.get_legend_handles_labels()
-    ax.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    ax.set_title("members each running node holds alive (line: median over the nodes; band: lowest to "
+                 "highest count any node had)", fontsize=9)
+    ax2.set_title("members each node holds suspect, and dead or left (same reading)", fontsize=9)
+    for a in (ax, ax2):
+        a.set_xlim(0, duration_s)
+        a.set_ylim(bottom=0)
+        a.set_ylabel("members", fontsize=8)
+        a.tick_params(labelsize=7)
+        a.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    ax2.set_xlabel("virtual time (s)", fontsize=8)
 
     det, sus = rec.detection()
-    _hist(fig.add_subplot(gs[1, 0]), [(sus, "first SUSPECT", "#d08a00"), (det, "DEAD", "#b3261e")],
+    _hist(fig.add_subplot(gs[2, 0]), [(sus, "first SUSPECT", "#d08a00"), (det, "DEAD", "#b3261e")],
           "seconds after the crash", "failure detection (per observer)")
-    _hist(fig.add_subplot(gs[1, 1]), [(rec.dissemination(), "updates", "#2458a6")],
+    _hist(fig.add_subplot(gs[2, 1]), [(rec.dissemination(), "updates", "#2458a6")],
           "gossip rounds until every node had it", "dissemination")
 
     if slots:
-        ax3 = fig.add_subplot(gs[2, :], sharex=ax)
+        ax3 = fig.add_subplot(gs[3, :], sharex=ax)
         _shade(ax3, spans, lines, legend=False)
         a, b = slots["window"]
         width = max(1.0, (b - a) / 120.0)
@@ -360,5 +390,5 @@ def write_plot(path: str, rec: Recorder, report: dict) -> None:
         + (f", slots due {report.get('slots_due')} missed {report.get('missed_slots')} "
            f"duplicate {report.get('duplicate_fires')}" if slots else ""),
         fontsize=9)
-    fig.subplots_adjust(left=0.06, right=0.8, top=0.9 if rows == 3 else 0.87, bottom=0.07)
+    fig.subplots_adjust(left=0.06, right=0.82, top=1 - 0.95 / (2.6 * rows + 0.6), bottom=0.06)
     fig.savefig(path, format="png")
