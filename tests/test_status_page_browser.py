@@ -192,13 +192,16 @@ def test_status_page_in_a_browser(tmp_path):
         until(driver, lambda: member_states(driver) == {"n1": "alive", "n2": "alive", "n3": "alive"},
               "three alive members on n2")
 
-        # n3 is SIGKILLed: the page shows it dead within the detection time
+        # n3 is SIGKILLed: the page shows it dead within the detection time,
+        # by re-reading the API (the marker shows the page was not reloaded)
+        driver.execute_script("window.peerdTestMarker = 42;")
         c.procs[2].popen.send_signal(signal.SIGKILL)
         c.procs[2].popen.wait(timeout=10)
         t0 = time.monotonic()
         until(driver, lambda: member_states(driver).get("n3") == "dead", "n3 dead on the page",
               timeout=DETECTION_DEADLINE_S)
         print(f"n3 shown dead {time.monotonic() - t0:.1f} s after SIGKILL")
+        assert driver.execute_script("return window.peerdTestMarker;") == 42, "the page was reloaded"
         driver.save_screenshot(str(shots / "cluster.png"))
         if os.environ.get("PEERD_UPDATE_SCREENSHOTS") == "1":
             shutil.copy(shots / "cluster.png", Path(ROOT) / "docs" / "images" / "status-page.png")

@@ -587,6 +587,7 @@
   let timer = null;
   let running = false;
   let again = false;
+  let waitingForToken = false;
 
   async function refresh() {
     if (running) {
@@ -594,6 +595,7 @@
       return;
     }
     running = true;
+    waitingForToken = false;
     clearTimeout(timer);
     const r = route();
     try {
@@ -605,10 +607,12 @@
       $("refreshed").textContent = "updated " + new Date().toLocaleTimeString();
     } catch (e) {
       if (e instanceof ApiError && e.status === 401) {
+        waitingForToken = true; // no more reads (and refusals in the node's log) until one is given
         hideViews();
         const had = !!(token() || memoryToken);
         if (had) setToken("");
         showAuthState();
+        $("auth-state").textContent = "token needed to read";
         askToken(had ? "The token was refused (" + e.message + ")." :
           "This node answers reads only with the API token (it runs without --open-reads).");
       } else if (e instanceof ApiError && e.status === 404 && r.view === "task") {
@@ -619,7 +623,7 @@
       }
     } finally {
       running = false;
-      timer = setTimeout(refresh, REFRESH_MS);
+      if (!waitingForToken) timer = setTimeout(refresh, REFRESH_MS);
       if (again) {
         again = false;
         refresh();
