@@ -307,7 +307,7 @@
       let api = mem.api ? document.createTextNode(mem.api) : document.createTextNode("-");
       if (mem.api && /^[A-Za-z0-9.:\[\]-]+$/.test(mem.api)) {
         api = el("a", mem.api);
-        api.href = "http://" + mem.api + "/";
+        api.href = (location.protocol === "https:" ? "https://" : "http://") + mem.api + "/"; // peers share the scheme
       }
       const tr = row([mem.name, badge(mem.state, "state-", STATES), mem.incarnation, mem.addr, api, tags, mem.since]);
       tr.dataset.member = String(mem.name);
