@@ -83,6 +83,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -520,6 +521,10 @@ class Harness:
         verdicts["missed_in_net_window"] = len(missed) - len(missed_out)
         verdicts["missed_outside_net_window"] = len(missed_out)
         verdicts["missed_examples"] = missed[:10]
+        verdicts["missed_why"] = _why_missed(missed, [p.log_text() for p in self.procs.values()])
+        for e in verdicts["missed_why"]:
+            e["at_s"] = round(e["slot"] - first_wall, 1)      # schedule time of the slot
+        verdicts["t0_wall"] = round(first_wall, 3)
         verdicts["duplicates"] = len(twice)
         verdicts["duplicates_of_lost_runs"] = len(set(twice) & lost)
         verdicts["duplicates_in_net_window"] = sum(1 for k in unexplained if in_window(k[1]))
@@ -574,6 +579,25 @@ class Harness:
         if self.netns is not None:
             left = self.netns.close()
         return left
+
+
+_SKIP_RE = re.compile(r"(\S+) +\w+ +\[(\S+)\] peerd\.node: slot (?:skipped: (\S+)|not claimed \(([^)]*)\))"
+                      r".*task_id=(\S+) slot=(\d+)")
+
+
+def _why_missed(missed: list[tuple[str, int]], logs: list[str]) -> list[dict]:
+    """What the nodes' logs say about each missed slot (``slot skipped``
+    and ``slot not claimed`` lines), for the report."""
+    want = set(missed)
+    said: dict[tuple[str, int], list[str]] = {}
+    for text in logs:
+        for m in _SKIP_RE.finditer(text):
+            key = (m.group(5), int(m.group(6)))
+            if key in want:
+                said.setdefault(key, []).append(
+                    f"{m.group(1)} {m.group(2)} " + (f"skipped: {m.group(3)}" if m.group(3)
+                                                     else f"not claimed ({m.group(4)})"))
+    return [{"task": t, "slot": s, "log": said.get((t, s), [])} for t, s in missed[:50]]
 
 
 def _get(addr: str, path: str):
