@@ -195,7 +195,7 @@ def test_short_netns_run_with_a_partition_and_loss_loses_nothing(tmp_path):
     if reason:
         pytest.skip(reason)
     out = tmp_path / "chaos.json"
-    rc = chaos.main(["--nodes", "5", "--duration", "90", "--seed", "133", "--tasks", "3", "--etcd",
+    rc = chaos.main(["--nodes", "5", "--duration", "85", "--seed", "133", "--tasks", "3", "--etcd",
                      "--net", "netns", "--json", str(out)])
     rep = json.loads(out.read_text())
     assert rc == 0, f"{rep['failures']} replay: {rep['replay']}"
