@@ -9,10 +9,12 @@ over http and https.
 Slow (``-m slow``): builds the image with podman (a local base image is made
 with deploy/container/make-base-image.sh if none is present; Python packages
 come from a wheelhouse made on the host), runs three containers on a podman
-network with a shared gossip key and token, and checks with ``peerctl``
-inside the containers that all three are alive, that a task applied on one
-is seen on another and runs there, that the health check passes, and that
-``podman stop`` makes a node leave gracefully (state ``left``, exit 0).
+network with a shared gossip key and token with deploy/container/cluster.sh,
+and checks that all three are alive (``peerctl`` inside the containers),
+that the health check passes, that a task applied with ``peerctl`` on the
+host (through the API published on loopback) is seen on another member and
+runs there, that ``podman stop`` makes a node leave gracefully (state
+``left``, exit 0) and that, started again, it has its state from its volume.
 Containers, network, volumes and the image are removed afterwards. Skips
 with the reason where podman is missing or cannot run containers here.
 
@@ -35,11 +37,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster_util import ROOT, TOKEN, Cluster, wait_for
+from tests.cluster_util import ROOT, TOKEN, Cluster, peerctl, wait_for
 
 DOCKERFILE = ROOT / "Dockerfile"
 HEALTHCHECK = ROOT / "deploy" / "container" / "healthcheck.py"
 MAKE_BASE = ROOT / "deploy" / "container" / "make-base-image.sh"
+CLUSTER_SH = ROOT / "deploy" / "container" / "cluster.sh"
 
 
 # ------------------------------------------------------------------ Dockerfile
@@ -231,6 +234,29 @@ def _ensure_base_image(pm: Podman, timings: dict[str, float]) -> None:
         pytest.skip(f"could not make the base image {BASE_IMAGE}: {r.stderr.strip()[-500:]}")
 
 
+def _consecutive_free_ports(n: int) -> int:
+    """The first of ``n`` consecutive loopback TCP ports that are free now."""
+    import socket
+
+    from node.demo import free_port
+
+    for _ in range(200):
+        first = free_port()
+        socks = []
+        try:
+            for p in range(first, first + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError(f"no {n} consecutive free ports")
+
+
 def _members(pm: Podman, container: str) -> dict[str, str]:
     r = pm("exec", "-e", f"PEERCTL_TOKEN={TOKEN}", container, "peerctl", "--json", "members", check=False,
            timeout=30)
@@ -272,7 +298,7 @@ def test_three_containers_on_a_podman_network(tmp_path):
     tag = f"peerd-t{os.getpid()}"
     image = f"localhost/peerd:{tag}"
     net = f"{tag}-net"
-    names = [f"{tag}-n{i}" for i in (1, 2, 3)]
+    names = [f"{tag}-{i}" for i in (1, 2, 3)]  # cluster.sh's names: PREFIX-i, PREFIX-i-data, PREFIX-net
     volumes = [f"{n}-data" for n in names]
 
     def logs() -> str:
@@ -303,31 +329,17 @@ def test_three_containers_on_a_podman_network(tmp_path):
         # kept only in the docker format (--format docker)
         assert (inspected.get("Healthcheck") or {}).get("Test") == ["CMD", "peerd-healthcheck"], inspected
 
-        pm("network", "create", net)
-        subnet = json.loads(pm("network", "inspect", net).stdout)[0]["subnets"][0]["subnet"]
-        hosts = list(ipaddress.ip_network(subnet).hosts())
-        ips = [str(hosts[10 + i]) for i in range(3)]
-        seeds = ",".join(f"{ip}:{GOSSIP_PORT}" for ip in ips[:2])
-
-        key = tmp_path / "gossip.key"
-        key.write_text(subprocess.run([sys.executable, "-m", "node.daemon", "keygen"], capture_output=True,
-                                      text=True, check=True, cwd=str(ROOT),
-                                      env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout)
-        key.chmod(0o600)
-        os.chown(key, 10001, 10001)  # the image's peerd user
-        tasks = tmp_path / "tasks.yaml"
-        tasks.write_text('tasks:\n  - id: ctr-hello\n    schedule: "@every 2s"\n'
-                         '    command: {type: shell, run: "echo hello from $PEERD_NODE"}\n')
-        tasks.chmod(0o644)
-
+        # the cluster, as deploy/container/cluster.sh runs it for operators
+        n_sub = 200 + os.getpid() % 50
+        publish = _consecutive_free_ports(3)
+        env = dict(os.environ, ENGINE=shlex.join(["podman", *pm.global_opts]), RUN_OPTS=shlex.join(pm.run_opts),
+                   IMAGE=image, PREFIX=tag, SUBNET=f"10.89.{n_sub}.0/24", TOKEN=TOKEN,
+                   KEY_FILE=str(tmp_path / "gossip.key"), PUBLISH=str(publish), STOP_TIMEOUT="30")
         t0 = time.monotonic()
-        for name, vol, ip, i in zip(names, volumes, ips, (1, 2, 3)):
-            extra = ["-v", f"{tasks}:/etc/peerd/tasks.yaml:ro"] if i == 1 else []
-            pm("run", "-d", *pm.run_opts, "--init", "--name", name, "--network", net, "--ip", ip,
-               "-e", f"PEERD_API_TOKEN={TOKEN}", "-v", f"{key}:/etc/peerd/gossip.key:ro",
-               "-v", f"{vol}:/var/lib/peerd", *extra, "--stop-timeout", "30",
-               image, "--name", f"n{i}", "--advertise", f"{ip}:{GOSSIP_PORT}", "--seeds", seeds,
-               "--profile", "local", "--shutdown-grace-s", "5")
+        r = subprocess.run(["sh", str(CLUSTER_SH), "up", "--profile", "local", "--shutdown-grace-s", "5"],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, (r.stdout, r.stderr, logs())
+        assert oct(os.stat(tmp_path / "gossip.key").st_mode & 0o777) == "0o600"
         for n in names:
             _poll(lambda n=n: set(_members(pm, n).items()) >= {("n1", "alive"), ("n2", "alive"), ("n3", "alive")},
                   timeout=180, what=f"{n} lists n1, n2, n3 alive", diag=logs)
@@ -337,10 +349,13 @@ def test_three_containers_on_a_podman_network(tmp_path):
             r = pm("healthcheck", "run", n, check=False, timeout=60)
             assert r.returncode == 0, (n, r.stdout, r.stderr)
 
-        # a task applied on n1 is seen on n2 and runs
-        r = pm("exec", "-e", f"PEERCTL_TOKEN={TOKEN}", names[0], "peerctl", "tasks", "apply",
-               "-f", "/etc/peerd/tasks.yaml")
-        assert "ctr-hello" in r.stdout + r.stderr, r
+        # a task applied with peerctl on the host (n1's API published on
+        # loopback) is seen on n2 and runs
+        tasks = tmp_path / "tasks.yaml"
+        tasks.write_text('tasks:\n  - id: ctr-hello\n    schedule: "@every 2s"\n'
+                         '    command: {type: shell, run: "echo hello from $PEERD_NODE"}\n')
+        r = peerctl("tasks", "apply", "-f", str(tasks), node=f"127.0.0.1:{publish}")
+        assert r.returncode == 0 and "ctr-hello" in r.stdout + r.stderr, (r.stdout, r.stderr)
         got = _poll(lambda: _peerctl_json(pm, names[1], "tasks", "get", "ctr-hello"), timeout=60,
                     what="n2 knows ctr-hello", diag=logs)
         assert got["task"]["id"] == "ctr-hello", got
@@ -358,7 +373,21 @@ def test_three_containers_on_a_podman_network(tmp_path):
         assert timings["podman stop (graceful leave)"] < 25, "stopped by the kill after the timeout, not by leaving"
         _poll(lambda: _members(pm, names[0]).get("n3") == "left", timeout=60,
               what="n1 lists n3 as left", diag=logs)
-        assert "stopped" in pm("logs", names[2]).stderr + pm("logs", names[2]).stdout
+        out = pm("logs", names[2])
+        assert "node n3 stopped" in out.stdout + out.stderr
+
+        # its state is in the volume: started again it has the task at once
+        pm("start", names[2])
+        _poll(lambda: (_peerctl_json(pm, names[2], "tasks", "get", "ctr-hello") or {}).get("task"),
+              timeout=60, what="n3 back with ctr-hello", diag=logs)
+        _poll(lambda: _members(pm, names[0]).get("n3") == "alive", timeout=120,
+              what="n1 lists n3 alive again", diag=logs)
+        r = subprocess.run(["sh", str(CLUSTER_SH), "purge"], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        for n in names:
+            assert pm("container", "exists", n, check=False).returncode != 0, n
+        for v in volumes:
+            assert pm("volume", "exists", v, check=False).returncode != 0, v
     finally:
         for n in names:
             pm("rm", "-f", "-t", "0", n, check=False, timeout=120)
