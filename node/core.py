@@ -52,17 +52,17 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from . import peerwire
+from . import followups, peerwire
 from .knobs import NodeKnobs
 from .ring import Ring
-from .runstatus import CANCELLED, LOST, RUNNING
+from .runstatus import CANCELLED, LOST, PENDING, RETRYABLE, RUNNING, SKIPPED
 from .scheduler import Advance, Cancel, Fire, Scheduler, SlotSkipped
 from .skew import SkewEstimator
 from .store import Store
 from .tasks import Task, TaskError
 
 __all__ = [
-    "NodeCore", "Request", "StartRun", "CancelRun", "Claim", "Reclaim", "Note", "NOTES",
+    "NodeCore", "Request", "StartRun", "CancelRun", "Claim", "Reclaim", "Note", "Notify", "NOTES",
     "HANDOFF_PARALLEL", "claim_run_id",
 ]
 
@@ -79,7 +79,7 @@ NOTES = (
     "joined", "boot_alone", "member", "slot_skipped", "slot_fired", "misfire", "claim",
     "claim_after_shutdown", "run_started", "run_finished", "run_lost", "handoff",
     "handoff_timeout", "ae_round", "replication_in", "replication_out", "bad_message",
-    "task_invalid", "rejected_entries", "run_cancel",
+    "task_invalid", "rejected_entries", "run_cancel", "notification", "chain_triggered",
 )
 
 
@@ -111,6 +111,18 @@ class CancelRun:
 
 
 @dataclass(frozen=True, slots=True)
+class Notify:
+    """Send one notification (node/followups.py) and, when ``run_id`` is
+    set, report :meth:`NodeCore.notify_done` with ``key``."""
+    task_id: str
+    run_id: str | None     # the run record it belongs to; None for ``missed``
+    key: str               # "<target index>:<event>"
+    event: str
+    target: dict
+    fields: dict
+
+
+@dataclass(frozen=True, slots=True)
 class Claim:
     task_id: str
     slot: int
@@ -134,7 +146,7 @@ class Note:
     fields: dict = field(default_factory=dict)
 
 
-Effect = Request | StartRun | CancelRun | Claim | Reclaim | Note
+Effect = Request | StartRun | CancelRun | Claim | Reclaim | Note | Notify
 
 
 def claim_run_id(rec: dict) -> str | None:
@@ -153,6 +165,7 @@ class _Run:
     attempt: int = 0
     attempt_started: float = 0.0
     params: dict | None = None
+    upstream: dict | None = None
 
 
 @dataclass(slots=True)
@@ -228,6 +241,12 @@ class NodeCore:
         self.running: dict[str, _Run] = {}
         self._cancels: dict[str, tuple[str, str | None]] = {}   # claim run id -> (why, by)
         self._run_params: dict[tuple[str, int], dict] = {}       # (task, slot) -> manual run params
+        self._after_of: dict[str, str] = {}                      # task -> its upstream (after.task)
+        self._downstream: dict[str, set[str]] = {}               # upstream -> tasks after it
+        self._chain_ids: dict[tuple[str, int], str] = {}         # (task, slot) -> trigger claim id
+        self._notifying: set[tuple[str, str, str]] = set()       # (task, run id, key) in flight
+        self._held_triggers: set[tuple[str, str]] = set()        # pending chain triggers we hold
+        self._hand_on_xids: dict[int, tuple[str, str]] = {}      # push xid -> trigger handed on
         self.stopping = False
         self.runs_closed = False
         #: False: the scheduler decides nothing (the simulator's quiet end of
@@ -253,6 +272,7 @@ class NodeCore:
             self._timer(now + self.knobs.boot_grace_s, "boot_grace", None)
         self._recompute(now)
         self._recover_own_runs(now)
+        self._followups_of(sorted(self.store.run_tasks()), now)
         self._timer(now + self._ae_wait(), "ae", None)
         return self._take()
 
@@ -277,6 +297,8 @@ class NodeCore:
         self._recompute(now)
         if kind in ("dead", "left") and member is not None and member != self.name:
             self._owner_loss(member, now)
+            self._followups_of(sorted(self.owned), now)
+        self._hand_on_triggers(now)
         return self._take()
 
     def next_deadline(self) -> float | None:
@@ -294,6 +316,8 @@ class NodeCore:
             if kind == "ae":
                 self._timer(now + self._ae_wait(), "ae", None)
                 self._ae_round(now)
+                if self._held_triggers:
+                    self._hand_on_triggers(now)
             elif kind == "handoff":
                 self._handoff_deadlines(now)
             elif kind == "claim":
@@ -343,6 +367,9 @@ class NodeCore:
         """A :class:`Request`'s reply arrived."""
         if xid in self._pushes:
             self._pushes.discard(xid)
+            held = self._hand_on_xids.pop(xid, None)
+            if held is not None:
+                self._held_triggers.discard(held)
             return self._take()
         ex = self._exchanges.get(xid)
         if ex is None:
@@ -382,6 +409,7 @@ class NodeCore:
         """A :class:`Request` got no answer (peer down, stream cut, timeout)."""
         if xid in self._pushes:
             self._pushes.discard(xid)
+            self._hand_on_xids.pop(xid, None)
             return self._take()
         if xid in self._exchanges:
             self._exchange_over(xid, now, ok=False, why=why or "no answer")
@@ -446,7 +474,17 @@ class NodeCore:
                "finished": now if finished is None else finished, "output": output or ""}
         if error:
             rec["error"] = error
-        self._put_run(r, run_id, attempt, rec)
+        task = self.tasks.get(r.task_id)
+        final = task is None or status not in RETRYABLE or attempt >= 1 + task.retries.max
+        if final:
+            # followups rule 2/4: decided with the final record, written with it
+            full = self._record_of(r, run_id, attempt, rec)
+            rec = self._decide_followups(r.task_id, full, now, rerun=False)
+            self._commit(self.store.put_run(rec), float(rec.get("finished") or now), run_task=r.task_id)
+            if isinstance(rec.get("notify"), dict):
+                self._send_pending(r.task_id, rec, now)
+        else:
+            self._put_run(r, run_id, attempt, rec)
         self._note("run_finished", task_id=r.task_id, run_id=f"{run_id}.{attempt}", attempt=attempt,
                    status=status, exit_code=exit_code, error=error,
                    duration_s=max(0.0, rec["finished"] - rec["started"]))
@@ -475,6 +513,19 @@ class NodeCore:
                        attempt=cancelled_attempt, status=CANCELLED, exit_code=None, error=why,
                        duration_s=0.0)
         self.scheduler.run_finished(r.task_id, run_id, now)
+        return self._take()
+
+    def notify_done(self, task_id: str, run_id: str, key: str, ok: bool, now: float,
+                    detail: str = "") -> list[Effect]:
+        """A :class:`Notify` of a run went out (``ok``) or gave up."""
+        self._notifying.discard((task_id, run_id, key))
+        rec = self.store.run_record(task_id, run_id)
+        result = "sent" if ok else "failed"
+        if rec is not None and isinstance(rec.get("notify"), dict) and rec["notify"].get(key) == "pending":
+            state = dict(rec["notify"])
+            state[key] = result
+            self._commit(self.store.put_run(dict(rec, notify=state)), now, run_task=task_id)
+        self._note("notification", task_id=task_id, run_id=run_id, key=key, result=result, detail=detail)
         return self._take()
 
     def cancel_run(self, run_id: str, by: str, now: float) -> tuple[dict | None, list[Effect]]:
@@ -572,6 +623,11 @@ class NodeCore:
         self.runs_closed = True
         return self._take()
 
+    def notifications_in_flight(self) -> int:
+        """Notifications of runs sent and not yet reported (a leaving node
+        waits for them, so the next owner does not send them again)."""
+        return len(self._notifying)
+
     def claims_in_flight(self) -> int:
         return len(self._inflight) + len(self._reclaims_inflight)
 
@@ -638,6 +694,8 @@ class NodeCore:
                 if not owned:
                     self.handoff_pending.pop(tid, None)
                     self._handoff_asked.pop(tid, None)
+                else:
+                    self._followups_of([tid], now)
         if start_handoffs:
             self._start_handoffs(now)
 
@@ -671,6 +729,7 @@ class NodeCore:
             ctl = self.store.control(tid)
             self.scheduler.update_control(tid, paused=bool(ctl.paused), last_fired_slot=ctl.last_fired_slot)
             self.scheduler.set_owned(tid, True, now, handoff_ready=True)
+            self._followups_of([tid], now)
 
     def _handoff_deadlines(self, now: float) -> None:
         for tid in sorted(self.handoff_pending):
@@ -696,8 +755,13 @@ class NodeCore:
 
     def _lose(self, tid: str, rec: dict, dead: str, now: float, *, rerun: bool) -> None:
         self.stats["runs_lost"] += 1
-        self._commit(self.store.put_run(dict(rec, status=LOST, finished=now)), now, run_task=tid)
+        t = self.tasks.get(tid)
+        lost = self._decide_followups(tid, dict(rec, status=LOST, finished=now), now,
+                                      rerun=rerun and t is not None and t.on_owner_loss == "rerun")
+        self._commit(self.store.put_run(lost), now, run_task=tid)
         self._note("run_lost", task_id=tid, run_id=rec.get("run_id"), node=dead)
+        if isinstance(lost.get("notify"), dict):
+            self._send_pending(tid, lost, now)
         if isinstance(rec.get("slot"), int):
             self._lost_claimers[(tid, rec["slot"])] = (dead, claim_run_id(rec))
             while len(self._lost_claimers) > self.knobs.lost_runs_max:
@@ -705,6 +769,167 @@ class NodeCore:
         if rerun:
             for eff in self.scheduler.unfinished_run(tid, rec, now):
                 self._scheduler_effect(eff, now)
+
+    # ------------------------------------------------------------ follow-ups
+    # Notifications and chained runs: node/followups.py has the rules.
+
+    def _index_after(self, tid: str, upstream: str | None) -> None:
+        old = self._after_of.pop(tid, None)
+        if old is not None:
+            ds = self._downstream.get(old)
+            if ds is not None:
+                ds.discard(tid)
+                if not ds:
+                    del self._downstream[old]
+        if upstream is not None:
+            self._after_of[tid] = upstream
+            self._downstream.setdefault(upstream, set()).add(tid)
+
+    def _decide_followups(self, tid: str, rec: dict, now: float, *, rerun: bool) -> dict:
+        """A run of ``tid`` ended and ``rec`` is its final record, about to
+        be written: returns it with its notifications (rules 1-2) and
+        writes the chain triggers (rule 4)."""
+        task = self.tasks.get(tid)
+        status = rec.get("status")
+        rid = rec.get("run_id")
+        if task is None or not isinstance(rid, str):
+            return rec
+        if task.notify and "notify" not in rec:
+            prev = followups.previous_status(self.store.runs(tid), rid.rsplit(".", 1)[0])
+            pairs = followups.targets_for(task.notify, followups.run_events(status, prev))
+            if pairs:
+                rec = dict(rec, notify=followups.notify_state(pairs))
+        slot = rec.get("slot")
+        if not isinstance(slot, int):
+            return rec
+        for d in sorted(self._downstream.get(tid, ())):
+            dt = self.tasks.get(d)
+            if dt is None or not dt.after or not followups.chain_matches(dt.after["on"], status, rerun=rerun):
+                continue
+            if self._reaches(tid, d):
+                # a cycle (two definitions merged after a partition): idle,
+                # explain says why
+                continue
+            trig = followups.trigger_run_id(tid, slot, d) + ".1"
+            if self.store.run_record(d, trig) is not None:
+                continue
+            self._note("chain_triggered", task_id=d, upstream=tid, run_id=trig, slot=slot)
+            self._commit(self.store.put_run({
+                "task_id": d, "run_id": trig, "slot": slot, "node": self.name, "attempt": 1,
+                "status": PENDING, "exit_code": None, "started": None, "finished": None,
+                "fencing_token": None, "output": "",
+                "upstream": {"task_id": tid, "run_id": rid, "status": status},
+            }), now, run_task=d)
+        return rec
+
+    def _reaches(self, start: str, goal: str) -> bool:
+        """Does following ``after`` links up from ``start`` reach ``goal``?"""
+        cur: str | None = start
+        for _ in range(len(self._after_of) + 1):
+            if cur == goal:
+                return True
+            cur = self._after_of.get(cur) if cur is not None else None
+            if cur is None:
+                return False
+        return False
+
+    def _followups_of(self, tids: Iterable[str], now: float) -> None:
+        """Look for follow-ups left to do in the records of ``tids``."""
+        for tid in tids:
+            for rec in self.store.runs(tid):
+                self._followup(tid, rec, now)
+
+    def _followup(self, tid: str, rec: dict, now: float) -> None:
+        """One record: a pending notification this node must send (rule 2),
+        a chain trigger of a task this node owns (rule 4)."""
+        if isinstance(rec.get("notify"), dict) and "pending" in rec["notify"].values():
+            node = rec.get("node")
+            if node == self.name or (self.ring.owner(tid) == self.name
+                                     and self._view.get(node, ("dead", {}))[0] in ("dead", "left")):
+                self._send_pending(tid, rec, now)
+        if followups.is_trigger(rec):
+            if tid in self.owned and tid not in self.handoff_pending and not self.stopping:
+                self._take_trigger(tid, rec, now)
+            self._held_triggers.add((tid, rec["run_id"]))
+        else:
+            self._held_triggers.discard((tid, rec.get("run_id")))
+
+    def _hand_on_triggers(self, now: float) -> None:
+        """Pending chain triggers of tasks this node does not own any more
+        (written while a partition or churn made it an owner or a replica)
+        go to the task's owner, as Dynamo's hinted handoff hands on writes
+        held for another replica; dropped here once the owner has them."""
+        for key in sorted(self._held_triggers):
+            tid, rid = key
+            rec = self.store.run_record(tid, rid)
+            if rec is None or not followups.is_trigger(rec):
+                self._held_triggers.discard(key)
+                continue
+            owner = self.ring.owner(tid)
+            if owner is None or owner == self.name or key in self._hand_on_xids.values():
+                continue
+            data = peerwire.encode({"t": "push", "entries": [list(e) for e in self.store.entries(
+                [f"run/{tid}/{rid}"])]})
+            self._xid += 1
+            self._pushes.add(self._xid)
+            self._hand_on_xids[self._xid] = key
+            self._out.append(Request(owner, self._xid, data, PUSH_TIMEOUT_S, "push"))
+
+    def _send_pending(self, tid: str, rec: dict, now: float) -> None:
+        task = self.tasks.get(tid)
+        rid = rec["run_id"]
+        for key, state in sorted(rec["notify"].items()):
+            if state != "pending" or (tid, rid, key) in self._notifying:
+                continue
+            idx, _, event = key.partition(":")
+            if task is None or not idx.isdigit() or int(idx) >= len(task.notify):
+                # the definition changed since: nowhere to send it
+                self.notify_done(tid, rid, key, False, now, "target no longer in the task's notify")
+                continue
+            self._notifying.add((tid, rid, key))
+            self._out.append(Notify(tid, rid, key, event, task.notify[int(idx)],
+                                    followups.payload(tid, rec, event)))
+
+    def _take_trigger(self, tid: str, rec: dict, now: float) -> None:
+        slot = rec.get("slot")
+        claim = rec["run_id"].rsplit(".", 1)[0]
+        if not isinstance(slot, int) or self._chain_ids.get((tid, slot)) == claim \
+                or tid not in self.tasks:
+            return
+        up = rec["upstream"]
+        self._chain_ids[(tid, slot)] = claim
+        self._run_params[(tid, slot)] = {"env": {
+            "PEERD_UPSTREAM_TASK_ID": str(up.get("task_id", "")),
+            "PEERD_UPSTREAM_RUN_ID": str(up.get("run_id", "")),
+            "PEERD_UPSTREAM_STATUS": str(up.get("status", "")),
+        }, "args": [], "upstream": dict(up)}
+        try:
+            effects = self.scheduler.trigger(tid, slot, now)
+        except KeyError:
+            self._chain_ids.pop((tid, slot), None)
+            self._run_params.pop((tid, slot), None)
+            return
+        for eff in effects:
+            self._scheduler_effect(eff, now)
+
+    def _trigger_not_run(self, tid: str, slot: int, why: str, now: float) -> None:
+        """A chained slot this node decided not to run: its trigger ends skipped."""
+        claim = self._chain_ids.pop((tid, slot), None)
+        self._run_params.pop((tid, slot), None)
+        if claim is None:
+            return
+        rec = self.store.run_record(tid, claim + ".1")
+        if rec is not None and rec.get("status") == PENDING:
+            self._commit(self.store.put_run(dict(rec, status=SKIPPED, finished=now, node=self.name,
+                                                 error=f"chained run not run: {why}")), now, run_task=tid)
+
+    def _missed(self, tid: str, slot: int, reason: str, now: float) -> None:
+        task = self.tasks.get(tid)
+        if task is None or not task.notify or reason not in followups.MISSED_REASONS:
+            return
+        for idx, event in followups.targets_for(task.notify, ["missed"]):
+            self._out.append(Notify(tid, None, f"{idx}:{event}", event, task.notify[idx], {
+                "event": "missed", "task_id": tid, "slot": slot, "reason": reason, "node": self.name}))
 
     # ---------------------------------------------------------- replication
 
@@ -741,10 +966,18 @@ class NodeCore:
 
     def _after_change(self, keys: Iterable[str], now: float) -> None:
         touched = set()
+        runs = []
         for key in keys:
             kind, _, rest = key.partition("/")
             if kind in ("task", "ctl"):
                 touched.add(rest)
+            elif kind == "run":
+                runs.append(rest)
+        for rest in runs:
+            tid, _, rid = rest.rpartition("/")
+            rec = self.store.run_record(tid, rid)
+            if rec is not None:
+                self._followup(tid, rec, now)
         moved: set[str] = set()
         for tid in sorted(touched):
             view = self.store.get_task(tid)
@@ -757,6 +990,7 @@ class NodeCore:
                     self._shared_cache.clear()
                     moved |= self.ring.remove_task(tid)
                     self.scheduler.remove_task(tid)
+                    self._index_after(tid, None)
                     for c in self._lines.pop(tid, []):
                         self.stats["abandoned"] += 1
                 continue
@@ -783,6 +1017,7 @@ class NodeCore:
             return set()
         self.tasks[tid] = task
         self._defs[tid] = view.value
+        self._index_after(tid, task.after["task"] if task.after else None)
         self._shared_cache.clear()
         moved = self.ring.set_tasks({tid: dict(task.tags) if task.tags else None})
         self.scheduler.set_task(task, paused=bool(ctl.paused), last_fired_slot=ctl.last_fired_slot, now=now)
@@ -876,6 +1111,10 @@ class NodeCore:
             t = self.tasks.get(eff.task_id)
             self._note("slot_skipped", task_id=eff.task_id, slot=eff.slot, reason=eff.reason,
                        misfire=t.misfire if t else None)
+            if (eff.task_id, eff.slot) in self._chain_ids:
+                self._trigger_not_run(eff.task_id, eff.slot, eff.reason, now)
+            else:
+                self._missed(eff.task_id, eff.slot, eff.reason, now)
         elif kind is Cancel:
             if eff.run_id in self.running:
                 why = "cancelled by the overlap policy (replace)" if eff.reason == "replace" else eff.reason
@@ -891,7 +1130,8 @@ class NodeCore:
             return
         if fire.reason == "catchup":
             self._note("misfire", task_id=task.id, slot=fire.slot, policy=task.misfire)
-        run_id = f"{fire.slot}-{self.name}-{self.rng.getrandbits(32):08x}"
+        chained = self._chain_ids.get((task.id, fire.slot)) if fire.reason == "chain" else None
+        run_id = chained or f"{fire.slot}-{self.name}-{self.rng.getrandbits(32):08x}"
         window = max(float(task.catchup_window_s or 0.0), self.scheduler.misfire_grace_s)
         c = _ClaimTry(fire.slot, run_id, fire.reason, fire.fire_at,
                       deadline=max(now, fire.slot + window))
@@ -980,16 +1220,33 @@ class NodeCore:
             self._note("claim_after_shutdown", task_id=tid, slot=c.slot)
             self._abandon(tid, c.slot, now, "claim_after_shutdown")
             return
-        params = self._run_params.pop((tid, c.slot), None) if c.reason == "run_now" else None
-        self.running[c.run_id] = _Run(tid, c.slot, token, c.reason, now, params=params)
+        params = self._run_params.pop((tid, c.slot), None) if c.reason in ("run_now", "chain") else None
+        upstream = None
+        if c.reason == "chain":
+            self._chain_ids.pop((tid, c.slot), None)
+            upstream = (params or {}).get("upstream")
+            params = {"env": (params or {}).get("env") or {}, "args": []}
+        self.running[c.run_id] = _Run(tid, c.slot, token, c.reason, now,
+                                      params=params if c.reason == "run_now" else None, upstream=upstream)
         for eff in self.scheduler.run_started(tid, c.slot, c.run_id, now):
             self._scheduler_effect(eff, now)
         self._note("slot_fired", task_id=tid, slot=c.slot, reason=c.reason,
                    late_s=max(0.0, now - c.fire_at), token=token)
-        self._out.append(StartRun(task, c.slot, c.run_id, c.reason, c.fire_at, token, params))
+        self._out.append(StartRun(task, c.slot, c.run_id, c.reason, c.fire_at, token,
+                                  params if params and (params.get("env") or params.get("args")) else None))
 
     def _abandon(self, tid: str, slot: int, now: float, why: str) -> None:
         self.stats["abandoned"] += 1
+        if (tid, slot) in self._chain_ids:
+            if why in ("task_removed", "claim_unavailable"):
+                self._trigger_not_run(tid, slot, why, now)
+            else:
+                # another node holds its claim, or we stop: the trigger stays
+                # for the run's records or the next owner
+                self._chain_ids.pop((tid, slot), None)
+                self._run_params.pop((tid, slot), None)
+        else:
+            self._missed(tid, slot, why, now)
         self._run_params.pop((tid, slot), None)
         # a slot left because we stop stays open for the next owner
         settled = why not in ("shutting_down", "claim_after_shutdown")
@@ -997,11 +1254,17 @@ class NodeCore:
             self._scheduler_effect(eff, now)
         self._note("slot_skipped", task_id=tid, slot=slot, reason=why, misfire=None)
 
-    def _put_run(self, r: _Run, run_id: str, attempt: int, fields: dict) -> None:
+    def _record_of(self, r: _Run, run_id: str, attempt: int, fields: dict) -> dict:
         rec = {"task_id": r.task_id, "slot": int(r.slot), "run_id": f"{run_id}.{attempt}",
                "node": self.name, "attempt": int(attempt), "fencing_token": r.token}
         if r.params:
             rec["params"] = r.params
+        if r.upstream:
+            rec["upstream"] = r.upstream
         rec.update(fields)
+        return rec
+
+    def _put_run(self, r: _Run, run_id: str, attempt: int, fields: dict) -> None:
+        rec = self._record_of(r, run_id, attempt, fields)
         self._commit(self.store.put_run(rec), float(rec.get("finished") or rec.get("started") or 0.0),
                      run_task=r.task_id)

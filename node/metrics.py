@@ -159,6 +159,16 @@ class NodeMetrics:
             "timeout, internal); logged at most 5 lines a minute, the rest summarised.",
             ["reason"], registry=r,
         )
+        self.notifications = Counter(
+            "peerd_notifications_total",
+            "Notifications (webhooks) by result: sent, failed (every try failed), retried (a try "
+            "failed, another follows).",
+            ["result"], registry=r,
+        )
+        self.chained = Counter(
+            "peerd_chain_triggers_total", "Chained runs triggered by an upstream run's end (after:).",
+            registry=r,
+        )
         self.store_writes = Counter("peerd_store_persist_rows_total", "Rows written to the local SQLite store.", registry=r)
 
     def api_requests(self, method: str, route: str) -> None:

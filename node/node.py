@@ -40,7 +40,8 @@ from gossip.udp import GossipNode
 
 from . import peerwire, views
 from .config import NodeConfig
-from .core import CancelRun, Claim, NodeCore, Note, Reclaim, Request, StartRun
+from . import followups
+from .core import CancelRun, Claim, NodeCore, Note, Notify, Reclaim, Request, StartRun
 from .fencer import Fencer, FencerClosed
 from .http_api import Api
 from .http_server import HTTPError, serve_http
@@ -50,7 +51,7 @@ from .schedule import reading_notes
 from .sqlite_store import CorruptDatabase, SqliteStore
 from .store import Store
 from .taskdiff import diff_tasks
-from .tasks import Task, TaskError, bind_run, command_with_args, parse_tasks
+from .tasks import Task, TaskError, after_cycle, bind_run, command_with_args, parse_tasks
 
 log = logging.getLogger("peerd.node")
 
@@ -226,12 +227,13 @@ class Node:
         self._stopping = True
         self._do(self.core.begin_shutdown(_wall()))
         grace = self.cfg.shutdown_grace_s
-        if self.core.running or self.core.claims_in_flight():
-            log.info("waiting up to %.0fs for %d running run(s) and %d claim(s) in flight",
-                     grace, len(self.core.running), self.core.claims_in_flight())
+        core = self.core
+        if core.running or core.claims_in_flight() or core.notifications_in_flight():
+            log.info("waiting up to %.0fs for %d running run(s), %d claim(s) and %d notification(s) in flight",
+                     grace, len(core.running), core.claims_in_flight(), core.notifications_in_flight())
             with trio.move_on_after(grace):
                 # a claim answered in time becomes a run, and is waited for too
-                while self.core.running or self.core.claims_in_flight():
+                while core.running or core.claims_in_flight() or core.notifications_in_flight():
                     await trio.sleep(0.05)
         # From here no claim starts a run: the session is about to be revoked
         # and a run started now could not be waited for.
@@ -274,6 +276,8 @@ class Node:
                 n.start_soon(self._claim, eff)
             elif t is Reclaim:
                 n.start_soon(self._reclaim, eff)
+            elif t is Notify:
+                n.start_soon(self._notify, eff)
         self._dirty.set()
         if wake:
             self._wake.set()
@@ -309,6 +313,10 @@ class Node:
             why = f": {f['error']}" if f.get("error") else ""
             log.info("run finished: %s (exit %s)%s", f["status"], f["exit_code"], why,
                      extra={"task_id": f["task_id"], "run_id": f["run_id"], "status": f["status"]})
+        elif ev == "chain_triggered":
+            m.chained.inc()
+            log.info("chained run triggered by %s run %s", f["upstream"], f["run_id"],
+                     extra={"task_id": f["task_id"], "slot": f["slot"]})
         elif ev == "run_lost":
             log.warning("run of member %s was unfinished; marked lost", f["node"],
                         extra={"task_id": f["task_id"], "run_id": f["run_id"]})
@@ -434,6 +442,44 @@ class Node:
             self._scopes.pop(eff.run_id, None)
             self.metrics.running.dec()
             self._do(self.core.run_ended(eff.run_id, _wall(), cancelled_attempt=cancelled_attempt))
+
+    async def _notify(self, eff: Notify) -> None:
+        """Send one notification with the target's timeout and retries
+        (followups rule 3: nothing waits for it), then report it."""
+        from .http_client import HttpError, request
+        from .retry import RetryPolicy
+
+        target = eff.target
+        fields = dict(eff.fields)
+        if self.api_addr is not None:
+            scheme = "https" if getattr(self.cfg, "api_tls_cert", "") else "http"
+            fields["link"] = f"{scheme}://{format_addr(self.api_addr)}/#task/{eff.task_id}"
+        body = followups.render_body(target.get("template"), fields)
+        headers = [("content-type", "application/json"), ("user-agent", "peerd")]
+        headers += [(k, v) for k, v in (target.get("headers") or {}).items()]
+        policy = RetryPolicy(max=int(target.get("retries", 3)), backoff_s=1.0, max_backoff_s=30.0)
+        tries = 1 + policy.max
+        detail = ""
+        ok = False
+        for attempt in range(1, tries + 1):
+            try:
+                resp = await request("POST", target["url"], headers=headers, body=body,
+                                     timeout_s=float(target.get("timeout", 10.0)), max_body_bytes=1024)
+                ok = 200 <= resp.status < 300
+                detail = f"HTTP {resp.status}"
+            except (HttpError, ValueError, OSError) as e:
+                detail = str(e)
+            if ok:
+                break
+            if attempt < tries:
+                self.metrics.notifications.labels("retried").inc()
+                await trio.sleep(policy.delay_s(attempt, self.rng))
+        self.metrics.notifications.labels("sent" if ok else "failed").inc()
+        if not ok:
+            log.warning("notification %s to %s failed after %d tries: %s", eff.event, target["url"], tries, detail,
+                        extra={"task_id": eff.task_id, "run_id": eff.run_id})
+        if eff.run_id is not None:
+            self._do(self.core.notify_done(eff.task_id, eff.run_id, eff.key, ok, _wall(), detail))
 
     # ------------------------------------------------------------ membership
     def _view(self) -> list[tuple[str, str, dict]]:
@@ -637,6 +683,14 @@ class Node:
             tasks = parse_tasks(items, source=source)
         except TaskError as e:
             raise HTTPError(400, str(e)) from None
+        links = {tid: t.after["task"] for tid, t in self.core.tasks.items() if t.after}
+        for t in tasks:
+            links.pop(t.id, None)
+            if t.after:
+                links[t.id] = t.after["task"]
+        cycle = after_cycle(links)
+        if cycle:
+            raise HTTPError(400, "after: chained tasks would form a cycle: " + " -> ".join(cycle))
         now = _wall()
         resolved = [t.resolve_now(now) for t in tasks]
         diff = diff_tasks({tid: t.to_dict() for tid, t in self.core.tasks.items()},

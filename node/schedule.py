@@ -493,6 +493,11 @@ def _iso_utc(instant: int) -> str:
             f"T{d.hour:02d}:{d.minute:02d}:{d.second:02d}Z")
 
 
+#: The schedule of a task that fires only after another task's runs
+#: (its ``after`` field): it has no slots of its own.
+AFTER = "after"
+
+
 def validate_schedule(spec: object, tz: ZoneInfo | None = None) -> str:
     """Validate a schedule as found in a task file and return its canonical form.
 
@@ -521,6 +526,8 @@ def validate_schedule(spec: object, tz: ZoneInfo | None = None) -> str:
     low = text.lower()
     if low in _NOW_FORMS:
         return "now"
+    if low == AFTER:
+        return AFTER
     if low.startswith("once:") or low.startswith("once "):
         return "once:" + _iso_utc(parse_once(text[5:].strip(), tz))
     if low.startswith("@every"):
@@ -615,6 +622,18 @@ class _OnceRule(_Rule):
     def iter_after(self, t: int) -> Iterator[tuple[int, datetime | None, str]]:
         if self.instant > t:
             yield self.instant, None, ""
+
+
+class _AfterRule(_Rule):
+    """No slots: the task fires once per finished run of its upstream."""
+
+    kind = "after"
+
+    def next_after(self, t: int) -> int | None:
+        return None
+
+    def iter_after(self, t: int) -> Iterator[tuple[int, datetime | None, str]]:
+        return iter(())
 
 
 class _CronRule(_Rule):
@@ -717,7 +736,9 @@ def _rule_for(spec: str, tz: ZoneInfo, dst: DstPolicy | None) -> _Rule:
         return rule
     if spec == "now":
         raise ScheduleError("'now' must be resolved to once:<time> first (resolve_now)")
-    if spec.startswith("once:"):
+    if spec == AFTER:
+        rule = _AfterRule()
+    elif spec.startswith("once:"):
         rule = _OnceRule(parse_once(spec[5:], tz))
     elif spec.startswith("@every"):
         period = parse_duration(spec[len("@every"):].strip())
@@ -930,7 +951,7 @@ def _difference_sentence(spec: str, fields: list[str], diff: tuple) -> str:
 
 def _cron_fields(task) -> list[str] | None:
     spec = getattr(task, "schedule", "")
-    if not isinstance(spec, str) or spec == "now" or spec.startswith(("once:", "@every")):
+    if not isinstance(spec, str) or spec in ("now", AFTER) or spec.startswith(("once:", "@every")):
         return None
     try:
         return validate_cron(spec)

@@ -176,6 +176,12 @@ class SlotSkipped(NamedTuple):
     reason: str
 
 
+#: Fire reasons asked for by someone (an operator, an upstream run) rather
+#: than due by the schedule: the misfire policy and the catch-up window do
+#: not apply to them, and they do not hold back the last fired slot.
+ON_REQUEST = ("run_now", "backfill", "chain")
+
+
 class Cancel(NamedTuple):
     """Stop the running run ``run_id`` (str)."""
 
@@ -492,6 +498,22 @@ class Scheduler:
             self._skip(e, slot, "owner_lost", effects)
         return effects
 
+    def trigger(self, task_id: str, slot: int, now: float) -> list[Effect]:
+        """Fire ``slot`` because an upstream run finished (``after``):
+        reason ``chain``; overlap applies, the misfire policy does not (the
+        slot is the upstream run's, already past).
+
+        Raises:
+            KeyError: unknown task.
+        """
+        e = self._entries[task_id]
+        effects: list[Effect] = []
+        if e.paused:
+            self._skip(e, int(slot), "paused", effects)
+        else:
+            self._offer(e, int(slot), "chain", now, effects)
+        return effects
+
     def run_now(self, task_id: str, now: float) -> list[Effect]:
         """Fire the task now (manual run); slot = floor(now); overlap applies.
 
@@ -786,7 +808,7 @@ class Scheduler:
         adv = e.advanced
         floor = e.cursor + 1
         for slot, reason in e.waiting:
-            if slot > adv and reason not in ("run_now", "backfill"):
+            if slot > adv and reason not in ON_REQUEST:
                 if slot < floor:
                     floor = slot
                 break
@@ -935,10 +957,10 @@ class Scheduler:
             if e.paused:
                 self._skip(e, slot, "paused", effects)
                 continue
-            if fire_time(slot) < window_start and reason not in ("run_now", "backfill"):
+            if fire_time(slot) < window_start and reason not in ON_REQUEST:
                 self._skip(e, slot, "expired", effects)
                 continue
-            late = now - fire_time(slot) > grace and reason not in ("run_now", "backfill")
+            late = now - fire_time(slot) > grace and reason not in ON_REQUEST
             if late and task.misfire == "skip":
                 self._skip(e, slot, "misfire_skip", effects)
                 continue

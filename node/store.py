@@ -144,11 +144,21 @@ def _num(x: Any) -> float:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and x == x else 0.0
 
 
+def _settled(r: Mapping[str, Any]) -> int:
+    """Progress of a record's follow-ups (node/followups.py): 0 without
+    ``notify``, else 1 + the entries no longer pending; only grows."""
+    n = r.get("notify")
+    if not isinstance(n, dict):
+        return 0
+    return 1 + sum(1 for v in n.values() if v != "pending")
+
+
 def _run_rank(r: Mapping[str, Any]) -> tuple:
     return (
         _STATUS_RANK.get(r.get("status"), 0),
         int(r.get("attempt") or 0) if isinstance(r.get("attempt"), int) else 0,
         _num(r.get("finished")),
+        _settled(r),
         hashlib.sha256(_enc(r)).digest(),
     )
 
@@ -512,6 +522,11 @@ class Store:
         key = f"run/{rec['task_id']}/{rec['run_id']}"
         _split(key)
         return [self._entry(key)] if self._apply(key, rec) else []
+
+    def run_record(self, task_id: str, run_id: str) -> dict | None:
+        """One run record (a copy), or None."""
+        rec = self._state.get(f"run/{task_id}/{run_id}")
+        return dict(rec) if isinstance(rec, dict) else None
 
     def runs(self, task_id: str) -> list[dict]:
         keys = self._runs.get(task_id, ())

@@ -59,6 +59,7 @@ from typing import Any, ClassVar, Union
 from .decoding import DecodeError, check_tree, format_path, loads_json, loads_yaml
 from .retry import MAX_RETRIES, RetryPolicy
 from .schedule import (
+    AFTER,
     DstPolicy,
     ScheduleError,
     load_zone,
@@ -70,6 +71,10 @@ from .schedule import (
 
 __all__ = [
     "COMMAND_TYPES",
+    "CHAIN_ON",
+    "NOTIFY_EVENTS",
+    "after_cycle",
+    "check_notify_target",
     "bind_run",
     "command_with_args",
     "ExecCommand",
@@ -256,11 +261,17 @@ class Task:
     #: parameters a manual run may set: name -> {"required": bool,
     #: "default": str | None, "description": str} (see :func:`bind_run`)
     params: dict = field(default_factory=dict)
+    #: fire once per finished run of another task: {"task": ID, "on":
+    #: "success" | "failure" | "always"} (node/followups.py)
+    after: dict | None = None
+    #: where to report this task's runs: a tuple of webhook targets
+    #: (node/followups.py has the fields and their defaults)
+    notify: tuple = ()
 
     FIELDS: ClassVar[tuple[str, ...]] = (
         "id", "name", "schedule", "timezone", "dst", "jitter", "command", "timeout",
         "retries", "overlap", "misfire", "catchup_window", "on_owner_loss", "tags",
-        "env", "cwd", "paused", "history", "cron_reading_ack", "params",
+        "env", "cwd", "paused", "history", "cron_reading_ack", "params", "after", "notify",
     )
 
     def __hash__(self) -> int:  # dict fields are unhashable; equal tasks share these
@@ -307,6 +318,10 @@ class Task:
         # definition without them is byte-for-byte what older nodes wrote
         if self.params:
             d["params"] = {k: dict(v) for k, v in self.params.items()}
+        if self.after:
+            d["after"] = dict(self.after)
+        if self.notify:
+            d["notify"] = [dict(n) for n in self.notify]
         return d
 
     @classmethod
@@ -494,12 +509,19 @@ class _Validator:
                 if ok:
                     dst = DstPolicy(gap, ovl)
 
+        after = self.after(d.get("after"))
         schedule = "now"
         if "schedule" not in d or d["schedule"] is None:
-            self.err("schedule", "required", show=False)
+            if after is not None or "after" in d:
+                schedule = AFTER
+            else:
+                self.err("schedule", "required (or an after: {task: ID} field)", show=False)
         else:
             raw = d["schedule"]
             schedule = self.schedule(raw, zone) or schedule
+            if schedule == AFTER and after is None and "after" not in d:
+                self.err("schedule", "'after' needs an after: {task: ID, on: success|failure|always} field",
+                         show=False)
 
         jitter_s = self._duration(d, "jitter", 0.0, low=0.0, high=MAX_JITTER_S)
         command = self.command(d.get("command"))
@@ -526,6 +548,7 @@ class _Validator:
             ack = False
 
         params = self.params(d.get("params"))
+        notify = self.notify(d.get("notify"))
 
         if self.errors or command is None:
             return None
@@ -534,8 +557,53 @@ class _Validator:
             jitter_s=jitter_s, command=command, timeout_s=timeout_s, retries=retries,
             overlap=overlap, misfire=misfire, catchup_window_s=window_s,
             on_owner_loss=owner_loss, tags=tags, env=env, cwd=cwd, paused=paused,
-            history=history, cron_reading_ack=ack, params=params,
+            history=history, cron_reading_ack=ack, params=params, after=after, notify=notify,
         )
+
+    def after(self, raw: Any) -> dict | None:
+        if raw is None:
+            return None
+        if isinstance(raw, str):
+            raw = {"task": raw}
+        if not isinstance(raw, dict):
+            self.err("after", "must be a mapping {task: ID, on: success|failure|always}", raw)
+            return None
+        raw = _yaml_on(raw)
+        self._unknown(raw, ("task", "on"), "after.")
+        up = raw.get("task")
+        if not valid_id(up):
+            self.err("after.task", "must be a task id", up)
+            return None
+        if up == self.tid:
+            self.err("after.task", "a task cannot run after itself", up)
+            return None
+        on = raw.get("on", "success")
+        if on not in CHAIN_ON:
+            self.err("after.on", "must be one of " + ", ".join(CHAIN_ON), on)
+            return None
+        return {"task": up, "on": on}
+
+    def notify(self, raw: Any) -> tuple:
+        if raw is None:
+            return ()
+        if isinstance(raw, dict):
+            raw = [raw]
+        if not isinstance(raw, list):
+            self.err("notify", "must be a list of targets {on: [...], type: webhook, url: ...}", raw)
+            return ()
+        if len(raw) > MAX_NOTIFY:
+            self.err("notify", f"at most {MAX_NOTIFY} targets")
+            return ()
+        out = []
+        for i, t in enumerate(raw):
+            where = f"notify[{i}]"
+            err, target = check_notify_target(t)
+            if err:
+                fld, reason = err
+                self.err(f"{where}.{fld}" if fld else where, reason, show=False)
+                continue
+            out.append(target)
+        return tuple(out)
 
     def params(self, raw: Any) -> dict:
         """``params: {NAME: {required, default, description}}`` (a list of
@@ -835,6 +903,88 @@ def load_task_file(path: str | os.PathLike) -> list[Task]:
         msg = " ".join(str(exc).split())
         raise TaskError([f"{source}: not valid {kind}: {msg}"]) from None
     return parse_tasks(data, source)
+
+
+# ---------------------------------------------------------------- notify targets
+
+#: When a chained task fires, by its upstream run's status.
+CHAIN_ON = ("success", "failure", "always")
+#: Events a notification target subscribes to.
+NOTIFY_EVENTS = ("success", "failure", "recovery", "missed", "lost")
+MAX_NOTIFY = 8
+MAX_NOTIFY_TIMEOUT_S = 120.0
+MAX_NOTIFY_RETRIES = 10
+_NOTIFY_FIELDS = ("on", "type", "url", "headers", "template", "timeout", "retries")
+
+
+def _yaml_on(d: dict) -> dict:
+    """YAML 1.1 reads an unquoted ``on:`` key as the boolean true: take it
+    back as ``on``."""
+    if True in d and "on" not in d:
+        d = dict(d)
+        d["on"] = d.pop(True)
+    return d
+
+
+def check_notify_target(t: Any) -> tuple[tuple[str, str] | None, dict | None]:
+    """Validate one ``notify`` target: ``(None, canonical)`` or ``((field,
+    reason), None)``. Canonical: every field present, defaults filled."""
+    if not isinstance(t, dict):
+        return ("", "must be a mapping {on: [...], type: webhook, url: ...}"), None
+    t = _yaml_on(t)
+    for k in t:
+        if k not in _NOTIFY_FIELDS:
+            hint = difflib.get_close_matches(str(k), _NOTIFY_FIELDS, n=1)
+            return (str(k), "unknown field" + (f" (did you mean {hint[0]!r}?)" if hint else "")), None
+    on = t.get("on")
+    if isinstance(on, str):
+        on = [on]
+    if not isinstance(on, list) or not on or not all(e in NOTIFY_EVENTS for e in on):
+        return ("on", "must list one or more of " + ", ".join(NOTIFY_EVENTS)), None
+    kind = t.get("type", "webhook")
+    if kind != "webhook":
+        return ("type", "must be webhook"), None
+    url = t.get("url")
+    if not isinstance(url, str) or len(url) > 2048 or not re.fullmatch(r"https?://[^\s/@]+(/\S*)?", url):
+        return ("url", "must be an http:// or https:// URL"), None
+    headers = t.get("headers") or {}
+    if not isinstance(headers, dict) or len(headers) > 32 or not all(
+            isinstance(k, str) and re.fullmatch(r"[A-Za-z0-9-]{1,64}", k) and isinstance(v, str)
+            and "\n" not in v and "\r" not in v and len(v) <= 4096 for k, v in headers.items()):
+        return ("headers", "must map header names to single-line strings"), None
+    template = t.get("template")
+    if template is not None and (not _is_plain(template) or len(repr(template)) > 16384):
+        return ("template", "must be plain data (a mapping, list or string) of at most 16 KiB"), None
+    try:
+        timeout = parse_duration(t.get("timeout", 10))
+    except (ScheduleError, OverflowError, ValueError):
+        return ("timeout", "must be a duration"), None
+    if not 0.1 <= timeout <= MAX_NOTIFY_TIMEOUT_S:
+        return ("timeout", f"must be between 0.1s and {MAX_NOTIFY_TIMEOUT_S:g}s"), None
+    retries = t.get("retries", 3)
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_NOTIFY_RETRIES:
+        return ("retries", f"must be an integer 0-{MAX_NOTIFY_RETRIES}"), None
+    return None, {"on": sorted(set(on), key=NOTIFY_EVENTS.index), "type": "webhook", "url": url,
+                  "headers": dict(sorted(headers.items())), "template": template,
+                  "timeout": timeout, "retries": retries}
+
+
+def after_cycle(afters: dict[str, str]) -> list[str] | None:
+    """A cycle in ``task -> upstream`` links, as the path ``[a, b, ..., a]``,
+    or None."""
+    done: set[str] = set()
+    for start in sorted(afters):
+        path: list[str] = []
+        seen: dict[str, int] = {}
+        cur: str | None = start
+        while cur is not None and cur not in done:
+            if cur in seen:
+                return path[seen[cur]:] + [cur]
+            seen[cur] = len(path)
+            path.append(cur)
+            cur = afters.get(cur)
+        done.update(path)
+    return None
 
 
 # ---------------------------------------------------------------- manual runs

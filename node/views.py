@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .core import NodeCore
+from .tasks import after_cycle
 from .schedule import reading_notes, upgrade_differences
 
 __all__ = [
@@ -119,6 +120,21 @@ def explain_json(core: NodeCore, task_id: str, n: int, now: float) -> dict:
         e["why"] = list(e.get("why", [])) + [
             f"held until a handoff exchange with a replica completes (at most "
             f"{core.knobs.handoff_timeout_s:g} s)"]
+    if t.after:
+        up, on = t.after["task"], t.after["on"]
+        why = [f"fires once per run of {up!r} that ends {on} (after:)"]
+        if up not in core.tasks:
+            why.append(f"idle: upstream task {up!r} does not exist (deleted, or not yet replicated here)")
+        cycle = _after_cycle_through(core, t.id)
+        if cycle:
+            why.append("idle: chained tasks form a cycle " + " -> ".join(cycle))
+        e["why"] = list(e.get("why", [])) + why
+        e["after"] = dict(t.after)
     e["notes"] = list(reading_notes(t))
     e["upgrade"] = upgrade_differences(t, now)
     return e
+
+
+def _after_cycle_through(core: NodeCore, tid: str) -> list[str] | None:
+    cyc = after_cycle({k: t.after["task"] for k, t in core.tasks.items() if t.after})
+    return cyc if cyc and tid in cyc else None

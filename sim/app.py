@@ -19,7 +19,12 @@ one:
   ``decide_claim`` / ``decide_reclaim`` and ``fold_decision``; the answer
   goes to ``claim_answered``;
 - ``Note`` -> counted (every skipped or abandoned slot is kept with its
-  reason, so each missed slot of a run is reported with why).
+  reason, so each missed slot of a run is reported with why);
+- ``Notify`` -> a modelled webhook: delivered to the cluster's receiver
+  ledger ``notify_latency_s / 2`` after it is sent and reported sent to
+  ``notify_done`` at ``notify_latency_s``; a node that dies in between has
+  delivered it and not recorded it (the at-least-once window of
+  ``node/followups.py`` rule 2).
 
 What the daemon's fencer shell does on its own is modelled here too: every
 process refreshes its etcd alive key (``node.fencing.alive_key``) every
@@ -44,7 +49,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 
-from node.core import CancelRun, Claim, NodeCore, Note, Reclaim, Request, StartRun
+from node.core import CancelRun, Claim, NodeCore, Note, Notify, Reclaim, Request, StartRun
 from node.fencing import (
     ClaimValue,
     alive_key,
@@ -89,6 +94,7 @@ class AppOptions:
     knobs: NodeKnobs = NodeKnobs.local().replace(ae_interval_s=2.0)
     run_duration_s: float = 0.2
     fencing: bool = False
+    notify_latency_s: float = 0.1
 
 
 @dataclass(slots=True)
@@ -181,6 +187,10 @@ class SchedulerApp:
                 self._carry(self.core.run_ended(arg, now), now)
             elif kind == "session":
                 self._session_tick(now)
+            elif kind == "deliver":
+                self.cluster.record_notification(self.node, arg)
+            elif kind == "notified" and arg.run_id is not None:
+                self._carry(self.core.notify_done(arg.task_id, arg.run_id, arg.key, True, now), now)
         self._carry(self.core.tick(now), now)
         return self._flush()
 
@@ -245,6 +255,10 @@ class SchedulerApp:
             elif tp is CancelRun:
                 if self.finish.pop(e.run_id, None) is not None:
                     work.extend(self.core.run_ended(e.run_id, now, cancelled_attempt=1))
+            elif tp is Notify:
+                lat = self.opts.notify_latency_s
+                self._timer(now + lat / 2, "deliver", e)
+                self._timer(now + lat, "notified", e)
             elif tp is Claim:
                 outcome, token = self._claim(e)
                 work.extend(self.core.claim_answered(e.task_id, e.slot, e.run_id, outcome, token, now))
@@ -332,6 +346,7 @@ class AppCluster(Cluster):
         self.expect_no_missed = False
         self.disks: dict[str, dict[str, bytes]] = {}
         self.ledger: list[tuple] = []
+        self.notifications: list[tuple] = []
         self.skipped: dict[tuple[str, int], str] = {}
         self.app_stats: dict[str, Any] = {"notes": {}, "skipped": {}, "streams": 0,
                                           "stream_failed": 0, "stream_bytes": 0}
@@ -381,6 +396,11 @@ class AppCluster(Cluster):
         self.ledger.append(rec)
         self.trace.append((t_s, "fire", node.idx, tid, int(slot), token, reason))
 
+    def record_notification(self, node: SimNode, e) -> None:
+        """The webhook receiver got ``e`` (a ``Notify``)."""
+        self.notifications.append((e.task_id, e.run_id, e.key, e.event, node.name, node.boots,
+                                   round(self.loop.now_s, 6)))
+
     def ledger_hash(self) -> str:
         return hashlib.sha256(repr(self.ledger).encode()).hexdigest()
 
@@ -418,7 +438,7 @@ class AppCluster(Cluster):
                     app.leaving_since = t_s
                     app._carry(app.core.begin_shutdown(now), now)
                     self._app_effects(node, app._flush(), t_s)
-                busy = app.core.running or app.core.claims_in_flight()
+                busy = app.core.running or app.core.claims_in_flight() or app.core.notifications_in_flight()
                 if busy and t_s < app.leaving_since + 30.0:
                     self.loop.schedule(t_s + 0.05, K_FAULT, f)
                     return
@@ -515,7 +535,7 @@ def fire_metrics(ledger: list[tuple], tasks: list[dict], start_epoch: float, end
     crashed_at = crashed_at or {}
     due = set()
     for d in tasks:
-        step = _every_s(d["schedule"])
+        step = _every_s(d.get("schedule") or "")
         if step is None:
             continue
         s = math.ceil(start_epoch / step) * step
@@ -685,6 +705,97 @@ def app_report(cluster: AppCluster, report: dict) -> dict:
         report["etcd"] = {"writes": cluster.etcd.writes, "rejected_unavailable": cluster.etcd.rejected_unavailable}
     report["violations"] = check_app_invariants(report, fencing=fencing)
     return report
+
+
+def followup_report(cluster: AppCluster, *, grace_s: float = 15.0) -> dict:
+    """Notifications and chained runs against what the runs' records say
+    (``node/followups.py``), over every live node's records.
+
+    - ``notify_missing``: a run of a task with ``notify`` targets whose
+      final record was written more than ``grace_s`` before the end and
+      whose notification never reached the receiver;
+    - ``notify_duplicates``: notifications delivered more than once, and
+      ``notify_duplicates_unexplained``: those where no sender died within
+      ``notify_latency_s`` after delivering it (rule 2's window);
+    - ``chain_missing``: an upstream run (ended as its downstream's ``on``
+      asks, more than ``grace_s`` before the end) whose downstream never
+      fired at its slot; ``chain_duplicates``: downstream slots fired more
+      than once.
+    """
+    end_epoch = EPOCH_BASE + cluster.loop.now_s
+    tasks = {d["id"]: Task.from_dict(d) for d in cluster.tasks_applied}
+    finals: dict[tuple[str, str], dict] = {}
+    for n in cluster.nodes:
+        if not (n.up and n.apps):
+            continue
+        st = n.apps[0].store
+        for tid in st.run_tasks():
+            for rec in st.runs(tid):
+                if rec.get("status") in ("pending", "running", "cancelled", "skipped"):
+                    continue
+                key = (tid, rec["run_id"])
+                old = finals.get(key)
+                if old is None or len(old.get("notify") or {}) < len(rec.get("notify") or {}):
+                    finals[key] = rec
+    delivered: dict[tuple[str, str], list[tuple]] = {}
+    for x in cluster.notifications:
+        if x[1] is not None:
+            delivered.setdefault((x[0], x[1]), []).append(x)
+    lat = cluster.app_options.notify_latency_s
+    missing, dup, unexplained, expected = [], 0, [], 0
+    for (tid, rid), rec in sorted(finals.items()):
+        t = tasks.get(tid)
+        if t is None or not t.notify:
+            continue
+        subs = set().union(*(set(x["on"]) for x in t.notify))
+        if rec["status"] == "succeeded" and not subs & {"success", "recovery"}:
+            continue
+        if rec["status"] == "lost" and "lost" not in subs:
+            continue
+        if rec["status"] in ("failed", "timeout", "error") and "failure" not in subs:
+            continue
+        if (rec.get("finished") or end_epoch) > end_epoch - grace_s:
+            continue
+        expected += 1
+        got = delivered.get((tid, rid), [])
+        if not got:
+            missing.append([tid, rid, rec.get("notify")])
+        elif len(got) > 1:
+            dup += len(got) - 1
+            for x in got[:-1]:
+                down = cluster.downs.down.get((x[4], x[5]))
+                if down is None or not x[6] <= down <= x[6] + lat:
+                    unexplained.append([tid, rid, x[4], x[6]])
+    # chains
+    fires: dict[tuple[str, int], int] = {}
+    for tid, slot, _node, _boots, _t, _tok, reason in cluster.ledger:
+        if reason == "chain":
+            fires[(tid, slot)] = fires.get((tid, slot), 0) + 1
+    from node.followups import chain_matches
+    chain_expected, chain_missing = 0, []
+    ups: dict[str, set[int]] = {}
+    for (tid, rid), rec in finals.items():
+        ups.setdefault(tid, set())
+        if rec["status"] in ("succeeded", "failed", "timeout", "error") \
+                and (rec.get("finished") or end_epoch) <= end_epoch - grace_s:
+            ups[tid].add((rec["slot"], rec["status"]))
+    for d, t in sorted(tasks.items()):
+        if not t.after:
+            continue
+        for slot, status in sorted(ups.get(t.after["task"], ())):
+            if not chain_matches(t.after["on"], status):
+                continue
+            chain_expected += 1
+            if fires.get((d, slot), 0) == 0:
+                chain_missing.append([d, slot])
+    chain_dups = sorted([d, s, n] for (d, s), n in fires.items() if n > 1)
+    return {
+        "notify_expected": expected, "notify_missing": len(missing), "notify_missing_examples": missing[:5],
+        "notify_duplicates": dup, "notify_duplicates_unexplained": unexplained[:5],
+        "notifications": len(cluster.notifications),
+        "chain_expected": chain_expected, "chain_missing": len(chain_missing),
+        "chain_missing_examples": chain_missing[:5], "chain_duplicates": chain_dups[:5],
+    }
 
 
 def simulate_app(*, nodes: int, duration_s: float, seed: int, scenario: str = "steady",

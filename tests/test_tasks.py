@@ -161,6 +161,9 @@ FULL = base(
     overlap="buffer_one", misfire="run_all", catchup_window="2h", on_owner_loss="skip",
     tags={"zone": "a"}, env={"MODE": "full"}, cwd="/tmp", paused=True, history=7,
     params={"DATE": {"required": True, "description": "day to process"}, "LEVEL": {"default": "info"}},
+    after={"task": "upstream", "on": "always"},
+    notify=[{"on": ["failure", "recovery"], "url": "https://hooks.example/x", "headers": {"X-A": "1"},
+             "template": {"text": "$task_id $status"}, "timeout": "5s", "retries": 2}],
 )
 
 
