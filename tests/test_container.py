@@ -338,7 +338,7 @@ def test_three_containers_on_a_podman_network(tmp_path):
         t0 = time.monotonic()
         r = subprocess.run(["sh", str(CLUSTER_SH), "up", "--profile", "local", "--shutdown-grace-s", "5"],
                            capture_output=True, text=True, env=env, timeout=300)
-        assert r.returncode == 0, (r.stdout, r.stderr, logs())
+        assert r.returncode == 0, f"cluster.sh up exited {r.returncode}:\n{r.stdout}\n{r.stderr[-3000:]}\n{logs()}"
         assert oct(os.stat(tmp_path / "gossip.key").st_mode & 0o777) == "0o600"
         for n in names:
             _poll(lambda n=n: set(_members(pm, n).items()) >= {("n1", "alive"), ("n2", "alive"), ("n3", "alive")},

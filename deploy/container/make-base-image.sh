@@ -19,6 +19,7 @@ command -v debootstrap >/dev/null || { echo "$0: needs debootstrap (apt-get inst
 command -v podman >/dev/null || { echo "$0: needs podman (apt-get install podman)" >&2; exit 2; }
 ROOTFS=$(mktemp -d "${TMPDIR:-/tmp}/peerd-rootfs.XXXXXX")
 trap 'rm -rf "$ROOTFS"' EXIT
+chmod 755 "$ROOTFS"  # it becomes the image's / (mktemp made it 0700: no user could enter)
 debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates "$SUITE" "$ROOTFS" "$MIRROR"
 # smaller image: no package lists, caches or docs
 rm -rf "$ROOTFS"/var/lib/apt/lists/* "$ROOTFS"/var/cache/apt/*.bin \
