@@ -51,7 +51,7 @@ from .schedule import reading_notes
 from .sqlite_store import CorruptDatabase, SqliteStore
 from .store import Store
 from .taskdiff import diff_tasks
-from .tasks import Task, TaskError, after_cycle, bind_run, command_with_args, parse_tasks
+from .tasks import SecretError, Task, TaskError, after_cycle, bind_run, command_with_args, parse_tasks, resolve_env
 
 log = logging.getLogger("peerd.node")
 
@@ -60,6 +60,14 @@ _SKIP_IS_MISFIRE = ("misfire_skip", "coalesced", "expired", "catchup_limit")
 
 #: A run id: ``<slot>-<node>-<8 hex>`` and, for one attempt, ``.<n>``.
 RUN_ID_RE = re.compile(r"(-?[0-9]{1,20})-(.{1,160})-([0-9a-f]{8})(?:\.([0-9]{1,4}))?")
+
+
+def _read_secret(path: str) -> bytes:
+    """A secret file's bytes (bounded: at most one byte over the limit is read)."""
+    from .tasks import MAX_SECRET_BYTES
+
+    with open(path, "rb") as fh:
+        return fh.read(MAX_SECRET_BYTES + 1)
 
 
 def _clock_offset_s() -> float:
@@ -399,7 +407,14 @@ class Node:
         self.metrics.running.inc()
 
         params = eff.params or {}
-        run_env = dict(task.env or {}) | task.param_defaults() | dict(params.get("env") or {})
+        secret_error = None
+        try:
+            # secret references resolve here, on the node that runs the task,
+            # and never go into a record, a log line or the API
+            task_env = resolve_env(dict(task.env or {}), os.environ, _read_secret)
+        except SecretError as e:
+            task_env, secret_error = {}, str(e)
+        run_env = task_env | task.param_defaults() | dict(params.get("env") or {})
         command = command_with_args(task.command, list(params.get("args") or []))
 
         def ctx(attempt: int) -> RunContext:
@@ -426,7 +441,16 @@ class Node:
         cancelled_attempt = None
         try:
             with scope:
-                await execute_with_retries(command, ctx, task.retries, self.rng, on_done, on_start=on_start)
+                if secret_error is not None:
+                    from .executor import RunResult
+
+                    c1 = ctx(1)
+                    on_start(c1)
+                    t = time.time()
+                    on_done(c1, RunResult(status="error", exit_code=None, started=t, finished=t, output="",
+                                          error=secret_error))
+                else:
+                    await execute_with_retries(command, ctx, task.retries, self.rng, on_done, on_start=on_start)
             if scope.cancelled_caught:
                 # during an attempt, or waiting to retry (the next attempt
                 # is the one cancelled)

@@ -71,6 +71,10 @@ from .schedule import (
 
 __all__ = [
     "COMMAND_TYPES",
+    "SecretError",
+    "resolve_env",
+    "secret_label",
+    "shown_env",
     "CHAIN_ON",
     "NOTIFY_EVENTS",
     "after_cycle",
@@ -308,7 +312,7 @@ class Task:
             "catchup_window": self.catchup_window_s,
             "on_owner_loss": self.on_owner_loss,
             "tags": dict(self.tags),
-            "env": dict(self.env),
+            "env": {k: dict(v) if isinstance(v, dict) else v for k, v in self.env.items()},
             "cwd": self.cwd,
             "paused": self.paused,
             "history": self.history,
@@ -532,7 +536,7 @@ class _Validator:
         window_s = self._duration(d, "catchup_window", 3600.0, low=0.0, high=MAX_CATCHUP_WINDOW_S)
         owner_loss = self._choice(d, "on_owner_loss", OWNER_LOSS_POLICIES, "rerun")
         tags = self._str_map(d, "tags", MAX_TAGS)
-        env = self._str_map(d, "env", MAX_ENV, _ENV_RE)
+        env = self._env(d)
         cwd = d.get("cwd")
         if cwd is not None and (not isinstance(cwd, str) or not cwd or "\x00" in cwd):
             self.err("cwd", "must be a non-empty path string", cwd)
@@ -604,6 +608,32 @@ class _Validator:
                 continue
             out.append(target)
         return tuple(out)
+
+    def _env(self, d: dict) -> dict:
+        """``env``: NAME -> a string, or a secret reference ``{file: /path}``
+        / ``{env: NAME}`` resolved on the running node (see :func:`resolve_env`)."""
+        raw = d.get("env")
+        if not isinstance(raw, dict):
+            return self._str_map(d, "env", MAX_ENV, _ENV_RE)
+        plain = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+        out = self._str_map({"env": plain}, "env", MAX_ENV, _ENV_RE) if plain else {}
+        for k in sorted((k for k, v in raw.items() if isinstance(v, dict)), key=str):
+            v = raw[k]
+            where = f"env.{k}"
+            if not isinstance(k, str) or not _ENV_RE.match(k):
+                self.err(where, "invalid key", show=False)
+                continue
+            if list(v) == ["file"] and isinstance(v["file"], str) and v["file"].startswith("/") \
+                    and "\x00" not in v["file"] and len(v["file"]) <= 4096:
+                out[k] = {"file": v["file"]}
+            elif list(v) == ["env"] and isinstance(v["env"], str) and _ENV_RE.match(v["env"]):
+                out[k] = {"env": v["env"]}
+            else:
+                self.err(where, "a secret reference is {file: /absolute/path} or {env: NAME}", show=False)
+        if len(raw) > MAX_ENV:
+            self.err("env", f"at most {MAX_ENV} entries")
+            return {}
+        return dict(sorted(out.items()))
 
     def params(self, raw: Any) -> dict:
         """``params: {NAME: {required, default, description}}`` (a list of
@@ -985,6 +1015,65 @@ def after_cycle(afters: dict[str, str]) -> list[str] | None:
             cur = afters.get(cur)
         done.update(path)
     return None
+
+
+# ---------------------------------------------------------------- secrets
+
+#: Largest secret file read into a run's environment.
+MAX_SECRET_BYTES = 65536
+
+
+class SecretError(ValueError):
+    """A secret reference could not be resolved (names the variable)."""
+
+
+def secret_label(value: Any) -> Any:
+    """How the API shows an env value: secret references as
+    ``<secret:file:/path>`` / ``<secret:env:NAME>``, plain strings as they are."""
+    if isinstance(value, dict) and len(value) == 1:
+        (kind, ref), = value.items()
+        return f"<secret:{kind}:{ref}>"
+    return value
+
+
+def shown_env(env: dict) -> dict:
+    return {k: secret_label(v) for k, v in env.items()}
+
+
+def resolve_env(env: dict, environ: Any, read_file: Any) -> dict[str, str]:
+    """A task's env with its secret references resolved on this node:
+    ``{env: NAME}`` from ``environ``, ``{file: /path}`` through
+    ``read_file(path) -> bytes`` (one trailing newline dropped, UTF-8).
+
+    Raises:
+        SecretError: naming the variable and the reason.
+    """
+    out = {}
+    for k, v in env.items():
+        if isinstance(v, str):
+            out[k] = v
+            continue
+        if "env" in v:
+            val = environ.get(v["env"])
+            if val is None:
+                raise SecretError(f"secret env.{k}: the node's environment has no {v['env']}")
+            out[k] = val
+            continue
+        path = v["file"]
+        try:
+            data = read_file(path)
+        except OSError as e:
+            raise SecretError(f"secret env.{k}: cannot read {path}: {e.strerror or e}") from None
+        if len(data) > MAX_SECRET_BYTES:
+            raise SecretError(f"secret env.{k}: {path} is larger than {MAX_SECRET_BYTES} bytes")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SecretError(f"secret env.{k}: {path} is not UTF-8 text") from None
+        if "\x00" in text:
+            raise SecretError(f"secret env.{k}: {path} contains a NUL byte")
+        out[k] = text[:-1] if text.endswith("\n") else text
+    return out
 
 
 # ---------------------------------------------------------------- manual runs

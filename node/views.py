@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .core import NodeCore
-from .tasks import after_cycle
+from .tasks import after_cycle, shown_env
 from .schedule import reading_notes, upgrade_differences
 
 __all__ = [
@@ -85,8 +85,10 @@ def task_json(core: NodeCore, task_id: str) -> dict:
     t = _task(core, task_id)
     view = core.store.get_task(task_id)
     ctl = core.store.control(task_id)
+    d = t.to_dict()
+    d["env"] = shown_env(d["env"])     # secret references, never values
     return {
-        "task": t.to_dict(),
+        "task": d,
         "owner": core.ring.owner(task_id),
         "replicas": core.ring.owners(task_id),
         "paused": bool(ctl.paused),

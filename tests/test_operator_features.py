@@ -182,3 +182,45 @@ def test_run_with_parameters(cluster, tmp_path):
     owner = _owner(cluster, "px")
     rs = api(_proc(cluster, owner).api_addr, "GET", "/v1/tasks/px/runs")[1]
     assert rs[-1]["params"] == {"env": {"DAY": "2026-12-01", "LEVEL": "info"}, "args": ["a b", "$(c)"]}
+
+
+def test_secret_references_resolved_on_the_running_node_only(cluster, tmp_path):
+    secret = tmp_path / "db-password"
+    secret.write_text("s3cr3t-value\n")
+    out = tmp_path / "secret.out"
+    f = tmp_path / "s.yaml"
+    f.write_text(textwrap.dedent(f"""
+        - id: sx
+          schedule: "{FAR}"
+          command: {{type: shell, run: 'echo "$DB_PASSWORD|$HOME_DIR|$PLAIN" > {out}'}}
+          env:
+            DB_PASSWORD: {{file: {secret}}}
+            HOME_DIR: {{env: HOME}}
+            PLAIN: visible
+        - id: sx-missing
+          schedule: "{FAR}"
+          command: {{type: shell, run: "echo never"}}
+          env: {{TOKEN: {{file: {tmp_path}/nope}}}}
+    """))
+    a, b, c = cluster.procs
+    assert peerctl("tasks", "apply", "-f", str(f), node=a.api_addr).returncode == 0
+    _everywhere(cluster, "sx-missing")
+    t = api(b.api_addr, "GET", "/v1/tasks/sx")[1]["task"]
+    assert t["env"] == {"DB_PASSWORD": f"<secret:file:{secret}>", "HOME_DIR": "<secret:env:HOME>",
+                        "PLAIN": "visible"}
+    assert peerctl("tasks", "run", "sx", node=c.api_addr).returncode == 0
+    wait_for(lambda: out.exists() and out.read_text().strip(), timeout=30, what="sx ran", cluster=cluster)
+    pw, home, plain = out.read_text().strip().split("|")
+    assert pw == "s3cr3t-value" and home and plain == "visible"
+    owner = _proc(cluster, _owner(cluster, "sx"))
+    wait_for(lambda: [x["status"] for x in api(owner.api_addr, "GET", "/v1/tasks/sx/runs")[1]] == ["succeeded"],
+             timeout=30, what="sx recorded", cluster=cluster)
+    for p in cluster.procs:
+        for path in ("/v1/tasks/sx", "/v1/tasks/sx/runs", "/v1/tasks", "/v1/tasks/sx/explain"):
+            assert "s3cr3t" not in json.dumps(api(p.api_addr, "GET", path)[1])
+    # a missing secret fails the run with a clear error, not the node
+    assert peerctl("tasks", "run", "sx-missing", node=c.api_addr).returncode == 0
+    mo = _proc(cluster, _owner(cluster, "sx-missing"))
+    rec = wait_for(lambda: [x for x in api(mo.api_addr, "GET", "/v1/tasks/sx-missing/runs")[1]
+                            if x["status"] == "error"], timeout=30, what="sx-missing failed", cluster=cluster)[0]
+    assert rec["error"].startswith("secret env.TOKEN: cannot read") and "nope" in rec["error"]

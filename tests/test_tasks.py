@@ -270,3 +270,25 @@ def test_example_file_loads_and_shows_every_field():
     assert {t.command.type for t in tasks} == {"shell", "exec", "python", "http"}
     http = [t for t in tasks if t.command.type == "http"]
     assert all(t.paused for t in http)
+
+
+def test_secret_references_in_env():
+    from node.tasks import SecretError, resolve_env, shown_env
+
+    t = Task.from_dict({"id": "s", "schedule": "@every 1h", "command": {"type": "exec", "argv": ["true"]},
+                        "env": {"A": "plain", "B": {"file": "/run/secrets/b"}, "C": {"env": "HOME"}}})
+    assert Task.from_dict(t.to_dict()) == t
+    assert shown_env(t.env) == {"A": "plain", "B": "<secret:file:/run/secrets/b>", "C": "<secret:env:HOME>"}
+    files = {"/run/secrets/b": b"pw\n"}
+    assert resolve_env(t.env, {"HOME": "/h"}, lambda p: files[p]) == {"A": "plain", "B": "pw", "C": "/h"}
+    with pytest.raises(SecretError, match="secret env.C: the node's environment has no HOME"):
+        resolve_env(t.env, {}, lambda p: files[p])
+
+    def missing(p):
+        raise FileNotFoundError(2, "No such file or directory")
+    with pytest.raises(SecretError, match="secret env.B: cannot read /run/secrets/b"):
+        resolve_env(t.env, {"HOME": "/h"}, missing)
+    for bad in ({"file": "relative"}, {"env": "1X"}, {"file": "/a", "env": "B"}, {"vault": "x"}):
+        with pytest.raises(TaskError, match="env.B: a secret reference is"):
+            Task.from_dict({"id": "s", "schedule": "@every 1h", "command": {"type": "exec", "argv": ["true"]},
+                            "env": {"B": bad}})
