@@ -72,7 +72,7 @@ def _ca(cn: str, now: datetime.datetime):
     return key, cert
 
 
-def _leaf(cn: str, ca_key, ca_cert, now: datetime.datetime, usage):
+def _leaf(cn: str, ca_key, ca_cert, now: datetime.datetime, usage, ips=("127.0.0.1",)):
     import ipaddress
 
     key = ec.generate_private_key(ec.SECP256R1())
@@ -80,14 +80,26 @@ def _leaf(cn: str, ca_key, ca_cert, now: datetime.datetime, usage):
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+                                                       + [x509.DNSName(cn)]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                            critical=False)
             .sign(ca_key, hashes.SHA256()))
     return key, cert
+
+
+def make_member_certs(d: Path, ips: list[str]) -> None:
+    """``ca.pem`` and, for member i (1-based), ``n<i>.pem`` / ``n<i>-key.pem``
+    valid for 127.0.0.1, the member's address and the DNS name ``n<i>``."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, ca_cert = _ca("peerd test CA", now)
+    (d / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    for i, ip in enumerate(ips, 1):
+        key, cert = _leaf(f"n{i}", ca_key, ca_cert, now, [ExtendedKeyUsageOID.SERVER_AUTH], ips=("127.0.0.1", ip))
+        (d / f"n{i}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(d / f"n{i}-key.pem", key)
 
 
 def make_pki(d: Path) -> Pki:

@@ -15,7 +15,11 @@ that the health check passes, that a task applied with ``peerctl`` on the
 host (through the API published on loopback) is seen on another member and
 runs there, that ``podman stop`` makes a node leave gracefully (state
 ``left``, exit 0) and that, started again, it has its state from its volume.
-Containers, network, volumes and the image are removed afterwards. Skips
+It runs twice on one image build: with plain http, and with the APIs over
+https (a CA and per-member certificates made here, cluster.sh's TLS_DIR;
+peerctl on the host and in the containers trusts the CA; plain http to the
+published port is refused). Containers, network, volumes and the image are
+removed afterwards. Skips
 with the reason where podman is missing or cannot run containers here.
 
 Environment: ``PEERD_TEST_PODMAN_OPTS`` (global podman options, default
@@ -37,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster_util import ROOT, TOKEN, Cluster, peerctl, wait_for
+from tests.cluster_util import ROOT, TOKEN, Cluster, wait_for
 
 DOCKERFILE = ROOT / "Dockerfile"
 HEALTHCHECK = ROOT / "deploy" / "container" / "healthcheck.py"
@@ -257,18 +261,32 @@ def _consecutive_free_ports(n: int) -> int:
     raise AssertionError(f"no {n} consecutive free ports")
 
 
-def _members(pm: Podman, container: str) -> dict[str, str]:
-    r = pm("exec", "-e", f"PEERCTL_TOKEN={TOKEN}", container, "peerctl", "--json", "members", check=False,
-           timeout=30)
+def _exec_env(tls: bool) -> list[str]:
+    """``podman exec`` options for ``peerctl`` inside a member: the token
+    and, over https, the CA (cluster.sh sets PEERCTL_NODE and
+    PEERCTL_CA_CERT in the container; SSL_CERT_FILE serves a peerctl that
+    does not read PEERCTL_CA_CERT)."""
+    return ["-e", f"PEERCTL_TOKEN={TOKEN}"] + (["-e", "SSL_CERT_FILE=/etc/peerd/tls/ca.pem"] if tls else [])
+
+
+def _members(pm: Podman, container: str, tls: bool) -> dict[str, str]:
+    r = pm("exec", *_exec_env(tls), container, "peerctl", "--json", "members", check=False, timeout=30)
     if r.returncode != 0:
         return {}
     return {m["name"]: m["state"] for m in json.loads(r.stdout)}
 
 
-def _peerctl_json(pm: Podman, container: str, *args: str):
-    r = pm("exec", "-e", f"PEERCTL_TOKEN={TOKEN}", container, "peerctl", "--json", *args, check=False,
-           timeout=30)
+def _peerctl_json(pm: Podman, container: str, tls: bool, *args: str):
+    r = pm("exec", *_exec_env(tls), container, "peerctl", "--json", *args, check=False, timeout=30)
     return json.loads(r.stdout) if r.returncode == 0 else None
+
+
+def _host_peerctl(*args: str, node: str, ca: Path | None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PEERCTL_NODE=node, PEERCTL_TOKEN=TOKEN)
+    if ca is not None:
+        env.update(PEERCTL_CA_CERT=str(ca), SSL_CERT_FILE=str(ca))
+    return subprocess.run([sys.executable, "-m", "node.peerctl", *args], capture_output=True, text=True,
+                          env=env, timeout=60, cwd=str(ROOT))
 
 
 def _poll(cond, *, timeout: float, what: str, diag=lambda: ""):
@@ -281,8 +299,10 @@ def _poll(cond, *, timeout: float, what: str, diag=lambda: ""):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{diag()}")
 
 
-@pytest.mark.slow
-def test_three_containers_on_a_podman_network(tmp_path):
+@pytest.fixture(scope="module")
+def built_image(tmp_path_factory):
+    """(podman, image): the image built once for the module from a local
+    base and a host wheelhouse; removed at the end."""
     if not shutil.which("podman"):
         pytest.skip("podman is not installed (apt-get install podman)")
     pm = Podman()
@@ -294,23 +314,10 @@ def test_three_containers_on_a_podman_network(tmp_path):
     why = pm.probe(BASE_IMAGE)
     if why:
         pytest.skip(why)
-
-    tag = f"peerd-t{os.getpid()}"
-    image = f"localhost/peerd:{tag}"
-    net = f"{tag}-net"
-    names = [f"{tag}-{i}" for i in (1, 2, 3)]  # cluster.sh's names: PREFIX-i, PREFIX-i-data, PREFIX-net
-    volumes = [f"{n}-data" for n in names]
-
-    def logs() -> str:
-        out = []
-        for n in names:
-            r = pm("logs", "--tail", "40", n, check=False)
-            out.append(f"===== {n} =====\n{r.stdout[-4000:]}{r.stderr[-4000:]}")
-        return "\n".join(out)
-
+    image = f"localhost/peerd:t{os.getpid()}"
     try:
         # Python packages from a wheelhouse made on the host: no index inside the build
-        wheelhouse = tmp_path / "wheelhouse"
+        wheelhouse = tmp_path_factory.mktemp("wheelhouse")
         r = _timed("wheelhouse (pip wheel on the host)", timings, subprocess.run,
                    [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", str(ROOT),
                     "setuptools", "wheel", "-w", str(wheelhouse)],
@@ -328,20 +335,59 @@ def test_three_containers_on_a_podman_network(tmp_path):
         assert "/var/lib/peerd" in cfg["Volumes"], cfg
         # kept only in the docker format (--format docker)
         assert (inspected.get("Healthcheck") or {}).get("Test") == ["CMD", "peerd-healthcheck"], inspected
+        print("\ncontainer image timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+        yield pm, image
+    finally:
+        pm("rmi", "-f", image, check=False, timeout=300)
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("api", ["http", "https"])
+def test_three_containers_on_a_podman_network(built_image, api, tmp_path):
+    pm, image = built_image
+    tls = api == "https"
+    timings: dict[str, float] = {}
+    tag = f"peerd-t{os.getpid()}{api[4:]}"
+    net = f"{tag}-net"
+    names = [f"{tag}-{i}" for i in (1, 2, 3)]  # cluster.sh's names: PREFIX-i, PREFIX-i-data, PREFIX-net
+    volumes = [f"{n}-data" for n in names]
+    subnet = f"10.89.{200 + (os.getpid() % 25) * 2 + tls}.0/24"
+    ips = [f"{subnet.rsplit('.', 1)[0]}.{10 + i}" for i in (1, 2, 3)]  # cluster.sh: member i is .(10+i)
+
+    def logs() -> str:
+        out = []
+        for n in names:
+            r = pm("logs", "--tail", "40", n, check=False)
+            out.append(f"===== {n} =====\n{r.stdout[-4000:]}{r.stderr[-4000:]}")
+        return "\n".join(out)
+
+    try:
         # the cluster, as deploy/container/cluster.sh runs it for operators
-        n_sub = 200 + os.getpid() % 50
         publish = _consecutive_free_ports(3)
         env = dict(os.environ, ENGINE=shlex.join(["podman", *pm.global_opts]), RUN_OPTS=shlex.join(pm.run_opts),
-                   IMAGE=image, PREFIX=tag, SUBNET=f"10.89.{n_sub}.0/24", TOKEN=TOKEN,
+                   IMAGE=image, PREFIX=tag, SUBNET=subnet, TOKEN=TOKEN,
                    KEY_FILE=str(tmp_path / "gossip.key"), PUBLISH=str(publish), STOP_TIMEOUT="30")
+        ca = None
+        if tls:
+            from tests.test_api_tls import make_member_certs
+
+            tls_dir = tmp_path / "tls"
+            tls_dir.mkdir()
+            make_member_certs(tls_dir, ips)
+            tls_dir.chmod(0o755)  # the image's user enters it; cluster.sh gives it the keys
+            for f in tls_dir.glob("*.pem"):
+                f.chmod(0o644)
+            env["TLS_DIR"] = str(tls_dir)
+            ca = tls_dir / "ca.pem"
         t0 = time.monotonic()
         r = subprocess.run(["sh", str(CLUSTER_SH), "up", "--profile", "local", "--shutdown-grace-s", "5"],
                            capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, f"cluster.sh up exited {r.returncode}:\n{r.stdout}\n{r.stderr[-3000:]}\n{logs()}"
+        assert [ln.split(" at ")[1].split()[0] for ln in r.stdout.splitlines()] == ips, r.stdout
         assert oct(os.stat(tmp_path / "gossip.key").st_mode & 0o777) == "0o600"
         for n in names:
-            _poll(lambda n=n: set(_members(pm, n).items()) >= {("n1", "alive"), ("n2", "alive"), ("n3", "alive")},
+            _poll(lambda n=n: set(_members(pm, n, tls).items()) >= {("n1", "alive"), ("n2", "alive"),
+                                                                    ("n3", "alive")},
                   timeout=180, what=f"{n} lists n1, n2, n3 alive", diag=logs)
         timings["cluster up (3 containers started, all alive everywhere)"] = time.monotonic() - t0
 
@@ -354,12 +400,15 @@ def test_three_containers_on_a_podman_network(tmp_path):
         tasks = tmp_path / "tasks.yaml"
         tasks.write_text('tasks:\n  - id: ctr-hello\n    schedule: "@every 2s"\n'
                          '    command: {type: shell, run: "echo hello from $PEERD_NODE"}\n')
-        r = peerctl("tasks", "apply", "-f", str(tasks), node=f"127.0.0.1:{publish}")
+        r = _host_peerctl("tasks", "apply", "-f", str(tasks), node=f"{api}://127.0.0.1:{publish}", ca=ca)
         assert r.returncode == 0 and "ctr-hello" in r.stdout + r.stderr, (r.stdout, r.stderr)
-        got = _poll(lambda: _peerctl_json(pm, names[1], "tasks", "get", "ctr-hello"), timeout=60,
+        if tls:  # the published https port refuses plain http
+            r = _host_peerctl("members", node=f"http://127.0.0.1:{publish}", ca=None)
+            assert r.returncode != 0 and "400" in r.stdout + r.stderr, (r.stdout, r.stderr)
+        got = _poll(lambda: _peerctl_json(pm, names[1], tls, "tasks", "get", "ctr-hello"), timeout=60,
                     what="n2 knows ctr-hello", diag=logs)
         assert got["task"]["id"] == "ctr-hello", got
-        runs = _poll(lambda: [x for x in (_peerctl_json(pm, names[1], "runs", "ctr-hello") or [])
+        runs = _poll(lambda: [x for x in (_peerctl_json(pm, names[1], tls, "runs", "ctr-hello") or [])
                               if x.get("status") == "succeeded"],
                      timeout=90, what="a succeeded run of ctr-hello listed on n2", diag=logs)
         assert runs[0]["node"] in ("n1", "n2", "n3"), runs
@@ -371,16 +420,16 @@ def test_three_containers_on_a_podman_network(tmp_path):
         state = json.loads(pm("inspect", names[2]).stdout)[0]["State"]
         assert state["ExitCode"] == 0, (state, logs())
         assert timings["podman stop (graceful leave)"] < 25, "stopped by the kill after the timeout, not by leaving"
-        _poll(lambda: _members(pm, names[0]).get("n3") == "left", timeout=60,
+        _poll(lambda: _members(pm, names[0], tls).get("n3") == "left", timeout=60,
               what="n1 lists n3 as left", diag=logs)
         out = pm("logs", names[2])
         assert "node n3 stopped" in out.stdout + out.stderr
 
         # its state is in the volume: started again it has the task at once
         pm("start", names[2])
-        _poll(lambda: (_peerctl_json(pm, names[2], "tasks", "get", "ctr-hello") or {}).get("task"),
+        _poll(lambda: (_peerctl_json(pm, names[2], tls, "tasks", "get", "ctr-hello") or {}).get("task"),
               timeout=60, what="n3 back with ctr-hello", diag=logs)
-        _poll(lambda: _members(pm, names[0]).get("n3") == "alive", timeout=120,
+        _poll(lambda: _members(pm, names[0], tls).get("n3") == "alive", timeout=120,
               what="n1 lists n3 alive again", diag=logs)
         r = subprocess.run(["sh", str(CLUSTER_SH), "purge"], capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, (r.stdout, r.stderr)
@@ -394,6 +443,5 @@ def test_three_containers_on_a_podman_network(tmp_path):
         pm("network", "rm", "-f", net, check=False)
         for v in volumes:
             pm("volume", "rm", "-f", v, check=False)
-        pm("rmi", "-f", image, check=False, timeout=300)
         if timings:
-            print("\ncontainer timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+            print(f"\ncontainer cluster timings ({api}): " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))

@@ -18,6 +18,11 @@
 #   TOKEN        API bearer token (or TOKEN_FILE: a file whose first line is it)
 #   KEY_FILE     gossip key, shared by all members [./gossip.key]; made with
 #                the image's `peerd keygen` if missing
+#   TLS_DIR      serve the APIs over https: a directory with ca.pem and, for
+#                member i, n<i>.pem and n<i>-key.pem (the certificate's names
+#                must include the member's address and 127.0.0.1); mounted
+#                at /etc/peerd/tls, with PEERCTL_NODE and PEERCTL_CA_CERT set
+#                for peerctl inside the containers
 #   PUBLISH      first host port to publish the APIs on 127.0.0.1 (member i
 #                on PUBLISH+i-1); empty = not published
 #   STOP_TIMEOUT seconds `stop` waits before SIGKILL [45] (peerd lets runs
@@ -40,6 +45,17 @@ BASE=${SUBNET%.*/*}   # 10.89.70
 
 ip_of() { echo "$BASE.$((10 + $1))"; }
 
+# the image's peerd user (uid 10001) reads a secret file; nobody else should
+own() {
+    if [ "$(id -u)" = 0 ]; then
+        chown 10001:10001 "$1" && chmod 600 "$1"
+    elif [ "${ENGINE%% *}" = podman ]; then
+        podman unshare chown 10001:10001 "$1" && chmod 600 "$1"
+    else
+        chmod 644 "$1"; echo "$0: $1 made readable by others for the container user" >&2
+    fi
+}
+
 # shellcheck disable=SC2086
 e() { $ENGINE "$@"; }
 
@@ -52,13 +68,12 @@ up() {
     if [ ! -s "$KEY_FILE" ]; then
         (umask 077; e run --rm $RUN_OPTS "$IMAGE" keygen > "$KEY_FILE")
     fi
-    # the image's peerd user (uid 10001) reads the key; nobody else should
-    if [ "$(id -u)" = 0 ]; then
-        chown 10001:10001 "$KEY_FILE" && chmod 600 "$KEY_FILE"
-    elif [ "${ENGINE%% *}" = podman ]; then
-        podman unshare chown 10001:10001 "$KEY_FILE" && chmod 600 "$KEY_FILE"
-    else
-        chmod 644 "$KEY_FILE"; echo "$0: $KEY_FILE made readable by others for the container user" >&2
+    own "$KEY_FILE"
+    tls=""
+    if [ -n "${TLS_DIR:-}" ]; then
+        tls=$(cd "$TLS_DIR" && pwd)
+        i=1
+        while [ "$i" -le "$N" ]; do own "$tls/n$i-key.pem"; i=$((i + 1)); done
     fi
     key=$(cd "$(dirname "$KEY_FILE")" && pwd)/$(basename "$KEY_FILE")
     token_opts="-e PEERD_API_TOKEN=${TOKEN:-}"
@@ -72,12 +87,16 @@ up() {
         name=$PREFIX-$i
         pub=""
         [ -n "$PUBLISH" ] && pub="-p 127.0.0.1:$((PUBLISH + i - 1)):7701"
+        tls_opts=""
+        [ -n "$tls" ] && tls_opts="-v $tls:/etc/peerd/tls:ro -e PEERD_API_TLS_CERT=/etc/peerd/tls/n$i.pem
+            -e PEERD_API_TLS_KEY=/etc/peerd/tls/n$i-key.pem -e PEERCTL_NODE=https://127.0.0.1:7701
+            -e PEERCTL_CA_CERT=/etc/peerd/tls/ca.pem"
         # shellcheck disable=SC2086
         e run -d $RUN_OPTS --init --name "$name" --hostname "$name" --network "$NET" --ip "$(ip_of "$i")" \
-            $token_opts $pub -v "$key:/etc/peerd/gossip.key:ro" -v "$name-data:/var/lib/peerd" \
+            $token_opts $tls_opts $pub -v "$key:/etc/peerd/gossip.key:ro" -v "$name-data:/var/lib/peerd" \
             --stop-timeout "$STOP_TIMEOUT" \
             "$IMAGE" --name "n$i" --advertise "$(ip_of "$i"):7946" --seeds "$seeds" "$@" >/dev/null
-        echo "$name: n$i at $(ip_of "$i") (gossip 7946, API 7701${pub:+, on the host 127.0.0.1:$((PUBLISH + i - 1))})"
+        echo "$name: n$i at $(ip_of "$i") (gossip 7946, API 7701${tls:+ https}${pub:+, on the host 127.0.0.1:$((PUBLISH + i - 1))})"
         i=$((i + 1))
     done
 }
@@ -106,5 +125,5 @@ case "$cmd" in
     down) down ;;
     purge) purge ;;
     ips) i=1; while [ "$i" -le "$N" ]; do echo "$PREFIX-$i n$i $(ip_of "$i")"; i=$((i + 1)); done ;;
-    *) sed -n '2,26p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,30p' "$0" >&2; exit 2 ;;
 esac
