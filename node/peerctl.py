@@ -1,11 +1,14 @@
 """peerctl: look at and steer a peerd cluster through any node's HTTP API.
 
-Every command talks to one node (``--node HOST:PORT`` or ``PEERCTL_NODE``,
-default 127.0.0.1:7701) with a bearer token (``--token`` or
-``PEERCTL_TOKEN``). Output is an aligned table; ``--json`` prints the API's
-JSON for scripts. Any error prints one line to stderr and exits non-zero:
-1 for an error answered by the node, 2 for usage or a bad file, 3 when the
-node cannot be reached.
+Every command talks to one node (``--node HOST:PORT`` or an ``https://``
+URL, or ``PEERCTL_NODE``; default 127.0.0.1:7701) with a bearer token
+(``--token`` or ``PEERCTL_TOKEN``), through ``node.client`` (the Python
+client library). Output is an aligned table; ``-o json`` (or ``--json``)
+prints the API's JSON for scripts, ``-o yaml`` the same as YAML, ``-o wide``
+a table with more columns. Global flags go before or after the command.
+Any error prints one line to stderr and exits non-zero: 1 for an error
+answered by the node, 2 for usage or a bad file, 3 when the node cannot be
+reached.
 """
 from __future__ import annotations
 
@@ -13,13 +16,22 @@ import argparse
 import json
 import os
 import sys
-import urllib.error
-import urllib.request
+import time
 from datetime import datetime, timezone
+
+from .client import (
+    DEFAULT_NODE,
+    DEFAULT_TIMEOUT_S,
+    ApiError,
+    BadResponseError,
+    Client as ApiClient,
+    UnreachableError,
+)
 
 EXIT_API = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+OUTPUTS = ("table", "json", "yaml", "wide")
 
 
 class CtlError(Exception):
@@ -29,37 +41,24 @@ class CtlError(Exception):
 
 
 class Client:
-    def __init__(self, node: str, token: str, timeout_s: float = 10.0):
-        if "://" not in node:
-            node = "http://" + node
-        self.base = node.rstrip("/")
-        self.token = token
-        self.timeout_s = timeout_s
+    """``node.client.Client`` with peerctl's errors (one line, exit code)."""
 
-    def call(self, method: str, path: str, body=None):
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method)
-        if self.token:
-            req.add_header("Authorization", f"Bearer {self.token}")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
+    def __init__(self, node: str, token: str, timeout_s: float = DEFAULT_TIMEOUT_S, ca_cert: str | None = None):
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            raw = e.read()
-            try:
-                msg = json.loads(raw).get("error") or raw.decode(errors="replace")
-            except Exception:
-                msg = raw.decode(errors="replace").strip() or e.reason
-            raise CtlError(f"{self.base}: {e.code}: {msg}") from None
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise CtlError(f"cannot reach node {self.base}: {reason}", EXIT_UNREACHABLE) from None
+            self._c = ApiClient(node, token, timeout_s=timeout_s, ca_cert=ca_cert)
+        except (ValueError, OSError) as e:
+            raise CtlError(f"--node/--ca-cert: {e}", EXIT_USAGE) from None
+        self.base = self._c.base
+
+    def call(self, method: str, path: str, body=None, *, raw: bool = False):
         try:
-            return json.loads(raw) if raw else None
-        except json.JSONDecodeError:
-            raise CtlError(f"{self.base}: answer is not JSON") from None
+            return self._c.request(method, path, body, raw=raw)
+        except ApiError as e:
+            raise CtlError(f"{self.base}: {e.status}: {e.error}") from None
+        except UnreachableError as e:
+            raise CtlError(str(e), EXIT_UNREACHABLE) from None
+        except BadResponseError as e:
+            raise CtlError(f"{self.base}: {e}") from None
 
 
 def table(rows: list[dict], columns: list[str], headers: list[str] | None = None) -> str:
@@ -106,19 +105,32 @@ def _load_tasks_file(path: str) -> list[dict]:
 
 
 def run(args) -> int:
-    c = Client(args.node, args.token)
     out = sys.stdout
-    js = args.json
+    mode = "json" if args.json else args.output
+    cmd = args.cmd
+    if cmd == "completion":
+        out.write(completion_script(build_parser(), args.shell))
+        return 0
+    c = Client(args.node, args.token, timeout_s=args.timeout, ca_cert=args.ca_cert)
+    js = mode in ("json", "yaml")
 
-    def emit(obj, text: str):
-        if js:
+    def emit(obj, text: str, wide: str | None = None):
+        if mode == "json":
             json.dump(obj, out, indent=2, sort_keys=True)
             out.write("\n")
-        else:
-            out.write(text + "\n")
+        elif mode == "yaml":
+            import yaml
 
-    cmd = args.cmd
-    if cmd == "status":
+            out.write(yaml.safe_dump(obj, sort_keys=True, default_flow_style=False, allow_unicode=True))
+        else:
+            out.write((wide if mode == "wide" and wide is not None else text) + "\n")
+
+    if cmd == "audit":
+        rows = c.call("GET", "/v1/audit")
+        rows_t = [dict(r, at=_ts(r.get("at"))) for r in rows]
+        emit(rows, table(rows_t, ["at", "token", "method", "route", "task", "status"]),
+             table(rows_t, ["at", "node", "token", "role", "peer", "method", "path", "task", "status", "detail"]))
+    elif cmd == "status":
         s = c.call("GET", "/v1/status")
         lines = [f"{k}: {_cell(v)}" for k, v in s.items() if not isinstance(v, (dict, list))]
         for k, v in s.items():
@@ -127,7 +139,8 @@ def run(args) -> int:
         emit(s, "\n".join(lines))
     elif cmd == "members":
         ms = c.call("GET", "/v1/members")
-        emit(ms, table(ms, ["name", "addr", "state", "incarnation", "tags", "since"]))
+        emit(ms, table(ms, ["name", "addr", "state", "incarnation", "tags", "since"]),
+             table(ms, sorted({k for m in ms for k in m}, key=lambda k: (k != "name", k))))
     elif cmd == "ring":
         r = c.call("GET", "/v1/ring")
         rows = r.get("members", [])
@@ -135,6 +148,8 @@ def run(args) -> int:
     elif cmd == "owner":
         o = c.call("GET", f"/v1/owner/{_q(args.id)}")
         emit(o, f"task {o['task_id']}: owner {o['owner'] or '-'}; replicas {', '.join(o['replicas']) or '-'}")
+    elif cmd == "runs" and len(args.words) == 2 and args.words[0] == "logs":
+        return _logs(c, args.words[1], follow=args.follow, out=out)
     elif cmd == "runs" and len(args.words) == 2 and args.words[0] == "cancel":
         r = c.call("POST", f"/v1/runs/{_q(args.words[1])}/cancel")
         emit(r, f"run {r.get('run_id')} of {r.get('task_id')}: cancelling on {r.get('node')} "
@@ -148,14 +163,16 @@ def run(args) -> int:
             dict(r, slot_s=_ts(r.get("slot")), started_s=_ts(r.get("started")), finished_s=_ts(r.get("finished")))
             for r in rs
         ]
-        emit(
-            rs,
-            table(
-                rows,
-                ["slot_s", "run_id", "node", "attempt", "status", "exit_code", "started_s", "finished_s", "fencing_token"],
-                ["SLOT", "RUN", "NODE", "ATTEMPT", "STATUS", "EXIT", "STARTED", "FINISHED", "TOKEN"],
-            ),
-        )
+        cols = ["slot_s", "run_id", "node", "attempt", "status", "exit_code", "started_s", "finished_s",
+                "fencing_token"]
+        heads = ["SLOT", "RUN", "NODE", "ATTEMPT", "STATUS", "EXIT", "STARTED", "FINISHED", "TOKEN"]
+        for r in rows:
+            if isinstance(r.get("started"), (int, float)) and isinstance(r.get("finished"), (int, float)):
+                r["duration"] = f"{max(0.0, r['finished'] - r['started']):.3f}s"
+            r["upstream_run"] = (r.get("upstream") or {}).get("run_id")
+        emit(rs, table(rows, cols, heads),
+             table(rows, cols + ["duration", "error", "cancelled_by", "upstream_run", "notify"],
+                   heads + ["DURATION", "ERROR", "CANCELLED_BY", "AFTER", "NOTIFY"]))
     elif cmd == "keys":
         if args.keys_cmd == "list":
             k = c.call("GET", "/v1/keys")
@@ -186,7 +203,8 @@ def run(args) -> int:
         elif tc == "ls":
             ts = c.call("GET", "/v1/tasks")
             rows = [dict(t, last_fired=_ts(t.get("last_fired"))) for t in ts]
-            emit(ts, table(rows, ["id", "schedule", "type", "owner", "paused", "last_fired", "conflict"]))
+            cols = ["id", "schedule", "type", "owner", "paused", "last_fired", "conflict"]
+            emit(ts, table(rows, cols), table(rows, cols + sorted({k for t in ts for k in t} - set(cols))))
         elif tc == "get":
             t = c.call("GET", f"/v1/tasks/{_q(args.id)}")
             text = json.dumps(t.get("task"), indent=2, sort_keys=True)
@@ -246,6 +264,82 @@ def run(args) -> int:
     return 0
 
 
+def _logs(c: Client, run_id: str, *, follow: bool, out) -> int:
+    """``runs logs [-f]``: the output so far; with ``-f`` keep reading from
+    the node that runs it until the run ends."""
+    offset = 0
+    while True:
+        chunk = c.call("GET", f"/v1/runs/{_q(run_id)}/logs?offset={offset}&format=json")
+        data = chunk.get("data") or ""
+        if chunk.get("skipped"):
+            out.write(f"[... {chunk['skipped']} bytes no longer kept]\n")
+        out.write(data)
+        out.flush()
+        offset = int(chunk.get("next_offset") or offset)
+        if not follow or not chunk.get("running"):
+            if data and not data.endswith("\n"):
+                out.write("\n")
+            return 0
+        if not data:
+            time.sleep(0.5)
+
+
+def completion_script(parser: argparse.ArgumentParser, shell: str) -> str:
+    """A completion script for ``shell`` from the parser's commands and flags
+    (static: no dependency, regenerate after an upgrade)."""
+    tree: dict[str, list[str]] = {}
+    flags: set[str] = set()
+    for a in parser._actions:
+        flags.update(o for o in a.option_strings if o.startswith("--"))
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sp in a.choices.items():
+                subs = []
+                for b in sp._actions:
+                    flags.update(o for o in b.option_strings if o.startswith("--"))
+                    if isinstance(b, argparse._SubParsersAction):
+                        subs = sorted(b.choices)
+                        for leaf in b.choices.values():
+                            for x in leaf._actions:
+                                flags.update(o for o in x.option_strings if o.startswith("--"))
+                if name == "runs":
+                    subs = ["cancel", "logs"]
+                tree[name] = subs
+    cmds = " ".join(sorted(tree))
+    fl = " ".join(sorted(flags))
+    if shell == "fish":
+        lines = [f"complete -c peerctl -f -n '__fish_use_subcommand' -a '{cmds}'"]
+        for name, subs in sorted(tree.items()):
+            if subs:
+                lines.append(f"complete -c peerctl -f -n '__fish_seen_subcommand_from {name}' -a '{' '.join(subs)}'")
+        lines += [f"complete -c peerctl -l {f[2:]}" for f in sorted(flags)]
+        return "\n".join(lines) + "\n"
+    cases = "\n".join(f"        {name}) words_next=\"{' '.join(subs)}\" ;;" for name, subs in sorted(tree.items()))
+    bash = f"""_peerctl() {{
+    local cur cmd words_next
+    cur="${{COMP_WORDS[COMP_CWORD]}}"
+    if [[ "$cur" == -* ]]; then
+        COMPREPLY=($(compgen -W "{fl}" -- "$cur")); return
+    fi
+    cmd=""
+    for w in "${{COMP_WORDS[@]:1:COMP_CWORD-1}}"; do
+        [[ "$w" != -* ]] && {{ cmd="$w"; break; }}
+    done
+    if [[ -z "$cmd" ]]; then
+        COMPREPLY=($(compgen -W "{cmds}" -- "$cur")); return
+    fi
+    case "$cmd" in
+{cases}
+        *) words_next="" ;;
+    esac
+    COMPREPLY=($(compgen -W "$words_next" -- "$cur"))
+}}
+complete -o default -F _peerctl peerctl
+"""
+    if shell == "zsh":
+        return "autoload -U +X bashcompinit && bashcompinit\n" + bash
+    return bash
+
+
 def _short(v, limit: int = 60) -> str:
     text = json.dumps(v, sort_keys=True) if not isinstance(v, str) else repr(v)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -295,69 +389,119 @@ def _q(s: str) -> str:
     return urllib.parse.quote(s, safe="")
 
 
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("peerd")
+    except Exception:
+        return "unknown (not installed)"
+
+
+def _global_flags(p: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """The global flags; on every subcommand too (``suppress``: no default
+    there, so a flag after the command wins and its absence changes nothing)."""
+    def d(value):
+        return argparse.SUPPRESS if suppress else value
+
+    env = os.environ
+    p.add_argument("--node", default=d(env.get("PEERCTL_NODE", DEFAULT_NODE)),
+                   help="node API address HOST:PORT or https://HOST:PORT (PEERCTL_NODE)")
+    p.add_argument("--token", default=d(env.get("PEERCTL_TOKEN", "")), help="API bearer token (PEERCTL_TOKEN)")
+    p.add_argument("--ca-cert", default=d(env.get("PEERCTL_CA_CERT") or None), metavar="FILE",
+                   help="CA bundle that signed the node's certificate, for https (PEERCTL_CA_CERT)")
+    p.add_argument("--timeout", type=_timeout, default=d(env.get("PEERCTL_TIMEOUT") or str(DEFAULT_TIMEOUT_S)),
+                   metavar="SECONDS", help=f"bound on each call (PEERCTL_TIMEOUT; default {DEFAULT_TIMEOUT_S:g})")
+    p.add_argument("-o", "--output", choices=OUTPUTS, default=d("table"),
+                   help="table (default), json, yaml, or wide (a table with more columns)")
+    p.add_argument("--json", action="store_true", default=d(False), help="same as -o json")
+
+
+def _timeout(v) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{v!r} is not a number of seconds") from None
+    if not 0 < f <= 3600:
+        raise argparse.ArgumentTypeError("must be between 0 and 3600 seconds")
+    return f
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="peerctl",
         description="Inspect and control a peerd cluster through any node's HTTP API.",
-        epilog="Environment: PEERCTL_NODE (default 127.0.0.1:7701), PEERCTL_TOKEN. "
+        epilog="Environment: PEERCTL_NODE (default 127.0.0.1:7701), PEERCTL_TOKEN, PEERCTL_CA_CERT, "
+        "PEERCTL_TIMEOUT. Global flags may also follow the command. "
         "Exit status: 0 ok, 1 error from the node, 2 usage or bad file, 3 node unreachable.",
     )
-    p.add_argument("--node", default=os.environ.get("PEERCTL_NODE", "127.0.0.1:7701"), help="node API address HOST:PORT")
-    p.add_argument("--token", default=os.environ.get("PEERCTL_TOKEN", ""), help="API bearer token")
-    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    _global_flags(p, suppress=False)
+    p.add_argument("--version", action="version", version=f"peerctl (peerd) {_version()}")
+    g = argparse.ArgumentParser(add_help=False)
+    _global_flags(g, suppress=True)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    sub.add_parser("status", help="this node's view: name, members, tasks owned, versions")
-    sub.add_parser("members", help="cluster members with state (alive, suspect, dead, left)")
-    sub.add_parser("ring", help="ownership: tasks owned per member, eligibility, clock skew")
-    o = sub.add_parser("owner", help="owner and replicas of a task")
+
+    def cmd(parent, name, **kw):
+        return parent.add_parser(name, parents=[g], **kw)
+
+    cmd(sub, "status", help="this node's view: name, members, tasks owned, versions")
+    cmd(sub, "members", help="cluster members with state (alive, suspect, dead, left)")
+    cmd(sub, "ring", help="ownership: tasks owned per member, eligibility, clock skew")
+    cmd(sub, "audit", help="the last state-changing API requests this node answered (token, route, result)")
+    o = cmd(sub, "owner", help="owner and replicas of a task")
     o.add_argument("id")
-    r = sub.add_parser("runs", help="run records of a task; cancel a running run",
-                       usage="peerctl runs TASK_ID\n       peerctl runs cancel RUN_ID")
-    r.add_argument("words", nargs="+", metavar="TASK_ID | cancel RUN_ID",
+    r = cmd(sub, "runs", help="run records of a task; cancel a run; its output",
+            usage="peerctl runs TASK_ID\n       peerctl runs cancel RUN_ID\n       peerctl runs logs [-f] RUN_ID")
+    r.add_argument("words", nargs="+", metavar="TASK_ID | cancel RUN_ID | logs RUN_ID",
                    help="a task id lists its runs; 'cancel RUN_ID' ends a running run on the node "
-                        "that runs it (the record ends 'cancelled')")
-    k = sub.add_parser("keys", help="gossip keyring: list, install, use, remove")
+                        "that runs it (the record ends 'cancelled'); 'logs RUN_ID' prints its output")
+    r.add_argument("-f", "--follow", action="store_true", help="with logs: keep printing until the run ends")
+    k = cmd(sub, "keys", help="gossip keyring: list, install, use, remove")
     ksub = k.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
-    ksub.add_parser("list", help="keys and how many members hold each")
-    for name, h in (("install", "add a key to every member"), ("use", "make an installed key primary"), ("remove", "drop a non-primary key")):
-        kk = ksub.add_parser(name, help=h)
+    cmd(ksub, "list", help="keys and how many members hold each")
+    for name, h in (("install", "add a key to every member"), ("use", "make an installed key primary"),
+                    ("remove", "drop a non-primary key")):
+        kk = cmd(ksub, name, help=h)
         kk.add_argument("key", help="base64 key (see `peerd keygen`)")
-    t = sub.add_parser("tasks", help="task commands")
+    t = cmd(sub, "tasks", help="task commands")
     tsub = t.add_subparsers(dest="tasks_cmd", required=True, metavar="ACTION")
-    ta = tsub.add_parser("apply", help="apply a task file (all or nothing)")
+    ta = cmd(tsub, "apply", help="apply a task file (all or nothing)")
     ta.add_argument("-f", "--file", required=True, help="YAML, JSON or TOML task file")
     ta.add_argument("--dry-run", action="store_true",
                     help="print what would change (added, changed with a field diff, removed with --prune); "
                          "apply nothing")
     ta.add_argument("--prune", action="store_true",
                     help="also delete every task of the cluster that the file does not name")
-    tsub.add_parser("ls", help="list tasks")
+    cmd(tsub, "ls", help="list tasks")
     for name, h in (
         ("get", "show a task's definition (and any conflict)"),
         ("rm", "delete a task"),
         ("pause", "pause a task"),
         ("resume", "resume a task"),
     ):
-        x = tsub.add_parser(name, help=h)
+        x = cmd(tsub, name, help=h)
         x.add_argument("id")
-    tr = tsub.add_parser("run", help="run a task now, once, cluster-wide (with parameters)")
+    tr = cmd(tsub, "run", help="run a task now, once, cluster-wide (with parameters)")
     tr.add_argument("id")
     tr.add_argument("--env", action="append", metavar="NAME=VALUE",
                     help="environment for this run only (checked against the task's params); repeatable")
     tr.add_argument("--arg", action="append", metavar="ARG",
                     help="argument appended for this run only (exec argv, python args, shell $1...); "
                          "repeatable")
-    te = tsub.add_parser("explain", help="next fires, owner, last fired slot and why")
+    te = cmd(tsub, "explain", help="next fires, owner, last fired slot and why")
     te.add_argument("id")
     te.add_argument("-n", type=int, default=5, help="number of next fires (default 5)")
-    tu = tsub.add_parser("upgrade-check",
-                         help="tasks whose cron day fields fire on other days than under earlier releases")
+    tu = cmd(tsub, "upgrade-check",
+             help="tasks whose cron day fields fire on other days than under earlier releases")
     tu.add_argument("-f", "--file", help="check a task file instead of the cluster's tasks")
-    tb = tsub.add_parser("backfill", help="run the slots of a past window once each")
+    tb = cmd(tsub, "backfill", help="run the slots of a past window once each")
     tb.add_argument("id")
     tb.add_argument("--from", dest="from_", required=True, help="start (ISO 8601 or epoch seconds)")
     tb.add_argument("--to", required=True, help="end (ISO 8601 or epoch seconds)")
     tb.add_argument("--dry-run", action="store_true", help="list the slots, run nothing")
+    comp = sub.add_parser("completion", help="print a shell completion script: "
+                                              "eval \"$(peerctl completion bash)\"")
+    comp.add_argument("shell", choices=("bash", "zsh", "fish"))
     return p
 
 

@@ -640,8 +640,11 @@ class _Validator:
         names is short for optional parameters without default)."""
         if raw is None:
             return {}
-        if isinstance(raw, list):
-            raw = {n: {} for n in raw} if all(isinstance(n, str) for n in raw) else raw
+        if isinstance(raw, list) and all(isinstance(n, str) for n in raw):
+            raw = {n: {} for n in raw}
+        elif isinstance(raw, list) and all(isinstance(n, dict) and isinstance(n.get("name"), str) for n in raw):
+            # the list form: [{name, required, default, description}]
+            raw = {n["name"]: {k: v for k, v in n.items() if k != "name"} for n in raw}
         if not isinstance(raw, dict):
             self.err("params", "must be a mapping NAME: {required, default, description}", raw)
             return {}

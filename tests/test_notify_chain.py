@@ -13,6 +13,7 @@ import json
 import signal
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -131,6 +132,8 @@ def test_notifications_and_chains(tmp_path, receiver):
         assert down_out.read_text().split() == ["nf-up", rec["run_id"], "succeeded"]
 
         # 3. another success: no notification (not subscribed), one more chained run
+        # (a run asked for in the same second is the same slot: wait for the next)
+        wait_for(lambda: time.time() >= rec["slot"] + 1.05, timeout=5, what="the next second")
         ups_before = len(api(op.api_addr, "GET", "/v1/tasks/nf-up/runs")[1])
         assert peerctl("tasks", "run", "nf-up", node=a.api_addr).returncode == 0
         wait_for(lambda: down_out.read_text().count("\n") == 2, timeout=30, what="a second chained run", cluster=c)
@@ -164,8 +167,12 @@ def test_notifications_and_chains(tmp_path, receiver):
         # 6. the owner dies mid-run: the new owner marks the run lost and notifies
         assert peerctl("tasks", "run", "nf-lost", node=a.api_addr).returncode == 0
         lo = next(p for p in c.procs if p.name == _owner(c, "nf-lost"))
-        wait_for(lambda: any(x["status"] == "running" for x in api(lo.api_addr, "GET", "/v1/tasks/nf-lost/runs")[1]),
-                 timeout=30, what="nf-lost running", cluster=c)
+        others = [p for p in c.procs if p is not lo]
+        # a replica knows it runs (a run its owner started and told no one
+        # about cannot be found lost)
+        wait_for(lambda: any(x["status"] == "running" for p in others
+                             for x in api(p.api_addr, "GET", "/v1/tasks/nf-lost/runs")[1]),
+                 timeout=30, what="a replica has nf-lost running", cluster=c)
         lo.popen.send_signal(signal.SIGKILL)
         lo.popen.wait()
         wait_for(lambda: receiver.to("/lost"), timeout=60, what="the lost notification from the new owner", cluster=c)

@@ -224,3 +224,35 @@ def test_secret_references_resolved_on_the_running_node_only(cluster, tmp_path):
     rec = wait_for(lambda: [x for x in api(mo.api_addr, "GET", "/v1/tasks/sx-missing/runs")[1]
                             if x["status"] == "error"], timeout=30, what="sx-missing failed", cluster=cluster)[0]
     assert rec["error"].startswith("secret env.TOKEN: cannot read") and "nope" in rec["error"]
+
+
+def test_peerctl_conventions(cluster, tmp_path):
+    import subprocess
+
+    import yaml
+
+    a = cluster.procs[0]
+    r = peerctl("members", "-o", "yaml", "--timeout", "20", node=a.api_addr)      # global flags after
+    assert r.returncode == 0, r.stderr
+    ms = yaml.safe_load(r.stdout)
+    assert {m["name"] for m in ms} == {p.name for p in cluster.procs}
+    r = peerctl("members", "-o", "wide", node=a.api_addr)
+    assert r.returncode == 0 and "INCARNATION" in r.stdout.splitlines()[0]
+    r = peerctl("-o", "json", "tasks", "ls", node=a.api_addr)
+    assert isinstance(json.loads(r.stdout), list)
+    r = peerctl("--version", node=a.api_addr)
+    assert r.returncode == 0 and r.stdout.startswith("peerctl (peerd) ")
+    r = peerctl("status", "--timeout", "0", node=a.api_addr)
+    assert r.returncode == 2 and "--timeout" in r.stderr
+    for shell in ("bash", "zsh", "fish"):
+        r = peerctl("completion", shell, node=a.api_addr)
+        assert r.returncode == 0 and "peerctl" in r.stdout and "tasks" in r.stdout
+    script = tmp_path / "c.bash"
+    script.write_text(peerctl("completion", "bash", node=a.api_addr).stdout)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    check = subprocess.run(["bash", "-c", f"source {script}; COMP_WORDS=(peerctl tasks ap); COMP_CWORD=2; "
+                            "_peerctl; echo ${COMPREPLY[@]}"], capture_output=True, text=True)
+    assert check.stdout.split() == ["apply"]
+    # an unreachable node is exit 3 with one line
+    r = peerctl("status", node="127.0.0.1:1")
+    assert r.returncode == 3 and r.stderr.count("\n") == 1
