@@ -200,19 +200,22 @@ def _report(handler, reason: str, peer: str, detail: str) -> None:
 
 
 async def _linger(stream: trio.abc.Stream) -> None:
-    """Rule 2's lingering close: stop sending, drop a bounded amount of what
-    the client is still sending, so it reads our answer rather than a reset."""
+    """Rule 2's lingering close: stop sending (where the stream can half
+    close: TCP can, TLS cannot), drop a bounded amount of what the client is
+    still sending, so it reads our answer rather than a reset."""
+    send_eof = getattr(stream, "send_eof", None)
     try:
-        await stream.send_eof()
-    except (AttributeError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        if send_eof is not None:
+            await send_eof()
+        dropped = 0
+        with trio.move_on_after(LINGER_S):
+            while dropped < LINGER_BYTES:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                dropped += len(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         return
-    dropped = 0
-    with trio.move_on_after(LINGER_S):
-        while dropped < LINGER_BYTES:
-            data = await stream.receive_some(65536)
-            if not data:
-                return
-            dropped += len(data)
 
 
 async def _next_event(conn: h11.Connection, stream: trio.abc.Stream):
