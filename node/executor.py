@@ -266,6 +266,8 @@ class RunContext:
     timeout_s: float
     output_limit_bytes: int = 65536
     kill_grace_s: float = 5.0
+    #: called with each chunk of output as it arrives (live output)
+    on_output: Any = None
 
 
 @dataclass(frozen=True)
@@ -406,7 +408,8 @@ async def _execute_process(cmd: Command, ctx: RunContext) -> RunResult:
     try:
         outcome = await run_child(argv, env=env, cwd=ctx.cwd, timeout_s=ctx.timeout_s,
                                   output_limit_bytes=ctx.output_limit_bytes,
-                                  kill_grace_s=ctx.kill_grace_s, stdin_data=stdin_data)
+                                  kill_grace_s=ctx.kill_grace_s, stdin_data=stdin_data,
+                                  on_output=ctx.on_output)
     except FileNotFoundError as e:
         if ctx.cwd is not None and e.filename == ctx.cwd:
             return _error(f"cwd {ctx.cwd!r} does not exist", started)
@@ -441,6 +444,8 @@ async def _execute_http(cmd: HttpCommand, ctx: RunContext, ssl_context: Any) -> 
     tail = OutputTail(ctx.output_limit_bytes)
     tail.total_bytes = resp.body_total_bytes - len(resp.body_tail)
     tail.feed(resp.body_tail)
+    if ctx.on_output is not None and resp.body_tail:
+        ctx.on_output(resp.body_tail)
     output = tail.render()
     ok = 200 <= resp.status <= 299 if cmd.expect_status is None else resp.status in cmd.expect_status
     if ok:

@@ -83,6 +83,7 @@ ROUTES: tuple[tuple[str, dict[str, Endpoint]], ...] = (
     # real thing: it is a step towards running code
     ("/v1/tasks/{id}/backfill", {"POST": Endpoint("backfill", "write", body=True)}),
     ("/v1/runs/{id}/cancel", {"POST": Endpoint("cancel", "write")}),
+    ("/v1/runs/{id}/logs", {"GET": Endpoint("logs", "read")}),
 )
 UNKNOWN_ROUTE = "unknown"
 
@@ -281,6 +282,19 @@ class Api:
                 raise HTTPError(400, 'POST /v1/tasks/{id}/run: body must be {"env": {NAME: value}, '
                                      '"args": [string, ...]} (both optional)')
             return Response.json(await node.run_now(ident, body.get("env"), body.get("args")))
+        if name == "logs":
+            off = req.query.get("offset", "0")
+            if not re.fullmatch(r"[0-9]{1,15}", off):
+                raise HTTPError(400, "offset: expected a byte offset (a non-negative integer)")
+            fmt = req.query.get("format", "text")
+            if fmt not in ("text", "json"):
+                raise HTTPError(400, "format: expected text or json")
+            body = await node.run_logs(ident, int(off))
+            if fmt == "json":
+                return Response.json(body)
+            return Response(200, str(body.get("data") or "").encode(), "text/plain; charset=utf-8",
+                            [("x-peerd-running", "1" if body.get("running") else "0"),
+                             ("x-peerd-next-offset", str(body.get("next_offset", 0)))])
         if name == "cancel":
             return Response.json(await node.cancel_run(ident, f"api client {req.peer.rsplit(':', 1)[0]}"))
         if name == "runs":

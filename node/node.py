@@ -62,6 +62,80 @@ _SKIP_IS_MISFIRE = ("misfire_skip", "coalesced", "expired", "catchup_limit")
 RUN_ID_RE = re.compile(r"(-?[0-9]{1,20})-(.{1,160})-([0-9a-f]{8})(?:\.([0-9]{1,4}))?")
 
 
+#: Live output kept per running attempt (the oldest bytes are dropped).
+LIVE_OUTPUT_BYTES = 1 << 20
+#: Most output one logs call returns.
+LOGS_CHUNK_BYTES = 256 * 1024
+
+
+class OutputFile:
+    """A run's whole output on disk, up to ``max_bytes`` (plain writes of
+    the chunks the pipe gives; the file is the node's own)."""
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.path = path
+        self.left = max_bytes
+        self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+
+    def write(self, data: bytes) -> None:
+        if self.fd is None or self.left <= 0:
+            return
+        chunk = data[: self.left]
+        try:
+            os.write(self.fd, chunk)
+            self.left -= len(chunk)
+            if self.left <= 0:
+                os.write(self.fd, b"\n[peerd: output file limit reached; the rest is in the record's tail]\n")
+        except OSError:
+            self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class LiveOutput:
+    """A running attempt's output: the last ``LIVE_OUTPUT_BYTES`` with their
+    byte offsets, and the output file when the task keeps one."""
+
+    __slots__ = ("buf", "base", "file")
+
+    def __init__(self, file: OutputFile | None = None) -> None:
+        self.buf = bytearray()
+        self.base = 0
+        self.file = file
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+        excess = len(self.buf) - LIVE_OUTPUT_BYTES
+        if excess > 0:
+            del self.buf[:excess]
+            self.base += excess
+        if self.file is not None:
+            self.file.write(data)
+
+    def read(self, offset: int) -> tuple[bytes, int, int]:
+        """``(data, its start offset, next offset)`` from ``offset`` (or
+        from the oldest byte kept)."""
+        start = max(offset, self.base)
+        i = start - self.base
+        data = bytes(self.buf[i:i + LOGS_CHUNK_BYTES])
+        return data, start, start + len(data)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _logs_from_record(rec: dict, offset: int, node: str) -> dict:
+    raw = (rec.get("output") or "").encode("utf-8", "replace")
+    data = raw[max(0, offset):][:LOGS_CHUNK_BYTES]
+    return {"run_id": rec.get("run_id"), "node": node, "running": rec.get("status") == "running",
+            "offset": offset, "next_offset": offset + len(data), "skipped": 0,
+            "data": data.decode("utf-8", "replace"), "source": "record"}
+
+
 def _read_secret(path: str) -> bytes:
     """A secret file's bytes (bounded: at most one byte over the limit is read)."""
     from .tasks import MAX_SECRET_BYTES
@@ -113,6 +187,8 @@ class Node:
         self._wake = trio.Event()
         self._dirty = trio.Event()
         self._scopes: dict[str, trio.CancelScope] = {}     # run id -> its cancel scope
+        self._live: dict[str, LiveOutput] = {}             # attempt run id -> its output so far
+        self._live_by_claim: dict[str, str] = {}           # claim run id -> current attempt run id
         self._members_api: dict[str, str] = {}
         self._stopping = False
         self._nursery: trio.Nursery | None = None
@@ -418,8 +494,13 @@ class Node:
         command = command_with_args(task.command, list(params.get("args") or []))
 
         def ctx(attempt: int) -> RunContext:
+            attempt_id = f"{eff.run_id}.{attempt}"
+            live = self._live.get(attempt_id)
+            if live is None:
+                live = self._live[attempt_id] = LiveOutput(self._output_file(task, attempt_id))
+                self._live_by_claim[eff.run_id] = attempt_id
             return RunContext(
-                task_id=task.id, slot=eff.slot, run_id=f"{eff.run_id}.{attempt}", attempt=attempt,
+                task_id=task.id, slot=eff.slot, run_id=attempt_id, attempt=attempt, on_output=live.feed,
                 node=self.name, fencing_token=eff.token, env=run_env,
                 cwd=task.cwd or None, timeout_s=float(task.timeout_s),
             )
@@ -434,6 +515,9 @@ class Node:
 
         def on_done(c: RunContext, r) -> None:
             current.clear()
+            live = self._live.pop(c.run_id, None)
+            if live is not None:
+                live.close()
             self._do(self.core.attempt_finished(
                 eff.run_id, c.attempt, r.status, _wall(), exit_code=r.exit_code, started=r.started,
                 finished=r.finished, output=r.output, error=r.error))
@@ -464,6 +548,9 @@ class Node:
                                                     error=f"executor failed: {type(e).__name__}: {e}"))
         finally:
             self._scopes.pop(eff.run_id, None)
+            for aid in [a for a in self._live if a.rsplit(".", 1)[0] == eff.run_id]:
+                self._live.pop(aid).close()
+            self._live_by_claim.pop(eff.run_id, None)
             self.metrics.running.dec()
             self._do(self.core.run_ended(eff.run_id, _wall(), cancelled_attempt=cancelled_attempt))
 
@@ -558,6 +645,9 @@ class Node:
                 return peerwire.reply(True, wall, body=body)
             if t == "key":
                 return peerwire.reply(True, wall, body=self._key_op_local(msg["op"], msg["key"]))
+            if t == "logs":
+                body = self._logs_local(msg["run_id"][:200], max(0, msg["offset"]))
+                return peerwire.reply(True, wall, body=body)
             if t == "cancel":
                 return peerwire.reply(True, wall, body=self._cancel_local(msg["run_id"][:200], msg["by"][:200]))
         except HTTPError as e:
@@ -796,6 +886,85 @@ class Node:
                                  "its unfinished runs are lost, not running")
         rep = await self._request(runner, {"t": "cancel", "run_id": run_id, "by": by})
         return rep.get("body") or {}
+
+    # ------------------------------------------------------------ run output
+    def _output_file(self, task: Task, attempt_id: str) -> OutputFile | None:
+        """``output: {keep: file}``: the run's whole output (up to max_bytes)
+        in ``<data_dir>/output/<task>/<run id>.log``; the task's newest
+        ``history`` files are kept."""
+        if not task.output or task.output.get("keep") != "file":
+            return None
+        d = Path(self.cfg.data_dir) / "output" / task.id
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            old = sorted(d.glob("*.log"), key=lambda p: p.stat().st_mtime)
+            for f in old[: max(0, len(old) - task.history + 1)]:
+                f.unlink(missing_ok=True)
+            return OutputFile(d / (attempt_id.replace("/", "_") + ".log"), int(task.output["max_bytes"]))
+        except OSError as e:
+            log.warning("cannot keep the run's output in a file: %s", e,
+                        extra={"task_id": task.id, "run_id": attempt_id})
+            return None
+
+    def _find_run(self, run_id: str) -> dict | None:
+        """A run record this node holds, by attempt run id or claim run id
+        (its latest attempt)."""
+        store = self.store
+        best = None
+        for tid in store.run_tasks():
+            rec = store.run_record(tid, run_id)
+            if rec is not None:
+                return rec
+            for r in store.runs(tid) if "." not in run_id.rsplit("-", 1)[-1] else ():
+                if r.get("run_id", "").rsplit(".", 1)[0] == run_id and \
+                        (best is None or (r.get("attempt") or 0) > (best.get("attempt") or 0)):
+                    best = r
+        return best
+
+    async def run_logs(self, run_id: str, offset: int) -> dict:
+        """A run's output from byte ``offset``: live from the node that runs
+        it, then its output file (``output: {keep: file}``) or its record's
+        tail."""
+        if run_id in self._live or run_id in self._live_by_claim:
+            return self._logs_local(run_id, offset)
+        rec = self._find_run(run_id)
+        m = RUN_ID_RE.fullmatch(run_id)
+        runner = rec.get("node") if rec else (m.group(2) if m else None)
+        if runner is None:
+            raise HTTPError(404, f"run {run_id[:80]!r}: no such run known here")
+        if runner == self.name:
+            return self._logs_local(run_id, offset)
+        member = self.gossip.core.member(runner) if self.gossip else None
+        if member is None or member.state.value in ("dead", "left"):
+            if rec is None:
+                raise HTTPError(404, f"run {run_id}: its node {runner} is not reachable and no record is here")
+            return _logs_from_record(rec, offset, self.name)
+        rep = await self._request(runner, {"t": "logs", "run_id": run_id, "offset": offset})
+        return rep.get("body") or {}
+
+    def _logs_local(self, run_id: str, offset: int) -> dict:
+        aid = self._live_by_claim.get(run_id, run_id)
+        live = self._live.get(aid)
+        if live is not None:
+            data, start, nxt = live.read(offset)
+            return {"run_id": aid, "node": self.name, "running": True, "offset": start, "next_offset": nxt,
+                    "skipped": max(0, start - offset), "data": data.decode("utf-8", "replace")}
+        rec = self._find_run(run_id)
+        if rec is None:
+            raise HTTPError(404, f"run {run_id[:80]!r}: no such run on {self.name}")
+        task = self.core.tasks.get(rec.get("task_id"))
+        if task is not None and task.output and task.output.get("keep") == "file":
+            path = Path(self.cfg.data_dir) / "output" / task.id / (str(rec["run_id"]).replace("/", "_") + ".log")
+            try:
+                with open(path, "rb") as fh:
+                    fh.seek(max(0, offset))
+                    data = fh.read(LOGS_CHUNK_BYTES)
+                return {"run_id": rec["run_id"], "node": self.name, "running": rec.get("status") == "running",
+                        "offset": offset, "next_offset": offset + len(data), "skipped": 0,
+                        "data": data.decode("utf-8", "replace"), "source": "file"}
+            except OSError:
+                pass
+        return _logs_from_record(rec, offset, self.name)
 
     def _cancel_local(self, run_id: str, by: str) -> dict:
         found, effects = self.core.cancel_run(run_id, by, _wall())

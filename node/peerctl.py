@@ -507,7 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `runs logs -f RUN_ID`: words after a flag
+        if args.cmd == "runs" and not any(x.startswith("-") for x in extra):
+            args.words += extra
+        else:
+            parser.error("unrecognized arguments: " + " ".join(extra))
     try:
         return run(args)
     except CtlError as e:

@@ -12,6 +12,7 @@ Types:
     backfill   {"t": "backfill", "task_id": str, "start": int, "end": int, "dry_run": bool}
     key        {"t": "key", "op": "install|use|remove|list", "key": str}
     cancel     {"t": "cancel", "run_id": str, "by": str}            end a run on the node that runs it
+    logs       {"t": "logs", "run_id": str, "offset": int}          a run's output from byte offset
     reply      {"t": "reply", "ok": bool, "wall": float, "body": any, "error": str}
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import msgpack
 
 MAX_MESSAGE_BYTES = 8 << 20
-TYPES = ("push", "ae", "run_now", "backfill", "key", "reply", "cancel")
+TYPES = ("push", "ae", "run_now", "backfill", "key", "reply", "cancel", "logs")
 
 
 class PeerProtocolError(ValueError):
@@ -36,6 +37,7 @@ _FIELDS: dict[str, dict[str, tuple]] = {
     "key": {"op": (str,), "key": (str,)},
     "reply": {"ok": (bool,), "wall": (float, int)},
     "cancel": {"run_id": (str,), "by": (str,)},
+    "logs": {"run_id": (str,), "offset": (int,)},
 }
 
 

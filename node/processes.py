@@ -43,7 +43,7 @@ import math
 import os
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -227,13 +227,16 @@ async def _terminate_group(proc: trio.Process, kill_grace_s: float) -> tuple[boo
     return sigkill_sent, proc.returncode is not None
 
 
-async def _pump(stream: trio.abc.ReceiveStream, tail: OutputTail, done: trio.Event) -> None:
+async def _pump(stream: trio.abc.ReceiveStream, tail: OutputTail, done: trio.Event,
+                on_output: Callable[[bytes], None] | None = None) -> None:
     try:
         while True:
             data = await stream.receive_some(_READ_CHUNK_BYTES)
             if not data:
                 break
             tail.feed(data)
+            if on_output is not None:
+                on_output(data)
     except (trio.ClosedResourceError, trio.BrokenResourceError):
         pass
     finally:
@@ -270,6 +273,7 @@ async def run_child(
     output_limit_bytes: int,
     kill_grace_s: float,
     stdin_data: bytes | None = None,
+    on_output: Callable[[bytes], None] | None = None,
 ) -> ProcessOutcome:
     """Run ``argv`` in a new session and wait for it, bounded by ``timeout_s``.
 
@@ -282,6 +286,8 @@ async def run_child(
         kill_grace_s: seconds between SIGTERM and SIGKILL.
         stdin_data: bytes written to the child's stdin, which is then closed;
             None gives the child /dev/null.
+        on_output: called with every chunk read from the output pipe, as it
+            arrives (live output; must not block).
 
     Returns:
         A :class:`ProcessOutcome`.
@@ -311,7 +317,7 @@ async def run_child(
         async with trio.open_nursery() as nursery:
             reader_done = trio.Event()
             assert proc.stdout is not None
-            nursery.start_soon(_pump, proc.stdout, tail, reader_done)
+            nursery.start_soon(_pump, proc.stdout, tail, reader_done, on_output)
             if stdin_data is not None:
                 assert proc.stdin is not None
                 nursery.start_soon(_feed_stdin, proc.stdin, stdin_data)

@@ -120,6 +120,9 @@ MAX_ENV = 256
 #: Parameters per task, and the longest value (or default) of one.
 MAX_PARAMS = 64
 MAX_PARAM_LEN = 4096
+#: ``output: {keep: file}``: default and largest size of a run's output file.
+DEFAULT_OUTPUT_FILE_BYTES = 10 << 20
+MAX_OUTPUT_FILE_BYTES = 1 << 30
 #: Extra arguments a manual run may add.
 MAX_RUN_ARGS = 64
 MAX_TASKS_PER_FILE = 100_000
@@ -271,11 +274,15 @@ class Task:
     #: where to report this task's runs: a tuple of webhook targets
     #: (node/followups.py has the fields and their defaults)
     notify: tuple = ()
+    #: where a run's output is kept: {"keep": "tail" | "file", "max_bytes": N}
+    #: (tail: the last 64 KiB in the run record; file: also the whole output,
+    #: up to max_bytes, in a file on the node that ran it)
+    output: dict | None = None
 
     FIELDS: ClassVar[tuple[str, ...]] = (
         "id", "name", "schedule", "timezone", "dst", "jitter", "command", "timeout",
         "retries", "overlap", "misfire", "catchup_window", "on_owner_loss", "tags",
-        "env", "cwd", "paused", "history", "cron_reading_ack", "params", "after", "notify",
+        "env", "cwd", "paused", "history", "cron_reading_ack", "params", "after", "notify", "output",
     )
 
     def __hash__(self) -> int:  # dict fields are unhashable; equal tasks share these
@@ -326,6 +333,8 @@ class Task:
             d["after"] = dict(self.after)
         if self.notify:
             d["notify"] = [dict(n) for n in self.notify]
+        if self.output:
+            d["output"] = dict(self.output)
         return d
 
     @classmethod
@@ -553,6 +562,7 @@ class _Validator:
 
         params = self.params(d.get("params"))
         notify = self.notify(d.get("notify"))
+        output = self.output(d.get("output"))
 
         if self.errors or command is None:
             return None
@@ -562,7 +572,27 @@ class _Validator:
             overlap=overlap, misfire=misfire, catchup_window_s=window_s,
             on_owner_loss=owner_loss, tags=tags, env=env, cwd=cwd, paused=paused,
             history=history, cron_reading_ack=ack, params=params, after=after, notify=notify,
+            output=output,
         )
+
+    def output(self, raw: Any) -> dict | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, dict):
+            self.err("output", "must be a mapping {keep: tail|file, max_bytes: N}", raw)
+            return None
+        self._unknown(raw, ("keep", "max_bytes"), "output.")
+        keep = raw.get("keep", "tail")
+        if keep not in ("tail", "file"):
+            self.err("output.keep", "must be one of tail, file", keep)
+            return None
+        mb = raw.get("max_bytes", DEFAULT_OUTPUT_FILE_BYTES)
+        if isinstance(mb, bool) or not isinstance(mb, int) or not 1024 <= mb <= MAX_OUTPUT_FILE_BYTES:
+            self.err("output.max_bytes", f"must be an integer between 1024 and {MAX_OUTPUT_FILE_BYTES}", mb)
+            return None
+        if keep == "tail" and "max_bytes" not in raw:
+            return None                      # the default, written as nothing
+        return {"keep": keep, "max_bytes": mb}
 
     def after(self, raw: Any) -> dict | None:
         if raw is None:

@@ -256,3 +256,61 @@ def test_peerctl_conventions(cluster, tmp_path):
     # an unreachable node is exit 3 with one line
     r = peerctl("status", node="127.0.0.1:1")
     assert r.returncode == 3 and r.stderr.count("\n") == 1
+
+
+def test_live_output_and_output_files(cluster, tmp_path):
+    import subprocess
+    import sys
+
+    gate = tmp_path / "gate"
+    f = tmp_path / "live.yaml"
+    f.write_text(textwrap.dedent(f"""
+        - id: lv
+          schedule: "{FAR}"
+          command: {{type: shell, run: 'echo first; while [ ! -e {gate} ]; do sleep 0.05; done; echo second'}}
+        - id: lv-file
+          schedule: "{FAR}"
+          command: {{type: python, target: "builtins:print", args: ["{'x' * 70}"]}}
+          output: {{keep: file, max_bytes: 4096}}
+    """))
+    a, b, c = cluster.procs
+    assert peerctl("tasks", "apply", "-f", str(f), node=a.api_addr).returncode == 0
+    _everywhere(cluster, "lv-file")
+    owner = _proc(cluster, _owner(cluster, "lv"))
+    other = next(p for p in cluster.procs if p is not owner)
+    assert peerctl("tasks", "run", "lv", node=other.api_addr).returncode == 0
+    run = wait_for(lambda: [x for x in api(owner.api_addr, "GET", "/v1/tasks/lv/runs")[1]
+                            if x["status"] == "running"], timeout=30, what="lv running", cluster=cluster)[0]
+    # the output so far, from a node that does not run it (forwarded)
+    wait_for(lambda: "first" in peerctl("runs", "logs", run["run_id"], node=other.api_addr).stdout,
+             timeout=30, what="live output", cluster=cluster)
+    st, body = api(other.api_addr, "GET", f"/v1/runs/{run['run_id']}/logs?format=json&offset=2")
+    assert st == 200 and body["running"] is True and body["node"] == owner.name and body["data"] == "rst\n"
+    from tests.cluster_util import ROOT, TOKEN
+
+    e = dict(os.environ, PEERCTL_NODE=other.api_addr, PEERCTL_TOKEN=TOKEN, PYTHONPATH=str(ROOT))
+    follow = subprocess.Popen([sys.executable, "-m", "node.peerctl", "runs", "logs", "-f", run["run_id"]],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=str(ROOT))
+    try:
+        gate.write_text("go")
+        out, err = follow.communicate(timeout=60)
+    finally:
+        follow.kill()
+    assert follow.returncode == 0, err
+    assert out == "first\nsecond\n"
+    # finished: from the record
+    st, body = api(owner.api_addr, "GET", f"/v1/runs/{run['run_id']}/logs?format=json")
+    assert body["running"] is False and body["data"] == "first\nsecond\n"
+    st, text = api(owner.api_addr, "GET", "/v1/runs/nope-x/logs")
+    assert st == 404
+
+    # output: {keep: file}: the whole output, capped, in a file on the runner
+    fo = _proc(cluster, _owner(cluster, "lv-file"))
+    assert peerctl("tasks", "run", "lv-file", node=a.api_addr).returncode == 0
+    rec = wait_for(lambda: [x for x in api(fo.api_addr, "GET", "/v1/tasks/lv-file/runs")[1]
+                            if x["status"] == "succeeded"], timeout=30, what="lv-file ran", cluster=cluster)[0]
+    files = list((fo.data_dir / "output" / "lv-file").glob("*.log"))
+    assert [p.name for p in files] == [rec["run_id"] + ".log"]
+    assert files[0].read_text() == "x" * 70 + "\n" and oct(files[0].stat().st_mode & 0o777) == "0o600"
+    st, body = api(b.api_addr, "GET", f"/v1/runs/{rec['run_id']}/logs?format=json")
+    assert body["data"] == "x" * 70 + "\n" and body.get("source") in ("file", "record")

@@ -164,6 +164,7 @@ FULL = base(
     after={"task": "upstream", "on": "always"},
     notify=[{"on": ["failure", "recovery"], "url": "https://hooks.example/x", "headers": {"X-A": "1"},
              "template": {"text": "$task_id $status"}, "timeout": "5s", "retries": 2}],
+    output={"keep": "file", "max_bytes": 2048},
 )
 
 
