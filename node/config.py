@@ -125,6 +125,9 @@ class NodeConfig:
             ``api_token_file``.
         api_token_file: file holding the API token (first line; the file
             should be mode 0600). Exclusive with ``api_token``.
+        api_tokens_file: YAML or JSON file of named tokens with roles
+            (read, operate, admin; node/tokens.py), read at start and on
+            SIGHUP; with or without ``api_token``.
         open_reads: let read-only routes answer without the token (default
             false: reads need the token too; ``/metrics`` is always open).
         tags: member tags ``k=v,...`` used by task placement.
@@ -169,6 +172,7 @@ class NodeConfig:
     insecure: bool = False
     api_token: str = ""
     api_token_file: str = ""
+    api_tokens_file: str = ""
     open_reads: bool = False
     tags: Mapping[str, str] = field(default_factory=dict)
     etcd: tuple[str, ...] = ()
@@ -275,6 +279,7 @@ PARSERS: dict[str, Any] = {
     "insecure": _parse_bool,
     "api_token": _str,
     "api_token_file": _str,
+    "api_tokens_file": _str,
     "open_reads": _parse_bool,
     "tags": parse_tags,
     "etcd": lambda v, w: tuple(_parse_list(v, w)),
@@ -429,6 +434,34 @@ def loose_permissions(path: str) -> int | None:
     except OSError:
         return None
     return mode if mode & 0o044 else None
+
+
+def load_token_file(path: str):
+    """The named tokens of ``api_tokens_file`` (a ``node.tokens.TokenSet``).
+
+    Raises:
+        ConfigError: unreadable, not YAML/JSON, or an entry wrong (named).
+    """
+    from .decoding import DecodeError, loads_yaml
+    from .tokens import TokenFileError, TokenSet, parse_token_file
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1 << 20 + 1)
+    except OSError as e:
+        raise ConfigError(f"api_tokens_file: {path}: cannot read: {e.strerror or e}") from None
+    if len(raw) > 1 << 20:
+        raise ConfigError(f"api_tokens_file: {path}: larger than 1 MiB")
+    try:
+        data = loads_yaml(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"api_tokens_file: {path}: not UTF-8 text") from None
+    except (DecodeError, ValueError) as e:
+        raise ConfigError(f"api_tokens_file: {path}: {e}") from None
+    try:
+        return TokenSet(parse_token_file(data, path))
+    except TokenFileError as e:
+        raise ConfigError(f"api_tokens_file: {e}") from None
 
 
 def _resolve_secret_files(cfg: NodeConfig) -> NodeConfig:

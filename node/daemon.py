@@ -37,6 +37,8 @@ RUN_FLAGS = [
     ("api_token", "bearer token required by API routes that change state or run code "
                   "(visible to local users in the process list: prefer --api-token-file)"),
     ("api_token_file", "file whose first line is the API token (mode 0600)"),
+    ("api_tokens_file", "YAML/JSON file of named tokens with roles read|operate|admin (mode 0600); "
+                        "reloaded on SIGHUP"),
     ("etcd_password_file", "file whose first line is the etcd password (mode 0600)"),
     ("tags", "member tags k=v,... used by task placement"),
     ("etcd", "etcd endpoints http://HOST:PORT,... (enables fencing tokens)"),
@@ -106,6 +108,7 @@ def _check_start_files(cfg) -> int | None:
     from .config import loose_permissions
 
     for what, path in (("key_file", cfg.key_file), ("api_token_file", cfg.api_token_file),
+                       ("api_tokens_file", cfg.api_tokens_file),
                        ("etcd_password_file", cfg.etcd_password_file), ("api_tls_key", cfg.api_tls_key),
                        ("etcd_key_file", cfg.etcd_key_file)):
         mode = loose_permissions(path) if path else None
@@ -172,9 +175,12 @@ def cmd_run(argv: list[str]) -> int:
                 # `peerd demo` forwards it too) left pending here would be
                 # re-raised by trio on exit as a KeyboardInterrupt traceback.
                 leaving = False
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
                     async for signum in sigs:
                         name = signal.Signals(signum).name
+                        if signum == signal.SIGHUP:
+                            node.reload_tokens()
+                            continue
                         if leaving:
                             log.info("received %s again: already leaving the cluster", name)
                             continue

@@ -32,7 +32,6 @@ Rules:
 """
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from .http_server import HTTPError, Request, Response
 from .ratelog import RateLimitedLog
 from .decoding import DecodeError, check_tree, loads_json
 from .tasks import MAX_INSTANT, MIN_INSTANT, decode_error_message, valid_id
+from .tokens import ApiToken, TokenSet, role_allows
 
 log = logging.getLogger("peerd.http")
 
@@ -62,6 +62,17 @@ class Endpoint:
     name: str
     auth: str | None  # "read", "write" or None (open)
     body: bool = False
+
+    @property
+    def role(self) -> str:
+        """The role a token needs (node/tokens.py)."""
+        if self.auth != "write":
+            return "operate" if self.name == "audit" else "read"
+        return "admin" if self.name in ADMIN_ENDPOINTS else "operate"
+
+
+#: Writes only an ``admin`` token may make; other writes need ``operate``.
+ADMIN_ENDPOINTS = frozenset({"apply", "delete", "key_op"})
 
 
 # (template, {method: Endpoint}). ``{id}`` is one path segment.
@@ -84,6 +95,7 @@ ROUTES: tuple[tuple[str, dict[str, Endpoint]], ...] = (
     ("/v1/tasks/{id}/backfill", {"POST": Endpoint("backfill", "write", body=True)}),
     ("/v1/runs/{id}/cancel", {"POST": Endpoint("cancel", "write")}),
     ("/v1/runs/{id}/logs", {"GET": Endpoint("logs", "read")}),
+    ("/v1/audit", {"GET": Endpoint("audit", "read")}),
 )
 UNKNOWN_ROUTE = "unknown"
 
@@ -119,6 +131,11 @@ def route_label(path: str) -> str:
 
 def method_label(method: str) -> str:
     return method if method in METHODS else "other"
+
+
+def _who(req: Request, tok: ApiToken | None) -> str:
+    host = req.peer.rsplit(":", 1)[0]
+    return f"token {tok.name} from {host}" if tok else f"api client {host}"
 
 
 def _flag(req: Request, name: str) -> bool:
@@ -161,9 +178,10 @@ def parse_time(value, what: str) -> int:
 
 
 class Api:
-    def __init__(self, node, *, token: str, open_reads: bool = False, clock=None):
+    def __init__(self, node, *, token: str, open_reads: bool = False, clock=None, tokens: TokenSet | None = None):
         self.node = node
         self.token = token
+        self.tokens = TokenSet.single(token).merged(tokens or TokenSet())
         self.open_reads = open_reads
         self._log = RateLimitedLog()
         self._clock = clock or trio.current_time
@@ -181,24 +199,41 @@ class Api:
             log.warning("%s", line)
 
     # ------------------------------------------------------------ auth
-    def _authorized(self, req: Request) -> bool:
-        if not self.token:
-            return False
+    def set_tokens(self, tokens: TokenSet) -> None:
+        """Named tokens from the token file (reloaded on SIGHUP); the single
+        ``api_token`` stays."""
+        self.tokens = TokenSet.single(self.token).merged(tokens)
+
+    def _authorized(self, req: Request) -> ApiToken | None:
+        if not self.tokens:
+            return None
         auth = req.headers.get("authorization", "")
         scheme, _, given = auth.partition(" ")
         if scheme.lower() != "bearer" or not given:
-            return False
-        return hmac.compare_digest(given.strip().encode("utf-8", "replace"), self.token.encode())
+            return None
+        return self.tokens.check(given.strip())
 
-    def _need_auth(self, req: Request, ep: Endpoint) -> None:
-        if ep.auth is None or (ep.auth == "read" and self.open_reads):
-            return
-        if not self._authorized(req):
-            if not self.token:
-                raise HTTPError(401, "this node has no API token configured; set api_token to use this route")
+    def _need_auth(self, req: Request, ep: Endpoint) -> ApiToken | None:
+        """The request's token (None on an open route), or 401/403."""
+        if ep.auth is None:
+            return None
+        tok = self._authorized(req)
+        if ep.auth == "read" and self.open_reads and ep.role == "read":
+            return tok
+        if tok is None:
+            if not self.tokens:
+                raise HTTPError(401, "this node has no API token configured; set api_token or api_tokens_file "
+                                     "to use this route")
             raise HTTPError(401, "missing or wrong API token (Authorization: Bearer <token>)")
+        if not role_allows(tok.role, ep.role):
+            raise HTTPError(403, f"token {tok.name!r} has role {tok.role}; {ep.name} needs {ep.role}")
+        return tok
 
     def _resolve(self, req: Request) -> tuple[Endpoint, str | None]:
+        ep, ident, _ = self._resolve_token(req)
+        return ep, ident
+
+    def _resolve_token(self, req: Request) -> tuple[Endpoint, str | None, ApiToken | None]:
         """Route, path parameter and token (rules 1, 2, 4), body not needed."""
         hit = match_route(req.path)
         if hit is None:
@@ -207,14 +242,14 @@ class Api:
         ep = eps.get(req.method)
         if ep is None:
             raise HTTPError(405, f"{method_label(req.method)} not allowed on {template}")
-        self._need_auth(req, ep)
+        tok = self._need_auth(req, ep)
         if ident is not None and template.startswith("/v1/runs/"):
             if not 0 < len(ident) <= 200 or not ident.isprintable() or " " in ident:
                 raise HTTPError(400, f"run id {ident[:80]!r}: 1-200 printable characters without spaces")
         elif ident is not None and not valid_id(ident):
             raise HTTPError(400, f"task id {ident[:140]!r}: must be 1-128 characters of A-Z a-z 0-9 . _ - "
                                  "(not only dots)")
-        return ep, ident
+        return ep, ident, tok
 
     def check(self, req: Request) -> Response | None:
         """The server's pre-body hook: a refusal, or None to go on (rule 2)."""
@@ -227,6 +262,17 @@ class Api:
             if e.status == 401:
                 self.refused("unauthorized", req.peer,
                              f"{method_label(req.method)} {route_label(req.path)}: no valid token")
+            elif e.status == 403:
+                self.refused("forbidden", req.peer, f"{method_label(req.method)} {route_label(req.path)}: {e.message}")
+                hit = match_route(req.path)
+                tok = self._authorized(req)
+                ep = hit[1].get(req.method) if hit is not None else None
+                if tok is not None and ep is not None and ep.auth == "write":
+                    # a known token refused a write: audited like the writes it may make
+                    ident = hit[2] if hit[2] is not None and len(hit[2]) <= 200 else None
+                    self.node.audit({"token": tok.name, "role": tok.role, "peer": req.peer.rsplit(":", 1)[0],
+                                     "method": req.method, "route": hit[0], "path": req.path[:200],
+                                     "task": ident, "status": 403, "detail": e.message[:300]})
             return Response.json({"error": e.message}, e.status)
         return None
 
@@ -235,7 +281,28 @@ class Api:
         self.node.metrics.api_requests(method_label(req.method), route_label(req.path))
         if status_page.is_page_path(req.path):
             return status_page.serve(req.path, req.method)
-        ep, ident = self._resolve(req)
+        ep, ident, tok = self._resolve_token(req)
+        if ep.auth != "write":
+            return await self._route(req, ep, ident)
+        # every state-changing request answered: one audit entry
+        status, detail = 200, ""
+        try:
+            resp = await self._route(req, ep, ident)
+            status = resp.status
+            return resp
+        except HTTPError as e:
+            status, detail = e.status, e.message
+            raise
+        except BaseException as e:
+            status, detail = 500, type(e).__name__
+            raise
+        finally:
+            host = req.peer.rsplit(":", 1)[0]
+            self.node.audit({"token": tok.name if tok else None, "role": tok.role if tok else None,
+                             "peer": host, "method": req.method, "route": route_label(req.path),
+                             "path": req.path[:200], "task": ident, "status": status, "detail": detail[:300]})
+
+    async def _route(self, req: Request, ep: Endpoint, ident: str | None) -> Response:
         node = self.node
         name = ep.name
         if name == "metrics":
@@ -282,6 +349,8 @@ class Api:
                 raise HTTPError(400, 'POST /v1/tasks/{id}/run: body must be {"env": {NAME: value}, '
                                      '"args": [string, ...]} (both optional)')
             return Response.json(await node.run_now(ident, body.get("env"), body.get("args")))
+        if name == "audit":
+            return Response.json(node.audit_json())
         if name == "logs":
             off = req.query.get("offset", "0")
             if not re.fullmatch(r"[0-9]{1,15}", off):
@@ -296,7 +365,7 @@ class Api:
                             [("x-peerd-running", "1" if body.get("running") else "0"),
                              ("x-peerd-next-offset", str(body.get("next_offset", 0)))])
         if name == "cancel":
-            return Response.json(await node.cancel_run(ident, f"api client {req.peer.rsplit(':', 1)[0]}"))
+            return Response.json(await node.cancel_run(ident, _who(req, self._authorized(req))))
         if name == "runs":
             return Response.json(node.runs_json(ident))
         if name == "explain":

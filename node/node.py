@@ -21,6 +21,8 @@ it in production.
 """
 from __future__ import annotations
 
+import collections
+import json
 import logging
 import os
 import random
@@ -62,6 +64,8 @@ _SKIP_IS_MISFIRE = ("misfire_skip", "coalesced", "expired", "catchup_limit")
 RUN_ID_RE = re.compile(r"(-?[0-9]{1,20})-(.{1,160})-([0-9a-f]{8})(?:\.([0-9]{1,4}))?")
 
 
+#: Audit entries kept (memory and the SQLite audit table).
+AUDIT_KEEP = 1000
 #: Live output kept per running attempt (the oldest bytes are dropped).
 LIVE_OUTPUT_BYTES = 1 << 20
 #: Most output one logs call returns.
@@ -187,6 +191,10 @@ class Node:
         self._wake = trio.Event()
         self._dirty = trio.Event()
         self._scopes: dict[str, trio.CancelScope] = {}     # run id -> its cancel scope
+        self.api: Api | None = None
+        self._tokens = None     # named tokens (Node.create reads api_tokens_file)
+        self._audit: collections.deque = collections.deque(maxlen=AUDIT_KEEP)
+        self._audit_pending: list[str] = []
         self._live: dict[str, LiveOutput] = {}             # attempt run id -> its output so far
         self._live_by_claim: dict[str, str] = {}           # claim run id -> current attempt run id
         self._members_api: dict[str, str] = {}
@@ -215,9 +223,25 @@ class Node:
             rows = await db.load()
         except CorruptDatabase as e:
             raise StartupError(f"{e} (start with --start-empty to move it aside and refill from peers)") from None
+        tokens = None
+        if cfg.api_tokens_file:
+            from .config import ConfigError, load_token_file
+
+            try:
+                tokens = load_token_file(cfg.api_tokens_file)
+            except ConfigError as e:
+                raise StartupError(str(e)) from None
+        audit = await db.load_audit(AUDIT_KEEP)
         store = Store(cfg.name)
         store.load(rows)
-        return cls(cfg, keyring, db, store)
+        node = cls(cfg, keyring, db, store)
+        node._tokens = tokens
+        for line in audit:
+            try:
+                node._audit.append(json.loads(line))
+            except ValueError:
+                continue
+        return node
 
     # convenience views of the core (tests and the API read them)
     @property
@@ -245,7 +269,7 @@ class Node:
         cfg = self.cfg
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            api = Api(self, token=cfg.api_token, open_reads=cfg.open_reads)
+            api = self.api = Api(self, token=cfg.api_token, open_reads=cfg.open_reads, tokens=self._tokens)
             try:
                 self.api_addr = await nursery.start(serve_http, api, cfg.api[0], cfg.api[1])
             except OSError as e:
@@ -692,6 +716,9 @@ class Node:
         if rows:
             await self.db.write(rows)
             self.metrics.store_writes.inc(len(rows))
+        if self._audit_pending:
+            batch, self._audit_pending = self._audit_pending, []
+            await self.db.append_audit(batch, AUDIT_KEEP)
 
     async def _scheduler_loop(self) -> None:
         while not self._stopping:
@@ -886,6 +913,37 @@ class Node:
                                  "its unfinished runs are lost, not running")
         rep = await self._request(runner, {"t": "cancel", "run_id": run_id, "by": by})
         return rep.get("body") or {}
+
+    # ------------------------------------------------------------ tokens, audit
+    def reload_tokens(self) -> bool:
+        """SIGHUP: read ``api_tokens_file`` again; a bad file leaves the
+        tokens in force (and says why)."""
+        from .config import ConfigError, load_token_file
+
+        if not self.cfg.api_tokens_file or self.api is None:
+            log.info("SIGHUP: no api_tokens_file to reload")
+            return False
+        try:
+            tokens = load_token_file(self.cfg.api_tokens_file)
+        except ConfigError as e:
+            log.error("SIGHUP: tokens not reloaded, the previous ones stay in force: %s", e)
+            return False
+        self.api.set_tokens(tokens)
+        log.info("SIGHUP: %d named API token(s) loaded from %s", len(tokens), self.cfg.api_tokens_file)
+        return True
+
+    def audit(self, entry: dict) -> None:
+        """One state-changing API request answered: a log line, the bounded
+        audit table (newest ``AUDIT_KEEP``, in SQLite) and ``GET /v1/audit``."""
+        entry = {"at": round(_wall(), 3), "node": self.name, **entry}
+        self._audit.append(entry)
+        self._audit_pending.append(json.dumps(entry, sort_keys=True))
+        log.info("audit: %s %s by %s: %s", entry["method"], entry["path"], entry.get("token") or "-",
+                 entry["status"], extra={"task_id": entry.get("task"), "audit": True})
+        self._dirty.set()
+
+    def audit_json(self) -> list[dict]:
+        return list(self._audit)
 
     # ------------------------------------------------------------ run output
     def _output_file(self, task: Task, attempt_id: str) -> OutputFile | None:

@@ -94,6 +94,9 @@ class SqliteStore:
                 raise SchemaTooNew(self.path, version)
             if version < 1:
                 raise CorruptDatabase(self.path, f"bad schema_version {row!r}")
+            # the audit table came later; older files gain it (nothing else changes)
+            conn.execute("CREATE TABLE IF NOT EXISTS audit(seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+                         "entry TEXT NOT NULL)")
             return conn
         except sqlite3.DatabaseError as e:
             conn.close()
@@ -146,6 +149,22 @@ class SqliteStore:
         except sqlite3.DatabaseError as e:
             raise CorruptDatabase(self.path, f"sqlite while loading: {e}") from None
 
+    def _audit_sync(self, entries: list[str], keep: int) -> None:
+        conn = self._require()
+        conn.execute("BEGIN")
+        try:
+            conn.executemany("INSERT INTO audit(entry) VALUES(?)", [(e,) for e in entries])
+            conn.execute("DELETE FROM audit WHERE seq <= (SELECT MAX(seq) FROM audit) - ?", (keep,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _audit_load_sync(self, limit: int) -> list[str]:
+        conn = self._require()
+        rows = conn.execute("SELECT entry FROM audit ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        return [r[0] for r in reversed(rows)]
+
     def _require(self) -> sqlite3.Connection:
         if self._conn is None:
             raise RuntimeError(f"{self.path}: not open")
@@ -170,6 +189,16 @@ class SqliteStore:
     async def load(self) -> list[tuple[str, bytes]]:
         """Every row, sorted by key (feed to ``Store.load``)."""
         return await self._run(self._load_sync)
+
+    async def append_audit(self, entries: Iterable[str], keep: int) -> None:
+        """Append audit lines (JSON text), keeping the newest ``keep``."""
+        batch = list(entries)
+        if batch:
+            await self._run(self._audit_sync, batch, int(keep))
+
+    async def load_audit(self, limit: int) -> list[str]:
+        """The newest ``limit`` audit lines, oldest first."""
+        return await self._run(self._audit_load_sync, int(limit))
 
     async def close(self) -> None:
         await self._run(self._close_sync)

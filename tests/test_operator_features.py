@@ -126,7 +126,7 @@ def test_cancel_a_running_run_from_another_node(cluster, tmp_path):
         return done[0] if done else None
 
     rec = wait_for(cancelled, timeout=30, what="the run recorded cancelled", cluster=cluster)
-    assert rec["cancelled_by"].startswith("api client 127.0.0.1")
+    assert rec["cancelled_by"] == "token api-token from 127.0.0.1"
     assert "cancelled by" in rec["error"]
     # the process group is gone, and no retry started (retries: 2)
     wait_for(lambda: not _alive(pid), timeout=30, what=f"pid {pid} gone")
