@@ -40,7 +40,7 @@ network faults from the schedule and says so in the plan and the report
 releases for a seed.
 
 The tasks write a ledger themselves (``$PEERD_TASK_ID $PEERD_SLOT
-$PEERD_RUN_ID $PEERD_FENCING_TOKEN $PEERD_NODE`` per run), every one
+$PEERD_RUN_ID $PEERD_FENCING_TOKEN $PEERD_NODE $(date +%s.%N)`` per run), every one
 ``@every 1s`` with ``misfire: run_all`` and a 60 s catch-up window, so every
 slot from the first to the end must be in it. They use ``overlap: allow``, so
 the invariant holds whatever a real run's duration on a loaded machine (a
@@ -58,6 +58,9 @@ the next slot, by design). Invariants:
 - every slot in the ledger: a slot missing inside a network fault's window
   is counted apart (``missed_in_net_window``; a minority-side owner may
   miss it) and is not a failure; one outside is;
+- no run starts more than ``EARLY_TOLERANCE_S`` before its slot's time
+  (the ledger line carries the machine's true time; a node with a skewed
+  clock must not fire early);
 - membership converges after the last fault (every node lists all alive);
 - no node exits but those the harness killed, no traceback in any log;
 - RSS of every node sampled; growth from the first to the last sample
@@ -104,6 +107,7 @@ KINDS = ("kill", "stall", "wipe", "skew", "restart_all", "etcd")
 NET_KINDS = ("partition", "isolate", "oneway", "loss")
 SETTLE_S = 8.0        # after each fault heals, before the next
 NET_GRACE_S = 10.0    # a network fault's window runs this long past its heal
+EARLY_TOLERANCE_S = 1.0   # a run that starts this long before its slot's time is early
 START_S = 15.0        # steady firing before the first fault
 END_SETTLE_S = 25.0   # after the last fault: catch-up and convergence
 
@@ -229,21 +233,29 @@ def _task(tid: str, ledger: Path) -> dict:
             "overlap": "allow",
             "command": {"type": "shell",
                         "run": f'echo "$PEERD_TASK_ID $PEERD_SLOT $PEERD_RUN_ID ${{PEERD_FENCING_TOKEN:--}} '
-                               f'$PEERD_NODE" >> {ledger}'}}
+                               f'$PEERD_NODE $(date +%s.%N)" >> {ledger}'}}
 
 
 def _epoch(iso: str) -> int:
     return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp())
 
 
-def _read_ledger(path: Path) -> list[tuple[str, int, str, str, str]]:
+def _read_ledger(path: Path) -> list[tuple[str, int, str, str, str, float | None]]:
+    """(task, slot, run id, token or '-', node, true wall time the run
+    started, by the machine's clock, not the node's)."""
     if not path.exists():
         return []
     out = []
     for raw in path.read_text().split("\n")[:-1]:
         parts = raw.split(" ")
-        if len(parts) == 5:
-            out.append((parts[0], _epoch(parts[1]), parts[2], parts[3], parts[4]))
+        if len(parts) in (5, 6):
+            wall = None
+            if len(parts) == 6:
+                try:
+                    wall = float(parts[5])
+                except ValueError:
+                    wall = None
+            out.append((parts[0], _epoch(parts[1]), parts[2], parts[3], parts[4], wall))
     return out
 
 
@@ -532,13 +544,22 @@ class Harness:
             unexplained = [k for k in unexplained if not in_window(k[1])]
         verdicts["duplicates_without_lost_run"] = unexplained[:10]
         verdicts["duplicates_without_lost_run_count"] = len(unexplained)
+        early = sorted((round(slot - w, 2), tid, slot, node) for tid, slot, _r, _t, node, w in lines
+                       if w is not None and w < slot - EARLY_TOLERANCE_S)
+        by_node = Counter(e[3] for e in early)
+        verdicts["runs_started_early"] = len(early)
+        verdicts["runs_started_early_max_s"] = early[-1][0] if early else 0.0
+        verdicts["runs_started_early_by_node"] = dict(by_node)
+        verdicts["runs_started_early_examples"] = [
+            {"early_s": e[0], "task": e[1], "slot": e[2], "at_s": round(e[2] - first_wall, 1), "node": e[3]}
+            for e in early[-5:]]
         if self.etcd is not None:
             no_token = [ln for ln in lines if ln[3] == "-"]
             tokens = [int(ln[3]) for ln in lines if ln[3] != "-"]
             bad_order = []
             for tid in ids:
                 firsts: dict[int, int] = {}
-                for t, slot, _run, tok, _n in lines:
+                for t, slot, _run, tok, _n, _w in lines:
                     if t == tid and tok != "-":
                         firsts[slot] = min(firsts.get(slot, 1 << 63), int(tok))
                 seq = [firsts[s] for s in sorted(firsts)]
@@ -646,6 +667,9 @@ def failures(v: dict) -> list[str]:
         out.append("fencing tokens not unique or not growing with the slot")
     if not v.get("membership_converged"):
         out.append(f"membership did not converge: {v.get('membership_error')}")
+    if v.get("runs_started_early"):
+        out.append(f"{v['runs_started_early']} run(s) started before their slot (by up to "
+                   f"{v['runs_started_early_max_s']} s; by node {v['runs_started_early_by_node']})")
     if v.get("api_unreachable"):
         out.append(f"API not answering at the end: {v['api_unreachable']}")
     if v.get("unexpected_exits"):
