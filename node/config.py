@@ -160,6 +160,9 @@ class NodeConfig:
             start empty (refilled from peers) instead of refusing to start.
         max_skew_s: members whose clocks are off by more than this are not
             given ownership (default 2 s).
+        otlp_endpoint: OTLP/HTTP traces endpoint (``http://collector:4318``;
+            ``/v1/traces`` is added when the path is empty); empty = no
+            traces. Needs the ``otel`` extra (node/tracing.py).
     """
 
     name: str = ""
@@ -196,6 +199,7 @@ class NodeConfig:
     shutdown_grace_s: float = 30.0
     start_empty: bool = False
     max_skew_s: float = 2.0
+    otlp_endpoint: str = ""
 
     def advertise_addr(self) -> Addr:
         if self.advertise is not None:
@@ -303,6 +307,7 @@ PARSERS: dict[str, Any] = {
     "shutdown_grace_s": lambda v, w: _parse_float(v, w, minimum=0.0),
     "start_empty": _parse_bool,
     "max_skew_s": lambda v, w: _parse_float(v, w, minimum=0.0),
+    "otlp_endpoint": _str,
 }
 assert set(PARSERS) == {f.name for f in fields(NodeConfig)}
 
