@@ -32,7 +32,10 @@ Every process run sees the daemon's environment, overlaid with the task's
 ``PEERD_RUN_ID``, ``PEERD_ATTEMPT``, ``PEERD_NODE`` and, when fencing is on,
 ``PEERD_FENCING_TOKEN`` (task env cannot override them). HTTP runs carry the
 same facts as ``X-Peerd-Task-Id``, ``X-Peerd-Slot``, ``X-Peerd-Run-Id``,
-``X-Peerd-Attempt``, ``X-Peerd-Node`` and ``X-Fencing-Token`` headers.
+``X-Peerd-Attempt``, ``X-Peerd-Node`` and ``X-Fencing-Token`` headers. When
+the run is traced (``RunContext.traceparent``, node/tracing.py), processes
+get ``TRACEPARENT`` (which wins over the task env's) and HTTP requests a
+``traceparent`` header (which replaces the task's).
 
 :func:`execute_with_retries` runs attempt 1, 2, ... up to ``1 + retries.max``,
 reporting every attempt to ``on_attempt`` (each is a run record) and sleeping
@@ -268,6 +271,9 @@ class RunContext:
     kill_grace_s: float = 5.0
     #: called with each chunk of output as it arrives (live output)
     on_output: Any = None
+    #: W3C trace context of this attempt's span (node/tracing.py): the
+    #: process's ``TRACEPARENT``, the HTTP request's ``traceparent``
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True)
@@ -320,15 +326,20 @@ def run_env(ctx: RunContext, base: Mapping[str, str] | None = None) -> dict[str,
         env["PEERD_FENCING_TOKEN"] = str(ctx.fencing_token)
     else:
         env.pop("PEERD_FENCING_TOKEN", None)
+    if ctx.traceparent is not None:
+        env["TRACEPARENT"] = ctx.traceparent
     return env
 
 
 def run_headers(ctx: RunContext) -> list[tuple[str, str]]:
-    """The ``X-Peerd-*`` / ``X-Fencing-Token`` headers of an HTTP run."""
+    """The ``X-Peerd-*`` / ``X-Fencing-Token`` (and, when traced,
+    ``traceparent``) headers of an HTTP run."""
     names = {"TASK_ID": "Task-Id", "SLOT": "Slot", "RUN_ID": "Run-Id", "ATTEMPT": "Attempt", "NODE": "Node"}
     out = [(f"X-Peerd-{names[k]}", v) for k, v in _peerd_vars(ctx)]
     if ctx.fencing_token is not None:
         out.append(("X-Fencing-Token", str(ctx.fencing_token)))
+    if ctx.traceparent is not None:
+        out.append(("traceparent", ctx.traceparent))
     return out
 
 
