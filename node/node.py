@@ -202,6 +202,10 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._started_wall = _wall()
         self._applied_startup_tasks = False
+        from . import tracing
+
+        # traces of runs (node/tracing.py): a no-op without otlp_endpoint
+        self.tracing = tracing.from_config(cfg)
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -469,23 +473,32 @@ class Node:
         self._do(self.core.request_answered(eff.xid, raw, _wall()))
 
     async def _claim(self, eff: Claim) -> None:
+        t0 = time.time_ns()
+        attrs = dict(task_id=eff.task_id, slot=eff.slot)
         try:
             res = await self.fencer.claim(eff.task_id, eff.slot, eff.run_id,
                                           deadline=trio.current_time() + eff.attempt_s)
         except FencerClosed:
+            self.tracing.record_span("claim", eff.run_id, t0, under_root=False, status="closed", **attrs)
             self._do(self.core.claim_answered(eff.task_id, eff.slot, eff.run_id, "closed", None, _wall()))
             return
         self.metrics.fencing_claims.labels(res.reason).inc()
         outcome = "won" if res.won and res.reason != "fire_without_token" else res.reason
+        # a claim won is under the run's root span; a lost one is a root of its own
+        self.tracing.record_span("claim", eff.run_id, t0, under_root=res.won, status=outcome,
+                                 error=res.detail or None, fencing_token=res.token, **attrs)
         self._do(self.core.claim_answered(eff.task_id, eff.slot, eff.run_id, outcome, res.token, _wall(),
                                           detail=res.detail))
 
     async def _reclaim(self, eff: Reclaim) -> None:
+        t0 = time.time_ns()
+        attrs = dict(task_id=eff.task_id, slot=eff.slot, reclaim_from=eff.dead, reclaim_run_id=eff.expected_run_id)
         try:
             res = await self.fencer.reclaim(eff.task_id, eff.slot, eff.run_id, eff.dead,
                                             deadline=trio.current_time() + eff.attempt_s,
                                             expected_run_id=eff.expected_run_id, alive_wait_s=0.0)
         except FencerClosed:
+            self.tracing.record_span("claim", eff.run_id, t0, under_root=False, status="closed", **attrs)
             self._do(self.core.claim_answered(eff.task_id, eff.slot, eff.run_id, "closed", None, _wall()))
             return
         self.metrics.fencing_claims.labels(res.reason).inc()
@@ -495,6 +508,8 @@ class Node:
             outcome = "claimer_alive"
         else:
             outcome = res.reason
+        self.tracing.record_span("claim", eff.run_id, t0, under_root=res.won, status=outcome,
+                                 error=res.detail or None, fencing_token=res.token, **attrs)
         self._do(self.core.claim_answered(eff.task_id, eff.slot, eff.run_id, outcome, res.token, _wall(),
                                           detail=res.detail))
 
@@ -505,6 +520,15 @@ class Node:
         scope = trio.CancelScope()
         self._scopes[eff.run_id] = scope
         self.metrics.running.inc()
+        from .tracing import trace_id_for
+
+        # the run's trace (node/tracing.py): root span "run <task>", one
+        # child span per attempt; its id is in every log line of the run
+        trace_id = trace_id_for(eff.run_id)
+        root = self.tracing.run_span(task.id, eff.run_id, slot=eff.slot, fencing_token=eff.token,
+                                     reason=eff.reason)
+        attempt_spans: dict = {}
+        final: list = [None, None]      # the last attempt's status and error
 
         params = eff.params or {}
         secret_error = None
@@ -523,10 +547,15 @@ class Node:
             if live is None:
                 live = self._live[attempt_id] = LiveOutput(self._output_file(task, attempt_id))
                 self._live_by_claim[eff.run_id] = attempt_id
+            span = attempt_spans.get(attempt)
+            if span is None:
+                span = attempt_spans[attempt] = self.tracing.child_span(
+                    f"attempt {attempt}", attempt_id, task_id=task.id, slot=eff.slot, attempt=attempt,
+                    fencing_token=eff.token)
             return RunContext(
                 task_id=task.id, slot=eff.slot, run_id=attempt_id, attempt=attempt, on_output=live.feed,
                 node=self.name, fencing_token=eff.token, env=run_env,
-                cwd=task.cwd or None, timeout_s=float(task.timeout_s),
+                cwd=task.cwd or None, timeout_s=float(task.timeout_s), traceparent=span.traceparent,
             )
 
         current: list[int] = []
@@ -542,6 +571,11 @@ class Node:
             live = self._live.pop(c.run_id, None)
             if live is not None:
                 live.close()
+            final[:] = [r.status, r.error]
+            span = attempt_spans.pop(c.attempt, None)
+            if span is not None:
+                span.set(exit_code=r.exit_code, **{"http.response.status_code": getattr(r, "http_status", None)})
+                span.end(r.status, r.error)
             self._do(self.core.attempt_finished(
                 eff.run_id, c.attempt, r.status, _wall(), exit_code=r.exit_code, started=r.started,
                 finished=r.finished, output=r.output, error=r.error))
@@ -566,7 +600,8 @@ class Node:
         except Exception as e:
             # a bug in the executor: the run ends as 'error' with the reason
             log.exception("executor failed: %s: %s", type(e).__name__, e,
-                          extra={"task_id": task.id, "run_id": eff.run_id})
+                          extra={"task_id": task.id, "run_id": eff.run_id, "trace_id": trace_id})
+            final[:] = ["error", f"executor failed: {type(e).__name__}: {e}"]
             if current:
                 self._do(self.core.attempt_finished(eff.run_id, current[0], "error", _wall(),
                                                     error=f"executor failed: {type(e).__name__}: {e}"))
@@ -577,6 +612,11 @@ class Node:
             self._live_by_claim.pop(eff.run_id, None)
             self.metrics.running.dec()
             self._do(self.core.run_ended(eff.run_id, _wall(), cancelled_attempt=cancelled_attempt))
+            status, error = ("cancelled", None) if cancelled_attempt is not None else final
+            for span in attempt_spans.values():     # cancelled, or the executor failed
+                span.end(status or "error", error)
+            root.set(attempts=last[0])
+            root.end(status or "error", error)
 
     async def _notify(self, eff: Notify) -> None:
         """Send one notification with the target's timeout and retries
@@ -596,23 +636,37 @@ class Node:
         tries = 1 + policy.max
         detail = ""
         ok = False
-        for attempt in range(1, tries + 1):
-            try:
-                resp = await request("POST", target["url"], headers=headers, body=body,
-                                     timeout_s=float(target.get("timeout", 10.0)), max_body_bytes=1024)
-                ok = 200 <= resp.status < 300
-                detail = f"HTTP {resp.status}"
-            except (HttpError, ValueError, OSError) as e:
-                detail = str(e)
-            if ok:
-                break
-            if attempt < tries:
-                self.metrics.notifications.labels("retried").inc()
-                await trio.sleep(policy.delay_s(attempt, self.rng))
+        from .tracing import trace_id_for
+
+        # a span under the run's root span (a missed slot's: a trace of its own)
+        trace_id = trace_id_for(eff.run_id) if eff.run_id is not None else None
+        span = self.tracing.child_span(f"notify {eff.event}", eff.run_id, task_id=eff.task_id,
+                                       event=eff.event, notify_target=eff.key)
+        if span.traceparent is not None:
+            headers.append(("traceparent", span.traceparent))
+        status, attempt = "cancelled", 0
+        try:
+            for attempt in range(1, tries + 1):
+                try:
+                    resp = await request("POST", target["url"], headers=headers, body=body,
+                                         timeout_s=float(target.get("timeout", 10.0)), max_body_bytes=1024)
+                    ok = 200 <= resp.status < 300
+                    detail = f"HTTP {resp.status}"
+                except (HttpError, ValueError, OSError) as e:
+                    detail = str(e)
+                if ok:
+                    break
+                if attempt < tries:
+                    self.metrics.notifications.labels("retried").inc()
+                    await trio.sleep(policy.delay_s(attempt, self.rng))
+            status = "sent" if ok else "failed"
+        finally:
+            span.set(tries=attempt, detail=detail)
+            span.end(status, None if ok else detail or None)
         self.metrics.notifications.labels("sent" if ok else "failed").inc()
         if not ok:
             log.warning("notification %s to %s failed after %d tries: %s", eff.event, target["url"], tries, detail,
-                        extra={"task_id": eff.task_id, "run_id": eff.run_id})
+                        extra={"task_id": eff.task_id, "run_id": eff.run_id, "trace_id": trace_id})
         if eff.run_id is not None:
             self._do(self.core.notify_done(eff.task_id, eff.run_id, eff.key, ok, _wall(), detail))
 
