@@ -263,10 +263,9 @@ def _consecutive_free_ports(n: int) -> int:
 
 def _exec_env(tls: bool) -> list[str]:
     """``podman exec`` options for ``peerctl`` inside a member: the token
-    and, over https, the CA (cluster.sh sets PEERCTL_NODE and
-    PEERCTL_CA_CERT in the container; SSL_CERT_FILE serves a peerctl that
-    does not read PEERCTL_CA_CERT)."""
-    return ["-e", f"PEERCTL_TOKEN={TOKEN}"] + (["-e", "SSL_CERT_FILE=/etc/peerd/tls/ca.pem"] if tls else [])
+    (over https, cluster.sh has set PEERCTL_NODE and PEERCTL_CA_CERT in the
+    container)."""
+    return ["-e", f"PEERCTL_TOKEN={TOKEN}"]
 
 
 def _members(pm: Podman, container: str, tls: bool) -> dict[str, str]:
@@ -284,7 +283,7 @@ def _peerctl_json(pm: Podman, container: str, tls: bool, *args: str):
 def _host_peerctl(*args: str, node: str, ca: Path | None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), PEERCTL_NODE=node, PEERCTL_TOKEN=TOKEN)
     if ca is not None:
-        env.update(PEERCTL_CA_CERT=str(ca), SSL_CERT_FILE=str(ca))
+        env["PEERCTL_CA_CERT"] = str(ca)
     return subprocess.run([sys.executable, "-m", "node.peerctl", *args], capture_output=True, text=True,
                           env=env, timeout=60, cwd=str(ROOT))
 
