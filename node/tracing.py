@@ -187,7 +187,7 @@ def _finish(span: Any, status: str | None, error: str | None) -> None:
         span.set_attribute("peerd.error", error)
     if status is None:
         return
-    if status in ("succeeded", "won", "sent"):
+    if status in ("succeeded", "won", "fire_without_token", "sent"):
         span.set_status(Status(StatusCode.OK))
     else:
         span.set_status(Status(StatusCode.ERROR, error or status))
