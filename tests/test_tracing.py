@@ -324,3 +324,74 @@ async def test_fenced_run_has_a_claim_span(tmp_path, nursery, etcd_server):  # n
     finally:
         await n.shutdown()
         nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------ a real daemon over OTLP/HTTP
+class Collector:
+    """A stand-in OTLP/HTTP collector: decodes each POST /v1/traces
+    (protobuf ExportTraceServiceRequest) into (resource attrs, span) pairs."""
+
+    def __init__(self):
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        self.spans: list[tuple[dict, object]] = []
+        outer = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if self.path == "/v1/traces":
+                    req = ExportTraceServiceRequest.FromString(body)
+                    for rs in req.resource_spans:
+                        res = {a.key: a.value.string_value for a in rs.resource.attributes}
+                        for ss in rs.scope_spans:
+                            outer.spans.extend((res, s) for s in ss.spans)
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@needs_otel
+def test_daemon_sends_traces_to_an_otlp_collector(tmp_path, monkeypatch):
+    from tests.cluster_util import api, running_cluster, wait_for
+
+    collector = Collector()
+    out = tmp_path / "tp.txt"
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")   # export batches every 100 ms
+    try:
+        with running_cluster(tmp_path, 1, extra_args=["--otlp-endpoint", collector.url],
+                             wait_converged_s=30) as c:
+            addr = c.procs[0].api_addr
+            task = {"id": "otlp", "schedule": FAR, "command": {"type": "shell", "run": f'echo "$TRACEPARENT" > {out}'}}
+            assert api(addr, "PUT", "/v1/tasks", [task])[0] == 200
+            assert api(addr, "POST", "/v1/tasks/otlp/run")[0] == 200
+            recs = wait_for(lambda: [r for r in api(addr, "GET", "/v1/tasks/otlp/runs")[1]
+                                     if r["status"] == "succeeded"], timeout=30, what="the run", cluster=c)
+            claim = tracing.claim_run_id(recs[0]["run_id"])
+            trace_id = bytes.fromhex(tracing.trace_id_for(claim))
+
+            def spans():
+                got = {s.name: (res, s) for res, s in list(collector.spans) if s.trace_id == trace_id}
+                return got if {"run otlp", "attempt 1"} <= got.keys() else None
+
+            got = wait_for(spans, timeout=30, what="the run's spans at the collector", cluster=c)
+            res, root = got["run otlp"]
+            _, attempt = got["attempt 1"]
+            assert res["service.name"] == "peerd" and res["peerd.node"] == "n1"
+            assert root.span_id.hex() == tracing.root_span_id_for(claim)
+            assert attempt.parent_span_id == root.span_id
+            assert out.read_text().strip() == tracing.traceparent(trace_id.hex(), attempt.span_id.hex())
+    finally:
+        collector.close()
