@@ -34,6 +34,13 @@ from typing import Any
 
 log = logging.getLogger("peerd.tracing")
 
+#: Longest one export may take, retries included; bounds how long a node's
+#: exit can wait on a collector that is down (the SDK's default is 10 s).
+EXPORT_TIMEOUT_S = 5.0
+#: While the collector is down the SDK logs every failed batch: at most one
+#: of its lines is let through per this many seconds.
+OTEL_LOG_INTERVAL_S = 60.0
+
 __all__ = [
     "NOOP",
     "NoopTracing",
@@ -241,7 +248,9 @@ class OtelTracing:
         if exporter is None:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=_traces_url(endpoint))))
+            self.provider.add_span_processor(BatchSpanProcessor(
+                OTLPSpanExporter(endpoint=_traces_url(endpoint), timeout=EXPORT_TIMEOUT_S)))
+            _quiet_otel_logs()
         else:
             self.provider.add_span_processor(SimpleSpanProcessor(exporter))
         self.tracer = self.provider.get_tracer("peerd")
@@ -301,6 +310,43 @@ class OtelTracing:
             self.provider.shutdown()
         except Exception as e:  # never fail a node's shutdown over traces
             log.warning("trace exporter shutdown failed: %s", e)
+
+
+class _OncePerInterval(logging.Filter):
+    """Lets one record through per ``interval_s``; the next one that passes
+    says how many were held back."""
+
+    def __init__(self, interval_s: float, clock: Any = time.monotonic) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self.clock = clock
+        self._last: float | None = None
+        self._held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = self.clock()
+        if self._last is not None and now - self._last < self.interval_s:
+            self._held += 1
+            return False
+        if self._held:
+            record.msg = f"{record.getMessage()} ({self._held} more OpenTelemetry messages in the last " \
+                         f"{self.interval_s:.0f} s not logged)"
+            record.args = None
+            self._held = 0
+        self._last = now
+        return True
+
+
+_OTEL_FILTER = _OncePerInterval(OTEL_LOG_INTERVAL_S)
+
+
+def _quiet_otel_logs() -> None:
+    """Rate-limit the SDK's own log lines (a collector that is down makes
+    it log every batch). Its loggers exist once its modules are imported."""
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("opentelemetry") and isinstance(logger, logging.Logger) \
+                and _OTEL_FILTER not in logger.filters:
+            logger.addFilter(_OTEL_FILTER)
 
 
 def _traces_url(endpoint: str) -> str:

@@ -395,3 +395,40 @@ def test_daemon_sends_traces_to_an_otlp_collector(tmp_path, monkeypatch):
             assert out.read_text().strip() == tracing.traceparent(trace_id.hex(), attempt.span_id.hex())
     finally:
         collector.close()
+
+
+async def test_node_without_tracing_runs_untraced(tmp_path, nursery, monkeypatch):
+    # an endpoint, but no OpenTelemetry: the node runs tasks as before
+    monkeypatch.setattr(tracing, "available", lambda: False)
+    out = tmp_path / "tp.txt"
+    n = await start_solo_node(tmp_path, nursery, token=TOKEN, otlp_endpoint="http://127.0.0.1:4318")
+    try:
+        assert n.tracing is tracing.NOOP
+        await n.apply_tasks([{"id": "plain", "schedule": FAR,
+                              "command": {"type": "shell", "run": f'echo "${{TRACEPARENT-none}}" > {out}'}}])
+        await n.run_now("plain")
+        recs = await _wait(lambda: _finished(n, "plain"), "the plain run")
+        assert recs[0]["status"] == "succeeded"
+        assert out.read_text().strip() == "none"
+    finally:
+        await n.shutdown()
+        nursery.cancel_scope.cancel()
+
+
+def test_sdk_log_lines_are_rate_limited():
+    now = [0.0]
+    f = tracing._OncePerInterval(60.0, clock=lambda: now[0])
+
+    def rec(msg):
+        return logging.LogRecord("opentelemetry.x", logging.WARNING, __file__, 1, msg, ("arg",), None)
+
+    assert f.filter(rec("export failed: %s"))
+    for t in (1.0, 30.0, 59.9):
+        now[0] = t
+        assert not f.filter(rec("export failed: %s"))
+    now[0] = 61.0
+    r = rec("export failed: %s")
+    assert f.filter(r)
+    assert r.getMessage() == "export failed: arg (3 more OpenTelemetry messages in the last 60 s not logged)"
+    now[0] = 62.0
+    assert not f.filter(rec("again"))
