@@ -34,8 +34,9 @@ from typing import Any
 
 log = logging.getLogger("peerd.tracing")
 
-#: Longest one export may take, retries included; bounds how long a node's
-#: exit can wait on a collector that is down (the SDK's default is 10 s).
+#: Timeout of an export request to the collector (the SDK's default is
+#: 10 s): the spans still buffered are sent when the process exits, and a
+#: collector that is down must not hold the exit for long.
 EXPORT_TIMEOUT_S = 5.0
 #: While the collector is down the SDK logs every failed batch: at most one
 #: of its lines is let through per this many seconds.
