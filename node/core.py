@@ -49,10 +49,10 @@ from __future__ import annotations
 
 import heapq
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
-from . import followups, peerwire
+from . import followups, peerwire, shards
 from .knobs import NodeKnobs
 from .ring import Ring
 from .runstatus import CANCELLED, LOST, PENDING, RETRYABLE, RUNNING, SKIPPED
@@ -102,6 +102,8 @@ class StartRun:
     token: int | None
     #: a manual run's parameters: {"env": {...}, "args": [...]} (tasks.bind_run)
     params: dict | None = None
+    #: the scheduling unit when it is not the task: a shard ``<task>#<i>``
+    unit: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +168,8 @@ class _Run:
     attempt_started: float = 0.0
     params: dict | None = None
     upstream: dict | None = None
+    unit: str | None = None          # the scheduling unit when not the task (a shard)
+    shard: tuple[int, int] | None = None
 
 
 @dataclass(slots=True)
@@ -246,6 +250,8 @@ class NodeCore:
         self._chain_ids: dict[tuple[str, int], str] = {}         # (task, slot) -> trigger claim id
         self._notifying: set[tuple[str, str, str]] = set()       # (task, run id, key) in flight
         self._held_triggers: set[tuple[str, str]] = set()        # pending chain triggers we hold
+        self._broadcast: set[str] = set()                        # tasks with target all|count
+        self._shard_info: dict[str, tuple[str, int, int]] = {}   # unit "<task>#<i>" we run -> (task, i, n)
         self._hand_on_xids: dict[int, tuple[str, str]] = {}      # push xid -> trigger handed on
         self.stopping = False
         self.runs_closed = False
@@ -512,7 +518,7 @@ class NodeCore:
             self._note("run_finished", task_id=r.task_id, run_id=f"{run_id}.{cancelled_attempt}",
                        attempt=cancelled_attempt, status=CANCELLED, exit_code=None, error=why,
                        duration_s=0.0)
-        self.scheduler.run_finished(r.task_id, run_id, now)
+        self.scheduler.run_finished(r.unit or r.task_id, run_id, now)
         return self._take()
 
     def notify_done(self, task_id: str, run_id: str, key: str, ok: bool, now: float,
@@ -580,6 +586,15 @@ class NodeCore:
                 ) -> tuple[int | None, list[str], list[Effect]]:
         """Fire ``task_id`` now if we own it: ``(slot or None, skip reasons, effects)``.
         ``params`` (checked by ``tasks.bind_run``) go with that run only."""
+        if task_id in self._broadcast:
+            # every shard this node holds runs now (the API asks each holder)
+            fired, why, effects = None, [], []
+            for unit in sorted(u for u, info in self._shard_info.items() if info[0] == task_id):
+                slot, reasons, effs = self.run_now(unit, now, params)
+                fired = slot if slot is not None else fired
+                why += reasons
+                effects += effs
+            return fired, why, effects + self._take()
         if params and (params.get("env") or params.get("args")):
             self._run_params[(task_id, int(now // 1))] = params
         effects = self.scheduler.run_now(task_id, now)
@@ -667,11 +682,19 @@ class NodeCore:
         self._shared_cache.clear()
         changed = self.ring.set_members(self._eligible())
         self._apply_ownership(sorted(changed), now)
+        for tid in sorted(self._broadcast):
+            self._reshard(tid, now)
 
     def _apply_ownership(self, task_ids: Iterable[str], now: float) -> None:
         start_handoffs = False
         for tid in task_ids:
             if tid not in self.tasks:
+                continue
+            if tid in self._broadcast:
+                # each slot runs once per shard, as units <task>#<i> (node/shards.py)
+                self.owned.discard(tid)
+                self.scheduler.set_owned(tid, False, now)
+                self._reshard(tid, now)
                 continue
             owners = self.ring.owners(tid)
             owned = bool(owners) and owners[0] == self.name
@@ -737,12 +760,18 @@ class NodeCore:
                 self._handoff_done(tid, now, why=f"timed out after {self.knobs.handoff_timeout_s:g} s")
 
     def _owner_loss(self, dead: str, now: float) -> None:
-        """Unfinished runs of a dead member, of tasks we now own."""
+        """Unfinished runs of a dead member, of tasks we now own (of a
+        broadcast task: of the shards we now hold, node/shards.py Rule 3)."""
         for tid in self.ring.tasks_of(self.name):
-            if self.ring.owner(tid) != self.name or tid not in self.tasks:
+            if self.ring.owner(tid) != self.name or tid not in self.tasks or tid in self._broadcast:
                 continue
             for rec in self.store.runs(tid):
                 if rec.get("node") == dead and rec.get("status") == RUNNING:
+                    self._lose(tid, rec, dead, now, rerun=True)
+        for tid in sorted(self._broadcast):
+            for rec in self.store.runs(tid):
+                if rec.get("node") == dead and rec.get("status") == RUNNING \
+                        and self._unit_of(tid, rec) in self._shard_info:
                     self._lose(tid, rec, dead, now, rerun=True)
 
     def _recover_own_runs(self, now: float) -> None:
@@ -762,13 +791,71 @@ class NodeCore:
         self._note("run_lost", task_id=tid, run_id=rec.get("run_id"), node=dead)
         if isinstance(lost.get("notify"), dict):
             self._send_pending(tid, lost, now)
+        unit = self._unit_of(tid, rec)
         if isinstance(rec.get("slot"), int):
-            self._lost_claimers[(tid, rec["slot"])] = (dead, claim_run_id(rec))
+            self._lost_claimers[(unit, rec["slot"])] = (dead, claim_run_id(rec))
             while len(self._lost_claimers) > self.knobs.lost_runs_max:
                 self._lost_claimers.pop(next(iter(self._lost_claimers)))
-        if rerun:
-            for eff in self.scheduler.unfinished_run(tid, rec, now):
+        if rerun and (unit == tid or unit in self._shard_info):
+            for eff in self.scheduler.unfinished_run(unit, rec, now):
                 self._scheduler_effect(eff, now)
+
+    # ------------------------------------------------------------ shards
+    # Broadcast and sharded tasks: node/shards.py has the rules.
+
+    def shard_list(self, tid: str) -> list[str]:
+        task = self.tasks.get(tid)
+        if task is None:
+            return []
+        members = self.ring.members()
+        req = dict(task.tags or {})
+        eligible = [m for m, tags in members.items() if all(tags.get(k) == v for k, v in req.items())]
+        return shards.shard_members(tid, task.target, self.ring.owners(tid), eligible)
+
+    def _reshard(self, tid: str, now: float) -> None:
+        """Rule 2: schedule the shard of ``tid`` this node holds, drop others."""
+        task = self.tasks.get(tid)
+        if task is None or tid not in self._broadcast:
+            return
+        members = self.shard_list(tid)
+        n = len(members)
+        mine = {shards.shard_id(tid, i): (tid, i, n) for i, m in enumerate(members) if m == self.name}
+        for unit in [u for u, info in self._shard_info.items() if info[0] == tid]:
+            if unit not in mine:
+                del self._shard_info[unit]
+                self.scheduler.set_owned(unit, False, now)
+                self.scheduler.remove_task(unit)
+        for unit, info in sorted(mine.items()):
+            fresh = unit not in self._shard_info
+            self._shard_info[unit] = info
+            if fresh:
+                ctl = self.store.control(unit)
+                self.scheduler.set_task(replace(task, id=unit, target=None),
+                                        paused=bool(self.store.control(tid).paused),
+                                        last_fired_slot=ctl.last_fired_slot, now=now)
+                self.scheduler.set_owned(unit, not self.stopping, now, handoff_ready=True)
+
+    def _drop_shards(self, tid: str) -> None:
+        for unit in [u for u, info in self._shard_info.items() if info[0] == tid]:
+            del self._shard_info[unit]
+            try:
+                self.scheduler.remove_task(unit)
+            except KeyError:
+                pass
+
+    def _task_of(self, unit: str) -> Task | None:
+        """The task a scheduling unit fires (itself, or a shard's task)."""
+        t = self.tasks.get(unit)
+        if t is not None:
+            return t
+        info = self._shard_info.get(unit)
+        return self.tasks.get(info[0]) if info else None
+
+    def _unit_of(self, tid: str, rec: dict) -> str:
+        sh = rec.get("shard")
+        if tid in self._broadcast and isinstance(sh, int):
+            return shards.shard_id(tid, sh)
+        return tid
 
     # ------------------------------------------------------------ follow-ups
     # Notifications and chained runs: node/followups.py has the rules.
@@ -924,12 +1011,15 @@ class NodeCore:
                                                  error=f"chained run not run: {why}")), now, run_task=tid)
 
     def _missed(self, tid: str, slot: int, reason: str, now: float) -> None:
-        task = self.tasks.get(tid)
+        task = self._task_of(tid)
         if task is None or not task.notify or reason not in followups.MISSED_REASONS:
             return
+        fields = {"event": "missed", "task_id": task.id, "slot": slot, "reason": reason, "node": self.name}
+        info = self._shard_info.get(tid)
+        if info is not None:
+            fields["shard"] = info[1]
         for idx, event in followups.targets_for(task.notify, ["missed"]):
-            self._out.append(Notify(tid, None, f"{idx}:{event}", event, task.notify[idx], {
-                "event": "missed", "task_id": tid, "slot": slot, "reason": reason, "node": self.name}))
+            self._out.append(Notify(task.id, None, f"{idx}:{event}", event, task.notify[idx], fields))
 
     # ---------------------------------------------------------- replication
 
@@ -950,7 +1040,10 @@ class NodeCore:
             return
         self._after_change([e[0] for e in entries], now)
         if run_task is not None:
-            targets = [o for o in self.ring.owners(run_task) if o != self.name]
+            owners = self.ring.owners(run_task)
+            if run_task in self._broadcast:
+                owners = owners + [m for m in self.shard_list(run_task) if m not in owners]
+            targets = [o for o in owners if o != self.name]
         else:
             targets = [n for n in sorted(self._view) if n != self.name
                        and self._view[n][0] in ("alive", "suspect")]
@@ -991,6 +1084,8 @@ class NodeCore:
                     moved |= self.ring.remove_task(tid)
                     self.scheduler.remove_task(tid)
                     self._index_after(tid, None)
+                    self._broadcast.discard(tid)
+                    self._drop_shards(tid)
                     for c in self._lines.pop(tid, []):
                         self.stats["abandoned"] += 1
                 continue
@@ -1018,6 +1113,11 @@ class NodeCore:
         self.tasks[tid] = task
         self._defs[tid] = view.value
         self._index_after(tid, task.after["task"] if task.after else None)
+        if task.target:
+            self._broadcast.add(tid)
+        elif tid in self._broadcast:
+            self._broadcast.discard(tid)
+            self._drop_shards(tid)
         self._shared_cache.clear()
         moved = self.ring.set_tasks({tid: dict(task.tags) if task.tags else None})
         self.scheduler.set_task(task, paused=bool(ctl.paused), last_fired_slot=ctl.last_fired_slot, now=now)
@@ -1108,7 +1208,7 @@ class NodeCore:
         if kind is Fire:
             self._fire(eff, now)
         elif kind is SlotSkipped:
-            t = self.tasks.get(eff.task_id)
+            t = self._task_of(eff.task_id)
             self._note("slot_skipped", task_id=eff.task_id, slot=eff.slot, reason=eff.reason,
                        misfire=t.misfire if t else None)
             if (eff.task_id, eff.slot) in self._chain_ids:
@@ -1124,21 +1224,22 @@ class NodeCore:
             self._commit(self.store.advance_fired(eff.task_id, eff.slot), now)
 
     def _fire(self, fire: Fire, now: float) -> None:
-        task = self.tasks.get(fire.task_id)
+        task = self._task_of(fire.task_id)
         if self.stopping or task is None:
             self._abandon(fire.task_id, fire.slot, now, "shutting_down" if self.stopping else "task_removed")
             return
+        unit = fire.task_id
         if fire.reason == "catchup":
             self._note("misfire", task_id=task.id, slot=fire.slot, policy=task.misfire)
-        chained = self._chain_ids.get((task.id, fire.slot)) if fire.reason == "chain" else None
+        chained = self._chain_ids.get((unit, fire.slot)) if fire.reason == "chain" else None
         run_id = chained or f"{fire.slot}-{self.name}-{self.rng.getrandbits(32):08x}"
         window = max(float(task.catchup_window_s or 0.0), self.scheduler.misfire_grace_s)
         c = _ClaimTry(fire.slot, run_id, fire.reason, fire.fire_at,
                       deadline=max(now, fire.slot + window))
         if not self.fencing:
-            self._claimed(task.id, c, None, now)
+            self._claimed(unit, c, None, now)
             return
-        lost = self._lost_claimers.get((task.id, fire.slot)) if fire.reason == "rerun_owner_loss" else None
+        lost = self._lost_claimers.get((unit, fire.slot)) if fire.reason == "rerun_owner_loss" else None
         if lost is not None:
             # The dead claimer's claim stands in etcd: take it over once (no
             # turn: it may wait for the claimer's session and must not hold
@@ -1146,13 +1247,13 @@ class NodeCore:
             c.reclaim = lost
             c.since = now
             c.deadline = max(c.deadline, now + 2.0)
-            self._reclaims[(task.id, fire.slot)] = c
-            self._send_reclaim((task.id, fire.slot), now)
+            self._reclaims[(unit, fire.slot)] = c
+            self._send_reclaim((unit, fire.slot), now)
             return
-        line = self._lines.setdefault(task.id, [])
+        line = self._lines.setdefault(unit, [])
         line.append(c)
         line.sort(key=lambda x: x.slot)
-        self._pump(task.id, now)
+        self._pump(unit, now)
 
     def _pump(self, tid: str, now: float) -> None:
         """Send the task's oldest waiting claim if none is in flight:
@@ -1210,7 +1311,7 @@ class NodeCore:
         self._abandon(key[0], key[1], now, "reclaim_" + outcome)
 
     def _claimed(self, tid: str, c: _ClaimTry, token: int | None, now: float) -> None:
-        task = self.tasks.get(tid)
+        task = self._task_of(tid)
         if task is None:
             self._abandon(tid, c.slot, now, "task_removed")
             return
@@ -1226,14 +1327,23 @@ class NodeCore:
             self._chain_ids.pop((tid, c.slot), None)
             upstream = (params or {}).get("upstream")
             params = {"env": (params or {}).get("env") or {}, "args": []}
-        self.running[c.run_id] = _Run(tid, c.slot, token, c.reason, now,
-                                      params=params if c.reason == "run_now" else None, upstream=upstream)
+        info = self._shard_info.get(tid)
+        if info is not None:
+            # Rule 2 of node/shards.py: the shard's index and count in its env
+            env = dict((params or {}).get("env") or {})
+            env.update({"PEERD_SHARD_INDEX": str(info[1]), "PEERD_SHARD_COUNT": str(info[2])})
+            params = {"env": env, "args": list((params or {}).get("args") or [])}
+        self.running[c.run_id] = _Run(task.id, c.slot, token, c.reason, now,
+                                      params=params if c.reason == "run_now" else None, upstream=upstream,
+                                      unit=tid if tid != task.id else None,
+                                      shard=(info[1], info[2]) if info else None)
         for eff in self.scheduler.run_started(tid, c.slot, c.run_id, now):
             self._scheduler_effect(eff, now)
         self._note("slot_fired", task_id=tid, slot=c.slot, reason=c.reason,
                    late_s=max(0.0, now - c.fire_at), token=token)
         self._out.append(StartRun(task, c.slot, c.run_id, c.reason, c.fire_at, token,
-                                  params if params and (params.get("env") or params.get("args")) else None))
+                                  params if params and (params.get("env") or params.get("args")) else None,
+                                  unit=tid if tid != task.id else None))
 
     def _abandon(self, tid: str, slot: int, now: float, why: str) -> None:
         self.stats["abandoned"] += 1
@@ -1261,6 +1371,8 @@ class NodeCore:
             rec["params"] = r.params
         if r.upstream:
             rec["upstream"] = r.upstream
+        if r.shard is not None:
+            rec["shard"], rec["shards"] = r.shard
         rec.update(fields)
         return rec
 

@@ -919,20 +919,39 @@ class Node:
             params = bind_run(task, env, args)
         except TaskError as e:
             raise HTTPError(400, str(e)) from None
+        msg = {"t": "run_now", "task_id": task_id}
+        if params["env"] or params["args"]:
+            msg["params"] = params
+        if task.target:
+            # a broadcast task: every shard's member runs its shard now
+            out = []
+            for member in sorted(set(self.core.shard_list(task_id))):
+                try:
+                    if member == self.name:
+                        out.append(await self._run_now_local(task_id, params))
+                    else:
+                        out.append((await self._request(member, msg)).get("body") or {})
+                except HTTPError as e:
+                    out.append({"task_id": task_id, "node": member, "error": e.message})
+            if not out:
+                raise HTTPError(409, f"task {task_id!r} has no eligible member to run on")
+            first = next((x for x in out if "slot" in x), out[0])
+            return {"task_id": task_id, "node": ",".join(x.get("node", "?") for x in out),
+                    "slot": first.get("slot"), "shards": out}
         owner = self.core.ring.owner(task_id)
         if owner is None:
             raise HTTPError(409, f"task {task_id!r} has no eligible member to run on")
         if owner == self.name:
             return await self._run_now_local(task_id, params)
-        msg = {"t": "run_now", "task_id": task_id}
-        if params["env"] or params["args"]:
-            msg["params"] = params
         rep = await self._request(owner, msg)
         return rep.get("body") or {}
 
     async def _run_now_local(self, task_id: str, params: dict | None = None) -> dict:
         task = self._task_or_404(task_id)
-        if self.core.ring.owner(task_id) != self.name:
+        if task.target:
+            if self.name not in self.core.shard_list(task_id):
+                raise HTTPError(409, f"{self.name} holds no shard of {task_id!r}")
+        elif self.core.ring.owner(task_id) != self.name:
             raise HTTPError(409, f"{self.name} does not own {task_id!r} (owner: {self.core.ring.owner(task_id)})")
         if params is not None:
             # checked again here: the definition may have changed on the way

@@ -120,6 +120,8 @@ MAX_ENV = 256
 #: Parameters per task, and the longest value (or default) of one.
 MAX_PARAMS = 64
 MAX_PARAM_LEN = 4096
+#: Most members one slot of a ``target: {mode: count}`` task runs on.
+MAX_SHARDS = 1024
 #: ``output: {keep: file}``: default and largest size of a run's output file.
 DEFAULT_OUTPUT_FILE_BYTES = 10 << 20
 MAX_OUTPUT_FILE_BYTES = 1 << 30
@@ -278,11 +280,16 @@ class Task:
     #: (tail: the last 64 KiB in the run record; file: also the whole output,
     #: up to max_bytes, in a file on the node that ran it)
     output: dict | None = None
+    #: where each slot runs: None (one member, the owner), {"mode": "all"}
+    #: (every eligible member) or {"mode": "count", "count": N} (the first N
+    #: of the task's preference list); node/shards.py
+    target: dict | None = None
 
     FIELDS: ClassVar[tuple[str, ...]] = (
         "id", "name", "schedule", "timezone", "dst", "jitter", "command", "timeout",
         "retries", "overlap", "misfire", "catchup_window", "on_owner_loss", "tags",
         "env", "cwd", "paused", "history", "cron_reading_ack", "params", "after", "notify", "output",
+        "target",
     )
 
     def __hash__(self) -> int:  # dict fields are unhashable; equal tasks share these
@@ -335,6 +342,8 @@ class Task:
             d["notify"] = [dict(n) for n in self.notify]
         if self.output:
             d["output"] = dict(self.output)
+        if self.target:
+            d["target"] = dict(self.target)
         return d
 
     @classmethod
@@ -563,6 +572,7 @@ class _Validator:
         params = self.params(d.get("params"))
         notify = self.notify(d.get("notify"))
         output = self.output(d.get("output"))
+        target = self.target(d.get("target"))
 
         if self.errors or command is None:
             return None
@@ -572,8 +582,32 @@ class _Validator:
             overlap=overlap, misfire=misfire, catchup_window_s=window_s,
             on_owner_loss=owner_loss, tags=tags, env=env, cwd=cwd, paused=paused,
             history=history, cron_reading_ack=ack, params=params, after=after, notify=notify,
-            output=output,
+            output=output, target=target,
         )
+
+    def target(self, raw: Any) -> dict | None:
+        if raw is None:
+            return None
+        if isinstance(raw, str):
+            raw = {"mode": raw}
+        if not isinstance(raw, dict):
+            self.err("target", "must be a mapping {mode: one|all|count, count: N}", raw)
+            return None
+        self._unknown(raw, ("mode", "count"), "target.")
+        mode = raw.get("mode", "one")
+        if mode not in ("one", "all", "count"):
+            self.err("target.mode", "must be one of one, all, count", mode)
+            return None
+        if mode == "count":
+            n = raw.get("count")
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SHARDS:
+                self.err("target.count", f"must be an integer 1-{MAX_SHARDS} with mode count", n)
+                return None
+            return {"mode": "count", "count": n}
+        if "count" in raw:
+            self.err("target.count", "only with mode count", raw["count"])
+            return None
+        return None if mode == "one" else {"mode": "all"}
 
     def output(self, raw: Any) -> dict | None:
         if raw is None:

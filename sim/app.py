@@ -247,7 +247,7 @@ class SchedulerApp:
             elif tp is Request:
                 self._requests.append(e)
             elif tp is StartRun:
-                self.cluster.record_fire(self.node, e.task.id, e.slot, e.token, e.reason, e.run_id)
+                self.cluster.record_fire(self.node, e.unit or e.task.id, e.slot, e.token, e.reason, e.run_id)
                 work.extend(self.core.attempt_started(e.run_id, 1, now))
                 end = now + self.cluster.run_duration(e.task.id)
                 self.finish[e.run_id] = end
@@ -664,8 +664,9 @@ def app_report(cluster: AppCluster, report: dict) -> dict:
     """Fill ``report`` (from ``cluster.run``) with the fire metrics and checks."""
     tasks = cluster.tasks_applied
     start_s, end_s = cluster.window_s
-    report.update(fire_metrics(cluster.ledger, tasks, EPOCH_BASE + start_s, EPOCH_BASE + end_s,
-                               cluster.downs.down))
+    # broadcast tasks fire per shard unit (shard_report checks them)
+    report.update(fire_metrics(cluster.ledger, [d for d in tasks if not d.get("target")],
+                               EPOCH_BASE + start_s, EPOCH_BASE + end_s, cluster.downs.down))
     # every missed slot with its reason (the first node that decided not to
     # run it), or "undecided" (no owner decided it: it was never due anywhere)
     missed = report.pop("missed")
@@ -796,6 +797,37 @@ def followup_report(cluster: AppCluster, *, grace_s: float = 15.0) -> dict:
         "chain_expected": chain_expected, "chain_missing": len(chain_missing),
         "chain_missing_examples": chain_missing[:5], "chain_duplicates": chain_dups[:5],
     }
+
+
+def shard_report(cluster: AppCluster) -> dict:
+    """Broadcast tasks with ``target: {mode: count, count: N}`` (node/shards.py):
+    every due slot of the window fired once on each of its N shards.
+    ``shard_missed``: (task, slot, shard) never fired; ``shard_duplicates``:
+    fired more than once other than a documented rerun of a lost run."""
+    start_s, end_s = cluster.window_s
+    fires: dict[tuple[str, int, int], list[str]] = {}
+    for unit, slot, _node, _boots, _t, _tok, reason in cluster.ledger:
+        tid, sep, idx = unit.rpartition("#")
+        if sep and idx.isdigit():
+            fires.setdefault((tid, int(slot), int(idx)), []).append(reason)
+    missed, dups, due_n = [], [], 0
+    for d in cluster.tasks_applied:
+        tgt = d.get("target") or {}
+        step = _every_s(d.get("schedule") or "")
+        if tgt.get("mode") != "count" or step is None:
+            continue
+        s = math.ceil((EPOCH_BASE + start_s) / step) * step
+        while s <= EPOCH_BASE + end_s:
+            for i in range(int(tgt["count"])):
+                due_n += 1
+                got = fires.get((d["id"], int(s), i), [])
+                if not got:
+                    missed.append([d["id"], int(s), i])
+                elif len([r for r in got if r != "rerun_owner_loss"]) > 1:
+                    dups.append([d["id"], int(s), i, got])
+            s += step
+    return {"shard_slots_due": due_n, "shard_missed": len(missed), "shard_missed_examples": missed[:5],
+            "shard_duplicates": len(dups), "shard_duplicate_examples": dups[:5]}
 
 
 def simulate_app(*, nodes: int, duration_s: float, seed: int, scenario: str = "steady",

@@ -130,3 +130,23 @@ def test_task_fields_round_trip_and_errors():
         Task.from_dict({"id": "d", "after": "d", "command": {"type": "exec", "argv": ["true"]}})
     with pytest.raises(TaskError, match="needs an after"):
         Task.from_dict({"id": "d", "schedule": "after", "command": {"type": "exec", "argv": ["true"]}})
+
+
+@given(st.sets(st.sampled_from([f"n{i}" for i in range(8)]), min_size=1),
+       st.one_of(st.none(), st.just({"mode": "all"}), st.builds(lambda n: {"mode": "count", "count": n},
+                                                                   st.integers(1, 10))))
+def test_shard_lists(members, target):
+    from node.ring import preference_list
+    from node.shards import shard_members, split_shard_id, shard_id
+
+    owners = preference_list("t", members, 3)
+    lst = shard_members("t", target, owners, members)
+    assert len(lst) == len(set(lst)) and set(lst) <= members
+    assert lst[: min(len(owners), len(lst))] == owners[: len(lst)]         # owner first, then replicas
+    if target is None:
+        assert lst == owners[:1]
+    elif target["mode"] == "all":
+        assert set(lst) == members
+    else:
+        assert len(lst) == min(target["count"], len(members))
+    assert split_shard_id(shard_id("a#b", 3)) == ("a#b", 3) and split_shard_id("plain") is None

@@ -314,3 +314,51 @@ def test_live_output_and_output_files(cluster, tmp_path):
     assert files[0].read_text() == "x" * 70 + "\n" and oct(files[0].stat().st_mode & 0o777) == "0o600"
     st, body = api(b.api_addr, "GET", f"/v1/runs/{rec['run_id']}/logs?format=json")
     assert body["data"] == "x" * 70 + "\n" and body.get("source") in ("file", "record")
+
+
+def test_broadcast_and_sharding(cluster, tmp_path):
+    out = tmp_path / "shards.out"
+    f = tmp_path / "bc.yaml"
+    f.write_text(textwrap.dedent(f"""
+        - id: bc-all
+          schedule: "{FAR}"
+          target: {{mode: all}}
+          command: {{type: shell, run: 'echo "all $PEERD_SHARD_INDEX $PEERD_SHARD_COUNT $PEERD_NODE" >> {out}'}}
+        - id: bc-two
+          schedule: "@every 2s"
+          misfire: skip
+          target: {{mode: count, count: 2}}
+          command: {{type: shell, run: 'echo "two $PEERD_SLOT $PEERD_SHARD_INDEX $PEERD_SHARD_COUNT $PEERD_NODE" >> {out}'}}
+    """))
+    a, b, _ = cluster.procs
+    assert peerctl("tasks", "apply", "-f", str(f), node=a.api_addr).returncode == 0
+    _everywhere(cluster, "bc-two")
+    r = peerctl("--json", "tasks", "run", "bc-all", node=b.api_addr)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["shards"]) == 3
+
+    def lines(kind):
+        return [ln.split() for ln in (out.read_text().splitlines() if out.exists() else []) if ln.startswith(kind)]
+
+    wait_for(lambda: len(lines("all")) == 3, timeout=30, what="every member ran bc-all", cluster=cluster)
+    got = sorted((int(x[1]), int(x[2]), x[3]) for x in lines("all"))
+    assert [g[:2] for g in got] == [(0, 3), (1, 3), (2, 3)]
+    assert {g[2] for g in got} == {p.name for p in cluster.procs}
+
+    # count 2: each slot on two members, shard 0 and 1, once each
+    def slots():
+        by: dict[str, list] = {}
+        for x in lines("two"):
+            by.setdefault(x[1], []).append((int(x[2]), int(x[3]), x[4]))
+        return by
+
+    wait_for(lambda: sum(1 for v in slots().values() if len(v) == 2) >= 2, timeout=60,
+             what="two slots of bc-two on two members each", cluster=cluster)
+    for slot, runs in slots().items():
+        assert len(runs) <= 2, (slot, runs)
+        assert sorted(r[0] for r in runs) == sorted(set(r[0] for r in runs)) and all(r[1] == 2 for r in runs)
+    done = [v for v in slots().values() if len(v) == 2]
+    assert all(len({r[2] for r in v}) == 2 for v in done)
+    st, recs = api(a.api_addr, "GET", "/v1/tasks/bc-all/runs")
+    assert st == 200
+    assert all("shard" in rec for rec in recs), recs

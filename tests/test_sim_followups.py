@@ -22,3 +22,18 @@ def test_every_run_notified_and_chained_once_with_fencing(scenario, seed):
 def test_without_fencing_nothing_is_missed():
     fr = run_one("crash", 3, fencing=False)
     assert fr["notify_missing"] == 0 and fr["chain_missing"] == 0
+
+
+@pytest.mark.parametrize("scenario", ["crash", "churn", "partition"])
+def test_every_shard_of_every_slot_fires_once_with_fencing(scenario):
+    from sim.app import shard_report, simulate_app
+
+    tasks = [{"id": "bc", "schedule": "@every 2s", "command": {"type": "exec", "argv": ["true"]},
+              "misfire": "run_all", "overlap": "allow", "catchup_window": "60s",
+              "target": {"mode": "count", "count": 3}}]
+    for seed in (0, 1):
+        rep, cl = simulate_app(nodes=5, duration_s=90, seed=seed, scenario=scenario, tasks=tasks, fencing=True)
+        sr = shard_report(cl)
+        assert sr["shard_slots_due"] > 90
+        assert sr["shard_missed"] == 0 and sr["shard_duplicates"] == 0, (seed, sr)
+        assert rep["violations"] == [], (seed, rep["violations"])

@@ -165,6 +165,7 @@ FULL = base(
     notify=[{"on": ["failure", "recovery"], "url": "https://hooks.example/x", "headers": {"X-A": "1"},
              "template": {"text": "$task_id $status"}, "timeout": "5s", "retries": 2}],
     output={"keep": "file", "max_bytes": 2048},
+    target={"mode": "count", "count": 2},
 )
 
 
