@@ -11,6 +11,7 @@ environment variable), the key and the reason. Nothing here does network I/O.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -160,6 +161,10 @@ class NodeConfig:
             start empty (refilled from peers) instead of refusing to start.
         max_skew_s: members whose clocks are off by more than this are not
             given ownership (default 2 s).
+        notify: the cluster's default notification targets, for every task
+            without its own ``notify`` (same fields; a list in a config file,
+            JSON in ``PEERD_NOTIFY``); each node applies its own, so give
+            every node the same.
         otlp_endpoint: OTLP/HTTP traces endpoint (``http://collector:4318``;
             ``/v1/traces`` is added when the path is empty); empty = no
             traces. Needs the ``otel`` extra (node/tracing.py).
@@ -200,6 +205,7 @@ class NodeConfig:
     start_empty: bool = False
     max_skew_s: float = 2.0
     otlp_endpoint: str = ""
+    notify: tuple = ()
 
     def advertise_addr(self) -> Addr:
         if self.advertise is not None:
@@ -272,6 +278,28 @@ def _name(value: Any, what: str) -> str:
     return v
 
 
+def _notify_targets(value: Any, what: str) -> tuple:
+    """Default notify targets: a list of targets (or JSON text of one)."""
+    from .tasks import check_notify_target
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ConfigError(f"{what}: expected a list of notify targets (JSON in a flag or variable)") from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or len(value) > 8:
+        raise ConfigError(f"{what}: expected a list of at most 8 notify targets")
+    out = []
+    for i, t in enumerate(value):
+        err, target = check_notify_target(t)
+        if err:
+            raise ConfigError(f"{what}[{i}].{err[0]}: {err[1]}" if err[0] else f"{what}[{i}]: {err[1]}")
+        out.append(target)
+    return tuple(out)
+
+
 PARSERS: dict[str, Any] = {
     "name": _name,
     "bind": _addr_parser,
@@ -308,6 +336,7 @@ PARSERS: dict[str, Any] = {
     "start_empty": _parse_bool,
     "max_skew_s": lambda v, w: _parse_float(v, w, minimum=0.0),
     "otlp_endpoint": _str,
+    "notify": lambda v, w: _notify_targets(v, w),
 }
 assert set(PARSERS) == {f.name for f in fields(NodeConfig)}
 

@@ -205,17 +205,20 @@ class NodeCore:
         knobs: :class:`node.knobs.NodeKnobs`.
         rng: randomness (run ids, anti-entropy peers and intervals).
         fencing: claim every fire in etcd first.
+        default_notify: notify targets for tasks without their own.
     """
 
     def __init__(self, name: str, store: Store, *, tags: dict[str, str] | None = None,
                  knobs: NodeKnobs | None = None, rng: random.Random | None = None,
-                 fencing: bool = False) -> None:
+                 fencing: bool = False, default_notify: tuple = ()) -> None:
         self.name = name
         self.store = store
         self.tags = dict(tags or {})
         self.knobs = knobs or NodeKnobs()
         self.rng = rng or random.Random(0)
         self.fencing = fencing
+        #: notify targets of tasks without their own (the node config's ``notify``)
+        self.default_notify = tuple(default_notify)
         self.ring = Ring(replicas=3)
         self.scheduler = Scheduler(name)
         self.skew = SkewEstimator()
@@ -860,6 +863,10 @@ class NodeCore:
     # ------------------------------------------------------------ follow-ups
     # Notifications and chained runs: node/followups.py has the rules.
 
+    def _targets(self, task: Task) -> tuple:
+        """A task's notify targets, or the node's defaults when it has none."""
+        return task.notify or self.default_notify
+
     def _index_after(self, tid: str, upstream: str | None) -> None:
         old = self._after_of.pop(tid, None)
         if old is not None:
@@ -881,9 +888,10 @@ class NodeCore:
         rid = rec.get("run_id")
         if task is None or not isinstance(rid, str):
             return rec
-        if task.notify and "notify" not in rec:
+        targets = self._targets(task)
+        if targets and "notify" not in rec:
             prev = followups.previous_status(self.store.runs(tid), rid.rsplit(".", 1)[0])
-            pairs = followups.targets_for(task.notify, followups.run_events(status, prev))
+            pairs = followups.targets_for(targets, followups.run_events(status, prev))
             if pairs:
                 rec = dict(rec, notify=followups.notify_state(pairs))
         slot = rec.get("slot")
@@ -969,12 +977,13 @@ class NodeCore:
             if state != "pending" or (tid, rid, key) in self._notifying:
                 continue
             idx, _, event = key.partition(":")
-            if task is None or not idx.isdigit() or int(idx) >= len(task.notify):
+            targets = self._targets(task) if task is not None else ()
+            if task is None or not idx.isdigit() or int(idx) >= len(targets):
                 # the definition changed since: nowhere to send it
                 self.notify_done(tid, rid, key, False, now, "target no longer in the task's notify")
                 continue
             self._notifying.add((tid, rid, key))
-            self._out.append(Notify(tid, rid, key, event, task.notify[int(idx)],
+            self._out.append(Notify(tid, rid, key, event, targets[int(idx)],
                                     followups.payload(tid, rec, event)))
 
     def _take_trigger(self, tid: str, rec: dict, now: float) -> None:
@@ -1012,14 +1021,15 @@ class NodeCore:
 
     def _missed(self, tid: str, slot: int, reason: str, now: float) -> None:
         task = self._task_of(tid)
-        if task is None or not task.notify or reason not in followups.MISSED_REASONS:
+        if task is None or not self._targets(task) or reason not in followups.MISSED_REASONS:
             return
         fields = {"event": "missed", "task_id": task.id, "slot": slot, "reason": reason, "node": self.name}
         info = self._shard_info.get(tid)
         if info is not None:
             fields["shard"] = info[1]
-        for idx, event in followups.targets_for(task.notify, ["missed"]):
-            self._out.append(Notify(task.id, None, f"{idx}:{event}", event, task.notify[idx], fields))
+        targets = self._targets(task)
+        for idx, event in followups.targets_for(targets, ["missed"]):
+            self._out.append(Notify(task.id, None, f"{idx}:{event}", event, targets[idx], fields))
 
     # ---------------------------------------------------------- replication
 

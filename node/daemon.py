@@ -57,6 +57,7 @@ RUN_FLAGS = [
     ("api_tls_cert", "serve the API over https with this certificate chain (PEM); needs --api-tls-key"),
     ("api_tls_key", "private key (PEM) of --api-tls-cert (mode 0600)"),
     ("max_skew_s", "members with clocks off by more than this own nothing (default 2)"),
+    ("notify", "default notification targets for tasks without notify: JSON list (config file: a list)"),
     ("otlp_endpoint", "send a trace of every run to this OTLP/HTTP collector, e.g. http://localhost:4318 "
                       "(needs the otel extra: pip install 'peerd[otel]')"),
 ]

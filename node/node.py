@@ -183,7 +183,7 @@ class Node:
         knobs = NodeKnobs.local() if cfg.profile == "local" else NodeKnobs.lan()
         self.knobs = knobs.replace(max_skew_s=cfg.max_skew_s, session_ttl_s=cfg.fencing_session_ttl_s)
         self.core = NodeCore(cfg.name, store, tags=dict(cfg.tags), knobs=self.knobs, rng=self.rng,
-                             fencing=bool(cfg.etcd))
+                             fencing=bool(cfg.etcd), default_notify=tuple(cfg.notify))
         self.metrics = NodeMetrics(self._snapshot)
         self.api_addr: tuple[str, int] | None = None
         self.gossip: GossipNode | None = None

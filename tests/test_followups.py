@@ -150,3 +150,37 @@ def test_shard_lists(members, target):
     else:
         assert len(lst) == min(target["count"], len(members))
     assert split_shard_id(shard_id("a#b", 3)) == ("a#b", 3) and split_shard_id("plain") is None
+
+
+def test_node_default_notify_applies_to_tasks_without_their_own():
+    from node.config import ConfigError, build_config
+    from node.core import NodeCore, Notify, StartRun
+    from node.store import Store
+
+    cfg = build_config(flags={"name": "n1", "insecure": True,
+                              "notify": '[{"on": ["failure"], "url": "http://hooks.example/x"}]'}, environ={})
+    assert cfg.notify[0]["url"] == "http://hooks.example/x" and cfg.notify[0]["retries"] == 3
+    with pytest.raises(ConfigError, match=r"--notify\[0\].url"):
+        build_config(flags={"name": "n1", "insecure": True, "notify": '[{"on": "failure", "url": "x"}]'},
+                     environ={})
+
+    core = NodeCore("n1", Store("n1"), default_notify=cfg.notify)
+    now = 1_800_000_000.0
+    core.start(now, joined=True)
+    core.members_changed([("n1", "alive", {})], now)
+    own = {"on": ["success"], "url": "http://own.example/"}
+    tasks = [Task.from_dict({"id": "plain", "schedule": "once:2099-01-01T00:00:00Z",
+                             "command": {"type": "exec", "argv": ["false"]}}),
+             Task.from_dict({"id": "own", "schedule": "once:2099-01-01T00:00:00Z", "notify": own,
+                             "command": {"type": "exec", "argv": ["false"]}})]
+    core.apply_tasks(tasks, now)
+    sent = []
+    for tid in ("plain", "own"):
+        _, _, effects = core.run_now(tid, now + 1)
+        starts = [e for e in effects if type(e) is StartRun]
+        assert len(starts) == 1
+        core.attempt_started(starts[0].run_id, 1, now + 1)
+        effs = core.attempt_finished(starts[0].run_id, 1, "failed", now + 2, exit_code=1)
+        sent += [(e.task_id, e.target["url"], e.event) for e in effs if type(e) is Notify]
+    # the default applies to the task without notify; a task's own replaces it
+    assert sent == [("plain", "http://hooks.example/x", "failure")]
