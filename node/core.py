@@ -58,6 +58,7 @@ from .ring import Ring
 from .runstatus import CANCELLED, LOST, PENDING, RETRYABLE, RUNNING, SKIPPED
 from .scheduler import Advance, Cancel, Fire, Scheduler, SlotSkipped
 from .skew import SkewEstimator
+from .traceids import trace_id_for
 from .store import Store
 from .tasks import Task, TaskError
 
@@ -1383,6 +1384,7 @@ class NodeCore:
             rec["upstream"] = r.upstream
         if r.shard is not None:
             rec["shard"], rec["shards"] = r.shard
+        rec["trace_id"] = trace_id_for(run_id)
         rec.update(fields)
         return rec
 

@@ -145,17 +145,9 @@ def cmd_run(argv: list[str]) -> int:
         return code
     from .node import Node, StartupError
 
-    class DaemonNode(Node):
-        def _start_fencing(self, nursery: trio.Nursery) -> None:
-            super()._start_fencing(nursery)
-            # The etcd client certificate (the client was made just now and
-            # has sent nothing yet: its loop starts at the next checkpoint).
-            if self.cfg.etcd_cert_file:
-                self.fencer.client.load_client_certificate(self.cfg.etcd_cert_file, self.cfg.etcd_key_file)
-
     async def main_async() -> int:
         try:
-            node = await DaemonNode.create(cfg)
+            node = await Node.create(cfg)
         except StartupError as e:
             log.error("cannot start: %s", e)
             return 1

@@ -10,7 +10,8 @@ import logging
 import sys
 import time
 
-_EXTRA_KEYS = ("task_id", "run_id", "slot", "member", "peer", "attempt", "status", "reason", "token")
+_EXTRA_KEYS = ("task_id", "run_id", "slot", "member", "peer", "attempt", "status", "reason", "token",
+               "trace_id")
 
 
 class _NodeFilter(logging.Filter):

@@ -29,6 +29,7 @@ import random
 import re
 import secrets
 import time
+from functools import partial
 from pathlib import Path
 
 import msgpack
@@ -53,6 +54,7 @@ from .schedule import reading_notes
 from .sqlite_store import CorruptDatabase, SqliteStore
 from .store import Store
 from .taskdiff import diff_tasks
+from .traceids import trace_id_for
 from .tasks import SecretError, Task, TaskError, after_cycle, bind_run, command_with_args, parse_tasks, resolve_env
 
 log = logging.getLogger("peerd.node")
@@ -275,7 +277,10 @@ class Node:
             self._nursery = nursery
             api = self.api = Api(self, token=cfg.api_token, open_reads=cfg.open_reads, tokens=self._tokens)
             try:
-                self.api_addr = await nursery.start(serve_http, api, cfg.api[0], cfg.api[1])
+                from .config import api_tls_context
+
+                self.api_addr = await nursery.start(partial(serve_http, ssl_context=api_tls_context(cfg)),
+                                                    api, cfg.api[0], cfg.api[1])
             except OSError as e:
                 raise StartupError(f"api {format_addr(cfg.api)}: cannot listen: {e.strerror or e}") from None
             self.gossip = GossipNode(
@@ -314,12 +319,7 @@ class Node:
     def _start_fencing(self, nursery: trio.Nursery) -> None:
         from .etcd import EtcdClient
 
-        client = EtcdClient(
-            list(self.cfg.etcd),
-            username=self.cfg.etcd_user or None,
-            password=self.cfg.etcd_password or None,
-            ca_file=self.cfg.etcd_ca_file or None,
-        )
+        client = EtcdClient.from_config(self.cfg)
         self.fencer = Fencer(
             client, self.name, prefix=self.cfg.etcd_prefix, retention_s=self.cfg.fencing_retention_s,
             on_unavailable=self.cfg.fencing_on_unavailable, session_ttl_s=self.cfg.fencing_session_ttl_s,
@@ -418,20 +418,23 @@ class Node:
         elif ev == "run_started":
             if f["attempt"] > 1:
                 m.retries.inc()
-            log.info("run started", extra={"task_id": f["task_id"], "run_id": f["run_id"], "attempt": f["attempt"]})
+            log.info("run started", extra={"task_id": f["task_id"], "run_id": f["run_id"], "attempt": f["attempt"],
+                                           "trace_id": trace_id_for(f["run_id"])})
         elif ev == "run_finished":
             m.runs.labels(f["status"]).inc()
             m.run_duration.observe(f["duration_s"])
             why = f": {f['error']}" if f.get("error") else ""
             log.info("run finished: %s (exit %s)%s", f["status"], f["exit_code"], why,
-                     extra={"task_id": f["task_id"], "run_id": f["run_id"], "status": f["status"]})
+                     extra={"task_id": f["task_id"], "run_id": f["run_id"], "status": f["status"],
+                            "trace_id": trace_id_for(f["run_id"])})
         elif ev == "chain_triggered":
             m.chained.inc()
             log.info("chained run triggered by %s run %s", f["upstream"], f["run_id"],
                      extra={"task_id": f["task_id"], "slot": f["slot"]})
         elif ev == "run_lost":
             log.warning("run of member %s was unfinished; marked lost", f["node"],
-                        extra={"task_id": f["task_id"], "run_id": f["run_id"]})
+                        extra={"task_id": f["task_id"], "run_id": f["run_id"],
+                               "trace_id": trace_id_for(str(f["run_id"]))})
         elif ev == "handoff_timeout":
             m.handoff_timeouts.inc()
             log.info("handoff for %s %s (asked %s); taking over with the state we have", f["task_id"],
@@ -811,6 +814,11 @@ class Node:
         return self.metrics.text()
 
     def status(self) -> dict:
+        try:
+            self.gossip is not None and self.gossip.core
+        except RuntimeError:
+            # the API listens a moment before gossip has bound its sockets
+            raise HTTPError(503, "node is starting: gossip not up yet") from None
         members = self.gossip.members() if self.gossip else []
         by_state: dict[str, int] = {}
         for m in members:

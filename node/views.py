@@ -22,7 +22,7 @@ RUN_KEYS = ("task_id", "slot", "run_id", "node", "attempt", "status", "exit_code
             "started", "finished", "fencing_token", "output", "error")
 #: Keys shown only when a run has them (manual run parameters, who
 #: cancelled it, its notifications, its chained upstream run, its shard).
-RUN_OPTIONAL_KEYS = ("params", "cancelled_by", "notify", "upstream", "shard", "shards")
+RUN_OPTIONAL_KEYS = ("params", "cancelled_by", "notify", "upstream", "shard", "shards", "trace_id")
 CONFLICT_RULE = "greatest (updated_at, writer, content hash) wins; siblings kept until the next write"
 
 

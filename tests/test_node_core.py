@@ -182,7 +182,8 @@ CORE_MODULES = [
     "gossip/config.py", "gossip/effects.py",
     "node/core.py", "node/knobs.py", "node/views.py", "node/ring.py", "node/store.py",
     "node/versions.py", "node/scheduler.py", "node/fencing.py", "node/retry.py", "node/skew.py",
-    "node/peerwire.py", "node/runstatus.py",
+    "node/peerwire.py", "node/runstatus.py", "node/followups.py", "node/shards.py", "node/taskdiff.py",
+    "node/traceids.py", "node/tokens.py",
 ]
 FORBIDDEN = {"trio", "socket", "time", "os", "subprocess", "sqlite3", "asyncio", "threading"}
 
