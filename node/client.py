@@ -37,13 +37,14 @@ Rules:
 """
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypedDict
 
 __all__ = [
@@ -229,6 +230,39 @@ class Client:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise BadResponseError(f"{method} {path}: answer is not JSON: {payload[:80]!r}") from None
 
+    def stream(self, method: str, path: str, *, query: Mapping[str, Any] | None = None) -> Iterator[str]:
+        """A streamed text answer, chunk by chunk as the node sends them.
+
+        Raises:
+            as :meth:`request`.
+        """
+        url_path = path + ("?" + urllib.parse.urlencode(query) if query else "")
+        req = urllib.request.Request(self.base + url_path, method=method)
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            resp = urllib.request.urlopen(req, timeout=self.timeout_s, context=self._ssl)
+        except urllib.error.HTTPError as e:
+            raise self._api_error(e, method, path) from None
+        except (urllib.error.URLError, OSError, ssl.SSLError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise UnreachableError(f"cannot reach node {self.base}: {reason}") from None
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        with resp:
+            while True:
+                try:
+                    data = resp.read1(65536)
+                except (OSError, ssl.SSLError) as e:
+                    raise UnreachableError(f"{self.base}: stream broken: {e}") from None
+                if not data:
+                    break
+                text = decoder.decode(data)
+                if text:
+                    yield text
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
+
     def _api_error(self, e: urllib.error.HTTPError, method: str, path: str) -> ApiError:
         try:
             text = e.read(64 * 1024)
@@ -366,6 +400,13 @@ class _Runs:
     def logs(self, run_id: str) -> str:
         """``GET /v1/runs/{run_id}/logs``: the run's output so far."""
         return self._c.request("GET", f"/v1/runs/{_q(run_id)}/logs", raw=True)
+
+    def follow(self, run_id: str, offset: int = 0) -> Iterator[str]:
+        """``GET /v1/runs/{run_id}/logs?follow=1``: the run's output as it
+        comes (chunked), from ``offset``, until the run ends. Each call to
+        the iterator waits at most ``timeout_s`` for the next chunk."""
+        yield from self._c.stream("GET", f"/v1/runs/{_q(run_id)}/logs",
+                                  query={"follow": 1, "offset": int(offset)})
 
 
 class _Keys:

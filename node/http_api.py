@@ -133,6 +133,33 @@ def method_label(method: str) -> str:
     return method if method in METHODS else "other"
 
 
+#: How often a followed run's node is asked for new output.
+FOLLOW_POLL_S = 0.25
+#: A followed stream ends after this long even if the run goes on (the
+#: client reconnects from its offset).
+FOLLOW_MAX_S = 3600.0
+
+
+async def _follow_logs(node, run_id: str, first: dict):
+    """``?follow=1``: the run's output as it comes, chunk by chunk, until it
+    ends (read from its node every ``FOLLOW_POLL_S`` when nothing is new)."""
+    chunk = first
+    with trio.move_on_after(FOLLOW_MAX_S):
+        while True:
+            data = str(chunk.get("data") or "")
+            if data:
+                yield data.encode("utf-8")
+            if not chunk.get("running"):
+                return
+            if not data:
+                await trio.sleep(FOLLOW_POLL_S)
+            try:
+                chunk = await node.run_logs(run_id, int(chunk.get("next_offset") or 0))
+            except HTTPError as e:
+                yield f"\n[peerd: output stream ended: {e.message}]\n".encode()
+                return
+
+
 def _who(req: Request, tok: ApiToken | None) -> str:
     host = req.peer.rsplit(":", 1)[0]
     return f"token {tok.name} from {host}" if tok else f"api client {host}"
@@ -359,6 +386,10 @@ class Api:
             if fmt not in ("text", "json"):
                 raise HTTPError(400, "format: expected text or json")
             body = await node.run_logs(ident, int(off))
+            if _flag(req, "follow") and fmt == "text":
+                return Response(200, b"", "text/plain; charset=utf-8",
+                                [("x-peerd-node", str(body.get("node", "")))],
+                                stream=_follow_logs(node, ident, body))
             if fmt == "json":
                 return Response.json(body)
             return Response(200, str(body.get("data") or "").encode(), "text/plain; charset=utf-8",

@@ -46,7 +46,7 @@ import logging
 import ssl
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import h11
 import trio
@@ -106,6 +106,9 @@ class Response:
     body: bytes = b""
     content_type: str = "application/json"
     headers: list[tuple[str, str]] = field(default_factory=list)
+    #: a streamed body instead of ``body``: an async iterator of chunks,
+    #: sent with chunked transfer encoding as they come (live run output)
+    stream: Any = None
 
     @classmethod
     def json(cls, obj, status: int = 200) -> "Response":
@@ -136,6 +139,23 @@ class _Refuse(Exception):
 
 async def _send_response(conn: h11.Connection, stream: trio.abc.Stream, resp: Response,
                          *, close: bool = False) -> None:
+    if resp.stream is not None:
+        # no content-length: h11 frames it chunked (or, to an HTTP/1.0
+        # client, by closing the connection at the end)
+        headers = [("content-type", resp.content_type), ("server", "peerd"),
+                   ("cache-control", "no-store")] + resp.headers
+        await stream.send_all(conn.send(h11.Response(status_code=resp.status, headers=headers)))
+        try:
+            async for chunk in resp.stream:
+                if chunk:
+                    await stream.send_all(conn.send(h11.Data(data=chunk)))
+        finally:
+            aclose = getattr(resp.stream, "aclose", None)
+            if aclose is not None:
+                with trio.CancelScope(shield=True):
+                    await aclose()
+        await stream.send_all(conn.send(h11.EndOfMessage()))
+        return
     headers = [
         ("content-type", resp.content_type),
         ("content-length", str(len(resp.body))),

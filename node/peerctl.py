@@ -265,8 +265,22 @@ def run(args) -> int:
 
 
 def _logs(c: Client, run_id: str, *, follow: bool, out) -> int:
-    """``runs logs [-f]``: the output so far; with ``-f`` keep reading from
-    the node that runs it until the run ends."""
+    """``runs logs [-f]``: the output so far; with ``-f`` the node streams it
+    (chunked) from the node that runs it until the run ends."""
+    if follow:
+        last = ""
+        try:
+            for text in c._c.runs.follow(run_id):
+                out.write(text)
+                out.flush()
+                last = text
+        except ApiError as e:
+            raise CtlError(f"{c.base}: {e.status}: {e.error}") from None
+        except UnreachableError as e:
+            raise CtlError(str(e), EXIT_UNREACHABLE) from None
+        if last and not last.endswith("\n"):
+            out.write("\n")
+        return 0
     offset = 0
     while True:
         chunk = c.call("GET", f"/v1/runs/{_q(run_id)}/logs?offset={offset}&format=json")

@@ -362,3 +362,37 @@ def test_broadcast_and_sharding(cluster, tmp_path):
     st, recs = api(a.api_addr, "GET", "/v1/tasks/bc-all/runs")
     assert st == 200
     assert all("shard" in rec for rec in recs), recs
+
+
+def test_followed_output_is_streamed_chunked(cluster, tmp_path):
+    import http.client
+
+    gate = tmp_path / "gate2"
+    f = tmp_path / "st.yaml"
+    f.write_text(textwrap.dedent(f"""
+        - id: st
+          schedule: "{FAR}"
+          command: {{type: shell, run: 'echo one; while [ ! -e {gate} ]; do sleep 0.05; done; echo two'}}
+    """))
+    a = cluster.procs[0]
+    assert peerctl("tasks", "apply", "-f", str(f), node=a.api_addr).returncode == 0
+    _everywhere(cluster, "st")
+    owner = _proc(cluster, _owner(cluster, "st"))
+    other = next(p for p in cluster.procs if p is not owner)
+    assert peerctl("tasks", "run", "st", node=a.api_addr).returncode == 0
+    run = wait_for(lambda: [x for x in api(owner.api_addr, "GET", "/v1/tasks/st/runs")[1]
+                            if x["status"] == "running"], timeout=30, what="st running", cluster=cluster)[0]
+    from tests.cluster_util import TOKEN
+
+    conn = http.client.HTTPConnection(*other.api_addr.split(":"), timeout=30)
+    conn.request("GET", f"/v1/runs/{run['run_id']}/logs?follow=1", headers={"Authorization": f"Bearer {TOKEN}"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("transfer-encoding") == "chunked"
+    got = b""
+    while b"one" not in got:                    # the first chunk arrives while the run goes on
+        got += resp.read1(1024)
+    assert b"two" not in got
+    gate.write_text("go")
+    got += resp.read()                          # the stream ends with the run
+    assert got.decode() == "one\ntwo\n"
+    conn.close()
