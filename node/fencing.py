@@ -1,7 +1,7 @@
 """Fencing with etcd: the pure parts (key layout, tokens, gateway codec, decisions).
 
 No I/O here: the trio shells are ``node/etcd.py`` (HTTP client) and
-``node/fencer.py`` (claims, lease rotation). DESIGN.md §5, issue 7.
+``node/fencer.py`` (claims, lease rotation).
 
 Theory of operation
 -------------------

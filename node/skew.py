@@ -14,7 +14,7 @@ reports the offset of its min-RTT sample.
 
 Rule: a peer is *skewed* when ``|offset| - rtt/2 > bound_s`` for its
 min-RTT sample, i.e. only when the skew is certain beyond the measurement
-error; such members are not given ownership (issue 4). Samples with negative
+error; such members are not given ownership. Samples with negative
 RTT (local clock stepped back) or RTT above ``max_rtt_s`` are ignored.
 """
 from __future__ import annotations

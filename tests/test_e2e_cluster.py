@@ -1,6 +1,6 @@
 """End to end: three real ``peerd`` processes on loopback, driven by ``peerctl``.
 
-Covers issue 6's list: apply a task file, members, tasks, owners, run now and
+Covers: apply a task file, members, tasks, owners, run now and
 its record, a wrong token refused, a malformed task file refused with the
 validation error and nothing changed, /metrics parses and has the main
 series, SIGTERM leaves gracefully and the others see ``left``.

@@ -1,4 +1,4 @@
-"""End to end: exactly-once triggers with etcd fencing tokens (issue 7).
+"""End to end: exactly-once triggers with etcd fencing tokens.
 
 Three real ``peerd`` processes on loopback, started with ``--etcd`` against a
 real etcd (``tests/etcd_server.py``), run an every-second task (``misfire:
@@ -314,7 +314,7 @@ def _start_long_run(cluster, ledger, tid: str, sleep_s: int, *, all_replicas: bo
 
 
 def test_owner_killed_mid_run_slot_is_reclaimed_and_rerun(etcd, tmp_path):
-    """Issue 7: a claimed slot whose claimer dies before the run finished is
+    """A claimed slot whose claimer dies before the run finished is
     re-claimed once per death, with a greater token, and rerun by
     ``on_owner_loss: rerun``. (Slow: its own 3-node cluster.)"""
     ledger = tmp_path / "ledger.txt"

@@ -664,7 +664,7 @@ async def _claim_held_then_shutdown(etcd, tmp_path, nursery, grace_s: float):
 
 
 async def test_claim_answered_after_the_shutdown_wait_does_not_run(etcd, tmp_path, nursery):
-    """The residual window of issue 7: a claim in flight when shutdown's
+    """The residual window of fencing: a claim in flight when shutdown's
     grace wait ends used to start its run after the node had left and
     revoked its session, racing the peer that takes the slot over. Now it
     is counted (slots{claim_after_shutdown}) and not run."""
