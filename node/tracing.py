@@ -26,9 +26,7 @@ imported then.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 import time
 from typing import Any
 
