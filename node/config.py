@@ -161,6 +161,9 @@ class NodeConfig:
             start empty (refilled from peers) instead of refusing to start.
         max_skew_s: members whose clocks are off by more than this are not
             given ownership (default 2 s).
+        write_ack: when a write through the API is answered: ``local``
+            (committed to this node's SQLite file) or ``replica`` (also
+            acknowledged by at least one other replica, within 5 s).
         notify: the cluster's default notification targets, for every task
             without its own ``notify`` (same fields; a list in a config file,
             JSON in ``PEERD_NOTIFY``); each node applies its own, so give
@@ -206,6 +209,7 @@ class NodeConfig:
     max_skew_s: float = 2.0
     otlp_endpoint: str = ""
     notify: tuple = ()
+    write_ack: str = "local"
 
     def advertise_addr(self) -> Addr:
         if self.advertise is not None:
@@ -337,6 +341,7 @@ PARSERS: dict[str, Any] = {
     "max_skew_s": lambda v, w: _parse_float(v, w, minimum=0.0),
     "otlp_endpoint": _str,
     "notify": lambda v, w: _notify_targets(v, w),
+    "write_ack": _choice("local", "replica"),
 }
 assert set(PARSERS) == {f.name for f in fields(NodeConfig)}
 

@@ -58,6 +58,7 @@ RUN_FLAGS = [
     ("api_tls_key", "private key (PEM) of --api-tls-cert (mode 0600)"),
     ("max_skew_s", "members with clocks off by more than this own nothing (default 2)"),
     ("notify", "default notification targets for tasks without notify: JSON list (config file: a list)"),
+    ("write_ack", "answer a write once it is committed here (local, default) or also on a replica (replica)"),
     ("otlp_endpoint", "send a trace of every run to this OTLP/HTTP collector, e.g. http://localhost:4318 "
                       "(needs the otel extra: pip install 'peerd[otel]')"),
 ]

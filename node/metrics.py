@@ -169,6 +169,15 @@ class NodeMetrics:
             "peerd_chain_triggers_total", "Chained runs triggered by an upstream run's end (after:).",
             registry=r,
         )
+        self.store_failing = Gauge(
+            "peerd_store_write_failing",
+            "1 while writes to the node's SQLite file fail (disk full, read-only data dir): the node serves "
+            "reads and gossip and refuses writes with 507 until a retry succeeds.", registry=r,
+        )
+        self.store_write_errors = Counter(
+            "peerd_store_write_errors_total", "Failed writes of the node's SQLite file, by reason.", ["reason"],
+            registry=r,
+        )
         self.store_writes = Counter("peerd_store_persist_rows_total", "Rows written to the local SQLite store.", registry=r)
 
     def api_requests(self, method: str, route: str) -> None:

@@ -28,6 +28,7 @@ import os
 import random
 import re
 import secrets
+import sqlite3
 import time
 from functools import partial
 from pathlib import Path
@@ -64,6 +65,19 @@ _SKIP_IS_MISFIRE = ("misfire_skip", "coalesced", "expired", "catchup_limit")
 
 #: A run id: ``<slot>-<node>-<8 hex>`` and, for one attempt, ``.<n>``.
 RUN_ID_RE = re.compile(r"(-?[0-9]{1,20})-(.{1,160})-([0-9a-f]{8})(?:\.([0-9]{1,4}))?")
+
+
+#: ``write_ack: replica``: how long a write waits for a replica's ack.
+REPLICA_ACK_S = 5.0
+_GONE = object()
+
+
+def _push_ok(raw: bytes) -> bool:
+    try:
+        rep = peerwire.decode(raw)
+    except peerwire.PeerProtocolError:
+        return False
+    return rep.get("t") == "reply" and bool(rep.get("ok"))
 
 
 #: Audit entries kept (memory and the SQLite audit table).
@@ -196,6 +210,12 @@ class Node:
         self.api: Api | None = None
         self._tokens = None     # named tokens (Node.create reads api_tokens_file)
         self._audit: collections.deque = collections.deque(maxlen=AUDIT_KEEP)
+        self._flush_lock = trio.Lock()
+        self._unflushed: dict[str, bytes | None] = {}      # rows not yet in SQLite (a failing disk)
+        self.disk_error: str | None = None
+        self._collect: list | None = None                   # pushes of the write being acknowledged
+        self._acked: dict[int, bool] = {}
+        self._ack_event = trio.Event()
         self._audit_pending: list[str] = []
         self._live: dict[str, LiveOutput] = {}             # attempt run id -> its output so far
         self._live_by_claim: dict[str, str] = {}           # claim run id -> current attempt run id
@@ -377,6 +397,9 @@ class Node:
             elif n is None:
                 continue
             elif t is Request:
+                if self._collect is not None and eff.kind == "push":
+                    self._collect.append(eff)
+                    self._acked[eff.xid] = False
                 n.start_soon(self._send_request, eff)
             elif t is StartRun:
                 n.start_soon(self._execute, eff)
@@ -473,6 +496,9 @@ class Node:
         except Exception as e:
             self._do(self.core.request_failed(eff.xid, _wall(), f"{type(e).__name__}: {e}"))
             return
+        if eff.kind == "push" and eff.xid in self._acked:
+            self._acked[eff.xid] = _push_ok(raw)
+            self._ack_event.set()
         self._do(self.core.request_answered(eff.xid, raw, _wall()))
 
     async def _claim(self, eff: Claim) -> None:
@@ -763,19 +789,77 @@ class Node:
     # ------------------------------------------------------------ loops
     async def _persist_loop(self) -> None:
         while True:
-            await self._dirty.wait()
+            if self.disk_error is None:
+                await self._dirty.wait()
+            else:
+                # failing: try again every second (space may come back)
+                with trio.move_on_after(1.0):
+                    await self._dirty.wait()
             self._dirty = trio.Event()
             await self._flush()
             await trio.sleep(0.05)  # batch bursts of changes into one transaction
 
-    async def _flush(self) -> None:
-        rows = self.store.drain_dirty()
-        if rows:
-            await self.db.write(rows)
+    async def _flush(self) -> bool:
+        """Write what changed to SQLite, in order (one flush at a time).
+        False when the write failed: the rows are kept and written by the
+        next flush that works, and the node refuses writes (507) meanwhile."""
+        async with self._flush_lock:
+            for k, v in self.store.drain_dirty():
+                self._unflushed[k] = v
+            if not self._unflushed and not self._audit_pending:
+                return True
+            rows = list(self._unflushed.items())
+            try:
+                if rows:
+                    await self.db.write(rows)
+                if self._audit_pending:
+                    await self.db.append_audit(self._audit_pending, AUDIT_KEEP)
+            except (sqlite3.Error, OSError) as e:
+                reason = "full" if "full" in str(e).lower() or getattr(e, "errno", None) == 28 else (
+                    "readonly" if "readonly" in str(e).lower() or "read-only" in str(e).lower() else "other")
+                self.metrics.store_write_errors.labels(reason).inc()
+                if self.disk_error is None:
+                    log.error("cannot write the data dir (%s): %s; serving reads and gossip, refusing writes "
+                              "with 507 until a write succeeds", reason, e)
+                self.disk_error = f"{e}"
+                self.metrics.store_failing.set(1)
+                return False
+            for k, v in rows:
+                if self._unflushed.get(k, _GONE) is v:
+                    del self._unflushed[k]
+            self._audit_pending = []
             self.metrics.store_writes.inc(len(rows))
-        if self._audit_pending:
-            batch, self._audit_pending = self._audit_pending, []
-            await self.db.append_audit(batch, AUDIT_KEEP)
+            if self.disk_error is not None:
+                log.warning("the data dir is writable again: %d row(s) written, writes accepted", len(rows))
+                self.disk_error = None
+                self.metrics.store_failing.set(0)
+            return True
+
+    def _writable(self) -> None:
+        """Raise 507 while the data dir cannot be written."""
+        if self.disk_error is not None:
+            raise HTTPError(507, f"{self.name} cannot write its data dir ({self.disk_error}); it serves reads "
+                                 "and gossip and takes writes again when space returns")
+
+    async def _acknowledge(self, pushes: list) -> str:
+        """A write is answered once it is committed here (and with
+        ``write_ack: replica``, once a replica has it). Returns the level."""
+        try:
+            if not await self._flush():
+                raise HTTPError(507, f"not written on {self.name}: cannot write its data dir ({self.disk_error}); "
+                                     "retry when space returns")
+            if self.cfg.write_ack != "replica" or not pushes:
+                return "local"
+            with trio.move_on_after(REPLICA_ACK_S):
+                while not any(self._acked.get(x.xid) for x in pushes):
+                    ev = self._ack_event = trio.Event()
+                    await ev.wait()
+                return "replica"
+            raise HTTPError(504, f"written on {self.name} but no replica acknowledged it within "
+                                 f"{REPLICA_ACK_S:g} s; it replicates when one answers")
+        finally:
+            for x in pushes:
+                self._acked.pop(x.xid, None)
 
     async def _scheduler_loop(self) -> None:
         while not self._stopping:
@@ -901,11 +985,12 @@ class Node:
         if dry_run:
             out: dict = {"dry_run": True, **diff}
         else:
+            self._writable()
             applied, effects = self.core.apply_tasks(resolved, now)
-            self._do(effects)
+            pushes = self._do_collect(effects)
             for tid in diff["removed"]:
-                self._do(self.core.delete_task(tid, now))
-            out = {"applied": applied, **diff}
+                pushes += self._do_collect(self.core.delete_task(tid, now))
+            out = {"applied": applied, **diff, "durable": await self._acknowledge(pushes)}
         warnings = [{"task_id": t.id, "message": msg} for t in tasks for msg in reading_notes(t)]
         if warnings:
             out["warnings"] = warnings
@@ -913,16 +998,29 @@ class Node:
 
     async def delete_task(self, task_id: str) -> dict:
         self._task_or_404(task_id)
-        self._do(self.core.delete_task(task_id, _wall()))
-        return {"deleted": task_id}
+        self._writable()
+        pushes = self._do_collect(self.core.delete_task(task_id, _wall()))
+        return {"deleted": task_id, "durable": await self._acknowledge(pushes)}
 
     async def set_paused(self, task_id: str, paused: bool) -> dict:
         self._task_or_404(task_id)
-        self._do(self.core.set_paused(task_id, paused, _wall()))
-        return {"task_id": task_id, "paused": paused}
+        self._writable()
+        pushes = self._do_collect(self.core.set_paused(task_id, paused, _wall()))
+        return {"task_id": task_id, "paused": paused, "durable": await self._acknowledge(pushes)}
+
+    def _do_collect(self, effects) -> list:
+        """Carry out a write's effects; its pushes to replicas are returned
+        (``write_ack: replica`` waits for one of them)."""
+        self._collect = []
+        try:
+            self._do(effects)
+            return self._collect
+        finally:
+            self._collect = None
 
     async def run_now(self, task_id: str, env=None, args=None) -> dict:
         task = self._task_or_404(task_id)
+        self._writable()
         try:
             params = bind_run(task, env, args)
         except TaskError as e:

@@ -139,7 +139,7 @@ class SqliteStore:
             )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
 
     def _load_sync(self) -> list[tuple[str, bytes]]:
@@ -157,7 +157,7 @@ class SqliteStore:
             conn.execute("DELETE FROM audit WHERE seq <= (SELECT MAX(seq) FROM audit) - ?", (keep,))
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
 
     def _audit_load_sync(self, limit: int) -> list[str]:
@@ -209,3 +209,12 @@ class SqliteStore:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back after a failed write; SQLite may have rolled back already
+    (a full disk does), and that second error must not hide the first."""
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
