@@ -80,7 +80,7 @@ NOTES = (
     "joined", "boot_alone", "member", "slot_skipped", "slot_fired", "misfire", "claim",
     "claim_after_shutdown", "run_started", "run_finished", "run_lost", "handoff",
     "handoff_timeout", "ae_round", "replication_in", "replication_out", "bad_message",
-    "task_invalid", "rejected_entries", "run_cancel", "notification", "chain_triggered",
+    "task_invalid", "rejected_entries", "run_cancel", "notification", "chain_triggered", "clock",
 )
 
 
@@ -231,6 +231,8 @@ class NodeCore:
         self.started = False
         self._view: dict[str, tuple[str, dict]] = {}       # member -> (state, tags)
         self._skewed: frozenset[str] = frozenset()
+        #: most measured peers disagree with this node's clock: it owns nothing
+        self.clock_suspect = False
         self._shared_cache: dict[str, list[str]] = {}
         self._timers: list[tuple[float, int, str, Any]] = []
         self._tseq = 0
@@ -675,16 +677,30 @@ class NodeCore:
             # catch-ups the real owners are already firing.
             return {}
         out = {}
-        for name in sorted(self._view):
-            state, tags = self._view[name]
-            if state in ("alive", "suspect") and name not in self._skewed:
-                out[name] = tags
+        alive = [n for n in sorted(self._view) if n != self.name and self._view[n][0] in ("alive", "suspect")]
+        measured = [n for n in alive if self.skew.best(n) is not None]
+        off = [n for n in measured if n in self._skewed]
+        if len(measured) >= 2 and 2 * len(off) > len(measured):
+            # Clock quorum: most peers we measured look off by more than
+            # max_skew_s, so the clock that is off is ours (a node restarted
+            # with a wrong clock): own nothing and leave the slots to them.
+            for name in alive:
+                out[name] = self._view[name][1]
+            self.clock_suspect = True
+            return out
+        self.clock_suspect = False
+        for name in alive:
+            if name not in self._skewed:
+                out[name] = self._view[name][1]
         out.setdefault(self.name, dict(self.tags))
         return out
 
     def _recompute(self, now: float) -> None:
         self._shared_cache.clear()
+        was = self.clock_suspect
         changed = self.ring.set_members(self._eligible())
+        if self.clock_suspect != was:
+            self._note("clock", suspect=self.clock_suspect, skewed=sorted(self._skewed))
         self._apply_ownership(sorted(changed), now)
         for tid in sorted(self._broadcast):
             self._reshard(tid, now)

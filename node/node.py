@@ -450,6 +450,12 @@ class Node:
             log.info("run finished: %s (exit %s)%s", f["status"], f["exit_code"], why,
                      extra={"task_id": f["task_id"], "run_id": f["run_id"], "status": f["status"],
                             "trace_id": trace_id_for(f["run_id"])})
+        elif ev == "clock":
+            if f["suspect"]:
+                log.error("this node's clock disagrees with most peers by more than max_skew_s (%s): owning "
+                          "nothing until it agrees (check NTP)", ", ".join(f["skewed"]))
+            else:
+                log.warning("this node's clock agrees with its peers again: taking part in ownership")
         elif ev == "chain_triggered":
             m.chained.inc()
             log.info("chained run triggered by %s run %s", f["upstream"], f["run_id"],
@@ -918,6 +924,7 @@ class Node:
             "tasks_owned": sum(1 for t in core.tasks if core.ring.owner(t) == self.name),
             "runs_running": len(core.running),
             "fencing": bool(self.fencer),
+            "clock_suspect": core.clock_suspect,
             "uptime_s": round(_wall() - self._started_wall, 1),
             "version": "0.1.0",
         }

@@ -386,3 +386,38 @@ def test_same_seed_same_ledger():
         h.run(T0 + 30)
         return h.ledger
     assert go() == go()
+
+
+def test_a_node_whose_clock_most_peers_disagree_with_owns_nothing():
+    """Clock quorum: a node restarted with its clock 30 s ahead measures every
+    peer 30 s behind; it is the one off, so it owns nothing (the peers, which
+    measure it off, leave it out too) instead of owning everything."""
+    from node.store import Store
+    from node.tasks import Task
+
+    now = 1_800_000_000.0
+    view = [("a", "alive", {}), ("b", "alive", {}), ("c", "alive", {})]
+    tasks = [Task.from_dict({"id": f"t{i}", "schedule": "@every 1s", "command": {"type": "exec", "argv": ["true"]}})
+             for i in range(30)]
+    core = NodeCore("a", Store("a"))
+    core.start(now, joined=True)
+    core.members_changed(view, now)
+    core.apply_tasks(tasks, now)
+    assert core.ring.tasks_of("a")
+    for peer in ("b", "c"):                       # both peers 30 s behind our clock
+        core.skew.observe(peer, now, now - 30.0, now + 0.01)
+    core._skewed = frozenset(core.skew.skewed(core.knobs.max_skew_s))
+    core.members_changed(view, now)
+    assert core.clock_suspect is True
+    assert all(core.ring.owner(t.id) != "a" for t in tasks)
+    # one peer off out of two measured is not a quorum: that peer is left out
+    core2 = NodeCore("a", Store("a"))
+    core2.start(now, joined=True)
+    core2.members_changed(view, now)
+    core2.apply_tasks(tasks, now)
+    core2.skew.observe("b", now, now - 30.0, now + 0.01)
+    core2.skew.observe("c", now, now, now + 0.01)
+    core2._skewed = frozenset(core2.skew.skewed(core2.knobs.max_skew_s))
+    core2.members_changed(view, now)
+    assert core2.clock_suspect is False
+    assert all(core2.ring.owner(t.id) != "b" for t in tasks)
