@@ -88,6 +88,12 @@ TOMBSTONE_HORIZON_S = 7 * 86400.0
 MAX_KEY_LEN = 512
 MAX_ENTRY_BYTES = 1 << 20
 MAX_MSG_ENTRIES = 100_000
+#: One exchange message carries at most this many bytes of entries, and a
+#: KEYS message at most ``PAGE_KEYS`` keys: a larger difference is shipped
+#: a page per exchange, the next exchange finding what is still different
+#: (the request frame limit is 4 MiB; a page stays well under it).
+PAGE_BYTES = 1 << 20
+PAGE_KEYS = 20_000
 
 Entry = tuple[str, bytes]
 
@@ -138,6 +144,18 @@ def _split(key: str) -> tuple[str, str, str]:
         if tid and sep and rid:
             return kind, tid, rid
     raise ValueError(f"bad key {key!r}: expected task/<id>, ctl/<id> or run/<task>/<run>")
+
+
+def _page(entries: list[Entry]) -> list[Entry]:
+    """The first entries that fit in ``PAGE_BYTES`` (at least one)."""
+    out, n = [], 0
+    for e in entries:
+        size = len(e[0]) + len(e[1]) + 16
+        if out and n + size > PAGE_BYTES:
+            break
+        out.append(e)
+        n += size
+    return out
 
 
 def _num(x: Any) -> float:
@@ -686,6 +704,20 @@ class Store:
             if not cells:
                 return ExchangeResult(None, [])
             kv = self._keys_in({c // SUBS for c in cells}, set(cells), scope, tasks)
+            if len(kv) > PAGE_KEYS:
+                # a page of cells whose keys fit; the rest in later exchanges
+                counts: dict[int, int] = {}
+                for k, _ in kv:
+                    c = _cell(k) if scope == "catalogue" else _cell(_split(k)[1])
+                    counts[c] = counts.get(c, 0) + 1
+                page, n = [], 0
+                for c in cells:
+                    if page and n + counts.get(c, 0) > PAGE_KEYS:
+                        break
+                    page.append(c)
+                    n += counts.get(c, 0)
+                cells = page
+                kv = self._keys_in({c // SUBS for c in cells}, set(cells), scope, tasks)
             items = [[k, v, self._progress(k)] for k, v in kv]
             return ExchangeResult(msgpack.packb([M_KEYS, si, cells, items]), [])
         if t == M_KEYS:
@@ -710,7 +742,7 @@ class Store:
                     or (theirs[k] != mine[k] and self._progress(k) > prog[k])]
             want = [k for k in sorted(theirs) if mine.get(k) != theirs[k]
                     and (k not in mine or self._progress(k) <= prog[k])]
-            ents = [list(e) for e in self.entries(send)]
+            ents = [list(e) for e in _page(self.entries(send))]
             return ExchangeResult(msgpack.packb([M_ENTRIES, si, ents, want]), [], len(ents))
         if t == M_ENTRIES:
             if (len(obj) != 4 or not isinstance(obj[2], list) or not isinstance(obj[3], list)
@@ -738,7 +770,7 @@ class Store:
             keys = sorted(set(back) | set(want))
             if not keys:
                 return ExchangeResult(None, changed)
-            ents = [list(e) for e in self.entries(keys)]
+            ents = [list(e) for e in _page(self.entries(keys))]
             if not ents:
                 return ExchangeResult(None, changed)
             return ExchangeResult(msgpack.packb([M_ENTRIES, si, ents, []]), changed, len(ents))
