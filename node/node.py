@@ -523,7 +523,8 @@ class Node:
         self.tracing.record_span("claim", eff.run_id, t0, under_root=res.won, status=outcome,
                                  error=res.detail or None, fencing_token=res.token, **attrs)
         self._do(self.core.claim_answered(eff.task_id, eff.slot, eff.run_id, outcome, res.token, _wall(),
-                                          detail=res.detail))
+                                          detail=res.detail,
+                                          holder=(res.holder, res.holder_run) if res.holder else None))
 
     async def _reclaim(self, eff: Reclaim) -> None:
         t0 = time.time_ns()
