@@ -71,6 +71,11 @@ __all__ = [
 #: replicates): a node that rejoins owning thousands of tasks asks its peers
 #: a few times, not once per task.
 HANDOFF_PARALLEL = 4
+#: An anti-entropy exchange that moved at least this many bytes (a page of
+#: node/store.py is 1 MiB of entries) is followed at once by another with
+#: the same peer, so a refill goes page after page rather than a page per
+#: round.
+PAGE_FOLLOW_BYTES = 512 * 1024
 #: Stream timeouts (seconds) of the requests the core sends.
 PUSH_TIMEOUT_S = 5.0
 EXCHANGE_TIMEOUT_S = 10.0
@@ -1257,6 +1262,11 @@ class NodeCore:
             for tid in sorted(self.handoff_pending):
                 if ex.peer in self.ring.owners(tid):
                     self._handoff_done(tid, now, why=None)
+            if ex.kind == "ae" and ex.nbytes >= PAGE_FOLLOW_BYTES and self._ae_xid is None \
+                    and not self.stopping and self._view.get(ex.peer, ("dead", {}))[0] == "alive":
+                # a full page went by: more is likely to differ (a refill):
+                # the next page now, not a whole round later
+                self._ae_xid = self._start_exchange(ex.peer, "ae", now)
         else:
             for tid in sorted(self.handoff_pending):
                 if ex.peer in self.ring.owners(tid):

@@ -456,3 +456,24 @@ def test_a_slot_whose_claimer_died_before_any_record_is_reclaimed():
     out += core.tick(slot + 5.01)
     rec = [e for e in out if isinstance(e, Reclaim)]
     assert [(r.slot, r.dead, r.expected_run_id) for r in rec] == [(slot, "a", f"{slot}-a-0000000a")]
+
+
+def test_a_refill_goes_page_after_page_not_a_page_per_round():
+    """A replica missing 30 MB of run history gets it within the first
+    anti-entropy round: an exchange that moved a full page is followed at
+    once by the next (node/store.py pages of 1 MiB). A page per round took
+    several seconds of rounds here."""
+    h = Harness(["a", "b"])
+    h.apply("a", [tick_task(f"r{i}", schedule="once:2099-01-01T00:00:00Z") for i in range(6)])
+    h.run(T0 + 3)
+    a, b = h.cores["a"], h.cores["b"]
+    pad = "x" * 20_000
+    for i in range(6):
+        for r in range(250):
+            a.store.put_run({"task_id": f"r{i}", "run_id": f"{r}-a-{r:08x}.1", "slot": r, "status": "succeeded",
+                             "attempt": 1, "output": pad})
+    tids = [f"r{i}" for i in range(6)]
+    assert a.store.digest_root("runs", tids) != b.store.digest_root("runs", tids)
+    # the first round comes within ae_interval_s x 1.5 (1.5 s in the local profile)
+    h.run(T0 + 3 + 1.6 * h.knobs.ae_interval_s)
+    assert a.store.digest_root("runs", tids) == b.store.digest_root("runs", tids)
