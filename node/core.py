@@ -253,7 +253,6 @@ class NodeCore:
         self._reclaims: dict[tuple[str, int], _ClaimTry] = {}
         self._reclaims_inflight: set[tuple[str, int]] = set()
         self._lost_claimers: dict[tuple[str, int], tuple[str, str | None]] = {}
-        self._claim_holders: dict[tuple[str, int], tuple[str, str]] = {}   # slots whose claim another node won
         self.running: dict[str, _Run] = {}
         self._cancels: dict[str, tuple[str, str | None]] = {}   # claim run id -> (why, by)
         self._run_params: dict[tuple[str, int], dict] = {}       # (task, slot) -> manual run params
@@ -317,9 +316,6 @@ class NodeCore:
             # a restarted member's clock is measured afresh
             self.skew.forget(member)
         if kind in ("dead", "left") and member is not None and member != self.name:
-            for key, holder in sorted(self._claim_holders.items()):
-                if holder[0] == member:
-                    self._holder_lost(key[0], key[1], holder, now)
             self._owner_loss(member, now)
             self._followups_of(sorted(self.owned), now)
         self._hand_on_triggers(now)
@@ -471,40 +467,8 @@ class NodeCore:
         else:
             self.stats["claims_unavailable" if outcome == "unavailable" else "claims_lost"] += 1
             self._abandon(task_id, slot, now, f"claim_{outcome}")
-            if outcome == "lost" and holder is not None and holder[0] != self.name:
-                # Another node holds the slot's claim. Should it die before any
-                # run record of it reaches us, its claim is all that is left of
-                # the slot: remember it, and re-claim once it is dead.
-                self._claim_holders[(task_id, slot)] = holder
-                while len(self._claim_holders) > self.knobs.lost_runs_max:
-                    self._claim_holders.pop(next(iter(self._claim_holders)))
-                if self._view.get(holder[0], ("dead", {}))[0] in ("dead", "left"):
-                    self._holder_lost(task_id, slot, holder, now)
         self._pump(task_id, now)
         return self._take()
-
-    def _holder_lost(self, unit: str, slot: int, holder: tuple[str, str], now: float) -> None:
-        """The node holding a slot's claim died or left and no run record of
-        that slot from it is here: the slot goes by ``on_owner_loss`` as a
-        lost run (a re-claim waits for the holder's etcd session)."""
-        self._claim_holders.pop((unit, slot), None)
-        task = self._task_of(unit)
-        if task is None or self.stopping:
-            return
-        if unit != task.id and unit not in self._shard_info:
-            return
-        if unit == task.id and self.ring.owner(task.id) != self.name:
-            return
-        dead, run_id = holder
-        for rec in self.store.runs(task.id):
-            if rec.get("slot") == slot and rec.get("node") == dead:
-                return                         # its record: the owner-loss rule has it
-        self._lost_claimers[(unit, slot)] = (dead, run_id)
-        self._note("claim", task_id=unit, slot=slot, result="holder_lost",
-                   detail=f"{dead} held the claim of run {run_id} and is gone")
-        rec = {"task_id": task.id, "slot": slot, "run_id": f"{run_id}.1", "node": dead, "status": LOST}
-        for eff in self.scheduler.unfinished_run(unit, rec, now):
-            self._scheduler_effect(eff, now)
 
     # ----------------------------------------------------------- run reports
 

@@ -423,41 +423,6 @@ def test_a_node_whose_clock_most_peers_disagree_with_owns_nothing():
     assert all(core2.ring.owner(t.id) != "b" for t in tasks)
 
 
-def test_a_slot_whose_claimer_died_before_any_record_is_reclaimed():
-    """The claimer of a slot is SIGKILLed right after winning its etcd claim,
-    before its running record reaches anyone: the next owner's claim is lost
-    to it; once the claimer is dead the slot goes by on_owner_loss and is
-    re-claimed (waiting for the dead claimer's session), not skipped."""
-    from node.core import Reclaim
-    from node.store import Store
-    from node.tasks import Task
-
-    now = 1_800_000_000.0
-    task = Task.from_dict({"id": "t", "schedule": "@every 10s", "misfire": "run_all", "catchup_window": "60s",
-                           "overlap": "allow", "command": {"type": "exec", "argv": ["true"]}})
-    core = NodeCore("b", Store("b"), fencing=True)
-    core.start(now, joined=True)
-    core.members_changed([("b", "alive", {}), ("a", "alive", {})], now)
-    core.apply_tasks([task], now)
-    core.members_changed([("b", "alive", {}), ("a", "alive", {})], now)
-    for tid in list(core.handoff_pending):
-        core._handoff_done(tid, now, why=None)
-    if core.ring.owner("t") != "b":
-        core.members_changed([("b", "alive", {}), ("a", "dead", {})], now, kind="dead", member="a")
-    claims = [e for e in core.tick(now + 10.01) if isinstance(e, Claim)]
-    slot = claims[0].slot
-    assert slot in (1_800_000_000, 1_800_000_010)
-    # a (alive in our view) won it: lost, remembered
-    out = core.claim_answered("t", slot, claims[0].run_id, "lost", None, slot + 0.02,
-                              detail="held by a run x", holder=("a", f"{slot}-a-0000000a"))
-    assert not any(isinstance(e, Reclaim) for e in out)
-    # a is declared dead, no record of its run ever arrived: re-claim the slot
-    out = core.members_changed([("b", "alive", {}), ("a", "dead", {})], slot + 5, kind="dead", member="a")
-    out += core.tick(slot + 5.01)
-    rec = [e for e in out if isinstance(e, Reclaim)]
-    assert [(r.slot, r.dead, r.expected_run_id) for r in rec] == [(slot, "a", f"{slot}-a-0000000a")]
-
-
 def test_a_refill_goes_page_after_page_not_a_page_per_round():
     """A replica missing 30 MB of run history gets it within the first
     anti-entropy round: an exchange that moved a full page is followed at
