@@ -438,7 +438,7 @@ class NodeCore:
     # --------------------------------------------------------------- fencing
 
     def claim_answered(self, task_id: str, slot: int, run_id: str, outcome: str, token: int | None,
-                       now: float, detail: str = "", holder: tuple[str, str] | None = None) -> list[Effect]:
+                       now: float, detail: str = "") -> list[Effect]:
         """The answer to a :class:`Claim` or :class:`Reclaim`.
 
         ``outcome``: ``won``; ``fire_without_token`` (fencing in fire mode
@@ -538,6 +538,10 @@ class NodeCore:
     def notify_done(self, task_id: str, run_id: str, key: str, ok: bool, now: float,
                     detail: str = "") -> list[Effect]:
         """A :class:`Notify` of a run went out (``ok``) or gave up."""
+        self._notify_done(task_id, run_id, key, ok, now, detail)
+        return self._take()
+
+    def _notify_done(self, task_id: str, run_id: str, key: str, ok: bool, now: float, detail: str) -> None:
         self._notifying.discard((task_id, run_id, key))
         rec = self.store.run_record(task_id, run_id)
         result = "sent" if ok else "failed"
@@ -546,7 +550,6 @@ class NodeCore:
             state[key] = result
             self._commit(self.store.put_run(dict(rec, notify=state)), now, run_task=task_id)
         self._note("notification", task_id=task_id, run_id=run_id, key=key, result=result, detail=detail)
-        return self._take()
 
     def cancel_run(self, run_id: str, by: str, now: float) -> tuple[dict | None, list[Effect]]:
         """Cancel one of our runs (``run_id`` with or without its ``.attempt``)
@@ -1005,7 +1008,7 @@ class NodeCore:
             targets = self._targets(task) if task is not None else ()
             if task is None or not idx.isdigit() or int(idx) >= len(targets):
                 # the definition changed since: nowhere to send it
-                self.notify_done(tid, rid, key, False, now, "target no longer in the task's notify")
+                self._notify_done(tid, rid, key, False, now, "target no longer in the task's notify")
                 continue
             self._notifying.add((tid, rid, key))
             self._out.append(Notify(tid, rid, key, event, targets[int(idx)],
@@ -1394,7 +1397,6 @@ class NodeCore:
                 # another node holds its claim, or we stop: the trigger stays
                 # for the run's records or the next owner
                 self._chain_ids.pop((tid, slot), None)
-                self._run_params.pop((tid, slot), None)
         else:
             self._missed(tid, slot, why, now)
         self._run_params.pop((tid, slot), None)

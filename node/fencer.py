@@ -92,7 +92,6 @@ class ClaimResult:
     detail: str = ""
     attempts: int = 1
     holder: str | None = None
-    holder_run: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,8 +432,7 @@ class Fencer:
                 self._high_water, self._epoch = fold_decision(decision, self._high_water, self._epoch)
                 holder = decision.holder.node if decision.holder else None
                 return ClaimResult(decision.won, decision.token, decision.reason,
-                                   decision.detail, attempt, holder,
-                                   decision.holder.run_id if decision.holder else None)
+                                   decision.detail, attempt, holder)
             self._c["attempts_failed"] += 1
             if self.on_unavailable == "fire":
                 return ClaimResult(True, None, "fire_without_token",

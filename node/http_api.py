@@ -297,9 +297,7 @@ class Api:
                 if tok is not None and ep is not None and ep.auth == "write":
                     # a known token refused a write: audited like the writes it may make
                     ident = hit[2] if hit[2] is not None and len(hit[2]) <= 200 else None
-                    self.node.audit({"token": tok.name, "role": tok.role, "peer": req.peer.rsplit(":", 1)[0],
-                                     "method": req.method, "route": hit[0], "path": req.path[:200],
-                                     "task": ident, "status": 403, "detail": e.message[:300]})
+                    self._audit(req, tok, ident, 403, e.message)
             return Response.json({"error": e.message}, e.status)
         return None
 
@@ -324,10 +322,14 @@ class Api:
             status, detail = 500, type(e).__name__
             raise
         finally:
-            host = req.peer.rsplit(":", 1)[0]
-            self.node.audit({"token": tok.name if tok else None, "role": tok.role if tok else None,
-                             "peer": host, "method": req.method, "route": route_label(req.path),
-                             "path": req.path[:200], "task": ident, "status": status, "detail": detail[:300]})
+            self._audit(req, tok, ident, status, detail)
+
+    def _audit(self, req: Request, tok: ApiToken | None, ident: str | None, status: int, detail: str) -> None:
+        """One audit entry for a state-changing request (node.audit)."""
+        self.node.audit({"token": tok.name if tok else None, "role": tok.role if tok else None,
+                         "peer": req.peer.rsplit(":", 1)[0], "method": req.method,
+                         "route": route_label(req.path), "path": req.path[:200], "task": ident,
+                         "status": status, "detail": detail[:300]})
 
     async def _route(self, req: Request, ep: Endpoint, ident: str | None) -> Response:
         node = self.node

@@ -45,7 +45,7 @@ from gossip.udp import GossipNode
 from . import peerwire, views
 from .config import NodeConfig
 from . import followups
-from .core import CancelRun, Claim, NodeCore, Note, Notify, Reclaim, Request, StartRun
+from .core import CancelRun, Claim, NodeCore, Note, Notify, Reclaim, Request, StartRun, claim_run_id
 from .fencer import Fencer, FencerClosed
 from .http_api import Api
 from .http_server import HTTPError, serve_http
@@ -523,8 +523,7 @@ class Node:
         self.tracing.record_span("claim", eff.run_id, t0, under_root=res.won, status=outcome,
                                  error=res.detail or None, fencing_token=res.token, **attrs)
         self._do(self.core.claim_answered(eff.task_id, eff.slot, eff.run_id, outcome, res.token, _wall(),
-                                          detail=res.detail,
-                                          holder=(res.holder, res.holder_run) if res.holder else None))
+                                          detail=res.detail))
 
     async def _reclaim(self, eff: Reclaim) -> None:
         t0 = time.time_ns()
@@ -1085,21 +1084,34 @@ class Node:
     async def cancel_run(self, run_id: str, by: str) -> dict:
         """End a running run wherever it runs: the node named in its run id
         (``<slot>-<node>-<8 hex>[.<attempt>]``) ends its process group."""
-        m = RUN_ID_RE.fullmatch(run_id)
-        if m is None:
+        runner, _ = self._runner_of(run_id)
+        if runner is None:
             raise HTTPError(400, f"run id {run_id[:80]!r}: expected <slot>-<node>-<8 hex digits>[.<attempt>] "
                                  "(see peerctl runs TASK)")
-        runner = m.group(2)
         if runner == self.name:
             return self._cancel_local(run_id, by)
-        member = self.gossip.core.member(runner) if self.gossip else None
-        if member is None:
+        state = self._member_state(runner)
+        if state is None:
             raise HTTPError(404, f"run {run_id}: its node {runner} is not a member")
-        if member.state.value in ("dead", "left"):
-            raise HTTPError(409, f"run {run_id}: its node {runner} is {member.state.value}; "
+        if state in ("dead", "left"):
+            raise HTTPError(409, f"run {run_id}: its node {runner} is {state}; "
                                  "its unfinished runs are lost, not running")
         rep = await self._request(runner, {"t": "cancel", "run_id": run_id, "by": by})
         return rep.get("body") or {}
+
+    def _runner_of(self, run_id: str) -> tuple[str | None, dict | None]:
+        """The node that runs (or ran) ``run_id``: the one its record names
+        when this node holds the record (a chained run's id names no node),
+        else the one named in the id; and the record."""
+        rec = self._find_run(run_id)
+        if rec is not None and isinstance(rec.get("node"), str):
+            return rec["node"], rec
+        m = RUN_ID_RE.fullmatch(run_id)
+        return (m.group(2) if m else None), rec
+
+    def _member_state(self, name: str) -> str | None:
+        member = self.gossip.core.member(name) if self.gossip else None
+        return member.state.value if member is not None else None
 
     # ------------------------------------------------------------ tokens, audit
     def reload_tokens(self) -> bool:
@@ -1139,32 +1151,33 @@ class Node:
         ``history`` files are kept."""
         if not task.output or task.output.get("keep") != "file":
             return None
-        d = Path(self.cfg.data_dir) / "output" / task.id
+        path = self._output_path(task.id, attempt_id)
+        d = path.parent
         try:
             d.mkdir(parents=True, exist_ok=True)
             old = sorted(d.glob("*.log"), key=lambda p: p.stat().st_mtime)
             for f in old[: max(0, len(old) - task.history + 1)]:
                 f.unlink(missing_ok=True)
-            return OutputFile(d / (attempt_id.replace("/", "_") + ".log"), int(task.output["max_bytes"]))
+            return OutputFile(path, int(task.output["max_bytes"]))
         except OSError as e:
             log.warning("cannot keep the run's output in a file: %s", e,
                         extra={"task_id": task.id, "run_id": attempt_id})
             return None
 
+    def _output_path(self, task_id: str, attempt_id: str) -> Path:
+        """Where ``output: {keep: file}`` keeps one attempt's output."""
+        return self.cfg.data_path() / "output" / task_id / (attempt_id.replace("/", "_") + ".log")
+
     def _find_run(self, run_id: str) -> dict | None:
-        """A run record this node holds, by attempt run id or claim run id
-        (its latest attempt)."""
+        """A run record this node holds, by attempt run id or, for a claim
+        run id, its latest attempt."""
         store = self.store
-        best = None
         for tid in store.run_tasks():
             rec = store.run_record(tid, run_id)
             if rec is not None:
                 return rec
-            for r in store.runs(tid) if "." not in run_id.rsplit("-", 1)[-1] else ():
-                if r.get("run_id", "").rsplit(".", 1)[0] == run_id and \
-                        (best is None or (r.get("attempt") or 0) > (best.get("attempt") or 0)):
-                    best = r
-        return best
+        attempts = [r for tid in store.run_tasks() for r in store.runs(tid) if claim_run_id(r) == run_id]
+        return max(attempts, key=lambda r: r.get("attempt") or 0, default=None)
 
     async def run_logs(self, run_id: str, offset: int) -> dict:
         """A run's output from byte ``offset``: live from the node that runs
@@ -1172,15 +1185,12 @@ class Node:
         tail."""
         if run_id in self._live or run_id in self._live_by_claim:
             return self._logs_local(run_id, offset)
-        rec = self._find_run(run_id)
-        m = RUN_ID_RE.fullmatch(run_id)
-        runner = rec.get("node") if rec else (m.group(2) if m else None)
+        runner, rec = self._runner_of(run_id)
         if runner is None:
             raise HTTPError(404, f"run {run_id[:80]!r}: no such run known here")
         if runner == self.name:
             return self._logs_local(run_id, offset)
-        member = self.gossip.core.member(runner) if self.gossip else None
-        if member is None or member.state.value in ("dead", "left"):
+        if self._member_state(runner) in (None, "dead", "left"):
             if rec is None:
                 raise HTTPError(404, f"run {run_id}: its node {runner} is not reachable and no record is here")
             return _logs_from_record(rec, offset, self.name)
@@ -1199,7 +1209,7 @@ class Node:
             raise HTTPError(404, f"run {run_id[:80]!r}: no such run on {self.name}")
         task = self.core.tasks.get(rec.get("task_id"))
         if task is not None and task.output and task.output.get("keep") == "file":
-            path = Path(self.cfg.data_dir) / "output" / task.id / (str(rec["run_id"]).replace("/", "_") + ".log")
+            path = self._output_path(task.id, str(rec["run_id"]))
             try:
                 with open(path, "rb") as fh:
                     fh.seek(max(0, offset))

@@ -13,10 +13,10 @@ reached.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-import time
 from datetime import datetime, timezone
 
 from .client import (
@@ -50,15 +50,25 @@ class Client:
             raise CtlError(f"--node/--ca-cert: {e}", EXIT_USAGE) from None
         self.base = self._c.base
 
-    def call(self, method: str, path: str, body=None, *, raw: bool = False):
+    @contextlib.contextmanager
+    def _one_line_errors(self):
         try:
-            return self._c.request(method, path, body, raw=raw)
+            yield
         except ApiError as e:
             raise CtlError(f"{self.base}: {e.status}: {e.error}") from None
         except UnreachableError as e:
             raise CtlError(str(e), EXIT_UNREACHABLE) from None
         except BadResponseError as e:
             raise CtlError(f"{self.base}: {e}") from None
+
+    def call(self, method: str, path: str, body=None, *, raw: bool = False):
+        with self._one_line_errors():
+            return self._c.request(method, path, body, raw=raw)
+
+    def follow(self, run_id: str):
+        """A run's output as the node streams it, until the run ends."""
+        with self._one_line_errors():
+            yield from self._c.runs.follow(run_id)
 
 
 def table(rows: list[dict], columns: list[str], headers: list[str] | None = None) -> str:
@@ -268,34 +278,20 @@ def _logs(c: Client, run_id: str, *, follow: bool, out) -> int:
     """``runs logs [-f]``: the output so far; with ``-f`` the node streams it
     (chunked) from the node that runs it until the run ends."""
     if follow:
-        last = ""
-        try:
-            for text in c._c.runs.follow(run_id):
-                out.write(text)
-                out.flush()
-                last = text
-        except ApiError as e:
-            raise CtlError(f"{c.base}: {e.status}: {e.error}") from None
-        except UnreachableError as e:
-            raise CtlError(str(e), EXIT_UNREACHABLE) from None
-        if last and not last.endswith("\n"):
-            out.write("\n")
-        return 0
-    offset = 0
-    while True:
-        chunk = c.call("GET", f"/v1/runs/{_q(run_id)}/logs?offset={offset}&format=json")
+        data = ""
+        for text in c.follow(run_id):
+            out.write(text)
+            out.flush()
+            data = text
+    else:
+        chunk = c.call("GET", f"/v1/runs/{_q(run_id)}/logs?format=json")
         data = chunk.get("data") or ""
         if chunk.get("skipped"):
             out.write(f"[... {chunk['skipped']} bytes no longer kept]\n")
         out.write(data)
-        out.flush()
-        offset = int(chunk.get("next_offset") or offset)
-        if not follow or not chunk.get("running"):
-            if data and not data.endswith("\n"):
-                out.write("\n")
-            return 0
-        if not data:
-            time.sleep(0.5)
+    if data and not data.endswith("\n"):
+        out.write("\n")
+    return 0
 
 
 def completion_script(parser: argparse.ArgumentParser, shell: str) -> str:

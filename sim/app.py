@@ -260,10 +260,8 @@ class SchedulerApp:
                 self._timer(now + lat / 2, "deliver", e)
                 self._timer(now + lat, "notified", e)
             elif tp is Claim:
-                self.last_holder = None
                 outcome, token = self._claim(e)
-                work.extend(self.core.claim_answered(e.task_id, e.slot, e.run_id, outcome, token, now,
-                                                     holder=self.last_holder))
+                work.extend(self.core.claim_answered(e.task_id, e.slot, e.run_id, outcome, token, now))
             elif tp is Reclaim:
                 outcome, token = self._reclaim(e)
                 work.extend(self.core.claim_answered(e.task_id, e.slot, e.run_id, outcome, token, now))
@@ -280,7 +278,6 @@ class SchedulerApp:
         d = decide_claim(res, node=self.name, run_id=e.run_id, high_water_before=hw0,
                          high_water_now=self.high_water)
         self.high_water, self.fence_epoch = fold_decision(d, self.high_water, self.fence_epoch)
-        self.last_holder = (d.holder.node, d.holder.run_id) if d.holder else None
         return d.reason, d.token
 
     def _reclaim(self, e: Reclaim) -> tuple[str, int | None]:

@@ -195,3 +195,41 @@ async def start_solo_node(tmp_path: Path, nursery, *, token: str, **flags: str):
     n = await Node.create(cfg)
     await nursery.start(n.run)
     return n
+
+
+class WebhookReceiver:
+    """A local HTTP server that answers every POST 204 and keeps (path,
+    headers with lower-case names, body bytes) (a test fixture, not peerd)."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.posts: list[tuple[str, dict, bytes]] = []
+        outer = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                outer.posts.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def headers(self, path: str) -> list[dict]:
+        return [h for p, h, _ in list(self.posts) if p == path]
+
+    def bodies(self, path: str) -> list:
+        """The JSON bodies posted to ``path``, oldest first."""
+        return [json.loads(b or b"null") for p, _, b in list(self.posts) if p == path]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

@@ -8,54 +8,20 @@ Waits are conditions with deadlines (tests/cluster_util.py).
 """
 from __future__ import annotations
 
-import http.server
-import json
 import signal
 import textwrap
-import threading
 import time
 
 import pytest
 
-from tests.cluster_util import api, peerctl, running_cluster, wait_for
+from tests.cluster_util import WebhookReceiver, api, peerctl, running_cluster, wait_for
 
 FAR = "once:2099-01-01T00:00:00Z"
 
 
-class Receiver:
-    """Collects webhook POSTs (a test fixture, not part of peerd)."""
-
-    def __init__(self):
-        self.posts: list[tuple[str, dict, dict]] = []
-        outer = self
-
-        class H(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                n = int(self.headers.get("content-length") or 0)
-                body = json.loads(self.rfile.read(n) or b"null")
-                outer.posts.append((self.path, dict(self.headers), body))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *a):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def to(self, path):
-        return [b for p, _, b in list(self.posts) if p == path]
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def receiver():
-    r = Receiver()
+    r = WebhookReceiver()
     yield r
     r.close()
 
@@ -106,14 +72,14 @@ def test_notifications_and_chains(tmp_path, receiver):
 
         # 1. a failure: one notification per target, the run record says sent
         assert peerctl("tasks", "run", "nf-up", node=b.api_addr).returncode == 0
-        wait_for(lambda: receiver.to("/plain") and receiver.to("/slack"), timeout=30,
+        wait_for(lambda: receiver.bodies("/plain") and receiver.bodies("/slack"), timeout=30,
                  what="the failure notifications", cluster=c)
-        plain = receiver.to("/plain")[0]
+        plain = receiver.bodies("/plain")[0]
         assert plain["event"] == "failure" and plain["task_id"] == "nf-up" and plain["status"] == "failed"
         assert plain["exit_code"] == 1 and "checking" in plain["output_tail"]
         assert plain["link"].endswith("/#task/nf-up") and plain["run_id"].endswith(".1")
-        assert [h for p, h, _ in receiver.posts if p == "/plain"][0].get("X-Team") == "ops"
-        slack = receiver.to("/slack")[0]
+        assert receiver.headers("/plain")[0].get("x-team") == "ops"
+        slack = receiver.bodies("/slack")[0]
         assert slack == {"text": f"peerd: nf-up failure (failed, exit 1) on {plain['node']}"}
         owner = _owner(c, "nf-up")
         op = next(p for p in c.procs if p.name == owner)
@@ -124,8 +90,8 @@ def test_notifications_and_chains(tmp_path, receiver):
         # 2. recovery: the first success after a failure; the chain fires
         flag.write_text("ok")
         assert peerctl("tasks", "run", "nf-up", node=a.api_addr).returncode == 0
-        wait_for(lambda: len(receiver.to("/plain")) == 2, timeout=30, what="the recovery notification", cluster=c)
-        rec = receiver.to("/plain")[1]
+        wait_for(lambda: len(receiver.bodies("/plain")) == 2, timeout=30, what="the recovery notification", cluster=c)
+        rec = receiver.bodies("/plain")[1]
         assert rec["event"] == "recovery" and rec["status"] == "succeeded"
         wait_for(lambda: down_out.exists() and down_out.read_text().count("\n") == 1, timeout=30,
                  what="the chained run", cluster=c)
@@ -138,7 +104,7 @@ def test_notifications_and_chains(tmp_path, receiver):
         assert peerctl("tasks", "run", "nf-up", node=a.api_addr).returncode == 0
         wait_for(lambda: down_out.read_text().count("\n") == 2, timeout=30, what="a second chained run", cluster=c)
         assert len(api(op.api_addr, "GET", "/v1/tasks/nf-up/runs")[1]) == ups_before + 1
-        assert len(receiver.to("/plain")) == 2 and len(receiver.to("/slack")) == 1
+        assert len(receiver.bodies("/plain")) == 2 and len(receiver.bodies("/slack")) == 1
         down_runs = api(next(p for p in c.procs if p.name == _owner(c, "nf-down")).api_addr,
                         "GET", "/v1/tasks/nf-down/runs")[1]
         assert sorted(x["status"] for x in down_runs) == ["succeeded", "succeeded"]
@@ -175,7 +141,7 @@ def test_notifications_and_chains(tmp_path, receiver):
                  timeout=30, what="a replica has nf-lost running", cluster=c)
         lo.popen.send_signal(signal.SIGKILL)
         lo.popen.wait()
-        wait_for(lambda: receiver.to("/lost"), timeout=60, what="the lost notification from the new owner", cluster=c)
-        lost = receiver.to("/lost")[0]
+        wait_for(lambda: receiver.bodies("/lost"), timeout=60, what="the lost notification from the new owner", cluster=c)
+        lost = receiver.bodies("/lost")[0]
         assert lost["event"] == "lost" and lost["status"] == "lost" and lost["node"] == lo.name
         assert lost["link"].split("/")[2] != lo.api_addr          # sent by another node

@@ -33,6 +33,12 @@ def _proc(c, name):
     return next(p for p in c.procs if p.name == name)
 
 
+def _run_with_status(c, proc, tid, status, what):
+    """The first run of ``tid`` with ``status`` on ``proc``, waited for."""
+    return wait_for(lambda: [x for x in api(proc.api_addr, "GET", f"/v1/tasks/{tid}/runs")[1]
+                             if x["status"] == status], timeout=30, what=what, cluster=c)[0]
+
+
 def _everywhere(c, tid):
     for p in c.procs:
         wait_for(lambda p=p: api(p.api_addr, "GET", f"/v1/tasks/{tid}")[0] == 200, timeout=30,
@@ -221,8 +227,7 @@ def test_secret_references_resolved_on_the_running_node_only(cluster, tmp_path):
     # a missing secret fails the run with a clear error, not the node
     assert peerctl("tasks", "run", "sx-missing", node=c.api_addr).returncode == 0
     mo = _proc(cluster, _owner(cluster, "sx-missing"))
-    rec = wait_for(lambda: [x for x in api(mo.api_addr, "GET", "/v1/tasks/sx-missing/runs")[1]
-                            if x["status"] == "error"], timeout=30, what="sx-missing failed", cluster=cluster)[0]
+    rec = _run_with_status(cluster, mo, "sx-missing", "error", "sx-missing failed")
     assert rec["error"].startswith("secret env.TOKEN: cannot read") and "nope" in rec["error"]
 
 
@@ -279,8 +284,7 @@ def test_live_output_and_output_files(cluster, tmp_path):
     owner = _proc(cluster, _owner(cluster, "lv"))
     other = next(p for p in cluster.procs if p is not owner)
     assert peerctl("tasks", "run", "lv", node=other.api_addr).returncode == 0
-    run = wait_for(lambda: [x for x in api(owner.api_addr, "GET", "/v1/tasks/lv/runs")[1]
-                            if x["status"] == "running"], timeout=30, what="lv running", cluster=cluster)[0]
+    run = _run_with_status(cluster, owner, "lv", "running", "lv running")
     # the output so far, from a node that does not run it (forwarded)
     wait_for(lambda: "first" in peerctl("runs", "logs", run["run_id"], node=other.api_addr).stdout,
              timeout=30, what="live output", cluster=cluster)
@@ -307,8 +311,7 @@ def test_live_output_and_output_files(cluster, tmp_path):
     # output: {keep: file}: the whole output, capped, in a file on the runner
     fo = _proc(cluster, _owner(cluster, "lv-file"))
     assert peerctl("tasks", "run", "lv-file", node=a.api_addr).returncode == 0
-    rec = wait_for(lambda: [x for x in api(fo.api_addr, "GET", "/v1/tasks/lv-file/runs")[1]
-                            if x["status"] == "succeeded"], timeout=30, what="lv-file ran", cluster=cluster)[0]
+    rec = _run_with_status(cluster, fo, "lv-file", "succeeded", "lv-file ran")
     files = list((fo.data_dir / "output" / "lv-file").glob("*.log"))
     assert [p.name for p in files] == [rec["run_id"] + ".log"]
     assert files[0].read_text() == "x" * 70 + "\n" and oct(files[0].stat().st_mode & 0o777) == "0o600"
@@ -380,8 +383,7 @@ def test_followed_output_is_streamed_chunked(cluster, tmp_path):
     owner = _proc(cluster, _owner(cluster, "st"))
     other = next(p for p in cluster.procs if p is not owner)
     assert peerctl("tasks", "run", "st", node=a.api_addr).returncode == 0
-    run = wait_for(lambda: [x for x in api(owner.api_addr, "GET", "/v1/tasks/st/runs")[1]
-                            if x["status"] == "running"], timeout=30, what="st running", cluster=cluster)[0]
+    run = _run_with_status(cluster, owner, "st", "running", "st running")
     from tests.cluster_util import TOKEN
 
     conn = http.client.HTTPConnection(*other.api_addr.split(":"), timeout=30)

@@ -26,7 +26,7 @@ from hypothesis import given, strategies as st
 
 from node import tracing
 from node.executor import RunContext, run_env, run_headers
-from tests.cluster_util import ROOT, start_solo_node
+from tests.cluster_util import ROOT, WebhookReceiver, start_solo_node
 from tests.etcd_server import etcd_server, free_port  # noqa: F401  (module-scoped fixture)
 
 TOKEN = "tracing-test-token"
@@ -161,39 +161,9 @@ def test_otlp_url_and_resource():
 
 
 # ------------------------------------------------------------ a real node
-class Receiver:
-    """Answers every POST 204 and keeps (path, headers) (a test fixture)."""
-
-    def __init__(self):
-        self.posts: list[tuple[str, dict]] = []
-        outer = self
-
-        class H(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("content-length") or 0))
-                outer.posts.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *a):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def to(self, path):
-        return [h for p, h in list(self.posts) if p == path]
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def receiver():
-    r = Receiver()
+    r = WebhookReceiver()
     yield r
     r.close()
 
@@ -279,8 +249,8 @@ async def test_node_traces_runs(tmp_path, nursery, receiver, caplog):
         root, a1, note = spans["run web"], spans["attempt 1"], spans["notify success"]
         assert a1.parent.span_id == root.context.span_id and note.parent.span_id == root.context.span_id
         assert a1.attributes["http.response.status_code"] == 204
-        assert receiver.to("/task")[0]["traceparent"] == tracing.traceparent(*_hex(a1))
-        assert receiver.to("/notify")[0]["traceparent"] == tracing.traceparent(*_hex(note))
+        assert receiver.headers("/task")[0]["traceparent"] == tracing.traceparent(*_hex(a1))
+        assert receiver.headers("/notify")[0]["traceparent"] == tracing.traceparent(*_hex(note))
         assert note.attributes["peerd.status"] == "sent" and note.attributes["peerd.event"] == "success"
 
         # a notification that cannot be delivered: failed span, trace id in the log line
