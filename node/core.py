@@ -146,6 +146,7 @@ class Reclaim:
     dead: str
     expected_run_id: str | None
     attempt_s: float
+    unstarted: bool = False         # only a claim its holder never marked started (fencing Rule 9)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +200,7 @@ class _ClaimTry:
     deadline: float                 # give up (unavailable) after this epoch time
     reclaim: tuple[str, str | None] | None = None   # (dead claimer, its lost claim run id)
     since: float = 0.0              # first re-claim attempt
+    unstarted: bool = False         # re-claim of a claim its holder never started (fencing Rule 9)
 
 
 class NodeCore:
@@ -272,7 +274,7 @@ class NodeCore:
         self.stats: dict[str, int] = {
             "handoffs": 0, "handoff_timeouts": 0, "ae_ok": 0, "ae_failed": 0, "pushes": 0,
             "claims_lost": 0, "claims_unavailable": 0, "reclaims_won": 0, "reclaims_refused": 0,
-            "reclaims_claimer_alive": 0, "abandoned": 0, "runs_lost": 0,
+            "reclaims_claimer_alive": 0, "reclaims_unstarted": 0, "abandoned": 0, "runs_lost": 0,
         }
         self._out: list[Effect] = []
 
@@ -438,7 +440,8 @@ class NodeCore:
     # --------------------------------------------------------------- fencing
 
     def claim_answered(self, task_id: str, slot: int, run_id: str, outcome: str, token: int | None,
-                       now: float, detail: str = "") -> list[Effect]:
+                       now: float, detail: str = "",
+                       holder: tuple[str, str, bool] | None = None) -> list[Effect]:
         """The answer to a :class:`Claim` or :class:`Reclaim`.
 
         ``outcome``: ``won``; ``fire_without_token`` (fencing in fire mode
@@ -446,6 +449,8 @@ class NodeCore:
         ``claimer_alive`` (re-claim: the dead claimer's session still
         holds); ``closed`` (the fencer is shutting down); anything else is a
         refusal (``lost``, ``stale_epoch``...: another node has the slot).
+        ``holder``: for ``lost``, the claim found (node, run id, marked
+        started); one never started is re-claimed (fencing Rule 9).
         """
         key = (task_id, slot)
         if key in self._reclaims_inflight:
@@ -464,11 +469,40 @@ class NodeCore:
             self._lines.setdefault(task_id, []).insert(0, c)
             self._backoff[task_id] = now + self.knobs.claim_retry_s
             self._timer(now + self.knobs.claim_retry_s, "claim", task_id)
+        elif outcome == "lost" and holder is not None and not holder[2] and not self.stopping \
+                and self._reclaim_unstarted(task_id, c, holder, now):
+            pass
         else:
             self.stats["claims_unavailable" if outcome == "unavailable" else "claims_lost"] += 1
             self._abandon(task_id, slot, now, f"claim_{outcome}")
         self._pump(task_id, now)
         return self._take()
+
+    def _reclaim_unstarted(self, unit: str, c: _ClaimTry, holder: tuple[str, str, bool], now: float) -> bool:
+        """Fencing Rule 9: our claim was lost to one its holder never marked
+        started. A holder still alive marks it or gives it up; one that died
+        first (its etcd session gone), or an earlier boot of this node, never
+        ran the slot: re-claim it and run it. Tasks with ``misfire: skip``
+        wait no longer than their misfire window; the others up to the
+        holder's session TTL (``1.5 * session_ttl_s + 2`` s). Returns False
+        when the slot is left (task gone)."""
+        task = self._task_of(unit)
+        key = (unit, c.slot)
+        if task is None or key in self._reclaims:
+            return False
+        dead, held_run = holder[0], holder[1]
+        c.reclaim = (dead, held_run)
+        c.unstarted = True
+        c.since = now
+        if task.misfire != "skip":
+            c.deadline = max(c.deadline, now + 1.5 * self.knobs.session_ttl_s + 2.0)
+        self._reclaims[key] = c
+        self.stats["reclaims_unstarted"] += 1
+        self._note("claim", task_id=unit, slot=c.slot, result="held_unstarted",
+                   detail=f"{dead} holds run {held_run} and has not started it: re-claiming once "
+                          f"its etcd session is gone")
+        self._send_reclaim(key, now)
+        return True
 
     # ----------------------------------------------------------- run reports
 
@@ -1329,7 +1363,8 @@ class NodeCore:
         self._reclaims_inflight.add(key)
         assert c.reclaim is not None
         self._out.append(Reclaim(key[0], key[1], c.run_id, c.reclaim[0], c.reclaim[1],
-                                 max(0.05, min(self.knobs.claim_attempt_s, c.deadline - now))))
+                                 max(0.05, min(self.knobs.claim_attempt_s, c.deadline - now)),
+                                 unstarted=c.unstarted))
 
     def _reclaim_answered(self, key: tuple[str, int], run_id: str, outcome: str, token: int | None,
                           now: float, detail: str) -> None:
@@ -1337,6 +1372,8 @@ class NodeCore:
         if c is None or c.run_id != run_id:
             return
         alive_wait = 1.5 * self.knobs.session_ttl_s + 2.0
+        if c.unstarted:
+            alive_wait = min(alive_wait, c.deadline - c.since)
         if outcome == "claimer_alive" and now < c.since + alive_wait and not self.stopping:
             self._timer(now + self.knobs.claim_retry_s, "reclaim", key)
             return

@@ -44,6 +44,15 @@ Rules
   once per death. If the claimer's alive key is still there (a false death:
   partition, loss), retry with backoff until ``deadline``; then give up
   (``lost``, "claimer alive"): its run is still going.
+* Started mark (fencing Rule 9): a claim or re-claim won is marked
+  ``started`` in etcd (``start_txn``) before ``won`` is returned, and only
+  then does the node start the run; a claim re-claimed in between returns
+  ``lost``. Marking retries like a claim; etcd unreachable until the
+  deadline -> ``unavailable`` (the slot is not run), or in ``fire`` mode the
+  run starts with its token, unmarked (logged).
+* A lost claim names its holder's claim (``holder_claim``): a holder that
+  never marked it started may be re-claimed with ``reclaim(...,
+  unstarted_only=True)`` once its session is gone.
 * Everything is bounded: attempts by the deadline (and ``MAX_ATTEMPTS``),
   each attempt by ``request_timeout_s``.
 """
@@ -59,8 +68,9 @@ import trio
 from node.etcd import EtcdClient
 from node.fencing import (
     ClaimDecision, ClaimValue, EtcdClientError, EtcdError, EtcdProtocolError, EtcdUnavailable,
-    Reason, alive_key, decide_claim, decide_reclaim, epoch_key, fire_key, is_lease_not_found,
-    fold_decision, parse_epoch, plan_reclaim, reclaim_txn, claim_txn, split_token,
+    Reason, alive_key, decide_claim, decide_reclaim, decide_start, epoch_key, fire_key,
+    is_lease_not_found, fold_decision, parse_epoch, plan_reclaim, reclaim_txn, claim_txn,
+    split_token, start_txn,
 )
 from node.retry import backoff_delay_s
 
@@ -84,7 +94,8 @@ class FencerClosed(RuntimeError):
 class ClaimResult:
     """``won`` -> fire, with ``token`` (int, see ``fencing.make_token``) or,
     for ``fire_without_token``, ``token is None`` and ``won`` is True too.
-    ``holder`` names the node holding the claim when lost."""
+    ``holder`` names the node holding the claim when lost, ``holder_claim``
+    is that claim as read (None if unreadable)."""
 
     won: bool
     token: int | None
@@ -92,6 +103,8 @@ class ClaimResult:
     detail: str = ""
     attempts: int = 1
     holder: str | None = None
+    holder_claim: ClaimValue | None = None
+    mod_revision: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,13 +311,16 @@ class Fencer:
             lambda r, hw0: decide_claim(r, node=self.node, run_id=run_id,
                                         high_water_before=hw0, high_water_now=self._high_water),
             what=f"claim {task_id}/{slot}")
+        if res.reason == "won":
+            res = await self._mark_started(task_id, slot, value, res, deadline)
         self._count(res, task_id, slot, run_id)
         return res
 
     async def reclaim(self, task_id: str, slot: int, run_id: str, dead_node: str, *,
                       deadline: float | None = None,
                       expected_run_id: str | None = None,
-                      alive_wait_s: float | None = None) -> ClaimResult:
+                      alive_wait_s: float | None = None,
+                      unstarted_only: bool = False) -> ClaimResult:
         """Re-claim a slot whose claimer ``dead_node`` was declared dead.
 
         Args:
@@ -320,7 +336,9 @@ class Fencer:
         Returns ``won`` with a token greater than the dead claimer's, or
         ``lost`` (not claimed by ``dead_node`` or not its lost run, already
         reclaimed for this death, reclaim cap reached, another node was
-        faster, or the claimer stayed alive until ``deadline``). etcd
+        faster, or the claimer stayed alive until ``deadline``).
+        ``unstarted_only``: only a claim its claimer never marked started
+        (Rule 9). etcd
         unreachable: as for ``claim`` (``unavailable`` after ``deadline``;
         ``fire_without_token`` in fire mode). Raises ``FencerClosed`` after
         :meth:`aclose`.
@@ -345,7 +363,7 @@ class Fencer:
             plan = plan_reclaim(kv, node=self.node, run_id=run_id, dead_node=dead_node,
                                 epoch=self._epoch, max_reclaims=self.max_reclaims,
                                 expected_run_id=expected_run_id, session=self.boot,
-                                prefix=self.prefix)
+                                prefix=self.prefix, unstarted_only=unstarted_only)
             if plan.value is None:
                 return ClaimResult(False, None, "lost", plan.refusal)
             plan_holder[:] = [plan]
@@ -358,6 +376,8 @@ class Fencer:
                                           mod_revision=plan_holder[0].mod_revision),
             what=f"reclaim {task_id}/{slot} from {dead_node}", prepare=prepare,
             alive_deadline=alive_deadline)
+        if res.reason == "won":
+            res = await self._mark_started(task_id, slot, plan_holder[0].value, res, deadline)
         if res.reason == "won":
             self._c["reclaims_won"] += 1
             log.warning("reclaimed %s/%s from dead %s, token %d", task_id, slot, dead_node,
@@ -432,7 +452,8 @@ class Fencer:
                 self._high_water, self._epoch = fold_decision(decision, self._high_water, self._epoch)
                 holder = decision.holder.node if decision.holder else None
                 return ClaimResult(decision.won, decision.token, decision.reason,
-                                   decision.detail, attempt, holder)
+                                   decision.detail, attempt, holder, decision.holder,
+                                   decision.mod_revision)
             self._c["attempts_failed"] += 1
             if self.on_unavailable == "fire":
                 return ClaimResult(True, None, "fire_without_token",
@@ -443,6 +464,51 @@ class Fencer:
                                    f"etcd unavailable until the deadline: {last_err}", attempt)
             await self._retry_pause(attempt, deadline - now)
         return ClaimResult(False, None, "unavailable", f"gave up after {MAX_ATTEMPTS} attempts",
+                           MAX_ATTEMPTS)
+
+    async def _mark_started(self, task_id: str, slot: int, value: ClaimValue, won: ClaimResult,
+                            deadline: float) -> ClaimResult:
+        """Rule 9: mark the claim just won started before the run starts.
+        Returns ``won`` (marked), ``lost`` (re-claimed meanwhile) or, etcd
+        unreachable until the deadline, ``unavailable`` (``won`` unmarked in
+        fire mode)."""
+        what = f"mark {task_id}/{slot} started"
+        last_err = ""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                with trio.fail_after(self.request_timeout_s):
+                    lease = await self._ensure_lease()
+                    r = await self.client.txn(*start_txn(self.prefix, task_id, slot, value, lease,
+                                                         won.mod_revision))
+                ok, detail = decide_start(r, node=self.node, run_id=value.run_id)
+                if ok:
+                    return won
+                log.warning("%s: %s; not running it", what, detail,
+                            extra={"task_id": task_id, "slot": slot, "run_id": value.run_id})
+                return ClaimResult(False, None, "lost", detail, won.attempts + attempt)
+            except EtcdError as exc:
+                last_err = str(exc)
+                if is_lease_not_found(exc):
+                    self._lease_id = 0
+                    if attempt < 3:
+                        continue
+                else:
+                    log.error("%s: etcd error %s", what, exc)
+            except (EtcdUnavailable, EtcdProtocolError) as exc:
+                last_err = str(exc)
+            except trio.TooSlowError:
+                last_err = f"attempt took longer than {self.request_timeout_s} s"
+            self._c["attempts_failed"] += 1
+            if self.on_unavailable == "fire":
+                log.warning("%s failed (%s): running with token %s, unmarked", what, last_err, won.token)
+                return won
+            now = trio.current_time()
+            if now >= deadline:
+                return ClaimResult(False, None, "unavailable",
+                                   f"claimed, but etcd unavailable to mark it started: {last_err}",
+                                   won.attempts + attempt)
+            await self._retry_pause(attempt, deadline - now)
+        return ClaimResult(False, None, "unavailable", f"gave up marking after {MAX_ATTEMPTS} attempts",
                            MAX_ATTEMPTS)
 
     async def _retry_pause(self, attempt: int, left_s: float) -> None:

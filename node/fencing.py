@@ -71,6 +71,20 @@ Rule 8 (sessions: a false death is not a death): SWIM may declare a member
     greater for the rerun, tells them apart downstream). A node re-claiming
     its own slot after a restart (``dead == node``) skips the alive check:
     it knows its previous process is gone (its boot id differs).
+Rule 9 (started mark: a claim whose claimer never ran it is re-claimed): a
+    claim is written with ``started: false``. Before it starts the run, the
+    winner runs ``if mod_revision(key) == <its claim's revision>: put
+    <the same value with started: true>`` and starts the run only if that
+    succeeds (its own earlier mark, found after a lost reply, counts). So a
+    claim still ``started: false`` whose claimer's session is gone (Rule 8)
+    or that an earlier boot of the same node wrote was never run: the next
+    owner that finds it when its own claim is lost re-claims it
+    (``plan_reclaim(..., unstarted_only=True)``) and runs the slot. A mark
+    and such a re-claim race on the key's mod revision, so at most one of
+    them succeeds. A claim marked ``started`` is never re-claimed this way
+    (its run may have happened: only a run record seen ``lost`` re-claims it,
+    Rule 7). Claims written without the field (older releases) count as
+    started.
 
 Keys: ``<prefix>/fire/<T>/<S>`` and ``<prefix>/alive/<node>/<boot hex>``;
 ``T`` and ``node`` are percent-encoded (``/`` and other
@@ -106,6 +120,7 @@ __all__ = [
     "decode_error", "decode_int64", "decode_body", "b64", "unb64",
     "fire_key", "epoch_key", "alive_key", "make_token", "split_token", "parse_epoch",
     "ClaimValue", "encode_claim", "decode_claim", "claim_txn", "reclaim_txn",
+    "start_txn", "decide_start",
     "ClaimDecision", "decide_claim", "fold_decision", "ReclaimPlan", "plan_reclaim",
     "decide_reclaim", "is_auth_error", "is_lease_not_found",
     "is_retryable_error",
@@ -581,7 +596,10 @@ def parse_epoch(value: bytes | None) -> int:
 class ClaimValue:
     """What a fire key holds (JSON). ``dead`` lists the claimers whose death
     caused a reclaim, oldest first; ``reclaims == len(dead)``. ``session`` is
-    the claimer's boot id (Rule 8; 0 = written without a session)."""
+    the claimer's boot id (Rule 8; 0 = written without a session).
+    ``started``: the claimer marked it before starting the run (Rule 9);
+    ``revision``: set by the mark, the revision the claim was written at
+    (its token's), which the mark's own write moved on."""
 
     node: str
     run_id: str
@@ -589,11 +607,14 @@ class ClaimValue:
     reclaims: int = 0
     dead: tuple[str, ...] = field(default=())
     session: int = 0
+    started: bool = False
+    revision: int = 0
 
 
 def encode_claim(v: ClaimValue) -> bytes:
     return json.dumps({"v": 1, "node": v.node, "run_id": v.run_id, "epoch": v.epoch,
-                       "reclaims": v.reclaims, "dead": list(v.dead), "session": v.session},
+                       "reclaims": v.reclaims, "dead": list(v.dead), "session": v.session,
+                       "started": v.started, "revision": v.revision},
                       sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -607,18 +628,23 @@ def decode_claim(raw: bytes) -> ClaimValue:
         raise ValueError("claim value is not a JSON object")
     node, run_id, epoch = d.get("node"), d.get("run_id"), d.get("epoch", 0)
     reclaims, dead, session = d.get("reclaims", 0), d.get("dead", []), d.get("session", 0)
+    started = d.get("started", True)       # written before Rule 9: taken as started
+    revision = d.get("revision", 0)
     if not isinstance(node, str) or not node:
         raise ValueError("claim value: field 'node' missing or not a string")
     if not isinstance(run_id, str):
         raise ValueError("claim value: field 'run_id' not a string")
-    for name, x in (("epoch", epoch), ("reclaims", reclaims), ("session", session)):
+    for name, x in (("epoch", epoch), ("reclaims", reclaims), ("session", session),
+                    ("revision", revision)):
         if not isinstance(x, int) or isinstance(x, bool) or x < 0:
             raise ValueError(f"claim value: field {name!r} not a non-negative int")
     if not isinstance(dead, list) or not all(isinstance(x, str) for x in dead):
         raise ValueError("claim value: field 'dead' not a list of strings")
     if session >= 2 ** 64:
         raise ValueError("claim value: field 'session' above 2**64")
-    return ClaimValue(node, run_id, epoch, reclaims, tuple(dead), session)
+    if not isinstance(started, bool):
+        raise ValueError("claim value: field 'started' not a boolean")
+    return ClaimValue(node, run_id, epoch, reclaims, tuple(dead), session, started, revision)
 
 
 def claim_txn(prefix: str, task_id: str, slot: int, value: ClaimValue,
@@ -644,6 +670,36 @@ def reclaim_txn(prefix: str, task_id: str, slot: int, value: ClaimValue,
         cmp.append(Compare.version(dead_alive, "=", 0))
         fail.append(Range(dead_alive))
     return cmp, [Put(k, encode_claim(value), lease_id), Range(ek)], fail
+
+
+def start_txn(prefix: str, task_id: str, slot: int, value: ClaimValue, lease_id: int,
+              mod_revision: int) -> tuple[list[Compare], list[Op], list[Op]]:
+    """Rule 9: mark the claim written as ``value`` at ``mod_revision`` started
+    (the same value with ``started: true``, under ``lease_id``) unless it
+    changed since; the failure branch reads the key."""
+    k = fire_key(prefix, task_id, slot)
+    marked = ClaimValue(value.node, value.run_id, value.epoch, value.reclaims, value.dead,
+                        value.session, True, mod_revision)
+    return ([Compare.mod_revision(k, "=", mod_revision)],
+            [Put(k, encode_claim(marked), lease_id)], [Range(k)])
+
+
+def decide_start(res: TxnResult, *, node: str, run_id: str) -> tuple[bool, str]:
+    """Rule 9: may the claimer start its run after ``start_txn``? True when
+    the mark was written, or is found already ours (an earlier reply lost);
+    False when the claim changed hands (re-claimed) or is gone."""
+    if res.succeeded:
+        return True, "marked started"
+    rr = _range_at(res, 0)
+    if not rr.kvs:
+        return False, "the claim is gone (expired) before the run started"
+    try:
+        cur = decode_claim(rr.kvs[0].value)
+    except ValueError as exc:
+        return False, f"the claim became unreadable before the run started ({exc})"
+    if cur.node == node and cur.run_id == run_id and cur.started:
+        return True, "marked started (earlier reply lost)"
+    return False, f"re-claimed by {cur.node} run {cur.run_id} before the run started"
 
 
 Reason = Literal["won", "lost", "unavailable", "fire_without_token", "stale_epoch"]
@@ -718,7 +774,9 @@ def decide_claim(res: TxnResult, *, node: str, run_id: str,
         return ClaimDecision(False, None, "lost", f"held by an unreadable claim ({exc})", hw,
                              mod_revision=kv.mod_revision)
     if holder.node == node and holder.run_id == run_id:
-        return ClaimDecision(True, make_token(epoch, kv.mod_revision), "won",
+        # a mark (Rule 9) moved the key on: its token is the claim's revision
+        rev = holder.revision if holder.started and holder.revision else kv.mod_revision
+        return ClaimDecision(True, make_token(epoch, rev), "won",
                              "recovered own claim (earlier reply lost)", hw, holder,
                              kv.mod_revision)
     return ClaimDecision(False, None, "lost", f"held by {holder.node} run {holder.run_id}",
@@ -748,7 +806,8 @@ class ReclaimPlan:
 
 def plan_reclaim(kv: KeyValue | None, *, node: str, run_id: str, dead_node: str,
                  epoch: int, max_reclaims: int, expected_run_id: str | None = None,
-                 session: int = 0, prefix: str = "/peerd") -> ReclaimPlan:
+                 session: int = 0, prefix: str = "/peerd",
+                 unstarted_only: bool = False) -> ReclaimPlan:
     """Rules 7 and 8: may ``node`` (process ``session``) reclaim a slot whose
     claimer ``dead_node`` died, and under which alive check?
 
@@ -757,6 +816,8 @@ def plan_reclaim(kv: KeyValue | None, *, node: str, run_id: str, dead_node: str,
         expected_run_id: the run id (claim run id, without the attempt
             suffix) of the run seen lost; None skips that check.
         session: our boot id, written into the new claim.
+        unstarted_only: Rule 9: only a claim its claimer never marked
+            started (the caller found it when its own claim was lost).
     """
     if kv is None:
         return ReclaimPlan(None, 0, "no claim to reclaim (never claimed or expired)")
@@ -772,6 +833,9 @@ def plan_reclaim(kv: KeyValue | None, *, node: str, run_id: str, dead_node: str,
         return ReclaimPlan(None, kv.mod_revision,
                            f"claim is run {cur.run_id}, not the lost run {expected_run_id} "
                            f"(already re-taken for this death)")
+    if unstarted_only and cur.started:
+        return ReclaimPlan(None, kv.mod_revision,
+                           f"{cur.node} started run {cur.run_id}: only its record can tell it lost")
     if cur.reclaims >= max_reclaims:
         return ReclaimPlan(None, kv.mod_revision,
                            f"already reclaimed {cur.reclaims} times (max {max_reclaims})")

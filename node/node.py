@@ -522,8 +522,10 @@ class Node:
         # a claim won is under the run's root span; a lost one is a root of its own
         self.tracing.record_span("claim", eff.run_id, t0, under_root=res.won, status=outcome,
                                  error=res.detail or None, fencing_token=res.token, **attrs)
+        hc = res.holder_claim
         self._do(self.core.claim_answered(eff.task_id, eff.slot, eff.run_id, outcome, res.token, _wall(),
-                                          detail=res.detail))
+                                          detail=res.detail,
+                                          holder=(hc.node, hc.run_id, hc.started) if hc else None))
 
     async def _reclaim(self, eff: Reclaim) -> None:
         t0 = time.time_ns()
@@ -531,7 +533,8 @@ class Node:
         try:
             res = await self.fencer.reclaim(eff.task_id, eff.slot, eff.run_id, eff.dead,
                                             deadline=trio.current_time() + eff.attempt_s,
-                                            expected_run_id=eff.expected_run_id, alive_wait_s=0.0)
+                                            expected_run_id=eff.expected_run_id, alive_wait_s=0.0,
+                                            unstarted_only=eff.unstarted)
         except FencerClosed:
             self.tracing.record_span("claim", eff.run_id, t0, under_root=False, status="closed", **attrs)
             self._do(self.core.claim_answered(eff.task_id, eff.slot, eff.run_id, "closed", None, _wall()))

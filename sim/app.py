@@ -60,6 +60,8 @@ from node.fencing import (
     fold_decision,
     plan_reclaim,
     reclaim_txn,
+    start_txn,
+    decide_start,
 )
 from node.knobs import NodeKnobs
 from node.store import Store
@@ -260,25 +262,41 @@ class SchedulerApp:
                 self._timer(now + lat / 2, "deliver", e)
                 self._timer(now + lat, "notified", e)
             elif tp is Claim:
-                outcome, token = self._claim(e)
-                work.extend(self.core.claim_answered(e.task_id, e.slot, e.run_id, outcome, token, now))
+                outcome, token, holder = self._claim(e)
+                work.extend(self.core.claim_answered(e.task_id, e.slot, e.run_id, outcome, token, now,
+                                                     holder=holder))
             elif tp is Reclaim:
                 outcome, token = self._reclaim(e)
                 work.extend(self.core.claim_answered(e.task_id, e.slot, e.run_id, outcome, token, now))
 
-    def _claim(self, e: Claim) -> tuple[str, int | None]:
+    def _claim(self, e: Claim) -> tuple[str, int | None, tuple[str, str, bool] | None]:
         """One claim attempt: the fencer's transaction (``claim_txn``) through
-        the model's gateway, decided by ``decide_claim``."""
+        the model's gateway, decided by ``decide_claim``, and when won marked
+        started (``start_txn``, fencing Rule 9) at the same instant."""
         value = ClaimValue(self.name, e.run_id, self.fence_epoch, session=self.boot_id)
         hw0 = self.high_water
         try:
             res = self.cluster.etcd.txn(*claim_txn(ETCD_PREFIX, e.task_id, e.slot, value, 0), self._t())
         except EtcdModelUnavailable:
-            return "unavailable", None
+            return "unavailable", None, None
         d = decide_claim(res, node=self.name, run_id=e.run_id, high_water_before=hw0,
                          high_water_now=self.high_water)
         self.high_water, self.fence_epoch = fold_decision(d, self.high_water, self.fence_epoch)
-        return d.reason, d.token
+        holder = (d.holder.node, d.holder.run_id, d.holder.started) if d.holder and not d.won else None
+        if d.reason == "won":
+            return (*self._mark_started(e.task_id, e.slot, value, d.mod_revision, d.token), holder)
+        return d.reason, d.token, holder
+
+    def _mark_started(self, task_id: str, slot: int, value: ClaimValue, mod_revision: int,
+                      token: int | None) -> tuple[str, int | None]:
+        """Fencing Rule 9 as the fencer runs it after a claim won."""
+        try:
+            res = self.cluster.etcd.txn(*start_txn(ETCD_PREFIX, task_id, slot, value, 0, mod_revision),
+                                        self._t())
+        except EtcdModelUnavailable:
+            return "unavailable", None
+        ok, _detail = decide_start(res, node=self.name, run_id=value.run_id)
+        return ("won", token) if ok else ("lost", None)
 
     def _reclaim(self, e: Reclaim) -> tuple[str, int | None]:
         """One re-claim attempt as the fencer makes it: read the claim, plan by
@@ -292,7 +310,7 @@ class SchedulerApp:
             plan = plan_reclaim(kv, node=self.name, run_id=e.run_id, dead_node=e.dead,
                                 epoch=self.fence_epoch, max_reclaims=self.opts.knobs.max_reclaims,
                                 expected_run_id=e.expected_run_id, session=self.boot_id,
-                                prefix=ETCD_PREFIX)
+                                prefix=ETCD_PREFIX, unstarted_only=e.unstarted)
             if plan.value is None:
                 return "lost", None
             res = etcd.txn(*reclaim_txn(ETCD_PREFIX, e.task_id, e.slot, plan.value, 0,
@@ -304,6 +322,8 @@ class SchedulerApp:
         self.high_water, self.fence_epoch = fold_decision(d, self.high_water, self.fence_epoch)
         if d.claimer_alive:
             return "claimer_alive", None
+        if d.reason == "won":
+            return self._mark_started(e.task_id, e.slot, plan.value, d.mod_revision, d.token)
         return d.reason, d.token
 
     # ------------------------------------------------------------- sessions

@@ -15,8 +15,8 @@ from node.fencing import (
     EPOCH_MAX, REVISION_MAX, ClaimValue, EtcdClientError, EtcdError, EtcdProtocolError,
     KeyValue, RangeResponse, TxnResult, PutResponse, decide_claim, decode_body, decode_claim,
     decode_int64, decode_keepalive, decode_lease_grant, decode_txn, encode_claim, epoch_key,
-    alive_key, decide_reclaim, fire_key, make_token, parse_epoch, plan_reclaim, reclaim_txn,
-    split_token,
+    alive_key, decide_reclaim, decide_start, fire_key, make_token, parse_epoch, plan_reclaim,
+    reclaim_txn, split_token, start_txn, claim_txn,
 )
 from tests.etcd_server import etcd_server  # noqa: F401
 
@@ -67,10 +67,52 @@ def test_parse_epoch_bad(raw):
 
 
 @given(st.text(min_size=1), st.text(), st.integers(0, EPOCH_MAX), st.lists(st.text(min_size=1), max_size=3),
-       st.integers(0, 2 ** 64 - 1))
-def test_claim_value_roundtrip(node, run_id, epoch, dead, session):
-    v = ClaimValue(node, run_id, epoch, len(dead), tuple(dead), session)
+       st.integers(0, 2 ** 64 - 1), st.booleans(), st.integers(0, REVISION_MAX))
+def test_claim_value_roundtrip(node, run_id, epoch, dead, session, started, revision):
+    v = ClaimValue(node, run_id, epoch, len(dead), tuple(dead), session, started, revision)
     assert decode_claim(encode_claim(v)) == v
+
+
+def test_claim_value_without_started_mark_reads_as_started():
+    """Rule 9: a claim written by an older peerd carries no mark; it is
+    never taken for one whose claimer did not run it."""
+    old = b'{"v":1,"node":"a","run_id":"r","epoch":0,"reclaims":0,"dead":[],"session":3}'
+    assert decode_claim(old).started is True
+    with pytest.raises(ValueError, match="started"):
+        decode_claim(b'{"node":"a","run_id":"r","started":1}')
+
+
+def test_start_txn_and_decide_start():
+    v = ClaimValue("a", "r1", 0, session=7)
+    cmp, ok, fail = start_txn("/p", "job", 1, v, 3, 5)
+    assert [(c.target, c.key) for c in cmp] == [("MOD", fire_key("/p", "job", 1))]
+    marked = decode_claim(ok[0].value)
+    assert marked == ClaimValue("a", "r1", 0, session=7, started=True, revision=5)
+    assert decide_start(TxnResult(True, 6, (PutResponse(6),)), node="a", run_id="r1")[0]
+    def failed(kvs):
+        return TxnResult(False, 9, (RangeResponse(9, kvs, len(kvs)),))
+    # our own mark, its reply lost
+    assert decide_start(failed((_kv(encode_claim(marked), 6),)), node="a", run_id="r1")[0]
+    ok_, why = decide_start(failed((_kv(encode_claim(ClaimValue("b", "r2", 0, 1, ("a",))), 8),)),
+                            node="a", run_id="r1")
+    assert not ok_ and "re-claimed by b run r2" in why
+    ok_, why = decide_start(failed(()), node="a", run_id="r1")
+    assert not ok_ and "gone" in why
+    # Rule 6 after a mark: the token stays the claim's
+    d = decide_claim(TxnResult(False, 9, (RangeResponse(9, (_kv(encode_claim(marked), 6),), 1),
+                                          RangeResponse(9, (), 0))),
+                     node="a", run_id="r1", high_water_before=0, high_water_now=0)
+    assert d.won and d.token == make_token(0, 5)
+
+
+def test_plan_reclaim_unstarted_only():
+    kw = dict(node="b", run_id="r2", dead_node="a", epoch=0, max_reclaims=3, unstarted_only=True)
+    unstarted = _kv(encode_claim(ClaimValue("a", "r1", 0, session=7)), 5)
+    p = plan_reclaim(unstarted, expected_run_id="r1", **kw)
+    assert p.value is not None and p.value.started is False and p.dead_alive is not None
+    started = _kv(encode_claim(ClaimValue("a", "r1", 0, session=7, started=True, revision=5)), 6)
+    p = plan_reclaim(started, expected_run_id="r1", **kw)
+    assert p.value is None and "started run r1" in p.refusal
 
 
 def test_claim_value_without_session_reads_as_zero_and_bad_session_is_named():
@@ -337,7 +379,9 @@ async def test_reclaim_once_per_death(etcd):
     assert not r_b2.won
     assert not nothing.won and "no claim" in nothing.detail
     assert r_c2.won and r_c2.token > r_b.token
-    assert decode_claim(kv.value) == ClaimValue("c", "rc2", 0, 2, ("a", "b"), c.boot)
+    # marked started before the run (Rule 9), naming the re-claim's revision (its token's)
+    assert decode_claim(kv.value) == ClaimValue("c", "rc2", 0, 2, ("a", "b"), c.boot, True,
+                                                split_token(r_c2.token)[1])
     assert b.statistics().reclaims_won == 1 and c.statistics().reclaims_refused == 2
 
 
@@ -383,6 +427,65 @@ async def test_false_death_waits_for_the_claimers_session(etcd):
     assert late.won and late.attempts >= 1, late
     st_b = b.statistics()
     assert (st_b.reclaims_claimer_alive, st_b.reclaims_won) == (1, 1)
+
+
+async def _claim_without_mark(f: Fencer, task_id: str, slot: int, run_id: str) -> int:
+    """What a process SIGKILLed between its claim and its mark leaves in
+    etcd: the claim txn only (``started: false``). Returns its revision."""
+    lease = await f._ensure_lease()
+    res = await f.client.txn(*claim_txn(f.prefix, task_id, slot,
+                                        ClaimValue(f.node, run_id, 0, session=f.boot), lease))
+    assert res.succeeded
+    return res.revision
+
+
+async def test_a_claim_won_is_marked_started_before_the_run(etcd):
+    prefix = _prefix()
+    a = await _fencer(etcd, "a", prefix)
+    with trio.fail_after(DEADLINE_S):
+        r = await a.claim("job", 1, "ra", deadline=_deadline())
+        kv = await a.client.get(fire_key(prefix, "job", 1))
+        again = await a.claim("job", 1, "ra", deadline=_deadline())   # a reply lost: Rule 6
+    v = decode_claim(kv.value)
+    assert r.won and v.started and v.revision == split_token(r.token)[1]
+    assert again.won and again.token == r.token
+
+
+async def test_a_claimer_dead_before_its_mark_is_reclaimed_once(etcd):
+    """Rule 9: the claim stays unmarked; once the claimer's session is gone
+    the next owner re-claims and runs the slot; a second re-claimer, or one
+    finding a claim marked started, is refused."""
+    prefix = _prefix()
+    a = await _fencer(etcd, "a", prefix)
+    b = await _fencer(etcd, "b", prefix)
+    c = await _fencer(etcd, "c", prefix)
+    with trio.fail_after(DEADLINE_S):
+        rev = await _claim_without_mark(a, "job", 1, "ra")
+        await a.aclose()                               # its session is revoked: "a" is gone
+        lost = await b.claim("job", 1, "rb", deadline=_deadline())
+        hc = lost.holder_claim
+        won = await b.reclaim("job", 1, "rb", "a", deadline=_deadline(), expected_run_id="ra",
+                              unstarted_only=True)
+        late = await c.reclaim("job", 1, "rc", "a", deadline=_deadline(), expected_run_id="ra",
+                               unstarted_only=True)
+        # the dead claimer's own mark, had it come now, is refused
+        mark = await b.client.txn(*start_txn(prefix, "job", 1, ClaimValue("a", "ra", 0, session=a.boot),
+                                             0, rev))
+        kv = await b.client.get(fire_key(prefix, "job", 1))
+        # a claim marked started is never taken this way
+        d = await _fencer(etcd, "d", prefix)
+        assert (await d.claim("job", 2, "rd", deadline=_deadline())).won
+        await d.aclose()
+        lost2 = await b.claim("job", 2, "rb2", deadline=_deadline())
+        refused = await b.reclaim("job", 2, "rb2", "d", deadline=_deadline(), expected_run_id="rd",
+                                  unstarted_only=True)
+    assert not lost.won and (hc.node, hc.run_id, hc.started) == ("a", "ra", False)
+    assert won.won and won.token > make_token(0, rev)
+    assert decode_claim(kv.value).started and decode_claim(kv.value).node == "b"
+    assert not late.won and "not the dead node" in late.detail
+    assert not decide_start(mark, node="a", run_id="ra")[0]
+    assert not lost2.won and lost2.holder_claim.started
+    assert not refused.won and "started run rd" in refused.detail
 
 
 async def test_restarted_node_retakes_its_slot_once(etcd):

@@ -108,6 +108,9 @@ class Harness:
                 else:
                     work.extend((n, x) for x in core.request_failed(e.xid, self.now, "down"))
             elif tp is StartRun:
+                have = self.claims.get((e.task.id, e.slot))
+                if have is not None and have[:2] == (n, e.run_id):
+                    self.claims[(e.task.id, e.slot)] = have[:3] + (True,)   # fencing Rule 9's mark
                 self.ledger.append((e.task.id, e.slot, n, e.token, e.reason))
                 work.extend((n, x) for x in core.attempt_started(e.run_id, 1, self.now))
                 self.runs[(n, e.run_id)] = self.now + self.run_s
@@ -117,8 +120,10 @@ class Harness:
                     work.extend((n, x) for x in core.run_ended(e.run_id, self.now, cancelled_attempt=1))
             elif tp in (Claim, Reclaim):
                 outcome, token = self.claim(n, e)
+                have = self.claims.get((e.task_id, e.slot))
+                holder = (have[0], have[1], have[3]) if outcome == "lost" and have else None
                 work.extend((n, x) for x in core.claim_answered(e.task_id, e.slot, e.run_id, outcome,
-                                                                 token, self.now))
+                                                                 token, self.now, holder=holder))
 
     def claim(self, n, e):
         if self.now < self.etcd_down_until:
@@ -126,12 +131,14 @@ class Harness:
         key = (e.task_id, e.slot)
         have = self.claims.get(key)
         if type(e) is Reclaim:
-            if have is None or have[0] != e.dead:
+            if have is None or have[0] != e.dead or (e.unstarted and have[3]):
                 return "lost", None
+            if e.dead != n and e.dead in self.up:
+                return "claimer_alive", None       # its etcd session holds while it is up
         elif have is not None:
             return ("won", have[2]) if have[:2] == (n, e.run_id) else ("lost", None)
         self.revision += 1
-        self.claims[key] = (n, e.run_id, self.revision)
+        self.claims[key] = (n, e.run_id, self.revision, False)   # (node, run id, token, started)
         return "won", self.revision
 
     # -- time ----------------------------------------------------------------------
@@ -442,3 +449,70 @@ def test_a_refill_goes_page_after_page_not_a_page_per_round():
     # the first round comes within ae_interval_s x 1.5 (1.5 s in the local profile)
     h.run(T0 + 3 + 1.6 * h.knobs.ae_interval_s)
     assert a.store.digest_root("runs", tids) == b.store.digest_root("runs", tids)
+
+
+# ------------------------------------------------- fencing Rule 9 (started mark)
+
+def _held_unstarted(h, tid, slot, holder):
+    """``holder`` won the claim of ``slot`` and stopped before marking it
+    started (as a process SIGKILLed between its claim and its run)."""
+    h.revision += 1
+    h.claims[(tid, slot)] = (holder, f"{slot}-{holder}-dead", h.revision, False)
+
+
+def test_a_claim_whose_holder_died_before_starting_is_reclaimed_and_run():
+    h = Harness(["n1", "n2", "n3"], fencing=True, seed=11)
+    h.apply("n1", [tick_task()])
+    h.run(T0 + 3)
+    owner = h.owner("tick")
+    slot = int(h.now) + 1
+    _held_unstarted(h, "tick", slot, owner)
+    h.kill(owner)
+    h.run(slot + 2)            # the slot comes while the owner is not yet declared dead
+    h.declare_dead(owner)
+    h.run(slot + 30)
+    new = h.owner("tick")
+    assert [x for x in h.ledger if x[1] == slot] and h.ledger[-1][2] == new
+    assert_every_slot_once(h, "tick", T0 + 1, slot + 29)
+    held = [f for _, f in h.note_events("claim") if f.get("result") == "held_unstarted"]
+    assert held and held[0]["slot"] == slot and owner in held[0]["detail"]
+    assert h.cores[new].stats["reclaims_unstarted"] >= 1
+
+
+def test_an_earlier_boots_unstarted_claim_is_retaken_at_once():
+    h = Harness(["n1"], fencing=True, seed=12)
+    h.apply("n1", [tick_task()])
+    h.run(T0 + 3)
+    slot = int(h.now) + 1
+    _held_unstarted(h, "tick", slot, "n1")
+    h.kill("n1")
+    h.now = slot + 5
+    h.boot("n1")
+    h.run(slot + 10)
+    assert_every_slot_once(h, "tick", T0 + 1, slot + 9)
+
+
+@pytest.mark.parametrize("misfire", ["run_all", "skip"])
+def test_a_live_holders_unstarted_claim_is_not_taken(misfire):
+    """The holder is alive (its session holds): the next owner waits, then
+    leaves the slot: the holder runs it or gives it up. ``skip`` waits no
+    longer than its misfire window."""
+    h = Harness(["n1", "n2", "n3"], fencing=True, seed=13)
+    window = "60s" if misfire == "run_all" else "0s"
+    h.apply("n1", [tick_task(misfire=misfire, catchup_window=window, overlap="allow")])
+    h.run(T0 + 3)
+    owner = h.owner("tick")
+    other = next(n for n in sorted(h.up) if n != owner)
+    slot = int(h.now) + 1
+    _held_unstarted(h, "tick", slot, other)
+    h.run(slot + 40)
+    assert not [x for x in h.ledger if x[1] == slot]
+    skipped = [f for _, f in h.note_events("slot_skipped") if f["slot"] == slot]
+    assert skipped and skipped[0]["reason"] == "reclaim_claimer_alive"
+    given_up = [t for t, (n, e) in enumerate(h.notes) if e.event == "slot_skipped"
+                and e.fields["slot"] == slot]
+    assert given_up
+    if misfire == "skip":
+        # waited no longer than its misfire window (the next slots were not held)
+        assert [x for x in h.ledger if x[1] == slot + 1]
+    assert_every_slot_once(h, "tick", slot + 1, slot + 39)
