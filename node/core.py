@@ -311,8 +311,7 @@ class NodeCore:
                 self.joined = True
                 self._note("joined", member=member)
         if member == self.name and kind == "left":
-            self.begin_shutdown(now)
-            return self._take()
+            return self.begin_shutdown(now)     # its effects (slots left to the next owner) go out
         self._recompute(now)
         if kind in ("dead", "left", "join") and member is not None and member != self.name:
             # a restarted member's clock is measured afresh

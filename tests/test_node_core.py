@@ -516,3 +516,18 @@ def test_a_live_holders_unstarted_claim_is_not_taken(misfire):
         # waited no longer than its misfire window (the next slots were not held)
         assert [x for x in h.ledger if x[1] == slot + 1]
     assert_every_slot_once(h, "tick", slot + 1, slot + 39)
+
+
+def test_leaving_reports_the_slots_it_leaves_to_the_next_owner():
+    """Our own ``left`` event stops claiming; the slots waiting for etcd
+    come out as skipped (``shutting_down``), not silently dropped."""
+    h = Harness(["n1"], fencing=True, seed=14)
+    h.apply("n1", [tick_task()])
+    h.etcd_down_until = T0 + 100
+    h.run(T0 + 3.5)
+    core = h.cores["n1"]
+    assert core._lines.get("tick") or core._inflight
+    effs = core.members_changed([("n1", "left", {})], h.now, kind="left", member="n1")
+    left = [e.fields for e in effs if type(e) is Note and e.event == "slot_skipped"]
+    assert left and all(f["reason"] == "shutting_down" for f in left)
+    assert core.stopping
