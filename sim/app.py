@@ -91,12 +91,17 @@ class AppOptions:
         run_duration_s: mean duration of a simulated run; each task's runs
             last ``run_duration_s * U(0.25, 1.75)`` (drawn from the seed).
         fencing: claim every fire in the shared etcd model.
+        mark_latency_s: time from a claim won to its started mark (fencing
+            Rule 9) and the run's start, as the fencer's second round trip;
+            a node that crashes in between leaves a claim never started.
+            0 marks in the claim's own instant.
     """
 
     knobs: NodeKnobs = NodeKnobs.local().replace(ae_interval_s=2.0)
     run_duration_s: float = 0.2
     fencing: bool = False
     notify_latency_s: float = 0.1
+    mark_latency_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -191,6 +196,10 @@ class SchedulerApp:
                 self._session_tick(now)
             elif kind == "deliver":
                 self.cluster.record_notification(self.node, arg)
+            elif kind == "mark":
+                e, token, (value, rev) = arg
+                outcome, token = self._mark_started(e.task_id, e.slot, value, rev, token)
+                self._carry(self.core.claim_answered(e.task_id, e.slot, e.run_id, outcome, token, now), now)
             elif kind == "notified" and arg.run_id is not None:
                 self._carry(self.core.notify_done(arg.task_id, arg.run_id, arg.key, True, now), now)
         self._carry(self.core.tick(now), now)
@@ -263,6 +272,9 @@ class SchedulerApp:
                 self._timer(now + lat, "notified", e)
             elif tp is Claim:
                 outcome, token, holder = self._claim(e)
+                if outcome == "mark":
+                    self._timer(now + self.opts.mark_latency_s, "mark", (e, token, holder))
+                    continue
                 work.extend(self.core.claim_answered(e.task_id, e.slot, e.run_id, outcome, token, now,
                                                      holder=holder))
             elif tp is Reclaim:
@@ -283,6 +295,8 @@ class SchedulerApp:
                          high_water_now=self.high_water)
         self.high_water, self.fence_epoch = fold_decision(d, self.high_water, self.fence_epoch)
         holder = (d.holder.node, d.holder.run_id, d.holder.started) if d.holder and not d.won else None
+        if d.reason == "won" and self.opts.mark_latency_s > 0:
+            return "mark", d.token, (value, d.mod_revision)      # the mark goes out after a round trip
         if d.reason == "won":
             return (*self._mark_started(e.task_id, e.slot, value, d.mod_revision, d.token), holder)
         return d.reason, d.token, holder

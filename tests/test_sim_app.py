@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sim.app import EPOCH_BASE, default_tasks, fire_metrics, simulate_app
+from sim.app import EPOCH_BASE, AppOptions, default_tasks, fire_metrics, simulate_app
 from sim.scenarios import Fault
 
 N = 5
@@ -180,3 +180,17 @@ def test_waiting_slots_survive_an_ownership_move(scenario, seed):
               f"--tasks 5 --mode fenced --misfire run_all")
     assert rep["missed_slots"] == 0, f"{rep['missed_examples']} ({replay})"
     assert rep["duplicate_fires"] == 0, replay
+
+
+# A node that crashes between winning a claim and marking it started (the
+# fencer's second round trip, fencing Rule 9) leaves a claim nobody ran.
+# With the mark 0.3 s after the claim, crash seed 7 crashes two claimers in
+# that window: both slots must be re-claimed and run once, none skipped.
+def test_claims_left_unstarted_by_a_crash_are_reclaimed_and_run_once():
+    tasks = default_tasks(5, overlap="allow", misfire="run_all", catchup_window_s=60)
+    rep, _ = simulate_app(nodes=5, duration_s=60.0, seed=7, scenario="crash", tasks=tasks, fencing=True,
+                          expect_no_missed=True, app_options=AppOptions(mark_latency_s=0.3))
+    replay = "simulate_app(nodes=5, duration_s=60, seed=7, scenario='crash', fencing=True, mark_latency_s=0.3)"
+    assert rep["app"]["live_nodes"]["reclaims_unstarted"] >= 1, replay
+    assert rep["missed_slots"] == 0, f"{rep['missed_examples']} ({replay})"
+    assert rep["duplicate_fires"] == 0 and not rep["violations"], replay
