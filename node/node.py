@@ -814,6 +814,10 @@ class Node:
 
     def _log_trims(self) -> None:
         for t in self.store.take_trim_reports():
+            if t["records_bytes"] > t["budget"] * 0.8:
+                log.warning("run-record budget: the records alone hold %d of %d bytes; outputs are not kept "
+                            "(lower history or raise run_records_max_bytes)", t["records_bytes"], t["budget"])
+                continue
             log.info("run-record budget: dropped the %d oldest output(s), %d -> %d bytes (budget %d; "
                      "records alone %d)", t["outputs"], t["before"], t["after"], t["budget"], t["records_bytes"])
 

@@ -329,6 +329,7 @@ class Store:
         self._rec_total = 0                   # bytes of encoded run records
         self._trimmed = {"output": 0, "record": 0, "passes": 0}
         self._trim_reports: list[dict] = []
+        self._records_full = False            # records alone over the budget's low water
         self._state: dict[str, Any] = {}      # key -> decoded state
         self._bytes: dict[str, bytes] = {}    # key -> canonical encoding
         self._vh: dict[str, bytes] = {}
@@ -550,6 +551,15 @@ class Store:
 
     def _keep_output(self, key: str, text: bytes) -> None:
         self._drop_output(key)
+        if self._rec_total + len(text) > self.max_bytes * TRIM_LOW_WATER:
+            # the records alone fill the budget (history x tasks too large
+            # for it): no output is kept, and no pass is run per output
+            self._trimmed["output"] += 1
+            if not self._records_full:
+                self._records_full = True
+                self._report(0, self._rec_total + self._out_total)
+            return
+        self._records_full = False
         self._out[key] = len(text)
         self._out_total += len(text)
         self._out_dirty[key] = text
@@ -574,6 +584,9 @@ class Store:
             self._drop_output(key)
             dropped += 1
         self._trimmed["output"] += dropped
+        self._report(dropped, before)
+
+    def _report(self, dropped: int, before: int) -> None:
         self._trimmed["passes"] += 1
         report = {"outputs": dropped, "before": before, "after": self._rec_total + self._out_total,
                   "budget": self.max_bytes, "records_bytes": self._rec_total}
