@@ -106,11 +106,14 @@ def main() -> None:
     ap.add_argument("--budget-mib", type=float, default=0.0, help="run_records_max_bytes in MiB (0: default)")
     ap.add_argument("--every-s", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--keep", action="store_true", help="keep the nodes' data dirs and logs")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "outputs.json"))
     args = ap.parse_args()
     print(f"output_bench: seed={args.seed} minutes={args.minutes} tasks={args.tasks} nodes={args.nodes} "
           f"output={args.output_kib} KiB budget_mib={args.budget_mib or 'default'}", flush=True)
     rng = random.Random(args.seed)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
     tmp = Path(tempfile.mkdtemp(prefix="peerd-output-bench-"))
     key_file = tmp / "gossip.key"
     key_file.write_text(Keyring.generate() + "\n")
@@ -149,7 +152,8 @@ def main() -> None:
         t0 = time.monotonic()
         end = t0 + args.minutes * 60
         names = ("peerd_run_record_bytes", "peerd_run_records_trimmed_total", "peerd_store_run_records",
-                 "peerd_runs_total")
+                 "peerd_runs_total", "peerd_gossip_streams_rejected_total", "peerd_replication_updates_total",
+                 "peerd_antientropy_rounds_total")
         while time.monotonic() < end:
             for name, _, _, p in procs:
                 if p.poll() is not None:
@@ -184,8 +188,6 @@ def main() -> None:
         def growth(key):
             return {name: round(samples[-1]["rss_mb"][name] - first_half_end["rss_mb"][name], 1)
                     for name, _, _, _ in procs} if key == "rss" else round(samples[-1]["db_mb"] - first_half_end["db_mb"], 1)
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
         result = {
             "bench": "output_bench", "date": time.strftime("%Y-%m-%d", time.gmtime()), "commit": commit,
             "args": vars(args), "cpus": os.cpu_count(),
@@ -210,7 +212,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        if result:
+        if result and not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"kept {tmp} for its logs")
