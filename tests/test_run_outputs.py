@@ -250,6 +250,44 @@ def test_merge_with_outputs_converges_in_any_order(items, rnd):
         assert a.run_output(tid, rid) is not None             # the winner's text is held
 
 
+def _sync(a: Store, b: Store, da: dict, db: dict) -> None:
+    for lead, peer, dl, dp in ((a, b, da, db), (b, a, db, da)):
+        msg = lead.start_exchange("runs")
+        side, disks, i = [peer, lead], [dp, dl], 0
+        while msg is not None:
+            msg = side[i % 2].handle_exchange(msg).reply
+            drain(side[i % 2], disks[i % 2])
+            i += 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(_recs.map(lambda x: x[0]), st.booleans()), min_size=1, max_size=8),
+       st.sampled_from([1, 3000, 1 << 20]), st.sampled_from([1, 3000, 1 << 20]))
+def test_anti_entropy_with_outputs_and_budgets_converges(items, budget_a, budget_b):
+    """Two replicas with different budgets converge to the same records;
+    each holds at most its budget of outputs, and every text it holds is
+    the one its record's digest names."""
+    a, b = Store("a", max_bytes=budget_a), Store("b", max_bytes=budget_b)
+    da, db = disk_of(a), disk_of(b)
+    for (tid, slot, text, status), to_a in items:
+        (a if to_a else b).put_run(rec(tid, slot, text * 40, status=status))
+    drain(a, da)
+    drain(b, db)
+    for _ in range(4):
+        _sync(a, b, da, db)
+    assert a.digest_root("runs") == b.digest_root("runs")
+    assert a.keys() == b.keys()
+    for s_ in (a, b):
+        st_ = s_.statistics()
+        assert st_.output_bytes <= max(0, s_.max_bytes - st_.run_record_bytes) or st_.outputs == 0
+        for k in s_.keys():
+            _, tid, rid = k.split("/")
+            r, out = s_.run_record(tid, rid), s_.run_output(tid, rid)
+            assert r == a.run_record(tid, rid)
+            if out:
+                assert output_digest(out.encode()) == r["output_digest"]
+
+
 # ------------------------------------------------------------------ SQLite shell (real files)
 
 async def _flush(store: Store, db: SqliteStore) -> None:
