@@ -412,3 +412,18 @@ async def test_node_budget_over_real_sockets_and_sqlite(tmp_path, nursery, caplo
     assert "run-record budget: dropped the" in caplog.text
     await node.shutdown()
     nursery.cancel_scope.cancel()
+
+
+def test_config_budget_edge_and_environment():
+    from node.config import ConfigError, build_config
+    from node.store import DEFAULT_RUN_RECORDS_MAX_BYTES
+
+    base = {"name": "n", "insecure": True}
+    assert build_config(flags=base, environ={}).run_records_max_bytes == DEFAULT_RUN_RECORDS_MAX_BYTES
+    assert build_config(flags={**base, "run_records_max_bytes": "65536"}, environ={}).run_records_max_bytes == 65536
+    with pytest.raises(ConfigError, match="run.records.max.bytes"):
+        build_config(flags={**base, "run_records_max_bytes": "65535"}, environ={})
+    with pytest.raises(ConfigError, match="run.records.max.bytes"):
+        build_config(flags={**base, "run_records_max_bytes": "lots"}, environ={})
+    env = {"PEERD_RUN_RECORDS_MAX_BYTES": str(1 << 30)}
+    assert build_config(flags=base, environ=env).run_records_max_bytes == 1 << 30
