@@ -177,18 +177,6 @@ def _split(key: str) -> tuple[str, str, str]:
     raise ValueError(f"bad key {key!r}: expected task/<id>, ctl/<id> or run/<task>/<run>")
 
 
-def _page(entries: list[Entry]) -> list[Entry]:
-    """The first entries that fit in ``PAGE_BYTES`` (at least one)."""
-    out, n = [], 0
-    for e in entries:
-        size = len(e[0]) + len(e[1]) + 16
-        if out and n + size > PAGE_BYTES:
-            break
-        out.append(e)
-        n += size
-    return out
-
-
 def output_digest(text: bytes) -> str:
     """blake2b-128 hex of an output's UTF-8 bytes (kept in its record)."""
     return hashlib.blake2b(text, digest_size=16).hexdigest()
