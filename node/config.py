@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 from gossip.transport import parse_addr as _parse_addr
 from node.decoding import DecodeError, check_tree, loads_json, loads_yaml
+from node.store import DEFAULT_RUN_RECORDS_MAX_BYTES
 
 Addr = tuple[str, int]
 
@@ -89,6 +90,18 @@ def _parse_bool(value: Any, what: str) -> bool:
     if isinstance(value, str) and value.lower() in ("0", "false", "no", "off", ""):
         return False
     raise ConfigError(f"{what}: {value!r} is not a boolean (true/false)")
+
+
+def _parse_int(value: Any, what: str, *, minimum: int = 0) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: {value!r} is not an integer")
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: {value!r} is not an integer") from None
+    if n < minimum:
+        raise ConfigError(f"{what}: must be >= {minimum}")
+    return n
 
 
 def _parse_float(value: Any, what: str, *, minimum: float = 0.0) -> float:
@@ -161,6 +174,15 @@ class NodeConfig:
             start empty (refilled from peers) instead of refusing to start.
         max_skew_s: members whose clocks are off by more than this are not
             given ownership (default 2 s).
+        run_records_max_bytes: budget of run-record bytes on this node:
+            encoded records (in memory) plus output texts (in SQLite, read
+            on demand). Default 256 MiB. Over it the oldest outputs are
+            dropped down to 80 % of it (records stay, bounded per task by
+            ``history``); each pass is logged and counted in
+            ``peerd_run_records_trimmed_total``. To keep every output, set
+            it to ``T * R / N * H * (O + 1 KiB)`` (T tasks, R replicas, N
+            nodes, H ``history``, O output bytes per run, up to 64 KiB);
+            the trade-off is disk and page cache against old outputs.
         write_ack: when a write through the API is answered: ``local``
             (committed to this node's SQLite file) or ``replica`` (also
             acknowledged by at least one other replica, within 5 s).
@@ -210,6 +232,7 @@ class NodeConfig:
     otlp_endpoint: str = ""
     notify: tuple = ()
     write_ack: str = "local"
+    run_records_max_bytes: int = DEFAULT_RUN_RECORDS_MAX_BYTES
 
     def advertise_addr(self) -> Addr:
         if self.advertise is not None:
@@ -342,6 +365,7 @@ PARSERS: dict[str, Any] = {
     "otlp_endpoint": _str,
     "notify": lambda v, w: _notify_targets(v, w),
     "write_ack": _choice("local", "replica"),
+    "run_records_max_bytes": lambda v, w: _parse_int(v, w, minimum=64 * 1024),
 }
 assert set(PARSERS) == {f.name for f in fields(NodeConfig)}
 

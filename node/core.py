@@ -1045,7 +1045,7 @@ class NodeCore:
                 continue
             self._notifying.add((tid, rid, key))
             self._out.append(Notify(tid, rid, key, event, targets[int(idx)],
-                                    followups.payload(tid, rec, event)))
+                                    followups.payload(tid, self.store.with_output(rec), event)))
 
     def _take_trigger(self, tid: str, rec: dict, now: float) -> None:
         slot = rec.get("slot")

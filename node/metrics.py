@@ -104,6 +104,27 @@ class _CoreCollector:
             # the store's statistics call the run-record count ``runs``
             gg.add_metric([], float(st.get("runs", 0) if key == "run_records" else st.get(key, 0)))
             yield gg
+        c = CounterMetricFamily(
+            "peerd_run_records_trimmed_total",
+            "Run-record data dropped by this node: what=output (the oldest outputs, over "
+            "run_records_max_bytes), what=record (records beyond their task's history).",
+            labels=["what"],
+        )
+        c.add_metric(["output"], float(st.get("trimmed_outputs", 0)))
+        c.add_metric(["record"], float(st.get("trimmed_records", 0)))
+        yield c
+        gb = GaugeMetricFamily(
+            "peerd_run_record_bytes",
+            "Run-record bytes this node holds: kind=records (encoded, in memory), kind=outputs (texts, "
+            "in SQLite); their sum stays under run_records_max_bytes once outputs are trimmed.",
+            labels=["kind"],
+        )
+        gb.add_metric(["records"], float(st.get("run_record_bytes", 0)))
+        gb.add_metric(["outputs"], float(st.get("output_bytes", 0)))
+        yield gb
+        bud = GaugeMetricFamily("peerd_run_records_budget_bytes", "The run_records_max_bytes budget.")
+        bud.add_metric([], float(st.get("max_bytes", 0)))
+        yield bud
         owned = GaugeMetricFamily("peerd_tasks_owned", "Tasks this node owns (first in the preference list).")
         owned.add_metric([], float(s.get("owned", 0)))
         yield owned

@@ -224,6 +224,7 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._started_wall = _wall()
         self._applied_startup_tasks = False
+        store.set_output_reader(self._read_output)
         from . import tracing
 
         # traces of runs (node/tracing.py): a no-op without otlp_endpoint
@@ -258,8 +259,9 @@ class Node:
             except ConfigError as e:
                 raise StartupError(str(e)) from None
         audit = await db.load_audit(AUDIT_KEEP)
-        store = Store(cfg.name)
+        store = Store(cfg.name, max_bytes=cfg.run_records_max_bytes)
         store.load(rows)
+        store.note_outputs(await db.output_index())
         node = cls(cfg, keyring, db, store)
         node._tokens = tokens
         for line in audit:
@@ -808,11 +810,26 @@ class Node:
             await self._flush()
             await trio.sleep(0.05)  # batch bursts of changes into one transaction
 
+    def _read_output(self, key: str) -> bytes | None:
+        """An output row: not yet written (``_unflushed``), else from SQLite."""
+        v = self._unflushed.get(key, _GONE)
+        return self.db.read_output(key) if v is _GONE else v
+
+    def _log_trims(self) -> None:
+        for t in self.store.take_trim_reports():
+            if t["records_bytes"] > t["budget"] * 0.8:
+                log.warning("run-record budget: the records alone hold %d of %d bytes; outputs are not kept "
+                            "(lower history or raise run_records_max_bytes)", t["records_bytes"], t["budget"])
+                continue
+            log.info("run-record budget: dropped the %d oldest output(s), %d -> %d bytes (budget %d; "
+                     "records alone %d)", t["outputs"], t["before"], t["after"], t["budget"], t["records_bytes"])
+
     async def _flush(self) -> bool:
         """Write what changed to SQLite, in order (one flush at a time).
         False when the write failed: the rows are kept and written by the
         next flush that works, and the node refuses writes (507) meanwhile."""
         async with self._flush_lock:
+            self._log_trims()
             for k, v in self.store.drain_dirty():
                 self._unflushed[k] = v
             if not self._unflushed and not self._audit_pending:
@@ -1196,7 +1213,7 @@ class Node:
         if self._member_state(runner) in (None, "dead", "left"):
             if rec is None:
                 raise HTTPError(404, f"run {run_id}: its node {runner} is not reachable and no record is here")
-            return _logs_from_record(rec, offset, self.name)
+            return _logs_from_record(self.store.with_output(rec), offset, self.name)
         rep = await self._request(runner, {"t": "logs", "run_id": run_id, "offset": offset})
         return rep.get("body") or {}
 
@@ -1222,7 +1239,7 @@ class Node:
                         "data": data.decode("utf-8", "replace"), "source": "file"}
             except OSError:
                 pass
-        return _logs_from_record(rec, offset, self.name)
+        return _logs_from_record(self.store.with_output(rec), offset, self.name)
 
     def _cancel_local(self, run_id: str, by: str) -> dict:
         found, effects = self.core.cancel_run(run_id, by, _wall())

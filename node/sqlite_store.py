@@ -7,7 +7,12 @@ anti-entropy). One connection, used only from worker threads through
 serialised and the trio loop never blocks on disk.
 
 Schema (version 1): ``meta(k TEXT PRIMARY KEY, v TEXT)`` holding
-``schema_version``; ``kv(key TEXT PRIMARY KEY, value BLOB NOT NULL)``.
+``schema_version``; ``kv(key TEXT PRIMARY KEY, value BLOB NOT NULL)``;
+``outputs(key TEXT PRIMARY KEY, text BLOB NOT NULL)``: run outputs, the
+``out/<task>/<run>`` rows of ``Store.drain_dirty``, written in the same
+transaction as the records and never loaded at start (``output_index``
+lists their sizes; ``read_output`` reads one on demand, from the trio
+thread, through a second connection: WAL readers never wait for the writer).
 
 A file that is not SQLite, fails ``PRAGMA quick_check`` or lacks our schema
 raises :class:`CorruptDatabase` naming the path and the reason; the daemon
@@ -23,6 +28,8 @@ import sqlite3
 from collections.abc import Iterable
 
 import trio
+
+from .store import OUTPUT_PREFIX
 
 __all__ = ["SqliteStore", "CorruptDatabase", "SchemaTooNew", "SCHEMA_VERSION"]
 
@@ -60,6 +67,7 @@ class SqliteStore:
         self.start_empty = start_empty
         self.moved_aside: str | None = None
         self._conn: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
         self._limiter = trio.CapacityLimiter(1)
 
     async def _run(self, fn, *args):
@@ -97,6 +105,8 @@ class SqliteStore:
             # the audit table came later; older files gain it (nothing else changes)
             conn.execute("CREATE TABLE IF NOT EXISTS audit(seq INTEGER PRIMARY KEY AUTOINCREMENT, "
                          "entry TEXT NOT NULL)")
+            # run outputs came later too (records held them inline before)
+            conn.execute("CREATE TABLE IF NOT EXISTS outputs(key TEXT PRIMARY KEY, text BLOB NOT NULL)")
             return conn
         except sqlite3.DatabaseError as e:
             conn.close()
@@ -131,12 +141,17 @@ class SqliteStore:
 
     def _write_sync(self, rows: list[tuple[str, bytes | None]]) -> None:
         conn = self._require()
+        kv = [(k, v) for k, v in rows if not k.startswith(OUTPUT_PREFIX)]
+        out = [(k, v) for k, v in rows if k.startswith(OUTPUT_PREFIX)]
         conn.execute("BEGIN")
         try:
-            conn.executemany("DELETE FROM kv WHERE key=?", [(k,) for k, v in rows if v is None])
+            conn.executemany("DELETE FROM kv WHERE key=?", [(k,) for k, v in kv if v is None])
             conn.executemany(
-                "INSERT OR REPLACE INTO kv(key, value) VALUES(?, ?)", [(k, bytes(v)) for k, v in rows if v is not None]
+                "INSERT OR REPLACE INTO kv(key, value) VALUES(?, ?)", [(k, bytes(v)) for k, v in kv if v is not None]
             )
+            conn.executemany("DELETE FROM outputs WHERE key=?", [(k,) for k, v in out if v is None])
+            conn.executemany("INSERT OR REPLACE INTO outputs(key, text) VALUES(?, ?)",
+                             [(k, bytes(v)) for k, v in out if v is not None])
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
@@ -148,6 +163,26 @@ class SqliteStore:
             return [(k, bytes(v)) for k, v in conn.execute("SELECT key, value FROM kv ORDER BY key")]
         except sqlite3.DatabaseError as e:
             raise CorruptDatabase(self.path, f"sqlite while loading: {e}") from None
+
+    def _output_index_sync(self) -> list[tuple[str, int]]:
+        conn = self._require()
+        try:
+            return [(k, int(n)) for k, n in conn.execute("SELECT key, length(text) FROM outputs ORDER BY key")]
+        except sqlite3.DatabaseError as e:
+            raise CorruptDatabase(self.path, f"sqlite while loading: {e}") from None
+
+    def read_output(self, key: str) -> bytes | None:
+        """One ``out/<task>/<run>`` row, read now (blocking, about a page
+        or a few: outputs are at most 64 KiB) on a reader connection of
+        its own; None when absent or unreadable."""
+        try:
+            if self._reader is None:
+                self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+                self._reader.execute("PRAGMA query_only=1")
+            row = self._reader.execute("SELECT text FROM outputs WHERE key=?", (key,)).fetchone()
+        except sqlite3.Error:
+            return None
+        return bytes(row[0]) if row else None
 
     def _audit_sync(self, entries: list[str], keep: int) -> None:
         conn = self._require()
@@ -171,6 +206,9 @@ class SqliteStore:
         return self._conn
 
     def _close_sync(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -189,6 +227,11 @@ class SqliteStore:
     async def load(self) -> list[tuple[str, bytes]]:
         """Every row, sorted by key (feed to ``Store.load``)."""
         return await self._run(self._load_sync)
+
+    async def output_index(self) -> list[tuple[str, int]]:
+        """``(out/<task>/<run>, bytes)`` of every stored output (feed to
+        ``Store.note_outputs``)."""
+        return await self._run(self._output_index_sync)
 
     async def append_audit(self, entries: Iterable[str], keep: int) -> None:
         """Append audit lines (JSON text), keeping the newest ``keep``."""

@@ -23,6 +23,28 @@ associative and idempotent, so any order of deliveries converges):
     newest by ``(slot, started, run_id)``; "top-H of the union" is itself a
     lattice join, so trimming does not stop convergence.
 
+Run outputs (off the heap): a record's ``output`` text is not held in
+    memory. The record keeps ``output: ""`` plus ``output_bytes`` (UTF-8
+    length) and ``output_digest`` (blake2b-128 hex of the text) when the
+    text is not empty; the text goes to an output store through the shell:
+    ``drain_dirty()`` yields it as an ``out/<task_id>/<run_id>`` row, and an
+    injected reader (``set_output_reader``) reads it back on demand. The
+    version hash covers the digest, not the text, so holding an output or
+    not is local: two replicas with the same record are equal whether or
+    not they hold its text, and anti-entropy never ships an entry again
+    only for its output. An entry sent to a peer carries the text when this
+    node holds it (``_entry``); a receiver keeps it when its merged record
+    has that digest. A received text whose digest differs from the
+    record's is malformed. A record with an inline ``output`` and no digest
+    (an older file or peer) is converted on decode.
+    Budget: ``max_bytes`` bounds the run-record bytes a node holds (encoded
+    records plus output texts). Over it, a trim pass drops the oldest
+    outputs (by ``(slot, started, run_id)`` across all tasks) down to
+    ``TRIM_LOW_WATER`` of the budget; records stay (per-task ``history``
+    bounds them, a rule every replica applies alike: dropping records for
+    a local budget would have peers ship them back at every exchange).
+    Each pass is counted and reported once (``take_trim_reports``).
+
 Anti-entropy (TicTac-style XOR buckets, maintained incrementally):
     Each key hashes to ``h(key, version_hash)`` (64 bits); a bucket (1024,
     by hash of the key; run records by hash of their task ID), and each of its
@@ -68,7 +90,7 @@ resurrect a deleted task: the documented trade-off.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +102,7 @@ from .runstatus import PENDING, RUNNING, TERMINAL
 __all__ = [
     "Store", "TaskView", "Control", "StoreStatistics", "ExchangeResult", "RemoteProtocolError",
     "BUCKETS", "DEFAULT_HISTORY", "TOMBSTONE_HORIZON_S", "RUN_FIELDS", "TERMINAL",
+    "DEFAULT_RUN_RECORDS_MAX_BYTES", "TRIM_LOW_WATER", "output_digest", "OUTPUT_PREFIX",
 ]
 
 BUCKETS = 1024
@@ -96,6 +119,14 @@ PAGE_BYTES = 1 << 20
 PAGE_KEYS = 20_000
 
 Entry = tuple[str, bytes]
+
+#: Default per-node budget of run-record bytes (records + output texts).
+DEFAULT_RUN_RECORDS_MAX_BYTES = 256 << 20
+#: A trim pass brings the run-record bytes down to this share of the budget,
+#: so passes are rare (one per ~20 % of the budget of new output).
+TRIM_LOW_WATER = 0.8
+#: Prefix of the output rows in ``drain_dirty()`` (``out/<task>/<run>``).
+OUTPUT_PREFIX = "out/"
 
 _STATUS_RANK = {PENDING: 0, RUNNING: 1} | {s: 2 for s in sorted(TERMINAL)}
 RUN_FIELDS = ("task_id", "run_id", "slot", "node", "attempt", "status", "exit_code",
@@ -146,16 +177,23 @@ def _split(key: str) -> tuple[str, str, str]:
     raise ValueError(f"bad key {key!r}: expected task/<id>, ctl/<id> or run/<task>/<run>")
 
 
-def _page(entries: list[Entry]) -> list[Entry]:
-    """The first entries that fit in ``PAGE_BYTES`` (at least one)."""
-    out, n = [], 0
-    for e in entries:
-        size = len(e[0]) + len(e[1]) + 16
-        if out and n + size > PAGE_BYTES:
-            break
-        out.append(e)
-        n += size
-    return out
+def output_digest(text: bytes) -> str:
+    """blake2b-128 hex of an output's UTF-8 bytes (kept in its record)."""
+    return hashlib.blake2b(text, digest_size=16).hexdigest()
+
+
+def _strip_output(r: dict, where: str) -> tuple[dict, bytes | None]:
+    """A decoded run record without its output text, and the text (None
+    when the record carries none). Raises ValueError on a digest mismatch."""
+    out = r.get("output")
+    if not isinstance(out, str) or not out:
+        return r, None
+    raw = out.encode("utf-8", "replace")
+    dg = output_digest(raw)
+    if "output_digest" in r and r["output_digest"] != dg:
+        raise ValueError(f"{where}: output does not match output_digest")
+    r = dict(r, output="", output_bytes=len(raw), output_digest=dg)
+    return r, raw
 
 
 def _num(x: Any) -> float:
@@ -199,6 +237,14 @@ def _check_run(r: Any, where: str) -> dict:
             raise ValueError(f"{where}.{f}: expected a number or null")
     if not isinstance(r.get("attempt", 0), int):
         raise ValueError(f"{where}.attempt: expected an int")
+    if "output" in r and not isinstance(r["output"], str):
+        raise ValueError(f"{where}.output: expected a string")
+    ob = r.get("output_bytes", 0)
+    if not isinstance(ob, int) or isinstance(ob, bool) or not 0 <= ob <= MAX_ENTRY_BYTES:
+        raise ValueError(f"{where}.output_bytes: expected an int in [0, {MAX_ENTRY_BYTES}]")
+    dg = r.get("output_digest")
+    if dg is not None and (not isinstance(dg, str) or len(dg) != 32):
+        raise ValueError(f"{where}.output_digest: expected 32 hex digits")
     return r
 
 
@@ -234,6 +280,13 @@ class StoreStatistics:
     dirty: int
     merges_applied: int
     merges_rejected: int
+    run_record_bytes: int = 0      # encoded run records held in memory
+    output_bytes: int = 0          # output texts held in the output store
+    outputs: int = 0               # output texts held
+    max_bytes: int = 0             # the budget (records + outputs)
+    trimmed_outputs: int = 0       # outputs dropped by the budget
+    trimmed_records: int = 0       # records dropped beyond their task's history
+    trim_passes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,15 +297,27 @@ class ExchangeResult:
 
 
 _EMPTY: dv.Clock = ((), ())
+#: Reads an ``out/<task>/<run>`` row the shell wrote (None when absent).
+OutputReader = Callable[[str], "bytes | None"]
 
 
 class Store:
     """One node's replica of the catalogue, control state and its run records."""
 
-    def __init__(self, node: str) -> None:
+    def __init__(self, node: str, *, max_bytes: int = DEFAULT_RUN_RECORDS_MAX_BYTES,
+                 output_reader: OutputReader | None = None) -> None:
         if not node:
             raise ValueError("node name required")
         self.node = node
+        self.max_bytes = int(max_bytes)
+        self._reader: OutputReader = output_reader or (lambda key: None)
+        self._out: dict[str, int] = {}        # run key -> bytes of the output held for it
+        self._out_total = 0
+        self._out_dirty: dict[str, bytes | None] = {}   # run key -> text to write (None: delete)
+        self._rec_total = 0                   # bytes of encoded run records
+        self._trimmed = {"output": 0, "record": 0, "passes": 0}
+        self._trim_reports: list[dict] = []
+        self._records_full = False            # records alone over the budget's low water
         self._state: dict[str, Any] = {}      # key -> decoded state
         self._bytes: dict[str, bytes] = {}    # key -> canonical encoding
         self._vh: dict[str, bytes] = {}
@@ -278,6 +343,9 @@ class Store:
         if kind == "run":
             self._runagg[tid] = self._runagg.get(tid, 0) ^ (old or 0) ^ kh
             self._runs.setdefault(tid, set()).add(key)
+            self._rec_total += len(data) - len(self._bytes.get(key, b""))
+            if key in self._out and state.get("output_digest") != self._state[key].get("output_digest"):
+                self._drop_output(key)  # the held text belongs to the previous version
         else:
             b = _bucket(key)
             self._cat[b] ^= (old or 0) ^ kh
@@ -297,6 +365,8 @@ class Store:
         if kind == "run":
             self._runagg[tid] ^= kh
             self._runs[tid].discard(key)
+            self._rec_total -= len(self._bytes[key])
+            self._drop_output(key)
             if not self._runs[tid]:
                 del self._runs[tid]
                 del self._runagg[tid]
@@ -355,6 +425,14 @@ class Store:
             raise ValueError(f"{key}: record ids do not match the key")
         return r
 
+    @classmethod
+    def _decode_entry(cls, key: str, data: bytes) -> tuple[Any, bytes | None]:
+        """``_decode``, with a run record's output text split off."""
+        st = cls._decode(key, data)
+        if key.startswith("run/"):
+            return _strip_output(st, key)
+        return st, None
+
     @staticmethod
     def _merge_state(key: str, a: Any, b: Any) -> Any:
         kind = key.split("/", 1)[0]
@@ -390,16 +468,19 @@ class Store:
         gone = order[h:]
         for k in gone:
             self._drop(k)
+        self._trimmed["record"] += len(gone)
         return gone
 
-    def _apply(self, key: str, remote: Any) -> bool:
+    def _apply(self, key: str, remote: Any, text: bytes | None = None) -> bool:
         cur = self._state.get(key)
         new = remote if cur is None else self._merge_state(key, cur, remote)
         changed = self._set(key, new)
-        if changed and key.startswith("run/"):
-            tid = _split(key)[1]
-            if key in self._trim(tid):
+        if key.startswith("run/"):
+            if changed and key in self._trim(_split(key)[1]):
                 return False
+            if text is not None and key not in self._out and new.get("output_digest") == remote.get("output_digest"):
+                self._keep_output(key, text)
+            return changed
         elif changed and key.startswith("task/"):
             self._trim(_split(key)[1])  # history may have shrunk
         return changed
@@ -417,7 +498,128 @@ class Store:
         return _STATUS_RANK.get(st.get("status"), 0) * 1e6 + _num(st.get("attempt"))
 
     def _entry(self, key: str) -> Entry:
+        """The entry to send: a run record carries its output when held."""
+        if key in self._out:
+            text = self._read_output(key)
+            if text is not None:
+                return (key, _enc(dict(self._state[key], output=text.decode("utf-8", "replace"))))
         return (key, self._bytes[key])
+
+    def _paged(self, keys: Iterable[str]) -> list[Entry]:
+        """Entries of ``keys`` (sorted) that fit in a page, built one by
+        one so outputs beyond the page are never read."""
+        out, n = [], 0
+        for k in sorted(set(keys)):
+            if k not in self._bytes:
+                continue
+            e = self._entry(k)
+            size = len(e[0]) + len(e[1]) + 16
+            if out and n + size > PAGE_BYTES:
+                break
+            out.append(e)
+            n += size
+        return out
+
+    # ------------------------------------------------------------ outputs
+    def set_output_reader(self, reader: OutputReader) -> None:
+        """The shell's reader of ``out/<task>/<run>`` rows already drained."""
+        self._reader = reader
+
+    def _read_output(self, key: str) -> bytes | None:
+        """The held text of run ``key`` whose digest matches its record."""
+        if key not in self._out:
+            return None
+        text = self._out_dirty.get(key)
+        if text is None:
+            raw = self._reader(OUTPUT_PREFIX + key[4:])
+            text = bytes(raw) if raw is not None else None
+        if text is None or output_digest(text) != self._state[key].get("output_digest"):
+            return None
+        return text
+
+    def _keep_output(self, key: str, text: bytes) -> None:
+        self._drop_output(key)
+        if self._rec_total + len(text) > self.max_bytes * TRIM_LOW_WATER:
+            # the records alone fill the budget (history x tasks too large
+            # for it): no output is kept, and no pass is run per output
+            self._trimmed["output"] += 1
+            if not self._records_full:
+                self._records_full = True
+                self._report(0, self._rec_total + self._out_total)
+            return
+        self._records_full = False
+        self._out[key] = len(text)
+        self._out_total += len(text)
+        self._out_dirty[key] = text
+        if self._rec_total + self._out_total > self.max_bytes:
+            self._trim_outputs()
+
+    def _drop_output(self, key: str) -> None:
+        n = self._out.pop(key, None)
+        if n is not None:
+            self._out_total -= n
+            self._out_dirty[key] = None
+
+    def _trim_outputs(self) -> None:
+        """One trim pass: the oldest outputs go until the run-record bytes
+        are at most ``TRIM_LOW_WATER`` of the budget."""
+        goal = int(self.max_bytes * TRIM_LOW_WATER)
+        before = self._rec_total + self._out_total
+        dropped = 0
+        for key in sorted(self._out, key=lambda k: _run_order(self._state[k])):
+            if self._rec_total + self._out_total <= goal:
+                break
+            self._drop_output(key)
+            dropped += 1
+        self._trimmed["output"] += dropped
+        self._report(dropped, before)
+
+    def _report(self, dropped: int, before: int) -> None:
+        self._trimmed["passes"] += 1
+        report = {"outputs": dropped, "before": before, "after": self._rec_total + self._out_total,
+                  "budget": self.max_bytes, "records_bytes": self._rec_total}
+        if len(self._trim_reports) < 64:
+            self._trim_reports.append(report)
+
+    def take_trim_reports(self) -> list[dict]:
+        """Trim passes since the last call, one dict each (log one line each)."""
+        out, self._trim_reports = self._trim_reports, []
+        return out
+
+    def note_outputs(self, index: Iterable[tuple[str, int]]) -> None:
+        """At start: the ``(out/<task>/<run>, bytes)`` rows on disk. Rows of
+        records no longer held (or without an output) are deleted."""
+        for okey, size in index:
+            key = "run/" + okey[len(OUTPUT_PREFIX):]
+            st = self._state.get(key)
+            if st is None or not st.get("output_digest") or key in self._out:
+                if key not in self._out:
+                    self._out_dirty[key] = None
+                continue
+            self._out[key] = int(size)
+            self._out_total += int(size)
+        if self._rec_total + self._out_total > self.max_bytes:
+            self._trim_outputs()
+
+    def run_output(self, task_id: str, run_id: str) -> str | None:
+        """A run's output text: "" when it has none, None when this node
+        does not hold it (trimmed by the budget, or never received)."""
+        key = f"run/{task_id}/{run_id}"
+        st = self._state.get(key)
+        if not isinstance(st, dict) or not st.get("output_bytes"):
+            return None if st is None else str(st.get("output") or "")
+        text = self._read_output(key)
+        return None if text is None else text.decode("utf-8", "replace")
+
+    def with_output(self, rec: dict) -> dict:
+        """``rec`` (a copy) with its output text read back; an output this
+        node does not hold reads "" with ``output_trimmed: true``."""
+        if rec.get("output") or not rec.get("output_bytes"):
+            return dict(rec)
+        text = self.run_output(str(rec.get("task_id")), str(rec.get("run_id")))
+        if text is None:
+            return dict(rec, output="", output_trimmed=True)
+        return dict(rec, output=text)
 
     # ------------------------------------------------------------ tasks
     def _write_task(self, task_id: str, wrapped: dict, context: bytes | None) -> list[Entry]:
@@ -539,7 +741,8 @@ class Store:
         rec = _check_run(dict(record), "run record")
         key = f"run/{rec['task_id']}/{rec['run_id']}"
         _split(key)
-        return [self._entry(key)] if self._apply(key, rec) else []
+        rec, text = _strip_output(rec, key)
+        return [self._entry(key)] if self._apply(key, rec, text) else []
 
     def run_record(self, task_id: str, run_id: str) -> dict | None:
         """One run record (a copy), or None."""
@@ -569,15 +772,16 @@ class Store:
             try:
                 if not isinstance(e, (list, tuple)) or len(e) != 2:
                     raise ValueError(f"entry {n}: expected [key, bytes]")
-                decoded.append((e[0], self._decode(e[0], e[1])))
+                decoded.append((e[0], *self._decode_entry(e[0], e[1])))
             except ValueError as err:
                 self._rejected += 1
                 raise RemoteProtocolError(str(err)) from None
-        changed = {key for key, state in decoded if self._apply(key, state)}
+        changed = {key for key, state, text in decoded if self._apply(key, state, text)}
         self._applied += len(decoded)
         return sorted(changed)
 
     def entries(self, keys: Iterable[str]) -> list[Entry]:
+        """Entries to send (run records with their output when held)."""
         return [self._entry(k) for k in sorted(set(keys)) if k in self._bytes]
 
     def keys(self) -> list[str]:
@@ -742,7 +946,7 @@ class Store:
                     or (theirs[k] != mine[k] and self._progress(k) > prog[k])]
             want = [k for k in sorted(theirs) if mine.get(k) != theirs[k]
                     and (k not in mine or self._progress(k) <= prog[k])]
-            ents = [list(e) for e in _page(self.entries(send))]
+            ents = [list(e) for e in self._paged(send)]
             return ExchangeResult(msgpack.packb([M_ENTRIES, si, ents, want]), [], len(ents))
         if t == M_ENTRIES:
             if (len(obj) != 4 or not isinstance(obj[2], list) or not isinstance(obj[3], list)
@@ -757,20 +961,22 @@ class Store:
                 if not isinstance(e, list) or len(e) != 2:
                     raise RemoteProtocolError(f"exchange ENTRIES: entry {n} is not [key, bytes]")
                 try:
-                    decoded.append((e[0], self._decode(e[0], e[1])))
+                    decoded.append((e[0], *self._decode_entry(e[0], e[1])))
                 except ValueError as err:
                     self._rejected += 1
                     raise RemoteProtocolError(f"exchange ENTRIES: {err}") from None
-            changed = sorted({k for k, st in decoded if self._apply(k, st)})
+            changed = sorted({k for k, st, text in decoded if self._apply(k, st, text)})
             self._applied += len(decoded)
             # what the peer sent lacks something we had (concurrent versions):
-            # send the merged result back, so both sides end equal
-            sent = {e[0]: bytes(e[1]) for e in obj[2]}
+            # send the merged result back, so both sides end equal (a run
+            # record is compared without its output text)
+            sent = {k: _enc(st) if text is not None else bytes(e[1])
+                    for (k, st, text), e in zip(decoded, obj[2])}
             back = [k for k in sorted(sent) if k in self._bytes and self._bytes[k] != sent[k]]
             keys = sorted(set(back) | set(want))
             if not keys:
                 return ExchangeResult(None, changed)
-            ents = [list(e) for e in _page(self.entries(keys))]
+            ents = [list(e) for e in self._paged(keys)]
             if not ents:
                 return ExchangeResult(None, changed)
             return ExchangeResult(msgpack.packb([M_ENTRIES, si, ents, []]), changed, len(ents))
@@ -784,21 +990,30 @@ class Store:
         written before the acknowledgement.
         """
         out = [(k, self._bytes.get(k)) for k in sorted(self._dirty)]
+        out += [(OUTPUT_PREFIX + k[4:], v) for k, v in sorted(self._out_dirty.items())]
         self._dirty.clear()
+        self._out_dirty.clear()
         return out
 
     def load(self, rows: Iterable[tuple[str, bytes]]) -> list[str]:
         """Merge persisted rows at start. Bad rows raise ValueError naming the key."""
         changed = []
         loaded: dict[str, bytes] = {}
+        outputs: list[tuple[str, int]] = []
         for key, data in rows:
             if data is None:
                 continue
             data = bytes(data)
-            st = self._decode(key, data)
+            if key.startswith(OUTPUT_PREFIX):
+                # an output row (a shell that loads them with the records)
+                outputs.append((key, len(data)))
+                continue
+            st, text = self._decode_entry(key, data)
             loaded[key] = data
-            if self._apply(key, st):
+            if self._apply(key, st, text):
                 changed.append(key)
+        if outputs:
+            self.note_outputs(outputs)
         # rows already on disk as they are now need no rewrite
         self._dirty.difference_update(k for k, d in loaded.items() if self._bytes.get(k) == d)
         return changed
@@ -831,6 +1046,9 @@ class Store:
             tasks=tasks - tomb, tombstones=tomb, conflicts=conf, controls=ctl,
             runs=sum(len(v) for v in self._runs.values()), dirty=len(self._dirty),
             merges_applied=self._applied, merges_rejected=self._rejected,
+            run_record_bytes=self._rec_total, output_bytes=self._out_total, outputs=len(self._out),
+            max_bytes=self.max_bytes, trimmed_outputs=self._trimmed["output"],
+            trimmed_records=self._trimmed["record"], trim_passes=self._trimmed["passes"],
         )
 
 

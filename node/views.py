@@ -17,12 +17,16 @@ __all__ = [
     "explain_json", "RUN_KEYS", "CONFLICT_RULE",
 ]
 
-#: Keys of a run in ``GET /v1/tasks/{id}/runs`` (DESIGN §6 plus ``output`` and ``error``).
+#: Keys of a run in ``GET /v1/tasks/{id}/runs`` (DESIGN §6 plus ``output``,
+#: read from the node's output store on demand, ``output_bytes`` and ``error``).
 RUN_KEYS = ("task_id", "slot", "run_id", "node", "attempt", "status", "exit_code",
-            "started", "finished", "fencing_token", "output", "error")
+            "started", "finished", "fencing_token", "output", "output_bytes", "error")
 #: Keys shown only when a run has them (manual run parameters, who
 #: cancelled it, its notifications, its chained upstream run, its shard).
-RUN_OPTIONAL_KEYS = ("params", "cancelled_by", "notify", "upstream", "shard", "shards", "trace_id")
+#: ``output_trimmed``: the record has an output this node no longer holds
+#: (run_records_max_bytes dropped it, or it never arrived here).
+RUN_OPTIONAL_KEYS = ("params", "cancelled_by", "notify", "upstream", "shard", "shards", "trace_id",
+                     "output_trimmed")
 CONFLICT_RULE = "greatest (updated_at, writer, content hash) wins; siblings kept until the next write"
 
 
@@ -109,6 +113,9 @@ def runs_json(core: NodeCore, task_id: str) -> list[dict]:
     runs = core.store.runs(task_id)
     if task_id not in core.tasks and not runs:
         raise LookupError(f"unknown task {task_id!r}")
+    runs = [core.store.with_output(r) for r in runs]
+    for r in runs:
+        r.setdefault("output_bytes", len((r.get("output") or "").encode("utf-8", "replace")))
     return [{k: r.get(k) for k in RUN_KEYS} | {k: r[k] for k in RUN_OPTIONAL_KEYS if k in r} for r in runs]
 
 

@@ -127,6 +127,8 @@ class SchedulerApp:
         self.name = node.name
         self.opts = cluster.app_options
         store = Store(node.name)
+        # run outputs are read back from the node's disk (out/ rows)
+        store.set_output_reader(lambda key, disks=cluster.disks, name=node.name: disks.get(name, {}).get(key))
         rows = cluster.disks.get(self.name)
         if rows:
             store.load(sorted(rows.items()))

@@ -9,7 +9,9 @@ crash may lose them (peers still have them). Invariants:
   register;
 - causality never regresses below what a node persisted (version vectors and
   max registers only grow);
-teardown syncs everyone and asserts all replicas are byte-identical.
+teardown syncs everyone and asserts all replicas are byte-identical, run
+outputs included (written to the node's disk as ``out/`` rows, read back
+from it, reloaded with the records at a restart).
 """
 from __future__ import annotations
 
@@ -45,8 +47,8 @@ def vv_of(store: Store, key: str) -> dict[str, int]:
 class Cluster(RuleBasedStateMachine):
     @initialize()
     def setup(self):
-        self.stores = {n: Store(n) for n in NAMES}
         self.disk: dict[str, dict[str, bytes]] = {n: {} for n in NAMES}
+        self.stores = {n: Store(n, output_reader=self.disk[n].get) for n in NAMES}
         self.acked: list[tuple[str, str, int, int, dict]] = []  # key, actor, counter, value id, ctx
         self.fired: dict[tuple[str, str], int] = {}
         self.persisted_vv: dict[tuple[str, str], dict[str, int]] = {}
@@ -82,11 +84,11 @@ class Cluster(RuleBasedStateMachine):
             self.fired[(n, key)] = max(self.fired.get((n, key), 0), slot)
 
     @rule(n=st.sampled_from(NAMES), key=st.sampled_from(KEYS), run=st.integers(0, 3),
-          status=st.sampled_from(STATUSES))
-    def run(self, n, key, run, status):
+          status=st.sampled_from(STATUSES), output=st.sampled_from(["", "out-a", "out-b " * 50]))
+    def run(self, n, key, run, status, output):
         self.stores[n].put_run({"task_id": key, "run_id": f"r{run}", "slot": run, "node": n, "attempt": 1,
                                 "status": status, "exit_code": None, "started": float(run), "finished": None,
-                                "fencing_token": None, "output": ""})
+                                "fencing_token": None, "output": output})
         self.persist(n)
 
     @rule(a=st.sampled_from(NAMES), b=st.sampled_from(NAMES))
@@ -105,7 +107,7 @@ class Cluster(RuleBasedStateMachine):
 
     @rule(n=st.sampled_from(NAMES))
     def crash_restart(self, n):
-        fresh = Store(n)
+        fresh = Store(n, output_reader=self.disk[n].get)
         fresh.load(sorted(self.disk[n].items()))
         assert fresh.drain_dirty() == []
         self.stores[n] = fresh
@@ -151,6 +153,11 @@ class Cluster(RuleBasedStateMachine):
         ref = self.stores[NAMES[0]]
         for n in NAMES[1:]:
             assert self.stores[n].entries(self.stores[n].keys()) == ref.entries(ref.keys())
+        for k in ref.keys():
+            if k.startswith("run/"):
+                _, tid, rid = k.split("/")
+                outs = {self.stores[n].run_output(tid, rid) for n in NAMES}
+                assert len(outs) == 1 and None not in outs, (k, outs)
 
 
 Cluster.TestCase.settings = settings(max_examples=60, stateful_step_count=40)
