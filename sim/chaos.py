@@ -504,8 +504,10 @@ class Harness:
                 missing_defs[p.name] = sorted(set(ids) - have)
         verdicts["definitions_lost"] = missing_defs
         verdicts["api_unreachable"] = sorted(unreachable)
-        # runs (for lost records) from every node
-        lost: set[tuple[str, int]] = set()
+        # runs seen lost: from the nodes' logs (records older than a task's
+        # history are trimmed by the end of a long run) and from every node
+        lost: set[tuple[str, int]] = {(m.group(1), int(m.group(2))) for p in self.procs.values()
+                                      for m in _LOST_RE.finditer(p.log_text())}
         for tid in ids:
             for p in c.procs:
                 st, runs = _get(p.api_addr, f"/v1/tasks/{tid}/runs")
@@ -608,6 +610,7 @@ class Harness:
         return left
 
 
+_LOST_RE = re.compile(r"was unfinished; marked lost task_id=(\S+) run_id=(\d+)-")
 _RECLAIM_RE = re.compile(r"peerd\.fencer: reclaimed (\S+)/(\d+) from dead ")
 _SKIP_RE = re.compile(r"(\S+) +\w+ +\[(\S+)\] peerd\.node: slot (?:skipped: (\S+)|not claimed \(([^)]*)\))"
                       r".*task_id=(\S+) slot=(\d+)")
