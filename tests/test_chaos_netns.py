@@ -210,3 +210,26 @@ def test_short_netns_run_with_a_partition_and_loss_loses_nothing(tmp_path):
     assert real["detection_s"]["partition"]["reached"] == 1
     assert rep["sim"]["slots_due"] > 0 and rep["sim"]["not_mapped"] == []
     assert _leftovers(f"pdc{os.getpid()}") == []           # namespaces, veths and bridge removed
+
+
+def test_the_report_reads_lost_runs_and_reclaims_from_real_log_lines():
+    """The harness classifies duplicates and token order from the nodes'
+    text logs: its patterns must match the lines the node writes."""
+    import logging
+
+    from node.logs import TextFormatter
+    from sim.chaos import _LOST_RE, _RECLAIM_RE
+
+    def line(logger, msg, *args, **extra):
+        rec = logging.LogRecord(logger, logging.WARNING, __file__, 1, msg, args, None)
+        rec.node = "n4"
+        for k, v in extra.items():
+            setattr(rec, k, v)
+        return TextFormatter().format(rec)
+
+    lost = line("peerd.node", "run of member %s was unfinished; marked lost", "n2",
+                task_id="chaos-4", run_id="1796375198-n2-99cb0ffb.1", trace_id="ab")
+    won = line("peerd.fencer", "reclaimed %s/%s from dead %s, token %d", "chaos-4", 1796375198, "n2", 7,
+               task_id="chaos-4", slot=1796375198, token=7)
+    assert [(m.group(1), int(m.group(2))) for m in _LOST_RE.finditer(lost)] == [("chaos-4", 1796375198)]
+    assert [(m.group(1), int(m.group(2))) for m in _RECLAIM_RE.finditer(won)] == [("chaos-4", 1796375198)]
