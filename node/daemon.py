@@ -59,6 +59,8 @@ RUN_FLAGS = [
     ("max_skew_s", "members with clocks off by more than this own nothing (default 2)"),
     ("notify", "default notification targets for tasks without notify: JSON list (config file: a list)"),
     ("write_ack", "answer a write once it is committed here (local, default) or also on a replica (replica)"),
+    ("run_records_max_bytes", "bytes of run records and outputs this node keeps; over it the oldest "
+                              "outputs are trimmed (default 268435456, 256 MiB)"),
     ("otlp_endpoint", "send a trace of every run to this OTLP/HTTP collector, e.g. http://localhost:4318 "
                       "(needs the otel extra: pip install 'peerd[otel]')"),
 ]

@@ -129,3 +129,16 @@ def test_free_ports_are_distinct_and_free_for_udp_and_tcp():
         for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
             with socket.socket(socket.AF_INET, kind) as s:
                 s.bind(("127.0.0.1", port))
+
+
+def test_run_records_budget_flag_reaches_the_config_and_is_checked():
+    from node.config import ConfigError, build_config
+    from node.daemon import build_parser
+
+    def cfg(value):
+        args = build_parser().parse_args(["--insecure", "--run-records-max-bytes", value])
+        return build_config(flags={k: v for k, v in vars(args).items() if k != "config"}, config_file=None)
+
+    assert cfg("1048576").run_records_max_bytes == 1048576
+    with pytest.raises(ConfigError, match="--run-records-max-bytes: must be >= 65536"):
+        cfg("1000")
