@@ -62,7 +62,7 @@ import trio
 
 from gossip.config import Config
 from gossip.effects import Addr, MemberEvent, SendPacket, StartPushPull, UserMessage
-from gossip.seal import REJECT_REASONS, Keyring, KeyringError, PacketRejected, Sealer
+from gossip.seal import REJECT_REASONS, STREAM_CONTEXT, Keyring, KeyringError, PacketRejected, Sealer
 from gossip.streams import (
     HEAD_FRAME_MAX_BYTES,
     PUSH_PULL,
@@ -231,6 +231,10 @@ class GossipNode:
             insecure=insecure,
             max_packet_bytes=max(config.packet_budget_bytes, 65507),
         )
+        # stream frames: the same keyring, their own seq and replay table
+        self.stream_sealer = Sealer(keyring, name, self._epoch, insecure=insecure,
+                                    max_packet_bytes=max(config.packet_budget_bytes, 65507),
+                                    context=STREAM_CONTEXT)
         self._core: Any = None
         self._counters = _Counters()
         self._subscribers: list[trio.MemorySendChannel] = []
@@ -458,11 +462,11 @@ class GossipNode:
             StreamClosed: the connection broke.
         """
         limit = self._body_limit(kind)
-        body_len = 1 + len(payload) + self.sealer.overhead()
+        body_len = 1 + len(payload) + self.stream_sealer.overhead()
         if body_len > limit:
             raise FrameTooLarge(f"refusing to send a body of {body_len} bytes (limit {limit})")
-        head = self.sealer.seal(encode_head(kind, body_len))
-        body = self.sealer.seal(bytes((kind,)) + payload)
+        head = self.stream_sealer.seal(encode_head(kind, body_len))
+        body = self.stream_sealer.seal(bytes((kind,)) + payload)
         assert len(body) == body_len, (len(body), body_len)
         await stream.send_frame(head, HEAD_FRAME_MAX_BYTES)
         await stream.send_frame(body, limit)
@@ -480,7 +484,7 @@ class GossipNode:
         except FrameTooLarge as exc:
             raise StreamRefused("oversized", f"head: {exc}") from None
         try:
-            sender, plain = self.sealer.open(frame, max_bytes=HEAD_FRAME_MAX_BYTES)
+            sender, plain = self.stream_sealer.open(frame, max_bytes=HEAD_FRAME_MAX_BYTES)
         except PacketRejected as exc:
             self._reject(exc.reason)
             raise StreamRefused("unauthenticated", f"head: {exc}") from None
@@ -502,7 +506,7 @@ class GossipNode:
         if len(frame) != body_len:
             raise StreamRefused("malformed", f"body frame of {len(frame)} bytes, {body_len} announced")
         try:
-            body_sender, body = self.sealer.open(frame, max_bytes=body_len)
+            body_sender, body = self.stream_sealer.open(frame, max_bytes=body_len)
         except PacketRejected as exc:
             self._reject(exc.reason)
             raise StreamRefused("unauthenticated", f"body: {exc}") from None

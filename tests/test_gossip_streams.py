@@ -21,7 +21,7 @@ import trio
 import trio.testing
 
 from gossip.config import Config
-from gossip.seal import Keyring, Sealer
+from gossip.seal import STREAM_CONTEXT, Keyring, Sealer
 from gossip.streams import (
     HEAD_FRAME_MAX_BYTES,
     PUSH_PULL,
@@ -124,7 +124,7 @@ async def wait_closed_by_peer(stream: trio.SocketStream) -> None:
 
 
 def raw_sealer(name: str = "raw") -> Sealer:
-    return Sealer(Keyring([K1]), name, epoch=random.randrange(1, 2**40))
+    return Sealer(Keyring([K1]), name, epoch=random.randrange(1, 2**40), context=STREAM_CONTEXT)
 
 
 def head_frame(sealer: Sealer, kind: int, body_len: int) -> bytes:
@@ -334,7 +334,7 @@ async def test_request_body_limit_edge():
     limit = cfg.request_frame_max_bytes
     async with node_pair(cfg) as (server, client, _h):
         # under: a request whose sealed body is exactly the limit is served
-        payload = bytes(limit - 1 - client.sealer.overhead())
+        payload = bytes(limit - 1 - client.stream_sealer.overhead())
         assert await client.request(server.bound_addr, payload) == b"ok"
         # the sending member refuses one byte more itself
         with pytest.raises(RequestError, match="limit"):
@@ -374,7 +374,7 @@ async def test_buffer_budget_edge():
     cfg = small_config(stream_buffer_budget_bytes=budget)
     limit = cfg.request_frame_max_bytes
     async with node_pair(cfg) as (server, client, holder):
-        ov = client.sealer.overhead()
+        ov = client.stream_sealer.overhead()
         async with trio.open_nursery() as nursery:
             # a held request reserves its sealed body
             nursery.start_soon(client.request, server.bound_addr, b"hold" + bytes(0), DEADLINE_S)

@@ -394,3 +394,20 @@ def test_bit_flips_rejected(body, bit):
     sealed[bit // 8] ^= 1 << (bit % 8)
     with pytest.raises(PacketRejected):
         b.open(bytes(sealed))
+
+
+def test_stream_frames_count_apart_from_datagrams():
+    """A stream frame sealed before a burst of datagrams still opens: stream
+    frames have their own sequence numbers and replay table (context
+    ``STREAM_CONTEXT``). A frame of one context never opens in the other."""
+    from gossip.seal import REPLAY_WINDOW, STREAM_CONTEXT
+    ring = Keyring([b"k" * 32])
+    dgram, stream = Sealer(ring, "alpha", 7), Sealer(ring, "alpha", 7, context=STREAM_CONTEXT)
+    rd, rs = Sealer(ring, "beta", 9), Sealer(ring, "beta", 9, context=STREAM_CONTEXT)
+    head = stream.seal(b"head")                 # waits in the accept queue...
+    for _ in range(2 * REPLAY_WINDOW):          # ...while datagrams go by
+        rd.open(dgram.seal(b"ping"))
+    assert rs.open(head) == ("alpha", b"head")
+    for frame, wrong in ((stream.seal(b"x"), rd), (dgram.seal(b"y"), rs)):
+        with pytest.raises(PacketRejected):
+            wrong.open(frame)
