@@ -471,6 +471,20 @@ class GossipNode:
         await stream.send_frame(head, HEAD_FRAME_MAX_BYTES)
         await stream.send_frame(body, limit)
 
+    def _open_stream_frame(self, frame: bytes, max_bytes: int) -> tuple[str, bytes]:
+        """Open a stream frame: sealed in the stream context, or by a peer of
+        an earlier release in the datagram one (its frames and datagrams share
+        one sequence space, so the datagram replay table is the right one)."""
+        try:
+            return self.stream_sealer.open(frame, max_bytes=max_bytes)
+        except PacketRejected as exc:
+            if exc.reason != "wrong_key" or self.stream_sealer.insecure:
+                raise
+            try:
+                return self.sealer.open(frame, max_bytes=max_bytes)
+            except PacketRejected:
+                raise exc from None
+
     async def _recv_head(self, stream: FramedStream) -> tuple[str, int, int]:
         """Read and open a head: ``(sender, kind, body length)``.
 
@@ -484,7 +498,7 @@ class GossipNode:
         except FrameTooLarge as exc:
             raise StreamRefused("oversized", f"head: {exc}") from None
         try:
-            sender, plain = self.stream_sealer.open(frame, max_bytes=HEAD_FRAME_MAX_BYTES)
+            sender, plain = self._open_stream_frame(frame, HEAD_FRAME_MAX_BYTES)
         except PacketRejected as exc:
             self._reject(exc.reason)
             raise StreamRefused("unauthenticated", f"head: {exc}") from None
@@ -506,7 +520,7 @@ class GossipNode:
         if len(frame) != body_len:
             raise StreamRefused("malformed", f"body frame of {len(frame)} bytes, {body_len} announced")
         try:
-            body_sender, body = self.stream_sealer.open(frame, max_bytes=body_len)
+            body_sender, body = self._open_stream_frame(frame, body_len)
         except PacketRejected as exc:
             self._reject(exc.reason)
             raise StreamRefused("unauthenticated", f"body: {exc}") from None

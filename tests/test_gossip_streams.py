@@ -454,3 +454,20 @@ async def test_body_must_match_its_head():
         await s.send_all(head_frame(sealer, USER, n) + body_frame(other, USER, bytes(5 + len("raw") - len("other"))))
         await wait_closed_by_peer(s)
         await wait_for(lambda: rejected(server)["malformed"] == 2, "foreign body counted")
+
+
+async def test_a_peer_of_an_earlier_release_still_streams():
+    """Frames sealed in the datagram context (peers of releases before
+    stream frames had their own) are still read and answered; a frame that
+    opens in neither context is refused as before."""
+    async with node_pair(small_config()) as (server, _client, _h):
+        legacy = Sealer(Keyring([K1]), "old", epoch=random.randrange(1, 2**40))
+        s = await idle_connection(server, "127.0.0.1")
+        await s.send_all(head_frame(legacy, USER, body_len_for(legacy, 2)) + body_frame(legacy, USER, b"hi"))
+        assert await read_reply(s, raw_sealer()) == (USER_REPLY, b"ok")
+        assert rejected(server)["unauthenticated"] == 0
+        stranger = Sealer(Keyring([b"z" * 32]), "stranger", epoch=1, context=STREAM_CONTEXT)
+        s = await idle_connection(server, "127.0.0.1")
+        await s.send_all(head_frame(stranger, USER, body_len_for(stranger, 2)))
+        await wait_closed_by_peer(s)
+        await wait_for(lambda: rejected(server)["unauthenticated"] == 1, "stranger refused")
