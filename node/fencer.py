@@ -384,9 +384,12 @@ class Fencer:
                         res.token, extra={"task_id": task_id, "slot": slot, "token": res.token})
         elif res.reason == "lost":
             self._c["reclaims_refused"] += 1
-            if res.detail.startswith("claimer alive"):
+            alive = res.detail.startswith("claimer alive")
+            if alive:
                 self._c["reclaims_claimer_alive"] += 1
-            log.info("reclaim of %s/%s from %s refused: %s", task_id, slot, dead_node, res.detail)
+            # one attempt of a caller that retries (alive_wait_s 0): the caller reports the outcome
+            log.log(logging.DEBUG if alive and alive_wait_s <= 0 else logging.INFO,
+                    "reclaim of %s/%s from %s refused: %s", task_id, slot, dead_node, res.detail)
         else:
             self._count(res, task_id, slot, run_id)
         return res
@@ -436,12 +439,12 @@ class Fencer:
                 last_err = f"attempt took longer than {self.request_timeout_s} s"
             if decision is not None and decision.claimer_alive:
                 self._high_water, self._epoch = fold_decision(decision, self._high_water, self._epoch)
-                if not waited_alive:
+                now = trio.current_time()
+                give_up_at = deadline if alive_deadline is None else alive_deadline
+                if not waited_alive and now < give_up_at:
                     waited_alive = True
                     log.info("%s waits: the claimer's etcd session still holds (declared dead "
                              "but alive?); retrying until the deadline", what)
-                now = trio.current_time()
-                give_up_at = deadline if alive_deadline is None else alive_deadline
                 if now >= give_up_at:
                     return ClaimResult(False, None, "lost", "claimer alive until the deadline: "
                                        "its etcd session still holds", attempt,
