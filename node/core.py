@@ -55,7 +55,7 @@ from typing import Any, Iterable
 from . import followups, peerwire, shards
 from .knobs import NodeKnobs
 from .ring import Ring
-from .runstatus import CANCELLED, LOST, PENDING, RETRYABLE, RUNNING, SKIPPED
+from .runstatus import CANCELLED, LOST, PENDING, RETRYABLE, RUNNING, SKIPPED, TERMINAL
 from .scheduler import Advance, Cancel, Fire, Scheduler, SlotSkipped
 from .skew import SkewEstimator
 from .traceids import trace_id_for
@@ -275,6 +275,7 @@ class NodeCore:
             "handoffs": 0, "handoff_timeouts": 0, "ae_ok": 0, "ae_failed": 0, "pushes": 0,
             "claims_lost": 0, "claims_unavailable": 0, "reclaims_won": 0, "reclaims_refused": 0,
             "reclaims_claimer_alive": 0, "reclaims_unstarted": 0, "abandoned": 0, "runs_lost": 0,
+            "reruns_dropped": 0,
         }
         self._out: list[Effect] = []
 
@@ -1355,6 +1356,8 @@ class NodeCore:
         c = self._reclaims.get(key)
         if c is None or key in self._reclaims_inflight:
             return
+        if self._lost_run_finished(key, c, now):
+            return
         if self.stopping:
             del self._reclaims[key]
             self._abandon(key[0], key[1], now, "shutting_down")
@@ -1364,6 +1367,30 @@ class NodeCore:
         self._out.append(Reclaim(key[0], key[1], c.run_id, c.reclaim[0], c.reclaim[1],
                                  max(0.05, min(self.knobs.claim_attempt_s, c.deadline - now)),
                                  unstarted=c.unstarted))
+
+    def _lost_run_finished(self, key: tuple[str, int], c: _ClaimTry, now: float) -> bool:
+        """A rerun of a run seen lost waits for its claimer's etcd session;
+        meanwhile the runner's own outcome may arrive (it finished, and its
+        record came back with its restart): then the run was not lost and
+        the rerun is dropped, the slot settled. True when dropped."""
+        if c.reason != "rerun_owner_loss" or c.reclaim is None:
+            return False
+        task = self._task_of(key[0])
+        if task is None:
+            return False
+        dead, lost_claim = c.reclaim
+        for rec in self.store.runs(task.id):
+            if rec.get("node") == dead and claim_run_id(rec) == lost_claim \
+                    and rec.get("status") in TERMINAL and rec.get("status") != LOST:
+                del self._reclaims[key]
+                self._lost_claimers.pop(key, None)
+                self.stats["reruns_dropped"] += 1
+                self._note("rerun_dropped", task_id=key[0], slot=key[1], run_id=rec.get("run_id"),
+                           status=rec.get("status"))
+                for eff in self.scheduler.fire_abandoned(key[0], key[1], now, settled=True):
+                    self._scheduler_effect(eff, now)
+                return True
+        return False
 
     def _reclaim_answered(self, key: tuple[str, int], run_id: str, outcome: str, token: int | None,
                           now: float, detail: str) -> None:
@@ -1379,6 +1406,8 @@ class NodeCore:
         if outcome == "unavailable" and now < c.deadline and not self.stopping:
             self._timer(now + self.knobs.claim_retry_s, "reclaim", key)
             return
+        if outcome in ("won", "fire_without_token") and self._lost_run_finished(key, c, now):
+            return                             # the claim is ours now; the slot ran already
         del self._reclaims[key]
         self._lost_claimers.pop(key, None)
         self._note("claim", task_id=key[0], slot=key[1], result="reclaim_" + outcome, detail=detail)

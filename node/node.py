@@ -462,6 +462,9 @@ class Node:
             m.chained.inc()
             log.info("chained run triggered by %s run %s", f["upstream"], f["run_id"],
                      extra={"task_id": f["task_id"], "slot": f["slot"]})
+        elif ev == "rerun_dropped":
+            log.info("rerun not needed: the run seen lost ended %s on its node", f["status"],
+                     extra={"task_id": f["task_id"], "slot": f["slot"], "run_id": f["run_id"]})
         elif ev == "run_lost":
             log.warning("run of member %s was unfinished; marked lost", f["node"],
                         extra={"task_id": f["task_id"], "run_id": f["run_id"],

@@ -17,8 +17,10 @@ associative and idempotent, so any order of deliveries converges):
     ``(ts, writer, canonical value)``) for DST / misfire notes.
 ``run/<task_id>/<run_id>``  run record dict; merge keeps the record with
     more progress, by the lattice ``(status rank, attempt, finished,
-    sha256(canonical))`` with status rank pending 0 < running 1 < terminal 2
-    (succeeded, failed, timeout, cancelled, lost). Per task the run map is
+    sha256(canonical))`` with status rank pending 0 < running 1 < lost 2 <
+    the runner's own outcome 3 (succeeded, failed, timeout, cancelled): a
+    run marked ``lost`` by the node that saw its runner die takes the
+    outcome the runner recorded, should that arrive later. Per task the run map is
     add-only and trimmed to the task definition's ``history`` (default 100)
     newest by ``(slot, started, run_id)``; "top-H of the union" is itself a
     lattice join, so trimming does not stop convergence.
@@ -97,7 +99,7 @@ from typing import Any
 import msgpack
 
 from . import versions as dv
-from .runstatus import PENDING, RUNNING, TERMINAL
+from .runstatus import LOST, PENDING, RUNNING, TERMINAL
 
 __all__ = [
     "Store", "TaskView", "Control", "StoreStatistics", "ExchangeResult", "RemoteProtocolError",
@@ -128,7 +130,9 @@ TRIM_LOW_WATER = 0.8
 #: Prefix of the output rows in ``drain_dirty()`` (``out/<task>/<run>``).
 OUTPUT_PREFIX = "out/"
 
-_STATUS_RANK = {PENDING: 0, RUNNING: 1} | {s: 2 for s in sorted(TERMINAL)}
+# ``lost`` is an observer's verdict on a run whose node died; the outcome the
+# runner itself recorded (arriving later, e.g. after its restart) wins over it
+_STATUS_RANK = {PENDING: 0, RUNNING: 1} | {s: 3 for s in sorted(TERMINAL)} | {LOST: 2}
 RUN_FIELDS = ("task_id", "run_id", "slot", "node", "attempt", "status", "exit_code",
               "started", "finished", "fencing_token", "output")
 

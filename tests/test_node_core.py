@@ -53,6 +53,7 @@ class Harness:
         self.disks: dict[str, list] = {}
         self.runs: dict[tuple[str, str], float] = {}
         self.fail_status: dict[str, tuple[str, str]] = {}   # task -> (status, error)
+        self.sessions: set[str] = set()        # etcd sessions still held by processes gone
         for n in self.names:
             self.boot(n)
 
@@ -133,7 +134,7 @@ class Harness:
         if type(e) is Reclaim:
             if have is None or have[0] != e.dead or (e.unstarted and have[3]):
                 return "lost", None
-            if e.dead != n and e.dead in self.up:
+            if e.dead != n and (e.dead in self.up or e.dead in self.sessions):
                 return "claimer_alive", None       # its etcd session holds while it is up
         elif have is not None:
             return ("won", have[2]) if have[:2] == (n, e.run_id) else ("lost", None)
@@ -531,3 +532,34 @@ def test_leaving_reports_the_slots_it_leaves_to_the_next_owner():
     left = [e.fields for e in effs if type(e) is Note and e.event == "slot_skipped"]
     assert left and all(f["reason"] == "shutting_down" for f in left)
     assert core.stopping
+
+
+def test_a_rerun_is_dropped_when_the_lost_runs_own_end_arrives():
+    """The owner marks a dead node's run lost and waits for its etcd session
+    before rerunning; the runner's own record (it had finished) arrives
+    first: ``succeeded`` wins over ``lost`` and the slot is not run again."""
+    h = Harness(["n1", "n2", "n3"], fencing=True, seed=15, run_s=30.0)
+    h.apply("n1", [tick_task(schedule="@every 1h", overlap="allow")])
+    h.run(T0 + 2)
+    owner = h.owner("tick")
+    h.carry(owner, h.cores[owner].run_now("tick", h.now)[2])
+    slot = h.ledger[-1][1]
+    h.run(h.now + 1)
+    core = h.cores[owner]
+    run_id = next(r for r, run in core.running.items() if run.slot == slot)
+    done = core._record_of(core.running[run_id], run_id, 1, {
+        "status": "succeeded", "exit_code": 0, "started": h.now - 1, "finished": h.now, "output": ""})
+    h.kill(owner)
+    h.sessions.add(owner)                  # its etcd session outlives it for a while
+    h.declare_dead(owner)
+    new = h.owner("tick")
+    h.run(h.now + 2)
+    assert any(r["status"] == "lost" for r in h.cores[new].store.runs("tick"))
+    # its finished record comes back (a restart with its disk, anti-entropy)
+    h.cores[new].store.merge(core.store.put_run(done))
+    h.sessions.discard(owner)
+    h.run(h.now + 30)
+    assert len([x for x in h.ledger if x[1] == slot]) == 1, h.ledger
+    recs = [r for r in h.cores[new].store.runs("tick") if r["slot"] == slot]
+    assert [r["status"] for r in recs] == ["succeeded"]
+    assert h.cores[new].stats["reruns_dropped"] == 1

@@ -194,3 +194,20 @@ def test_claims_left_unstarted_by_a_crash_are_reclaimed_and_run_once():
     assert rep["app"]["live_nodes"]["reclaims_unstarted"] >= 1, replay
     assert rep["missed_slots"] == 0, f"{rep['missed_examples']} ({replay})"
     assert rep["duplicate_fires"] == 0 and not rep["violations"], replay
+
+
+@pytest.mark.slow
+def test_chaos_seed1_schedule_in_the_simulator():
+    """The 30-minute 9-node chaos schedule (seed 1) in the simulator: a run
+    marked lost whose runner's own end came back before its rerun's
+    re-claim won was run twice (chaos-0 slot 1354) until the runner's
+    outcome ranked over ``lost`` and a waiting rerun was dropped."""
+    import argparse
+
+    from sim.chaos import plan, simulate_same
+
+    args = argparse.Namespace(nodes=9, duration=1860.0, seed=1, tasks=5, etcd=True)
+    rep = simulate_same(plan(1, 9, 1860.0, True, net=True), args)
+    replay = "python -m sim.chaos --nodes 9 --duration 1860 --seed 1 --tasks 5 --etcd --net netns"
+    assert rep["duplicate_fires"] == 0 and rep["missed_slots"] == 0, (rep["violations"], replay)
+    assert not rep["violations"], replay
