@@ -201,6 +201,7 @@ class _ClaimTry:
     reclaim: tuple[str, str | None] | None = None   # (dead claimer, its lost claim run id)
     since: float = 0.0              # first re-claim attempt
     unstarted: bool = False         # re-claim of a claim its holder never started (fencing Rule 9)
+    waiting: bool = False           # a re-claim found the claimer's session alive (said once)
 
 
 class NodeCore:
@@ -1401,6 +1402,9 @@ class NodeCore:
         if c.unstarted:
             alive_wait = min(alive_wait, c.deadline - c.since)
         if outcome == "claimer_alive" and now < c.since + alive_wait and not self.stopping:
+            if not c.waiting:
+                c.waiting = True               # said once per re-claim; each attempt is the fencer's debug line
+                self._note("claim", task_id=key[0], slot=key[1], result="reclaim_waits", detail=detail)
             self._timer(now + self.knobs.claim_retry_s, "reclaim", key)
             return
         if outcome == "unavailable" and now < c.deadline and not self.stopping:
