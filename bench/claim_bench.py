@@ -23,9 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 import trio  # noqa: E402
 
-from node.etcd import EtcdClient  # noqa: E402
-from node.fencer import Fencer  # noqa: E402
-from node.fencing import ClaimValue, claim_txn  # noqa: E402
+from node.fencing.etcd_shell import EtcdClient  # noqa: E402
+from node.fencing.fencer_shell import Fencer  # noqa: E402
+from node.fencing.rules import ClaimValue, claim_txn  # noqa: E402
 from tests.etcd_server import EtcdServer, find_etcd_binary  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Cost of parsing and stepping schedules in node/schedule.py.
+"""Cost of parsing and stepping schedules in node/schedule/slots.py.
 
 For each expression, three figures (median of --repeat rounds, microseconds):
 
@@ -12,7 +12,7 @@ For each expression, three figures (median of --repeat rounds, microseconds):
   new croniter per call).
 
 ``--module FILE`` loads another copy of schedule.py (e.g. the previous
-commit's, ``git show HEAD~1:node/schedule.py > /tmp/old.py``) so two versions
+commit's, ``git show HEAD~1:node/schedule/slots.py > /tmp/old.py``) so two versions
 can be measured side by side on the same machine.
 
 Run:  .venv/bin/python bench/cron_parse_bench.py [--module FILE] [--out FILE]
@@ -44,7 +44,7 @@ BASE = 1780272000  # 2026-06-01T00:00Z
 def load(path: str | None):
     if path is None:
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-        import node.schedule as mod
+        import node.schedule.slots as mod
         return mod
     spec = importlib.util.spec_from_file_location("schedule_under_test", path)
     mod = importlib.util.module_from_spec(spec)
@@ -92,7 +92,7 @@ def measure(mod, expr: str, repeat: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--module", help="schedule.py to measure (default: node/schedule.py)")
+    ap.add_argument("--module", help="schedule.py to measure (default: node/schedule/slots.py)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cron_parse.json"))
     args = ap.parse_args()
@@ -113,7 +113,7 @@ def main() -> None:
     load_avg = os.getloadavg()
     print(f"load average {load_avg} (other work on the machine inflates every figure)")
     with open(args.out, "w") as f:
-        json.dump({"module": args.module or "node/schedule.py", "repeat": args.repeat,
+        json.dump({"module": args.module or "node/schedule/slots.py", "repeat": args.repeat,
                    "loadavg": load_avg, "results": rows}, f, indent=2)
     print(f"wrote {args.out}")
 

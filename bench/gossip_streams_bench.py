@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import trio  # noqa: E402
 
 from gossip.seal import Keyring  # noqa: E402
-from node.demo import free_ports  # noqa: E402
+from node.cli.demo import free_ports  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-token"
@@ -94,7 +94,7 @@ def wait(cond, what: str, timeout_s: float = 60.0) -> None:
 def start_node(root: Path, tmp: Path, name: str, gport: int, aport: int, seeds: str, key_file: Path):
     log = open(tmp / f"{name}.log", "wb")
     args = [
-        sys.executable, "-m", "node.daemon", "--name", name, "--bind", f"127.0.0.1:{gport}",
+        sys.executable, "-m", "node.cli.daemon", "--name", name, "--bind", f"127.0.0.1:{gport}",
         "--api", f"127.0.0.1:{aport}", "--data-dir", str(tmp / name), "--key-file", str(key_file),
         "--api-token", TOKEN, "--profile", "lan", "--log-level", "warning",
     ]

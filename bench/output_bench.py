@@ -47,7 +47,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from gossip.seal import Keyring  # noqa: E402
-from node.demo import free_ports  # noqa: E402
+from node.cli.demo import free_ports  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-token"
@@ -133,7 +133,7 @@ def main() -> None:
         name = f"n{i + 1}"
         log = open(tmp / f"{name}.log", "wb")
         procs.append((name, a, tmp / name, subprocess.Popen(
-            [sys.executable, "-m", "node.daemon", "--name", name, "--bind", f"127.0.0.1:{g}",
+            [sys.executable, "-m", "node.cli.daemon", "--name", name, "--bind", f"127.0.0.1:{g}",
              "--api", f"127.0.0.1:{a}", "--seeds", seeds, "--data-dir", str(tmp / name),
              "--key-file", str(key_file), "--api-token", TOKEN, "--profile", "local", "--log-level", "info"],
             cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT, env=env)))

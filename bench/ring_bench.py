@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from node.ring import Ring  # noqa: E402
+from node.ownership.ring import Ring  # noqa: E402
 
 
 def _h64(s: str) -> int:

@@ -27,7 +27,7 @@ Options:
   the imported modules and the scheduler state on every full collection
   (a full collection of a 5,000-task peerd process took 40-70 ms on the dev
   box, and one in the window puts every fire of that second late). The
-  daemon should do the same after startup (proposed for node/daemon.py);
+  daemon should do the same after startup (proposed for node/cli/daemon.py);
   without it, figures are worse at p99.
 - ``--batch K``: the peerd shell calls ``tick(now, limit=K)`` and yields
   (``trio.sleep(0)``) between batches, so the first runs start before the
@@ -92,8 +92,8 @@ def _setup_done(gc_freeze: bool) -> None:
 def run_peerd(n: int, period: str, measure_s: float, batch: int = 0, gc_freeze: bool = False) -> dict:
     import trio
 
-    from node.scheduler import Fire, Scheduler
-    from node.tasks import Task
+    from node.schedule.scheduler import Fire, Scheduler
+    from node.tasks.model import Task
 
     spec = "@every 1s" if period == "s" else "* * * * *"
     step = 1 if period == "s" else 60
@@ -201,7 +201,7 @@ def run_apscheduler(n: int, period: str, measure_s: float, batch: int = 0, gc_fr
     return _summary(lat, cpu1 - cpu0, wall1 - wall0, expected)
 
 
-#: Due tasks decided per tick by the peerd shell (0: all; node/node.py's loop does the same).
+#: Due tasks decided per tick by the peerd shell (0: all; node/shell.py's loop does the same).
 DEFAULT_BATCH = 0
 
 SCENARIOS = [("1000/s", 1000, "s"), ("5000/s", 5000, "s"), ("10000/min", 10000, "min")]

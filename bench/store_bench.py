@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from node.store import Store  # noqa: E402
+from node.state.store import Store  # noqa: E402
 
 
 def exchange(a: Store, b: Store) -> tuple[list[int], int]:

@@ -119,7 +119,7 @@ class Run(TypedDict, total=False):
     run_id: str
     node: str
     attempt: int
-    status: str  # node/runstatus.py: pending, running, succeeded, failed, ...
+    status: str  # node/state/runstatus.py: pending, running, succeeded, failed, ...
     exit_code: int | None
     started: float | None
     finished: float | None
@@ -316,7 +316,7 @@ class _Tasks:
 
         Args:
             tasks: task definitions as dicts (the task file's fields) or
-                objects with ``to_dict()`` (``node.tasks.Task``).
+                objects with ``to_dict()`` (``node.tasks.model.Task``).
             source: recorded as where the tasks came from.
 
         Returns:
@@ -330,10 +330,10 @@ class _Tasks:
         ``peerctl tasks apply -f``.
 
         Raises:
-            node.tasks.TaskError: the file is invalid (names file and field).
+            node.tasks.model.TaskError: the file is invalid (names file and field).
             OSError: the file cannot be read.
         """
-        from .tasks import load_task_file
+        from node.tasks.model import load_task_file
 
         return self.apply(load_task_file(path), source=os.path.basename(path))
 

@@ -3,7 +3,7 @@
 The SWIM core decides membership, the ring decides owners, the store merges
 state, the scheduler decides slots, the fencing module decides claims. What
 a node does *between* them is decided here, once, for the trio daemon
-(``node/node.py``) and for the simulator (``sim/app.py``) alike:
+(``node/shell.py``) and for the simulator (``sim/app.py``) alike:
 
 - membership view -> eligible members -> ring -> ownership changes; a task
   newly owned with other replicas is *held* until a handoff exchange with one
@@ -24,7 +24,7 @@ a node does *between* them is decided here, once, for the trio daemon
   claimer died re-claims instead, takes no turn, and waits for the dead
   claimer's etcd session at most ``1.5 * session_ttl_s + 2`` s -> run;
 - run lifecycle (attempt started, attempt finished, run ended) -> run
-  records (``node.runstatus``) and the scheduler's overlap bookkeeping;
+  records (``node.state.runstatus``) and the scheduler's overlap bookkeeping;
 - shutdown: no Fire after ``begin_shutdown``; a claim answered after
   ``close_runs`` does not run.
 
@@ -52,15 +52,17 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
-from . import followups, peerwire, shards
-from .knobs import NodeKnobs
-from .ring import Ring
-from .runstatus import CANCELLED, LOST, PENDING, RETRYABLE, RUNNING, SKIPPED, TERMINAL
-from .scheduler import Advance, Cancel, Fire, Scheduler, SlotSkipped
-from .skew import SkewEstimator
-from .traceids import trace_id_for
-from .store import Store
-from .tasks import Task, TaskError
+from node.run import followups
+from node import peerwire
+from node.ownership import shards
+from node.knobs import NodeKnobs
+from node.ownership.ring import Ring
+from node.state.runstatus import CANCELLED, LOST, PENDING, RETRYABLE, RUNNING, SKIPPED, TERMINAL
+from node.schedule.scheduler import Advance, Cancel, Fire, Scheduler, SlotSkipped
+from node.ownership.skew import SkewEstimator
+from node.run.traceids import trace_id_for
+from node.state.store import Store
+from node.tasks.model import Task, TaskError
 
 __all__ = [
     "NodeCore", "Request", "StartRun", "CancelRun", "Claim", "Reclaim", "Note", "Notify", "NOTES",
@@ -72,7 +74,7 @@ __all__ = [
 #: a few times, not once per task.
 HANDOFF_PARALLEL = 4
 #: An anti-entropy exchange that moved at least this many bytes (a page of
-#: node/store.py is 1 MiB of entries) is followed at once by another with
+#: node/state/store.py is 1 MiB of entries) is followed at once by another with
 #: the same peer, so a refill goes page after page rather than a page per
 #: round.
 PAGE_FOLLOW_BYTES = 512 * 1024
@@ -120,7 +122,7 @@ class CancelRun:
 
 @dataclass(frozen=True, slots=True)
 class Notify:
-    """Send one notification (node/followups.py) and, when ``run_id`` is
+    """Send one notification (node/run/followups.py) and, when ``run_id`` is
     set, report :meth:`NodeCore.notify_done` with ``key``."""
     task_id: str
     run_id: str | None     # the run record it belongs to; None for ``missed``
@@ -757,7 +759,7 @@ class NodeCore:
             if tid not in self.tasks:
                 continue
             if tid in self._broadcast:
-                # each slot runs once per shard, as units <task>#<i> (node/shards.py)
+                # each slot runs once per shard, as units <task>#<i> (node/ownership/shards.py)
                 self.owned.discard(tid)
                 self.scheduler.set_owned(tid, False, now)
                 self._reshard(tid, now)
@@ -827,7 +829,7 @@ class NodeCore:
 
     def _owner_loss(self, dead: str, now: float) -> None:
         """Unfinished runs of a dead member, of tasks we now own (of a
-        broadcast task: of the shards we now hold, node/shards.py Rule 3)."""
+        broadcast task: of the shards we now hold, node/ownership/shards.py Rule 3)."""
         for tid in self.ring.tasks_of(self.name):
             if self.ring.owner(tid) != self.name or tid not in self.tasks or tid in self._broadcast:
                 continue
@@ -867,7 +869,7 @@ class NodeCore:
                 self._scheduler_effect(eff, now)
 
     # ------------------------------------------------------------ shards
-    # Broadcast and sharded tasks: node/shards.py has the rules.
+    # Broadcast and sharded tasks: node/ownership/shards.py has the rules.
 
     def shard_list(self, tid: str) -> list[str]:
         task = self.tasks.get(tid)
@@ -924,7 +926,7 @@ class NodeCore:
         return tid
 
     # ------------------------------------------------------------ follow-ups
-    # Notifications and chained runs: node/followups.py has the rules.
+    # Notifications and chained runs: node/run/followups.py has the rules.
 
     def _targets(self, task: Task) -> tuple:
         """A task's notify targets, or the node's defaults when it has none."""
@@ -1441,7 +1443,7 @@ class NodeCore:
             params = {"env": (params or {}).get("env") or {}, "args": []}
         info = self._shard_info.get(tid)
         if info is not None:
-            # Rule 2 of node/shards.py: the shard's index and count in its env
+            # Rule 2 of node/ownership/shards.py: the shard's index and count in its env
             env = dict((params or {}).get("env") or {})
             env.update({"PEERD_SHARD_INDEX": str(info[1]), "PEERD_SHARD_COUNT": str(info[2])})
             params = {"env": env, "args": list((params or {}).get("args") or [])}

@@ -49,7 +49,7 @@ class NodeKnobs:
     #: for that claimer's session to expire (a claimer that really died has
     #: lost it by then; one that did not is still running the slot).
     session_ttl_s: float = 10.0
-    #: Re-claims of one slot at most (one per death; node/fencer.py).
+    #: Re-claims of one slot at most (one per death; node/fencing/fencer_shell.py).
     max_reclaims: int = 3
     #: Deleted tasks stay as tombstones this long before they are collected
     #: (a member down longer than this could resurrect a deleted task when it

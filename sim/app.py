@@ -2,7 +2,7 @@
 
 :class:`SchedulerApp` carries one ``node.core.NodeCore`` (the very core the
 trio daemon drives) on a simulated node and carries out its effects against
-the simulated world, as ``node/node.py`` carries them out against the real
+the simulated world, as ``node/shell.py`` carries them out against the real
 one:
 
 - ``Request`` -> a modelled stream to the peer, whose core answers with
@@ -14,7 +14,7 @@ one:
 - ``CancelRun`` -> the run ends cancelled;
 - ``Claim``/``Reclaim`` -> one attempt against the shared
   ``sim.etcd_model.EtcdModel``, as the daemon's fencer makes it: the same
-  ``node.fencing`` transactions (``claim_txn``, ``reclaim_txn`` planned by
+  ``node.fencing.rules`` transactions (``claim_txn``, ``reclaim_txn`` planned by
   ``plan_reclaim``) through the model's gateway JSON, decided by the same
   ``decide_claim`` / ``decide_reclaim`` and ``fold_decision``; the answer
   goes to ``claim_answered``;
@@ -24,10 +24,10 @@ one:
   ledger ``notify_latency_s / 2`` after it is sent and reported sent to
   ``notify_done`` at ``notify_latency_s``; a node that dies in between has
   delivered it and not recorded it (the at-least-once window of
-  ``node/followups.py`` rule 2).
+  ``node/run/followups.py`` rule 2).
 
 What the daemon's fencer shell does on its own is modelled here too: every
-process refreshes its etcd alive key (``node.fencing.alive_key``) every
+process refreshes its etcd alive key (``node.fencing.rules.alive_key``) every
 ``session_ttl_s / 3`` from boot (a paused node does not) and closes it when
 it leaves; a leaving node stops firing, waits for its runs, then leaves (as
 ``Node.shutdown`` does). Durability: every store change is written through
@@ -50,7 +50,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from node.core import CancelRun, Claim, NodeCore, Note, Notify, Reclaim, Request, StartRun
-from node.fencing import (
+from node.fencing.rules import (
     ClaimValue,
     alive_key,
     claim_txn,
@@ -64,8 +64,8 @@ from node.fencing import (
     decide_start,
 )
 from node.knobs import NodeKnobs
-from node.store import Store
-from node.tasks import Task
+from node.state.store import Store
+from node.tasks.model import Task
 from sim.cluster import INF, K_FAULT, Cluster, ClusterOptions, SimNode, node_names
 from sim.etcd_model import EtcdModel, EtcdModelUnavailable
 from sim.loop import child_rng
@@ -78,7 +78,7 @@ __all__ = ["AppOptions", "SchedulerApp", "AppCluster", "simulate_app", "build_ap
 EPOCH_BASE = 1_800_000_000.0
 # SimNode clocks read 1000 + offset at t=0 (sim/cluster.py).
 EPOCH_SHIFT = EPOCH_BASE - 1000.0
-ETCD_PREFIX = "/peerd"  # node/config.py default; alive keys are the real ones
+ETCD_PREFIX = "/peerd"  # node/cli/config.py default; alive keys are the real ones
 
 
 @dataclass(frozen=True, slots=True)
@@ -746,7 +746,7 @@ def app_report(cluster: AppCluster, report: dict) -> dict:
 
 def followup_report(cluster: AppCluster, *, grace_s: float = 15.0) -> dict:
     """Notifications and chained runs against what the runs' records say
-    (``node/followups.py``), over every live node's records.
+    (``node/run/followups.py``), over every live node's records.
 
     - ``notify_missing``: a run of a task with ``notify`` targets whose
       final record was written more than ``grace_s`` before the end and
@@ -808,7 +808,7 @@ def followup_report(cluster: AppCluster, *, grace_s: float = 15.0) -> dict:
     for tid, slot, _node, _boots, _t, _tok, reason in cluster.ledger:
         if reason == "chain":
             fires[(tid, slot)] = fires.get((tid, slot), 0) + 1
-    from node.followups import chain_matches
+    from node.run.followups import chain_matches
     chain_expected, chain_missing = 0, []
     ups: dict[str, set[int]] = {}
     for (tid, rid), rec in finals.items():
@@ -836,7 +836,7 @@ def followup_report(cluster: AppCluster, *, grace_s: float = 15.0) -> dict:
 
 
 def shard_report(cluster: AppCluster) -> dict:
-    """Broadcast tasks with ``target: {mode: count, count: N}`` (node/shards.py):
+    """Broadcast tasks with ``target: {mode: count, count: N}`` (node/ownership/shards.py):
     every due slot of the window fired once on each of its N shards.
     ``shard_missed``: (task, slot, shard) never fired; ``shard_duplicates``:
     fired more than once other than a documented rerun of a lost run."""

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The real fencer (``node/fencer.py``) needs four things from etcd: a global
+The real fencer (``node/fencing/fencer_shell.py``) needs four things from etcd: a global
 revision counter, per-key ``version``/``mod_revision``, an atomic
 "create if absent" and "replace if mod_revision == m", and leases that delete
 keys after a TTL. This model keeps exactly those, in one process, with no
@@ -18,7 +18,7 @@ Rule 2 (outages): ``outages`` is a list of ``(start_s, end_s)`` windows; at
 Rule 3 (leases): a key written with ``ttl_s`` disappears at ``now_s + ttl_s``.
     Expiry happens lazily before each call, in ``(expires_at_s, key)`` order,
     and each expired key costs one revision (etcd deletes via a revision too).
-Rule 4b (sessions, node/fencing.py Rule 8): ``session_refresh(key, ttl_s,
+Rule 4b (sessions, node/fencing/rules.py Rule 8): ``session_refresh(key, ttl_s,
     now_s)`` puts or refreshes a process's alive key, which lives ``ttl_s``
     after its last refresh. etcd keeps leases across a restart and renews
     their TTL when a leader takes office, so an outage that begins before a
@@ -26,12 +26,12 @@ Rule 4b (sessions, node/fencing.py Rule 8): ``session_refresh(key, ttl_s,
     after it ran out does not revive it. ``session_alive(key, now_s)``
     answers from that (no availability check: it is what a txn compare would
     see). ``reclaim(..., dead_alive=key)`` fails while that key is alive.
-Rule 4 (tokens): ``token = node.fencing.make_token(epoch, revision)`` exactly
+Rule 4 (tokens): ``token = node.fencing.rules.make_token(epoch, revision)`` exactly
     as the real fencer computes it; ``restore(snapshot)`` puts revisions back
     (a restore from backup), ``raise_epoch()`` is the operator's fix.
 
 Rule 5 (the real transaction shapes): ``txn(compare, success, failure,
-    now_s)`` takes the very ``node.fencing`` ops the daemon's fencer sends
+    now_s)`` takes the very ``node.fencing.rules`` ops the daemon's fencer sends
     (``claim_txn``, ``reclaim_txn``), encodes them with ``encode_txn`` into
     the gateway's JSON, applies them in ``txn_json`` and answers in the
     gateway's JSON (int64 as strings, base64 keys and values, ``succeeded``
@@ -51,7 +51,7 @@ import heapq
 import math
 from dataclasses import dataclass
 
-from node.fencing import (
+from node.fencing.rules import (
     Compare,
     KeyValue,
     Op,
@@ -244,7 +244,7 @@ class EtcdModel:
 
     def txn(self, compare: list[Compare], success: list[Op], failure: list[Op], now_s: float, *,
             lost_reply: bool = False) -> TxnResult:
-        """One transaction in ``node.fencing``'s shapes, through the gateway's
+        """One transaction in ``node.fencing.rules``'s shapes, through the gateway's
         JSON both ways. Raises EtcdModelUnavailable in an outage (nothing
         done) or, with ``lost_reply``, after applying it."""
         return decode_txn(self.txn_json(encode_txn(compare, success, failure), now_s,

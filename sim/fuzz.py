@@ -5,8 +5,8 @@ shell hands them over: a gossip datagram (sealed, then the SWIM core's
 ``handle_packet`` on what a keyed peer could send), a push-pull body, a
 stream head, a node peer message (``NodeCore.serve``), an anti-entropy
 message (``Store.handle_exchange``), task files and API task bodies (JSON,
-YAML, TOML through ``node.decoding`` and ``node.tasks.parse_tasks``), node
-config files (``node.config.build_config`` on a file), etcd gateway replies
+YAML, TOML through ``node.tasks.decoding`` and ``node.tasks.model.parse_tasks``), node
+config files (``node.cli.config.build_config`` on a file), etcd gateway replies
 and claim values. A target passes an input when it either accepts it or
 raises the one error type its caller turns into a refusal (``allowed``);
 any other exception is a finding.
@@ -125,11 +125,11 @@ def _node_targets() -> list[Target]:
 
     from node import peerwire
     from node.core import NodeCore
-    from node.decoding import DecodeError, loads_json
-    from node.fencing import (EtcdClientError, decode_body, decode_claim, decode_lease_grant,
+    from node.tasks.decoding import DecodeError, loads_json
+    from node.fencing.rules import (EtcdClientError, decode_body, decode_claim, decode_lease_grant,
                               decode_range, decode_txn)
-    from node.store import Store
-    from node.tasks import Task, TaskError, load_task_file, parse_tasks
+    from node.state.store import Store
+    from node.tasks.model import Task, TaskError, load_task_file, parse_tasks
 
     store = Store("me")
     core = NodeCore("me", store, rng=random.Random(0))
@@ -200,7 +200,7 @@ def _node_targets() -> list[Target]:
 
 
 def _config_target() -> list[Target]:
-    from node.config import ConfigError, build_config
+    from node.cli.config import ConfigError, build_config
 
     tmp = tempfile.mkdtemp(prefix="peerd-fuzz-")
     seeds = {

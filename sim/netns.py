@@ -319,7 +319,7 @@ def _make_classes():
     @dataclass
     class NetnsProc(Proc):
         """A ``peerd`` process run as ``ip netns exec NS python -m
-        node.daemon ...``. ``ip netns exec`` execs (no fork), so
+        node.cli.daemon ...``. ``ip netns exec`` execs (no fork), so
         ``popen.pid`` is the daemon's own pid: SIGKILL, SIGSTOP and SIGTERM
         reach the daemon itself."""
 
@@ -339,7 +339,7 @@ def _make_classes():
                 e.update(env)
             log = open(self.log_path, "ab")
             self.popen = subprocess.Popen(
-                ["ip", "netns", "exec", self.ns, sys.executable, "-m", "node.daemon", *self.args],
+                ["ip", "netns", "exec", self.ns, sys.executable, "-m", "node.cli.daemon", *self.args],
                 stdout=log, stderr=subprocess.STDOUT, env=e, cwd=root)
             log.close()
 

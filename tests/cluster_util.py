@@ -1,6 +1,6 @@
 """Start real ``peerd`` processes on loopback for end-to-end tests.
 
-Each node is a real OS process (``python -m node.daemon``) with its own free
+Each node is a real OS process (``python -m node.cli.daemon``) with its own free
 UDP+TCP gossip port and API port, a real SQLite data dir and a real key file.
 Waiting is always on a condition with a deadline, never a fixed sleep.
 """
@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from node.demo import free_ports
+from node.cli.demo import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-123"
@@ -46,7 +46,7 @@ class Proc:
             e.update(env)
         log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "node.daemon", *self.args], stdout=log, stderr=subprocess.STDOUT, env=e, cwd=str(ROOT)
+            [sys.executable, "-m", "node.cli.daemon", *self.args], stdout=log, stderr=subprocess.STDOUT, env=e, cwd=str(ROOT)
         )
         log.close()
 
@@ -175,7 +175,7 @@ def peerctl(*args: str, node: str, token: str = TOKEN, timeout: float = 30):
     e["PEERCTL_NODE"] = node
     e["PEERCTL_TOKEN"] = token
     return subprocess.run(
-        [sys.executable, "-m", "node.peerctl", *args], capture_output=True, text=True, env=e, timeout=timeout, cwd=str(ROOT)
+        [sys.executable, "-m", "node.cli.peerctl", *args], capture_output=True, text=True, env=e, timeout=timeout, cwd=str(ROOT)
     )
 
 
@@ -183,8 +183,8 @@ async def start_solo_node(tmp_path: Path, nursery, *, token: str, **flags: str):
     """One in-process ``Node`` named ``solo`` (real sockets on free loopback
     ports, real SQLite under ``tmp_path``, insecure gossip, local profile),
     started in ``nursery``. ``flags`` add or override config flags."""
-    from node.config import build_config
-    from node.node import Node
+    from node.cli.config import build_config
+    from node.shell import Node
 
     gossip_port, api_port = free_ports(2)
     cfg = build_config(flags={

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from node.demo import free_port, free_ports
+from node.cli.demo import free_port, free_ports
 
 __all__ = ["EtcdServer", "find_etcd_binary", "free_port", "etcd_server"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from node.metrics import NodeMetrics
+from node.observe.metrics_shell import NodeMetrics
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PROMTOOL = shutil.which("promtool")

@@ -9,7 +9,7 @@ import random
 import pytest
 import trio
 
-from node.http_client import request
+from node.run.http_client_shell import request
 from tests.cluster_util import start_solo_node
 
 TOKEN = "api-test-token"

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from node.demo import free_ports
+from node.cli.demo import free_ports
 from tests.cluster_util import TOKEN, Proc, api, wait_for
 
 EXAMPLES = 600

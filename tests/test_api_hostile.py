@@ -11,8 +11,8 @@ import re
 import pytest
 import trio
 
-from node.http_client import request
-from node.http_server import MAX_HEADER_BYTES
+from node.run.http_client_shell import request
+from node.api.http_shell import MAX_HEADER_BYTES
 from tests.cluster_util import start_solo_node
 
 TOKEN = "hostile-test-token"
@@ -134,7 +134,7 @@ async def test_refusals_are_counted_and_logged_at_a_bounded_rate(node, caplog):
 
 
 def test_rate_limited_log_summarises_a_window():
-    from node.ratelog import RateLimitedLog
+    from node.observe.ratelog import RateLimitedLog
 
     rl = RateLimitedLog(burst=2, window_s=60)
     out = [line for i in range(10) for line in rl.note(float(i), "unauthorized", f"line {i}")]

@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from node.client import ApiError, AuthError, Client, UnreachableError
-from node.config import ConfigError, build_config
-from node.http_server import MAX_HEADER_BYTES, Response, serve_http
+from node.cli.config import ConfigError, build_config
+from node.api.http_shell import MAX_HEADER_BYTES, Response, serve_http
 from tests.cluster_util import ROOT, TOKEN, Cluster, peerctl, wait_for
 
 
@@ -176,7 +176,7 @@ def test_config_from_environment_and_file(pki, tmp_path):
 
 
 def test_etcd_client_gets_the_client_certificate(pki):
-    from node.etcd import EtcdClient
+    from node.fencing.etcd_shell import EtcdClient
 
     cfg = _cfg(etcd="https://127.0.0.1:2379", etcd_ca_file=str(pki.ca), etcd_cert_file=str(pki.cert),
                etcd_key_file=str(pki.key))
@@ -190,7 +190,7 @@ def test_etcd_client_gets_the_client_certificate(pki):
 
 def test_peerd_refuses_to_start_with_half_a_tls_config(pki, tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "node.daemon", "--name", "x", "--insecure", "--data-dir", str(tmp_path / "x"),
+        [sys.executable, "-m", "node.cli.daemon", "--name", "x", "--insecure", "--data-dir", str(tmp_path / "x"),
          "--api-tls-cert", str(pki.cert)],
         capture_output=True, text=True, timeout=60, cwd=str(ROOT),
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -337,7 +337,7 @@ async def test_stalled_handshakes_are_dropped_after_the_bound(pki, nursery):
     await partial.send_all(b"\x16\x03\x01\x02\x00\x01")  # a record header and one byte of a hello
     t0 = trio.current_time()
 
-    from node.http_client import request
+    from node.run.http_client_shell import request
 
     client_ctx = ssl.create_default_context(cafile=str(pki.ca))
     r = await request("GET", f"https://127.0.0.1:{port}/ok", timeout_s=10, ssl_context=client_ctx)
@@ -380,7 +380,7 @@ async def test_hostile_input_rules_hold_behind_tls(pki, nursery):
     await trio.aclose_forcefully(tls)
     assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
 
-    from node.http_client import request
+    from node.run.http_client_shell import request
 
     r = await request("GET", f"https://127.0.0.1:{port}/still", timeout_s=10, ssl_context=client_ctx)
     assert r.status == 200
@@ -426,7 +426,7 @@ def mtls_etcd(pki):
 
 
 async def test_etcd_client_certificate_is_presented(mtls_etcd, pki):
-    from node.etcd import EtcdClient, EtcdUnavailable
+    from node.fencing.etcd_shell import EtcdClient, EtcdUnavailable
 
     cfg = _cfg(etcd=mtls_etcd.url, etcd_ca_file=str(pki.ca), etcd_cert_file=str(pki.client_cert),
                etcd_key_file=str(pki.client_key))

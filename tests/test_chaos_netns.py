@@ -217,7 +217,7 @@ def test_the_report_reads_lost_runs_and_reclaims_from_real_log_lines():
     text logs: its patterns must match the lines the node writes."""
     import logging
 
-    from node.logs import TextFormatter
+    from node.observe.logs_shell import TextFormatter
     from sim.chaos import _LOST_RE, _RECLAIM_RE
 
     def line(logger, msg, *args, **extra):

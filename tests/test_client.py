@@ -21,8 +21,8 @@ from node.client import (
     PeerdError,
     UnreachableError,
 )
-from node.demo import free_ports
-from node.tasks import load_task_file
+from node.cli.demo import free_ports
+from node.tasks.model import load_task_file
 
 
 
@@ -89,7 +89,7 @@ def test_apply_file_and_errors_carry_the_nodes_message(node, tmp_path: Path):
     f.write_text("tasks:\n  - id: from-file\n    schedule: '@every 1h'\n"
                  "    command: {type: exec, argv: ['true']}\n")
     assert c.tasks.apply_file(str(f))["applied"] == ["from-file"]
-    # a Task object from node.tasks is accepted as it is
+    # a Task object from node.tasks.model is accepted as it is
     assert c.tasks.apply(load_task_file(str(f)))["applied"] == ["from-file"]
     c.tasks.delete("from-file")
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from node.config import ConfigError, build_config, parse_addr
+from node.cli.config import ConfigError, build_config, parse_addr
 
 
 def test_parse_addr_forms():
@@ -87,7 +87,7 @@ def test_grafana_dashboard_uses_only_exported_metric_names():
     import re
     from pathlib import Path
 
-    from node.metrics import NodeMetrics
+    from node.observe.metrics_shell import NodeMetrics
 
     root = Path(__file__).resolve().parent.parent / "configs"
     dash = json.loads((root / "grafana-dashboard.json").read_text())
@@ -104,12 +104,12 @@ def test_grafana_dashboard_uses_only_exported_metric_names():
 def test_demo_node_command_parses_any_token(tmp_path, token):
     """`peerd demo` makes a random URL-safe token, which can start with '-'
     (1 run in 64): the daemon's parser must still read it as the token."""
-    from node.daemon import build_parser
-    from node.demo import node_command
+    from node.cli.daemon import build_parser
+    from node.cli.demo import node_command
     n = {"name": "node1", "gossip": 7001, "api": 7002}
     cmd = node_command(n, "127.0.0.1:7001", tmp_path, tmp_path / "k", token, role="edge",
                        tasks="t.yaml")
-    assert cmd[1:3] == ["-m", "node.daemon"]
+    assert cmd[1:3] == ["-m", "node.cli.daemon"]
     args = build_parser().parse_args(cmd[3:])
     assert args.api_token == token
     assert (args.name, args.bind, args.tags, args.tasks) == (
@@ -122,7 +122,7 @@ def test_free_ports_are_distinct_and_free_for_udp_and_tcp():
     # until all are found.
     import socket
 
-    from node.demo import free_ports
+    from node.cli.demo import free_ports
     ports = free_ports(40)
     assert len(ports) == 40 and len(set(ports)) == 40, ports
     for port in ports:
@@ -132,8 +132,8 @@ def test_free_ports_are_distinct_and_free_for_udp_and_tcp():
 
 
 def test_run_records_budget_flag_reaches_the_config_and_is_checked():
-    from node.config import ConfigError, build_config
-    from node.daemon import build_parser
+    from node.cli.config import ConfigError, build_config
+    from node.cli.daemon import build_parser
 
     def cfg(value):
         args = build_parser().parse_args(["--insecure", "--run-records-max-bytes", value])

@@ -242,7 +242,7 @@ def _consecutive_free_ports(n: int) -> int:
     """The first of ``n`` consecutive loopback TCP ports that are free now."""
     import socket
 
-    from node.demo import free_port
+    from node.cli.demo import free_port
 
     for _ in range(200):
         first = free_port()
@@ -284,7 +284,7 @@ def _host_peerctl(*args: str, node: str, ca: Path | None) -> subprocess.Complete
     env = dict(os.environ, PYTHONPATH=str(ROOT), PEERCTL_NODE=node, PEERCTL_TOKEN=TOKEN)
     if ca is not None:
         env["PEERCTL_CA_CERT"] = str(ca)
-    return subprocess.run([sys.executable, "-m", "node.peerctl", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "node.cli.peerctl", *args], capture_output=True, text=True,
                           env=env, timeout=60, cwd=str(ROOT))
 
 

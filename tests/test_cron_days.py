@@ -20,10 +20,10 @@ from datetime import date, datetime, timedelta, timezone
 import pytest
 from hypothesis import given, strategies as st
 
-from node import peerctl
-from node.schedule import (ScheduleError, compile_schedule, day_fields_combine, reading_notes,
+from node.cli import peerctl
+from node.schedule.slots import (ScheduleError, compile_schedule, day_fields_combine, reading_notes,
                            upgrade_differences, validate_cron)
-from node.tasks import Task, TaskError
+from node.tasks.model import Task, TaskError
 
 UTC = timezone.utc
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import random
 
-from node import views
+from node.api import views
 from node.core import NodeCore
-from node.peerctl import main as peerctl
-from node.store import Store
-from node.tasks import Task
+from node.cli.peerctl import main as peerctl
+from node.state.store import Store
+from node.tasks.model import Task
 
 NOW = 1_780_272_000.0  # 2026-06-01
 

@@ -1,4 +1,4 @@
-"""node/decoding.py at its edges: depth, value count, integer range, finite
+"""node/tasks/decoding.py at its edges: depth, value count, integer range, finite
 floats, duplicate keys; and any bytes either decode or raise DecodeError."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.decoding import (
+from node.tasks.decoding import (
     INT_MAX,
     INT_MIN,
     MAX_DEPTH,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from node.demo import demo_tasks_file, example_tasks_path
-from node.tasks import load_task_file
+from node.cli.demo import demo_tasks_file, example_tasks_path
+from node.tasks.model import load_task_file
 
 
 def test_demo_one_shot_fires_within_the_first_minutes(tmp_path):

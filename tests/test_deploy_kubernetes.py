@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from node.config import PARSERS
-from node.tasks import load_task_file
+from node.cli.config import PARSERS
+from node.tasks.model import load_task_file
 
 kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (pip install '.[test]')")
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 KDIR = ROOT / "deploy" / "kubernetes"
 K8S_VERSION = "1.30.0"  # oldest release we claim; the newest shipped is checked too
 #: peerd's shutdown after the grace: cancel leftover runs (<= 5 s), leave
-#: (<= 5 s), flush (node/node.py Node.shutdown); the rest is margin
+#: (<= 5 s), flush (node/shell.py Node.shutdown); the rest is margin
 SHUTDOWN_AFTER_GRACE_S = 15
 
 

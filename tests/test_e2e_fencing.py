@@ -350,7 +350,7 @@ def _claims_counter(addr: str, result: str) -> float:
 
 
 def test_false_death_is_not_reclaimed_while_the_owner_lives(etcd, tmp_path):
-    """Rule 8 of node/fencing.py: the owner is stopped (SIGSTOP) until its
+    """Rule 8 of node/fencing/rules.py: the owner is stopped (SIGSTOP) until its
     peers declare it dead, then resumed. Its etcd session outlives the stop,
     so the peers' re-claim of its running slot is refused ("claimer alive")
     and the slot runs once; before sessions it ran twice."""

@@ -1,4 +1,4 @@
-"""node/etcd.py against a REAL etcd (tests/etcd_server.py): txn semantics,
+"""node/fencing/etcd_shell.py against a REAL etcd (tests/etcd_server.py): txn semantics,
 the JSON gateway's quirks observed in raw answers, failover, timeouts, auth
 and TLS."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import ipaddress
 import pytest
 import trio
 
-from node.etcd import EtcdClient, parse_endpoint
-from node.fencing import (
+from node.fencing.etcd_shell import EtcdClient, parse_endpoint
+from node.fencing.rules import (
     Compare, EtcdError, EtcdUnavailable, Put, Range, RangeResponse, b64, encode_txn,
     is_lease_not_found,
 )

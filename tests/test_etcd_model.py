@@ -6,7 +6,7 @@ import math
 import pytest
 from hypothesis import given, strategies as st
 
-from node.fencing import make_token, split_token
+from node.fencing.rules import make_token, split_token
 from sim.etcd_model import EtcdModel, EtcdModelUnavailable
 
 

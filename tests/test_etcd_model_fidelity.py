@@ -1,5 +1,5 @@
 """The simulator's etcd model against a real etcd: the same claim and
-re-claim transactions (``node.fencing.claim_txn`` / ``reclaim_txn``), sent to
+re-claim transactions (``node.fencing.rules.claim_txn`` / ``reclaim_txn``), sent to
 both, decided by the same ``decide_claim`` / ``decide_reclaim``, must give the
 same decisions (won or not, why, who holds the slot) and tokens that grow in
 the same order. Revisions differ (the real etcd serves other tests too), so
@@ -12,8 +12,8 @@ import random
 import pytest
 import trio
 
-from node.etcd import EtcdClient
-from node.fencing import (
+from node.fencing.etcd_shell import EtcdClient
+from node.fencing.rules import (
     ClaimValue,
     alive_key,
     claim_txn,

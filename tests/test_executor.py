@@ -7,7 +7,7 @@ import time
 import pytest
 import trio
 
-from node.executor import (
+from node.run.executor_shell import (
     MAX_RETRIES,
     RetryPolicy,
     RunContext,
@@ -15,7 +15,7 @@ from node.executor import (
     execute_with_retries,
     parse_retries,
 )
-from node.retry import backoff_delay_s
+from node.run.retry import backoff_delay_s
 
 SEED = 1234
 
@@ -124,11 +124,11 @@ async def test_on_start_precedes_each_attempt(autojump_clock):
     assert events == [("start", 1, 0), ("done", 1, "failed"), ("start", 2, 1), ("done", 2, "succeeded")]
 
 
-class TaskRetryPolicy:  # duck-typed like node.tasks.RetryPolicy
+class TaskRetryPolicy:  # duck-typed like node.tasks.model.RetryPolicy
     max, backoff_s, max_backoff_s, multiplier = 3, 0.5, 8.0, 3.0
 
 
-class TaskCommand:  # like node.tasks command classes
+class TaskCommand:  # like node.tasks.model command classes
     def to_dict(self):
         return {"type": "shell", "run": "echo from-to-dict"}
 

@@ -1,5 +1,5 @@
-"""Fencing: pure parts (node/fencing.py) by tables and properties, then the
-Fencer shell (node/fencer.py) against a REAL etcd: races, token order,
+"""Fencing: pure parts (node/fencing/rules.py) by tables and properties, then the
+Fencer shell (node/fencing/fencer_shell.py) against a REAL etcd: races, token order,
 reclaim once per death, outages in both modes, epoch raises, lease expiry."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import trio
 from hypothesis import given, strategies as st
 
-from node.etcd import EtcdClient
-from node.fencer import Fencer, FencerClosed
-from node.fencing import (
+from node.fencing.etcd_shell import EtcdClient
+from node.fencing.fencer_shell import Fencer, FencerClosed
+from node.fencing.rules import (
     EPOCH_MAX, REVISION_MAX, ClaimValue, EtcdClientError, EtcdError, EtcdProtocolError,
     KeyValue, RangeResponse, TxnResult, PutResponse, decide_claim, decode_body, decode_claim,
     decode_int64, decode_keepalive, decode_lease_grant, decode_txn, encode_claim, epoch_key,
@@ -723,7 +723,7 @@ async def _fenced_node(etcd, tmp_path, nursery, grace_s: float):
 async def _put_and_run(n, marker) -> None:
     import json
 
-    from node.http_client import request
+    from node.run.http_client_shell import request
     host, port = n.api_addr
     hdr = [("Authorization", "Bearer t"), ("Content-Type", "application/json")]
     task = {"id": "t1", "schedule": "@yearly",

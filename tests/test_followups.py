@@ -1,4 +1,4 @@
-"""node/followups.py and the task fields it reads (notify, after): the rules
+"""node/run/followups.py and the task fields it reads (notify, after): the rules
 as properties, and cycles refused."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import pytest
 from hypothesis import given, strategies as st
 
-from node import followups as fu
-from node.runstatus import RUN_STATUSES
-from node.tasks import NOTIFY_EVENTS, Task, TaskError, after_cycle, check_notify_target
+from node.run import followups as fu
+from node.state.runstatus import RUN_STATUSES
+from node.tasks.model import NOTIFY_EVENTS, Task, TaskError, after_cycle, check_notify_target
 
 statuses = st.sampled_from(RUN_STATUSES)
 targets = st.lists(st.fixed_dictionaries({"on": st.lists(st.sampled_from(NOTIFY_EVENTS), min_size=1,
@@ -136,8 +136,8 @@ def test_task_fields_round_trip_and_errors():
        st.one_of(st.none(), st.just({"mode": "all"}), st.builds(lambda n: {"mode": "count", "count": n},
                                                                    st.integers(1, 10))))
 def test_shard_lists(members, target):
-    from node.ring import preference_list
-    from node.shards import shard_members, split_shard_id, shard_id
+    from node.ownership.ring import preference_list
+    from node.ownership.shards import shard_members, split_shard_id, shard_id
 
     owners = preference_list("t", members, 3)
     lst = shard_members("t", target, owners, members)
@@ -153,9 +153,9 @@ def test_shard_lists(members, target):
 
 
 def test_node_default_notify_applies_to_tasks_without_their_own():
-    from node.config import ConfigError, build_config
+    from node.cli.config import ConfigError, build_config
     from node.core import NodeCore, Notify, StartRun
-    from node.store import Store
+    from node.state.store import Store
 
     cfg = build_config(flags={"name": "n1", "insecure": True,
                               "notify": '[{"on": ["failure"], "url": "http://hooks.example/x"}]'}, environ={})

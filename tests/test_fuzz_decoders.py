@@ -9,7 +9,7 @@ import random
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from node.config import ConfigError, build_config
+from node.cli.config import ConfigError, build_config
 from sim.fuzz import check_one, mutate, targets
 
 TARGETS = targets()
@@ -66,8 +66,8 @@ def test_a_pushed_definition_under_another_tasks_key_is_refused():
     ``id: t1`` made NodeCore.serve raise KeyError from the scheduler."""
     from node import peerwire
     from node.core import NodeCore, Note
-    from node.store import Store
-    from node.tasks import Task
+    from node.state.store import Store
+    from node.tasks.model import Task
 
     core = NodeCore("me", Store("me"), rng=random.Random(0))
     other = Store("peer")

@@ -36,7 +36,7 @@ from gossip.streams import (
 )
 from gossip.transport import FramedStream, TransportStats
 from gossip.udp import GossipNode, RequestError
-from node.metrics import NodeMetrics
+from node.observe.metrics_shell import NodeMetrics
 
 K1 = bytes(range(32))
 DEADLINE_S = 30

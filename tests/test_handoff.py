@@ -10,7 +10,7 @@ import time
 import pytest
 import trio
 
-from node.http_client import request
+from node.run.http_client_shell import request
 from node.core import Note
 from tests.cluster_util import start_solo_node
 

@@ -1,5 +1,5 @@
 """HTTP tasks against a real local server (trio + h11 on 127.0.0.1, port 0):
-node/http_client.py through node/executor.execute."""
+node/run/http_client_shell.py through node/executor.execute."""
 
 import datetime
 import ipaddress
@@ -12,8 +12,8 @@ import h11
 import pytest
 import trio
 
-from node import http_client
-from node.executor import RunContext, execute
+from node.run import http_client_shell as http_client
+from node.run.executor_shell import RunContext, execute
 
 SLOT = 1795734000
 
@@ -103,7 +103,7 @@ async def test_expect_status(server):
     assert r.status == "failed" and r.error.endswith("expected 201")
     r = await execute({"type": "http", "url": server.url("/fail"), "expect_status": [500]}, make_ctx())
     assert (r.status, r.http_status) == ("succeeded", 500)
-    # an empty list means "any 2xx" (node.tasks.HttpCommand.to_dict() writes [])
+    # an empty list means "any 2xx" (node.tasks.model.HttpCommand.to_dict() writes [])
     r = await execute({"type": "http", "url": server.url("/fail"), "expect_status": []}, make_ctx())
     assert r.status == "failed" and r.error.endswith("expected 2xx")
 

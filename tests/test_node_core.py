@@ -15,8 +15,8 @@ import pytest
 
 from node.core import CancelRun, Claim, NodeCore, Note, Reclaim, Request, StartRun
 from node.knobs import NodeKnobs
-from node.store import Store
-from node.tasks import Task
+from node.state.store import Store
+from node.tasks.model import Task
 
 T0 = 1_800_000_000.0
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -188,10 +188,10 @@ def assert_every_slot_once(h, tid, start, end):
 CORE_MODULES = [
     "gossip/swim.py", "gossip/suspicion.py", "gossip/broadcast.py", "gossip/wire.py",
     "gossip/config.py", "gossip/effects.py",
-    "node/core.py", "node/knobs.py", "node/views.py", "node/ring.py", "node/store.py",
-    "node/versions.py", "node/scheduler.py", "node/fencing.py", "node/retry.py", "node/skew.py",
-    "node/peerwire.py", "node/runstatus.py", "node/followups.py", "node/shards.py", "node/taskdiff.py",
-    "node/traceids.py", "node/tokens.py",
+    "node/core.py", "node/knobs.py", "node/api/views.py", "node/ownership/ring.py", "node/state/store.py",
+    "node/state/versions.py", "node/schedule/scheduler.py", "node/fencing/rules.py", "node/run/retry.py", "node/ownership/skew.py",
+    "node/peerwire.py", "node/state/runstatus.py", "node/run/followups.py", "node/ownership/shards.py", "node/tasks/diff.py",
+    "node/run/traceids.py", "node/api/tokens.py",
 ]
 FORBIDDEN = {"trio", "socket", "time", "os", "subprocess", "sqlite3", "asyncio", "threading"}
 
@@ -400,8 +400,8 @@ def test_a_node_whose_clock_most_peers_disagree_with_owns_nothing():
     """Clock quorum: a node restarted with its clock 30 s ahead measures every
     peer 30 s behind; it is the one off, so it owns nothing (the peers, which
     measure it off, leave it out too) instead of owning everything."""
-    from node.store import Store
-    from node.tasks import Task
+    from node.state.store import Store
+    from node.tasks.model import Task
 
     now = 1_800_000_000.0
     view = [("a", "alive", {}), ("b", "alive", {}), ("c", "alive", {})]
@@ -434,7 +434,7 @@ def test_a_node_whose_clock_most_peers_disagree_with_owns_nothing():
 def test_a_refill_goes_page_after_page_not_a_page_per_round():
     """A replica missing 30 MB of run history gets it within the first
     anti-entropy round: an exchange that moved a full page is followed at
-    once by the next (node/store.py pages of 1 MiB). A page per round took
+    once by the next (node/state/store.py pages of 1 MiB). A page per round took
     several seconds of rounds here."""
     h = Harness(["a", "b"])
     h.apply("a", [tick_task(f"r{i}", schedule="once:2099-01-01T00:00:00Z") for i in range(6)])

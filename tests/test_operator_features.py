@@ -293,7 +293,7 @@ def test_live_output_and_output_files(cluster, tmp_path):
     from tests.cluster_util import ROOT, TOKEN
 
     e = dict(os.environ, PEERCTL_NODE=other.api_addr, PEERCTL_TOKEN=TOKEN, PYTHONPATH=str(ROOT))
-    follow = subprocess.Popen([sys.executable, "-m", "node.peerctl", "runs", "logs", "-f", run["run_id"]],
+    follow = subprocess.Popen([sys.executable, "-m", "node.cli.peerctl", "runs", "logs", "-f", run["run_id"]],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=str(ROOT))
     try:
         gate.write_text("go")

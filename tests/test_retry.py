@@ -1,4 +1,4 @@
-"""Backoff computation (node/retry.py): table tests and properties."""
+"""Backoff computation (node/run/retry.py): table tests and properties."""
 
 import math
 import random
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.retry import backoff_ceiling_s, backoff_delay_s
+from node.run.retry import backoff_ceiling_s, backoff_delay_s
 
 
 @pytest.mark.parametrize(

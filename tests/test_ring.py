@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.ring import Ring, _mix, _mix_many, _pack, key_hash, member_seed, preference_list, score
+from node.ownership.ring import Ring, _mix, _mix_many, _pack, key_hash, member_seed, preference_list, score
 
 
 def names(n: int, prefix: str = "node") -> dict[str, dict[str, str]]:
@@ -181,12 +181,12 @@ def test_member_tag_change_equals_fresh():
 
 # ---------------------------------------------------------------- reference
 # A fresh, non-incremental computation of the scheme straight from the rules
-# in node/ring.py's docstring (rank by score then name, task-optimal stable
+# in node/ownership/ring.py's docstring (rank by score then name, task-optimal stable
 # matching under the cap, overflow on the first choice, replicas by rank).
 import contextlib  # noqa: E402
 import heapq  # noqa: E402
 
-import node.ring as ring_mod  # noqa: E402
+import node.ownership.ring as ring_mod  # noqa: E402
 from hypothesis import HealthCheck  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Run outputs off the heap (node/store.py "Run outputs") and the
+"""Run outputs off the heap (node/state/store.py "Run outputs") and the
 run-record budget (``run_records_max_bytes``): the core rules, their merges
 (properties), the SQLite shell (real files) and one real node (real sockets,
 real SQLite)."""
@@ -13,8 +13,8 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.sqlite_store import SqliteStore
-from node.store import OUTPUT_PREFIX, TRIM_LOW_WATER, RemoteProtocolError, Store, output_digest
+from node.state.sqlite_shell import SqliteStore
+from node.state.store import OUTPUT_PREFIX, TRIM_LOW_WATER, RemoteProtocolError, Store, output_digest
 
 
 def rec(tid: str, slot: int, output: str = "", status: str = "succeeded", attempt: int = 1) -> dict:
@@ -368,7 +368,7 @@ async def test_node_budget_over_real_sockets_and_sqlite(tmp_path, nursery, caplo
     """A node whose task prints 64 KiB a second with a 200 KiB budget: the
     newest outputs read back through the API, the oldest are trimmed (rows
     deleted from its SQLite file), counted in /metrics, logged."""
-    from node.http_client import request
+    from node.run.http_client_shell import request
     from tests.cluster_util import start_solo_node
 
     caplog.set_level("INFO", logger="peerd")
@@ -415,8 +415,8 @@ async def test_node_budget_over_real_sockets_and_sqlite(tmp_path, nursery, caplo
 
 
 def test_config_budget_edge_and_environment():
-    from node.config import ConfigError, build_config
-    from node.store import DEFAULT_RUN_RECORDS_MAX_BYTES
+    from node.cli.config import ConfigError, build_config
+    from node.state.store import DEFAULT_RUN_RECORDS_MAX_BYTES
 
     base = {"name": "n", "insecure": True}
     assert build_config(flags=base, environ={}).run_records_max_bytes == DEFAULT_RUN_RECORDS_MAX_BYTES

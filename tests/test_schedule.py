@@ -5,7 +5,7 @@ import pytest
 from croniter import croniter
 from hypothesis import given, strategies as st
 
-from node.schedule import (
+from node.schedule.slots import (
     ScheduleError,
     compile_schedule,
     format_duration,

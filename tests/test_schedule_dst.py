@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from node.schedule import DstPolicy, compile_schedule
+from node.schedule.slots import DstPolicy, compile_schedule
 
 SHIFT_ONCE = DstPolicy("shift", "once")
 SKIP_TWICE = DstPolicy("skip", "twice")

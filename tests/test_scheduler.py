@@ -5,8 +5,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from node.scheduler import Advance, Cancel, Fire, Scheduler, SlotSkipped
-from node.tasks import Task
+from node.schedule.scheduler import Advance, Cancel, Fire, Scheduler, SlotSkipped
+from node.tasks.model import Task
 
 T0 = int(datetime(2026, 6, 1, tzinfo=timezone.utc).timestamp())  # a Monday 00:00Z
 

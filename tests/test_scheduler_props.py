@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 from croniter import croniter
 from hypothesis import given, strategies as st
 
-from node.scheduler import Advance, Fire, Scheduler, SlotSkipped
-from node.tasks import Task
+from node.schedule.scheduler import Advance, Fire, Scheduler, SlotSkipped
+from node.tasks.model import Task
 
 UTC = timezone.utc
 T2020 = int(datetime(2020, 1, 1, tzinfo=UTC).timestamp())

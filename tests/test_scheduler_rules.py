@@ -1,4 +1,4 @@
-"""The scheduler's policy table (node/scheduler.py, rules 3, 4 and 4a), one
+"""The scheduler's policy table (node/schedule/scheduler.py, rules 3, 4 and 4a), one
 test per cell, and a property: with ``misfire: run_all`` a task whose fires
 wait (for a claim) and run (for a while) loses no slot inside its window."""
 import heapq
@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from node.scheduler import Cancel, Fire, Scheduler, SlotSkipped
-from node.tasks import Task
+from node.schedule.scheduler import Cancel, Fire, Scheduler, SlotSkipped
+from node.tasks.model import Task
 
 T0 = int(datetime(2026, 6, 1, tzinfo=timezone.utc).timestamp())
 POLICIES = ("allow", "forbid", "replace", "buffer_one", "buffer_all")
@@ -278,7 +278,7 @@ def test_run_all_loses_no_slot_to_a_pending_predecessor(seed, claim_max_s, run_m
 # ------------------------------------------------------ rule 2a: open slots
 
 def _advances(effects):
-    from node.scheduler import Advance
+    from node.schedule.scheduler import Advance
     return [e.slot for e in effects if isinstance(e, Advance)]
 
 

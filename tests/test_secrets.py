@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from gossip.seal import Keyring
-from node import daemon
-from node.config import ConfigError, build_config
+from node.cli import daemon
+from node.cli.config import ConfigError, build_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ def _peerd(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop("PEERD_API_TOKEN", None)
-    return subprocess.run([sys.executable, "-m", "node.daemon", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "node.cli.daemon", *args], capture_output=True, text=True,
                           env=env, cwd=str(cwd or ROOT), timeout=60)
 
 

@@ -1,4 +1,4 @@
-"""Seeds given as DNS names (gossip/udp.py "Seed names", node/config.py).
+"""Seeds given as DNS names (gossip/udp.py "Seed names", node/cli/config.py).
 
 Real UDP/TCP on 127.0.0.1 with Config.local(). Names resolve either through
 the real resolver (``localhost``) or through an injected resolver function,
@@ -17,8 +17,8 @@ import trio
 from gossip.config import Config
 from gossip.seal import Keyring
 from gossip.udp import GossipNode, resolve_seed
-from node.config import ConfigError, build_config
-from node.demo import free_ports
+from node.cli.config import ConfigError, build_config
+from node.cli.demo import free_ports
 
 KEY = bytes(range(32))
 DEADLINE_S = 30

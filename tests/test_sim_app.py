@@ -170,7 +170,7 @@ def test_run_all_misses_nothing_across_takeover_and_etcd_outage(seed, fencing, o
 # Seeds on which slots waiting behind a pending claim or rerun were lost when
 # ownership moved (the old owner had already handed them out as fired, then
 # dropped its line): churn seeds 89 and 95 missed 15 and 8 slots, partition
-# seed 5 missed 8 (6 nodes, fenced, run_all). Rule 2a of node/scheduler.py.
+# seed 5 missed 8 (6 nodes, fenced, run_all). Rule 2a of node/schedule/scheduler.py.
 @pytest.mark.parametrize("scenario,seed", [("churn", 89), ("churn", 95), ("partition", 5)])
 def test_waiting_slots_survive_an_ownership_move(scenario, seed):
     tasks = default_tasks(5, on_owner_loss="rerun", misfire="run_all", overlap="forbid")

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from node.skew import SkewEstimator, offset_of
+from node.ownership.skew import SkewEstimator, offset_of
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ import sqlite3
 
 import pytest
 
-from node.sqlite_store import CorruptDatabase, SchemaTooNew, SqliteStore
-from node.store import Store
+from node.state.sqlite_shell import CorruptDatabase, SchemaTooNew, SqliteStore
+from node.state.store import Store
 
 
 async def test_write_close_reopen_load(tmp_path):

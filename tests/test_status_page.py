@@ -11,9 +11,9 @@ from importlib import resources
 
 import pytest
 
-from node import status_page
-from node.http_api import match_route
-from node.http_client import request
+from node.api import status_page
+from node.api.routes_shell import match_route
+from node.run.http_client_shell import request
 from tests.cluster_util import start_solo_node
 
 TOKEN = "page-test-token"

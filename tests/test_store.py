@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.store import BUCKETS, RemoteProtocolError, Store
+from node.state.store import BUCKETS, RemoteProtocolError, Store
 
 
 def exchange(a: Store, b: Store, scope="catalogue", tasks=None):
@@ -235,8 +235,8 @@ def test_anti_entropy_ships_large_differences_in_bounded_pages():
     """A wiped replica refills 30 MiB of run records over several exchanges,
     no message over the page bound, and a broken exchange loses nothing
     (the next one goes on from what was applied)."""
-    import node.store as store_mod
-    from node.store import PAGE_BYTES, Store
+    import node.state.store as store_mod
+    from node.state.store import PAGE_BYTES, Store
 
     full, empty = Store("a"), Store("b")
     pad = "x" * 12_000

@@ -20,8 +20,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from node import versions as dv
-from node.store import Store
+from node.state import versions as dv
+from node.state.store import Store
 
 NAMES = ["r0", "r1", "r2"]
 KEYS = ["k0", "k1", "k2"]

@@ -22,9 +22,9 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from node import decoding
-from node.schedule import explain
-from node.tasks import (
+from node.tasks import decoding
+from node.schedule.slots import explain
+from node.tasks.model import (
     MAX_EVERY_S,
     MAX_INSTANT,
     MIN_INSTANT,
@@ -274,9 +274,9 @@ def _run_cli(module: str, *args: str, env_extra: dict | None = None) -> subproce
 ])
 def test_peerctl_and_peerd_exit_2_on_a_bad_task_file(tmp_path, name, text):
     p = _write(tmp_path, name, text)
-    r = _run_cli("node.peerctl", "--node", "127.0.0.1:1", "tasks", "apply", "-f", str(p))
+    r = _run_cli("node.cli.peerctl", "--node", "127.0.0.1:1", "tasks", "apply", "-f", str(p))
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and str(p) in r.stderr
-    r = _run_cli("node.daemon", "--insecure", "--name", "x", "--tasks", str(p), "--data-dir", str(tmp_path / "d"))
+    r = _run_cli("node.cli.daemon", "--insecure", "--name", "x", "--tasks", str(p), "--data-dir", str(tmp_path / "d"))
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and str(p) in r.stderr

@@ -1,9 +1,9 @@
-"""node/taskdiff.py: what ``apply --dry-run`` reports, as properties."""
+"""node/tasks/diff.py: what ``apply --dry-run`` reports, as properties."""
 from __future__ import annotations
 
 from hypothesis import given, strategies as st
 
-from node.taskdiff import diff_tasks, field_diff
+from node.tasks.diff import diff_tasks, field_diff
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.text("ab", max_size=2))
 values = st.recursive(scalars, lambda inner: st.one_of(

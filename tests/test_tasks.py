@@ -6,7 +6,7 @@ import msgpack
 import pytest
 from hypothesis import given, strategies as st
 
-from node.tasks import (
+from node.tasks.model import (
     ExecCommand,
     HttpCommand,
     PythonCommand,
@@ -275,7 +275,7 @@ def test_example_file_loads_and_shows_every_field():
 
 
 def test_secret_references_in_env():
-    from node.tasks import SecretError, resolve_env, shown_env
+    from node.tasks.model import SecretError, resolve_env, shown_env
 
     t = Task.from_dict({"id": "s", "schedule": "@every 1h", "command": {"type": "exec", "argv": ["true"]},
                         "env": {"A": "plain", "B": {"file": "/run/secrets/b"}, "C": {"env": "HOME"}}})

@@ -1,4 +1,4 @@
-"""Named API tokens with roles (node/tokens.py) and the audit table: the
+"""Named API tokens with roles (node/api/tokens.py) and the audit table: the
 file's rules, and a real peerd process: each role's reach, 403 naming the
 role, every state-changing request audited (log, GET /v1/audit, peerctl
 audit, kept across a restart), SIGHUP reloading the file and keeping the
@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from node.tokens import TokenFileError, TokenSet, parse_token_file, role_allows
+from node.api.tokens import TokenFileError, TokenSet, parse_token_file, role_allows
 from tests.cluster_util import TOKEN, api, peerctl, running_cluster, wait_for
 
 READ, OPERATE, ADMIN, LATE = ("r" * 20, "o" * 20, "a" * 20, "l" * 20)
@@ -115,7 +115,7 @@ def test_roles_audit_and_reload(tmp_path):
 def test_example_token_file_parses():
     from pathlib import Path
 
-    from node.config import load_token_file
+    from node.cli.config import load_token_file
 
     ts = load_token_file(str(Path(__file__).resolve().parent.parent / "configs" / "tokens.example.yaml"))
     assert sorted(t.role for t in ts.tokens) == ["admin", "operate", "read"]

@@ -1,4 +1,4 @@
-"""Traces of runs (node/tracing.py).
+"""Traces of runs (node/run/tracing_shell.py).
 
 The pure parts (trace id from the claim run id, W3C ``traceparent``) are
 property-tested; the no-op path (no endpoint, or no OpenTelemetry) is
@@ -24,8 +24,8 @@ import pytest
 import trio
 from hypothesis import given, strategies as st
 
-from node import tracing
-from node.executor import RunContext, run_env, run_headers
+from node.run import tracing_shell as tracing
+from node.run.executor_shell import RunContext, run_env, run_headers
 from tests.cluster_util import ROOT, WebhookReceiver, start_solo_node
 from tests.etcd_server import etcd_server, free_port  # noqa: F401  (module-scoped fixture)
 
@@ -130,8 +130,9 @@ def test_disabled_without_endpoint_or_packages(monkeypatch, caplog):
 def test_disabled_imports_no_opentelemetry():
     code = textwrap.dedent("""
         import sys
-        from node.config import build_config
-        from node import node, tracing
+        from node.cli.config import build_config
+        from node import shell as node
+        from node.run import tracing_shell as tracing
         cfg = build_config(flags={"name": "n", "insecure": True}, environ={})
         assert tracing.from_config(cfg) is tracing.NOOP
         bad = sorted(m for m in sys.modules if m.startswith("opentelemetry"))

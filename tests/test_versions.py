@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node import versions as dv
+from node.state import versions as dv
 
 ACTORS = ["a", "b", "c", "d", "e"]
 
