@@ -35,7 +35,7 @@ import trio  # noqa: E402
 
 from gossip.config import Config  # noqa: E402
 from gossip.effects import MemberEvent  # noqa: E402
-from gossip.seal import Keyring  # noqa: E402
+from gossip.seal_shell import read_keyring  # noqa: E402
 from gossip.transport import format_addr, parse_addr  # noqa: E402
 from gossip.udp import GossipNode  # noqa: E402
 
@@ -48,7 +48,7 @@ def emit(obj: dict) -> None:
 
 async def main(args: argparse.Namespace) -> None:
     config = Config.lan() if args.config == "lan" else Config.local()
-    keyring = None if args.insecure else Keyring.from_file(args.key_file)
+    keyring = None if args.insecure else read_keyring(args.key_file)
     seeds = [parse_addr(s) for s in args.seeds.split(",") if s] if args.seeds else []
     node = GossipNode(
         config,

@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import trio  # noqa: E402
 
-from gossip.seal import Keyring  # noqa: E402
+from gossip.seal_shell import generate_key  # noqa: E402
 from node.cli.demo import free_ports  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,7 +193,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="peerd-streams-bench-"))
     key_file = tmp / "gossip.key"
-    key_file.write_text(Keyring.generate() + "\n")
+    key_file.write_text(generate_key() + "\n")
     g1, a1, g2, a2 = free_ports(4)
     n1 = start_node(args.root, tmp, "n1", g1, a1, "", key_file)
     n2 = start_node(args.root, tmp, "n2", g2, a2, f"127.0.0.1:{g1}", key_file)

@@ -46,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from gossip.seal import Keyring  # noqa: E402
+from gossip.seal_shell import generate_key  # noqa: E402
 from node.cli.demo import free_ports  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,7 +116,7 @@ def main() -> None:
                             text=True).stdout.strip()
     tmp = Path(tempfile.mkdtemp(prefix="peerd-output-bench-"))
     key_file = tmp / "gossip.key"
-    key_file.write_text(Keyring.generate() + "\n")
+    key_file.write_text(generate_key() + "\n")
     files = tmp / "outputs"
     files.mkdir()
     alphabet = "abcdefghijklmnopqrstuvwxyz0123456789 \n"

@@ -1,7 +1,8 @@
 """Packet sealing: versioned envelope, AES-GCM under a keyring, replay window.
 
-Pure code: no sockets, no clock, no logging. The only randomness is the nonce
-source handed in (``os.urandom`` by default) and ``Keyring.generate``.
+Pure code: no sockets, no clock, no files, no logging. The only randomness is
+the nonce source handed in (``Sealer(nonce=...)``); key files, key generation
+and the ``os.urandom`` nonce source are in the shell :mod:`gossip.seal_shell`.
 
 Envelope (one UDP datagram, or one stream frame)::
 
@@ -41,7 +42,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
 import struct
 from collections.abc import Callable, Sequence
 from typing import Final
@@ -251,39 +251,31 @@ class Keyring:
     def encode_key(key: bytes) -> str:
         return base64.b64encode(_check_key(key)).decode("ascii")
 
-    @staticmethod
-    def generate() -> str:
-        """A new AES-256 key, base64 (for ``peerd keygen``)."""
-        return base64.b64encode(os.urandom(32)).decode("ascii")
-
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> "Keyring":
-        """Read one base64 key per line; blank lines and ``#`` comments skipped.
+    def from_key_file_text(cls, content: str, origin: str) -> "Keyring":
+        """Parse a key file: one base64 key per line; blank lines and ``#``
+        comments skipped. The shell reads the file
+        (``gossip.seal_shell.read_keyring``); ``origin`` is its path.
 
         Raises:
-            KeyringError: the file cannot be read, a line is not a valid key
-                (the message names the file and line), or no key is found.
+            KeyringError: a line is not a valid key (the message names
+                ``origin`` and the line), or no key is found.
         """
-        try:
-            with open(path, encoding="utf-8") as fh:
-                lines = fh.read().splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise KeyringError(f"{path}: cannot read key file: {exc}") from None
         keys: list[bytes] = []
-        for lineno, line in enumerate(lines, start=1):
+        for lineno, line in enumerate(content.splitlines(), start=1):
             text = line.split("#", 1)[0].strip()
             if not text:
                 continue
             try:
                 keys.append(cls.decode_key(text))
             except KeyringError as exc:
-                raise KeyringError(f"{path}:{lineno}: {exc}") from None
+                raise KeyringError(f"{origin}:{lineno}: {exc}") from None
         if not keys:
-            raise KeyringError(f"{path}: no key found (one base64 key per line)")
+            raise KeyringError(f"{origin}: no key found (one base64 key per line)")
         try:
             return cls(keys)
         except KeyringError as exc:
-            raise KeyringError(f"{path}: {exc}") from None
+            raise KeyringError(f"{origin}: {exc}") from None
 
 
 class _ReplayState:
@@ -308,7 +300,9 @@ class Sealer:
         sender: this node's name (1..48 utf-8 bytes), carried in every packet.
         epoch: this node's boot epoch (wall-clock ms at start), strictly
             greater after a restart.
-        nonce: source of 12-byte nonces (tests inject a deterministic one).
+        nonce: source of 12-byte nonces: ``os.urandom`` in the shells
+            (``gossip.seal_shell.new_sealer``), a deterministic one in tests
+            and the simulator.
         max_packet_bytes: bigger envelopes are rejected as ``oversized``
             (callers may pass a larger ``max_bytes`` for stream frames).
         insecure: send and accept plaintext (version 0) only.
@@ -330,7 +324,7 @@ class Sealer:
         sender: str,
         epoch: int,
         *,
-        nonce: Callable[[int], bytes] = os.urandom,
+        nonce: Callable[[int], bytes],
         max_packet_bytes: int = 65507,
         insecure: bool = False,
         context: bytes = b"",

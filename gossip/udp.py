@@ -62,7 +62,8 @@ import trio
 
 from gossip.config import Config
 from gossip.effects import Addr, MemberEvent, SendPacket, StartPushPull, UserMessage
-from gossip.seal import REJECT_REASONS, STREAM_CONTEXT, Keyring, KeyringError, PacketRejected, Sealer
+from gossip.seal import REJECT_REASONS, STREAM_CONTEXT, Keyring, KeyringError, PacketRejected
+from gossip.seal_shell import new_sealer
 from gossip.streams import (
     HEAD_FRAME_MAX_BYTES,
     PUSH_PULL,
@@ -224,7 +225,7 @@ class GossipNode:
         self._transport = transport
         self._rng = rng if rng is not None else random.Random()
         self._epoch = epoch if epoch is not None else int(time.time() * 1000)
-        self.sealer = Sealer(
+        self.sealer = new_sealer(
             keyring,
             name,
             self._epoch,
@@ -232,9 +233,9 @@ class GossipNode:
             max_packet_bytes=max(config.packet_budget_bytes, 65507),
         )
         # stream frames: the same keyring, their own seq and replay table
-        self.stream_sealer = Sealer(keyring, name, self._epoch, insecure=insecure,
-                                    max_packet_bytes=max(config.packet_budget_bytes, 65507),
-                                    context=STREAM_CONTEXT)
+        self.stream_sealer = new_sealer(keyring, name, self._epoch, insecure=insecure,
+                                        max_packet_bytes=max(config.packet_budget_bytes, 65507),
+                                        context=STREAM_CONTEXT)
         self._core: Any = None
         self._counters = _Counters()
         self._subscribers: list[trio.MemorySendChannel] = []

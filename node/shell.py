@@ -39,6 +39,7 @@ import trio
 from gossip.config import Config as GossipConfig
 from gossip.effects import EventKind, MemberEvent, UserMessage
 from gossip.seal import Keyring, KeyringError
+from gossip.seal_shell import read_keyring
 from gossip.transport import format_addr
 from gossip.udp import GossipNode
 
@@ -237,7 +238,7 @@ class Node:
         keyring = None
         if not cfg.insecure:
             try:
-                keyring = Keyring.from_file(cfg.key_file)
+                keyring = read_keyring(cfg.key_file)
             except (KeyringError, OSError) as e:
                 raise StartupError(f"key_file {cfg.key_file}: {e}") from None
         data = cfg.data_path()

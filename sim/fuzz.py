@@ -59,13 +59,14 @@ class Target:
 def _gossip_targets() -> list[Target]:
     from gossip import wire
     from gossip.config import Config
-    from gossip.seal import Keyring, PacketRejected, Sealer
+    from gossip.seal import Keyring, PacketRejected
+    from gossip.seal_shell import new_sealer
     from gossip.streams import KINDS, StreamRefused, decode_head, encode_head
     from gossip.swim import Swim
 
     key = bytes(range(32))
-    peer = Sealer(Keyring([key]), "peer", epoch=7)
-    me = Sealer(Keyring([key]), "me", epoch=9)
+    peer = new_sealer(Keyring([key]), "peer", epoch=7)
+    me = new_sealer(Keyring([key]), "me", epoch=9)
 
     def core() -> Swim:
         return Swim(Config.local(), "me", ("127.0.0.1", 7000), rng=random.Random(0), now=0.0)
@@ -126,8 +127,9 @@ def _node_targets() -> list[Target]:
     from node import peerwire
     from node.core import NodeCore
     from node.tasks.decoding import DecodeError, loads_json
-    from node.fencing.rules import (EtcdClientError, decode_body, decode_claim, decode_lease_grant,
+    from node.fencing.codec import (EtcdClientError, decode_body, decode_lease_grant,
                               decode_range, decode_txn)
+    from node.fencing.rules import decode_claim
     from node.state.store import Store
     from node.tasks.model import Task, TaskError, load_task_file, parse_tasks
 

@@ -352,12 +352,12 @@ def _make_classes():
 
         def __init__(self, tmp: Path, net: Netns, *, profile: str = "local",
                      extra_args: list[str] | None = None):
-            from gossip.seal import Keyring
+            from gossip.seal_shell import generate_key
             from tests.cluster_util import TOKEN
 
             self.tmp = tmp
             self.key_file = tmp / "gossip.key"
-            self.key_file.write_text(Keyring.generate() + "\n")
+            self.key_file.write_text(generate_key() + "\n")
             lay = net.layout
             seeds = ",".join(f"{lay.addr(n)}:{self.GOSSIP_PORT}" for n in lay.names[:2])
             self.procs = []

@@ -62,11 +62,11 @@ class Proc:
 
 class Cluster:
     def __init__(self, tmp: Path, n: int, *, profile: str = "local", extra_args: list[str] | None = None):
-        from gossip.seal import Keyring
+        from gossip.seal_shell import generate_key
 
         self.tmp = tmp
         self.key_file = tmp / "gossip.key"
-        self.key_file.write_text(Keyring.generate() + "\n")
+        self.key_file.write_text(generate_key() + "\n")
         self.procs: list[Proc] = []
         flat = free_ports(2 * n)
         ports = list(zip(flat[::2], flat[1::2]))

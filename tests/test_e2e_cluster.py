@@ -138,9 +138,10 @@ def test_three_node_cluster_with_peerctl(cluster, tmp_path):
 
     # key rotation across the running cluster through peerctl: install, use, remove
     from gossip.seal import Keyring
+    from gossip.seal_shell import generate_key
 
     old_key = cluster.key_file.read_text().split()[0]
-    new_key = Keyring.generate()
+    new_key = generate_key()
     for step, key in (("install", new_key), ("use", new_key), ("remove", old_key)):
         r = peerctl("keys", step, key, node=a.api_addr)
         assert r.returncode == 0, f"keys {step}: {r.stderr}"

@@ -22,6 +22,7 @@ import trio.testing
 
 from gossip.config import Config
 from gossip.seal import STREAM_CONTEXT, Keyring, Sealer
+from gossip.seal_shell import new_sealer
 from gossip.streams import (
     HEAD_FRAME_MAX_BYTES,
     PUSH_PULL,
@@ -124,7 +125,7 @@ async def wait_closed_by_peer(stream: trio.SocketStream) -> None:
 
 
 def raw_sealer(name: str = "raw") -> Sealer:
-    return Sealer(Keyring([K1]), name, epoch=random.randrange(1, 2**40), context=STREAM_CONTEXT)
+    return new_sealer(Keyring([K1]), name, epoch=random.randrange(1, 2**40), context=STREAM_CONTEXT)
 
 
 def head_frame(sealer: Sealer, kind: int, body_len: int) -> bytes:
@@ -461,12 +462,12 @@ async def test_a_peer_of_an_earlier_release_still_streams():
     stream frames had their own) are still read and answered; a frame that
     opens in neither context is refused as before."""
     async with node_pair(small_config()) as (server, _client, _h):
-        legacy = Sealer(Keyring([K1]), "old", epoch=random.randrange(1, 2**40))
+        legacy = new_sealer(Keyring([K1]), "old", epoch=random.randrange(1, 2**40))
         s = await idle_connection(server, "127.0.0.1")
         await s.send_all(head_frame(legacy, USER, body_len_for(legacy, 2)) + body_frame(legacy, USER, b"hi"))
         assert await read_reply(s, raw_sealer()) == (USER_REPLY, b"ok")
         assert rejected(server)["unauthenticated"] == 0
-        stranger = Sealer(Keyring([b"z" * 32]), "stranger", epoch=1, context=STREAM_CONTEXT)
+        stranger = new_sealer(Keyring([b"z" * 32]), "stranger", epoch=1, context=STREAM_CONTEXT)
         s = await idle_connection(server, "127.0.0.1")
         await s.send_all(head_frame(stranger, USER, body_len_for(stranger, 2)))
         await wait_closed_by_peer(s)

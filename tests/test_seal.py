@@ -19,6 +19,7 @@ from gossip.seal import (
     PacketRejected,
     Sealer,
 )
+from gossip.seal_shell import generate_key, new_sealer, read_keyring
 
 K1 = bytes(range(32))
 K2 = bytes(range(1, 17))
@@ -70,9 +71,9 @@ def test_keyring_basics():
 
 
 def test_generate_is_a_valid_aes256_key():
-    text = Keyring.generate()
+    text = generate_key()
     assert len(base64.b64decode(text)) == 32
-    assert Keyring.generate() != text
+    assert generate_key() != text
     assert Keyring([Keyring.decode_key(text)]).primary == base64.b64decode(text)
 
 
@@ -83,7 +84,7 @@ def test_from_file(tmp_path):
         f"{base64.b64encode(K1).decode()}  # primary\n"
         f"   {base64.b64encode(K2).decode()}\n"
     )
-    ring = Keyring.from_file(path)
+    ring = read_keyring(path)
     assert ring.keys() == [K1, K2]
 
 
@@ -99,14 +100,14 @@ def test_from_file_errors_name_file_and_line(tmp_path, content, needle):
     path = tmp_path / "bad.keys"
     path.write_text(content)
     with pytest.raises(KeyringError) as info:
-        Keyring.from_file(path)
+        read_keyring(path)
     assert str(path) in str(info.value)
     assert needle in str(info.value)
 
 
 def test_from_file_missing(tmp_path):
     with pytest.raises(KeyringError, match="cannot read"):
-        Keyring.from_file(tmp_path / "nope")
+        read_keyring(tmp_path / "nope")
 
 
 # -- sealer construction ----------------------------------------------------
@@ -114,22 +115,22 @@ def test_from_file_missing(tmp_path):
 
 def test_no_key_refuses_to_start():
     with pytest.raises(KeyringError, match="refusing to start"):
-        Sealer(None, "a", 1)
-    Sealer(None, "a", 1, insecure=True)  # explicit opt-in works
+        new_sealer(None, "a", 1)
+    new_sealer(None, "a", 1, insecure=True)  # explicit opt-in works
 
 
 @pytest.mark.parametrize("name", ["", "x" * (MAX_SENDER_NAME_BYTES + 1), "é" * 25])
 def test_bad_sender_name(name):
     with pytest.raises(ValueError, match="node name"):
-        Sealer(Keyring([K1]), name, 1)
+        new_sealer(Keyring([K1]), name, 1)
 
 
 def test_overhead_fits_config_budget():
-    s = Sealer(Keyring([K1]), "n" * MAX_SENDER_NAME_BYTES, 1)
+    s = new_sealer(Keyring([K1]), "n" * MAX_SENDER_NAME_BYTES, 1)
     assert s.overhead(MAX_SENDER_NAME_BYTES) <= 96
     body = b"x" * 100
     assert len(s.seal(body)) == len(body) + s.overhead()
-    ins = Sealer(None, "n", 1, insecure=True)
+    ins = new_sealer(None, "n", 1, insecure=True)
     assert len(ins.seal(body)) == len(body) + ins.overhead()
 
 
@@ -145,9 +146,9 @@ def test_round_trip_both_ways():
 
 
 def test_insecure_round_trip_and_cross_rejection():
-    i1 = Sealer(None, "i1", 5, insecure=True)
-    i2 = Sealer(None, "i2", 5, insecure=True)
-    s = Sealer(Keyring([K1]), "s", 5)
+    i1 = new_sealer(None, "i1", 5, insecure=True)
+    i2 = new_sealer(None, "i2", 5, insecure=True)
+    s = new_sealer(Keyring([K1]), "s", 5)
     assert i2.open(i1.seal(b"hello")) == ("i1", b"hello")
     assert reason_of(s, i1.seal(b"x")) == "wrong_key"
     assert reason_of(i1, s.seal(b"x")) == "wrong_key"
@@ -165,7 +166,7 @@ def test_truncated():
     assert reason_of(b, sealed[:20]) == "truncated"  # shorter than nonce + tag
     # cut in the ciphertext: fails authentication -> wrong_key (cannot tell apart)
     assert reason_of(b, sealed[:-1]) in ("wrong_key", "truncated")
-    ins = Sealer(None, "i", 1, insecure=True)
+    ins = new_sealer(None, "i", 1, insecure=True)
     assert reason_of(ins, ins.seal(b"")[:5]) == "truncated"
 
 
@@ -184,7 +185,7 @@ def test_unknown_version():
 
 def test_malformed_authenticated_header():
     ring = Keyring([K1])
-    b = Sealer(ring, "beta", 1)
+    b = new_sealer(ring, "beta", 1)
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     nonce = b"\x00" * 12
@@ -243,10 +244,10 @@ def test_too_old_rejected():
 
 def test_restart_epochs():
     ring = Keyring([K1])
-    b = Sealer(ring, "beta", 1)
-    old = Sealer(ring, "alpha", 100)
+    b = new_sealer(ring, "beta", 1)
+    old = new_sealer(ring, "alpha", 100)
     captured = old.seal(b"before restart")
-    new = Sealer(ring, "alpha", 200)  # restarted: higher epoch, seq from 1 again
+    new = new_sealer(ring, "alpha", 200)  # restarted: higher epoch, seq from 1 again
     assert b.open(new.seal(b"hello"))[1] == b"hello"
     assert reason_of(b, captured) == "replay"
     assert b.open(new.seal(b"again"))[1] == b"again"
@@ -254,7 +255,7 @@ def test_restart_epochs():
 
 def test_replay_table_bounded_and_least_recently_heard_evicted():
     ring = Keyring([K1])
-    b = Sealer(ring, "beta", 1)
+    b = new_sealer(ring, "beta", 1)
     senders = [Sealer(ring, f"s{i}", 1, nonce=det_nonce(i)) for i in range(MAX_TRACKED_SENDERS + 10)]
     first = [s.seal(b"first") for s in senders[:3]]
     for p in first:
@@ -302,7 +303,7 @@ class _WindowModel:
                           st.one_of(st.integers(1, 40), st.integers(1, 3 * REPLAY_WINDOW))),
                 max_size=300))
 def test_replay_window_matches_the_plain_rule(packets):
-    b = Sealer(Keyring([K1]), "beta", 1)
+    b = new_sealer(Keyring([K1]), "beta", 1)
     model = _WindowModel()
     for i, (sender, epoch, seq) in enumerate(packets):
         try:
@@ -316,7 +317,7 @@ def test_replay_window_matches_the_plain_rule(packets):
 
 def test_forged_packets_do_not_touch_replay_window():
     a, b = pair()
-    forger = Sealer(Keyring([K2]), "alpha", 10**12)
+    forger = new_sealer(Keyring([K2]), "alpha", 10**12)
     reason_of(b, forger.seal(b"evil"))
     assert b.open(a.seal(b"fine"))[1] == b"fine"
 
@@ -349,8 +350,8 @@ def test_rotation_in_order_never_rejects():
 
 def test_rotation_out_of_order_rejects():
     ra, rb = Keyring([K1]), Keyring([K1])
-    a = Sealer(ra, "a", 1)
-    b = Sealer(rb, "b", 1)
+    a = new_sealer(ra, "a", 1)
+    b = new_sealer(rb, "b", 1)
     ra.install(K2)
     ra.use(K2)  # b does not have K2 yet
     assert reason_of(b, a.seal(b"m")) == "wrong_key"
@@ -370,7 +371,7 @@ def test_random_bytes_only_rejected(data):
 
 @given(st.binary(max_size=300))
 def test_random_bytes_insecure_only_rejected(data):
-    ins = Sealer(None, "i", 1, insecure=True)
+    ins = new_sealer(None, "i", 1, insecure=True)
     try:
         ins.open(data)
     except PacketRejected as exc:
@@ -402,8 +403,8 @@ def test_stream_frames_count_apart_from_datagrams():
     ``STREAM_CONTEXT``). A frame of one context never opens in the other."""
     from gossip.seal import REPLAY_WINDOW, STREAM_CONTEXT
     ring = Keyring([b"k" * 32])
-    dgram, stream = Sealer(ring, "alpha", 7), Sealer(ring, "alpha", 7, context=STREAM_CONTEXT)
-    rd, rs = Sealer(ring, "beta", 9), Sealer(ring, "beta", 9, context=STREAM_CONTEXT)
+    dgram, stream = new_sealer(ring, "alpha", 7), new_sealer(ring, "alpha", 7, context=STREAM_CONTEXT)
+    rd, rs = new_sealer(ring, "beta", 9), new_sealer(ring, "beta", 9, context=STREAM_CONTEXT)
     head = stream.seal(b"head")                 # waits in the accept queue...
     for _ in range(2 * REPLAY_WINDOW):          # ...while datagrams go by
         rd.open(dgram.seal(b"ping"))

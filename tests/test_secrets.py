@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gossip.seal import Keyring
+from gossip.seal_shell import generate_key, read_keyring
 from node.cli import daemon
 from node.cli.config import ConfigError, build_config
 
@@ -37,7 +37,7 @@ def test_keygen_o_writes_a_0600_key_and_refuses_to_overwrite(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""  # the key is not printed when written to a file
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    assert len(Keyring.from_file(str(key)).keys()) == 1
+    assert len(read_keyring(str(key)).keys()) == 1
     before = key.read_text()
     r = _peerd("keygen", "-o", str(key))
     assert r.returncode == 2 and "exists" in r.stderr
@@ -77,7 +77,7 @@ def test_bad_token_files_are_config_errors(tmp_path, content, flags, needle):
 
 def test_start_warns_about_a_group_or_world_readable_key_file(tmp_path, caplog):
     key = tmp_path / "gossip.key"
-    key.write_text(Keyring.generate() + "\n")
+    key.write_text(generate_key() + "\n")
     tok = tmp_path / "token"
     tok.write_text("t\n")
     os.chmod(key, 0o644)
@@ -98,7 +98,7 @@ def test_a_real_peerd_warns_about_its_key_file_before_refusing_a_bad_task_file(t
     """The real process: the warning is on stderr, the bad task file exits 2
     (so the test needs no running node)."""
     key = tmp_path / "gossip.key"
-    key.write_text(Keyring.generate() + "\n")
+    key.write_text(generate_key() + "\n")
     os.chmod(key, 0o640)
     bad = tmp_path / "tasks.toml"
     bad.write_text('[[tasks]]\nid = "t"\nschedule = { once = 1e300 }\ncommand = { type = "shell", run = "x" }\n')

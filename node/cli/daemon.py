@@ -87,12 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_keygen(argv: list[str]) -> int:
     """``peerd keygen [-o FILE]``: print a key, or write it to a new 0600 file."""
-    from gossip.seal import Keyring
+    from gossip.seal_shell import generate_key
 
     p = argparse.ArgumentParser(prog="peerd keygen", description="Make a new base64 AES-256 gossip key.")
     p.add_argument("-o", "--output", help="write the key to this new file, mode 0600 (refuses to overwrite)")
     args = p.parse_args(argv)
-    key = Keyring.generate()
+    key = generate_key()
     if not args.output:
         print(key)
         return 0

@@ -108,11 +108,11 @@ def main(argv: list[str]) -> int:
         return 2
     base = Path(args.dir or tempfile.mkdtemp(prefix="peerd-demo-"))
     base.mkdir(parents=True, exist_ok=True)
-    from gossip.seal import Keyring
+    from gossip.seal_shell import generate_key
 
     key_file = base / "gossip.key"
     if not key_file.exists():
-        key_file.write_text(Keyring.generate() + "\n")
+        key_file.write_text(generate_key() + "\n")
         key_file.chmod(0o600)
     token = secrets.token_urlsafe(18)
     tasks = args.tasks or (str(example_tasks_path()) if example_tasks_path() else "")
