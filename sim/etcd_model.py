@@ -51,7 +51,7 @@ import heapq
 import math
 from dataclasses import dataclass
 
-from node.fencing.rules import (
+from node.fencing.codec import (
     Compare,
     KeyValue,
     Op,
@@ -60,9 +60,11 @@ from node.fencing.rules import (
     decode_range,
     decode_txn,
     encode_txn,
+    unb64,
+)
+from node.fencing.rules import (
     epoch_key,
     make_token,
-    unb64,
 )
 
 __all__ = ["EtcdModel", "EtcdModelUnavailable", "ModelKV", "ModelClaim", "ModelSnapshot"]
@@ -244,7 +246,7 @@ class EtcdModel:
 
     def txn(self, compare: list[Compare], success: list[Op], failure: list[Op], now_s: float, *,
             lost_reply: bool = False) -> TxnResult:
-        """One transaction in ``node.fencing.rules``'s shapes, through the gateway's
+        """One transaction in ``node.fencing.codec``'s shapes, through the gateway's
         JSON both ways. Raises EtcdModelUnavailable in an outage (nothing
         done) or, with ``lost_reply``, after applying it."""
         return decode_txn(self.txn_json(encode_txn(compare, success, failure), now_s,

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from node.fencing.etcd_shell import EtcdClient, parse_endpoint
-from node.fencing.rules import (
+from node.fencing.codec import (
     Compare, EtcdError, EtcdUnavailable, Put, Range, RangeResponse, b64, encode_txn,
     is_lease_not_found,
 )

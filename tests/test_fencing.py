@@ -11,10 +11,12 @@ from hypothesis import given, strategies as st
 
 from node.fencing.etcd_shell import EtcdClient
 from node.fencing.fencer_shell import Fencer, FencerClosed
+from node.fencing.codec import (
+    EtcdClientError, EtcdError, EtcdProtocolError, KeyValue, RangeResponse, TxnResult, PutResponse,
+    decode_body, decode_int64, decode_keepalive, decode_lease_grant, decode_txn,
+)
 from node.fencing.rules import (
-    EPOCH_MAX, REVISION_MAX, ClaimValue, EtcdClientError, EtcdError, EtcdProtocolError,
-    KeyValue, RangeResponse, TxnResult, PutResponse, decide_claim, decode_body, decode_claim,
-    decode_int64, decode_keepalive, decode_lease_grant, decode_txn, encode_claim, epoch_key,
+    EPOCH_MAX, REVISION_MAX, ClaimValue, decide_claim, decode_claim, encode_claim, epoch_key,
     alive_key, decide_reclaim, decide_start, fire_key, make_token, parse_epoch, plan_reclaim,
     reclaim_txn, split_token, start_txn, claim_txn,
 )

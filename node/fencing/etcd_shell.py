@@ -2,7 +2,7 @@
 
 Speaks HTTP/1.1 POST with JSON bodies (``/v3/kv/txn``, ``/v3/lease/grant``,
 ...), which etcd 3.4 and later serve on the client port. Encoding/decoding and
-the gateway's quirks live in the pure ``node/fencing/rules.py``; this module moves
+the gateway's quirks live in the pure ``node/fencing/codec.py``; this module moves
 bytes.
 
 Rules
@@ -17,7 +17,7 @@ Rules
   raises ``EtcdUnavailable``. Any other etcd error raises ``EtcdError``.
 * A request that timed out may still have been applied by etcd; callers that
   write must be able to recognise their own write on retry (the fencer does:
-  DESIGN.md §5, Rule 6 of ``node/fencing/rules.py``).
+  Rule 6 of ``node/fencing/rules.py``).
 * With ``username``/``password`` the client authenticates
   (``/v3/auth/authenticate``) on first use and sends the token in the
   ``Authorization`` header; on an auth error (invalid/expired token) it
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from node.run import http_client_shell as http_client
 
-from node.fencing.rules import (
+from node.fencing.codec import (
     Compare, EtcdClientError, EtcdError, EtcdProtocolError, EtcdUnavailable, KeyValue,
     LeaseGrant, Op, RangeResponse, Status, TxnResult, b64, decode_body, decode_error, decode_int64,
     decode_keepalive, decode_lease_grant, decode_put, decode_range, decode_status,

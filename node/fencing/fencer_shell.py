@@ -1,4 +1,4 @@
-"""Fencer: claims slots in etcd before they fire (trio shell, DESIGN.md §5).
+"""Fencer: claims slots in etcd before they fire (trio shell; the rules are in node/fencing/rules.py).
 
 The decisions (who won, which token, may we reclaim, is etcd stale) are in
 the pure ``node/fencing/rules.py``; this shell sends the transactions, retries,
@@ -66,10 +66,12 @@ from dataclasses import dataclass
 import trio
 
 from node.fencing.etcd_shell import EtcdClient
+from node.fencing.codec import (
+    EtcdClientError, EtcdError, EtcdProtocolError, EtcdUnavailable, is_lease_not_found,
+)
 from node.fencing.rules import (
-    ClaimDecision, ClaimValue, EtcdClientError, EtcdError, EtcdProtocolError, EtcdUnavailable,
-    Reason, alive_key, decide_claim, decide_reclaim, decide_start, epoch_key, fire_key,
-    is_lease_not_found, fold_decision, parse_epoch, plan_reclaim, reclaim_txn, claim_txn,
+    ClaimDecision, ClaimValue, Reason, alive_key, decide_claim, decide_reclaim, decide_start,
+    epoch_key, fire_key, fold_decision, parse_epoch, plan_reclaim, reclaim_txn, claim_txn,
     split_token, start_txn,
 )
 from node.run.retry import backoff_delay_s
