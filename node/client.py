@@ -333,7 +333,7 @@ class _Tasks:
             node.tasks.model.TaskError: the file is invalid (names file and field).
             OSError: the file cannot be read.
         """
-        from node.tasks.model import load_task_file
+        from node.tasks.files_shell import load_task_file
 
         return self.apply(load_task_file(path), source=os.path.basename(path))
 

@@ -58,7 +58,9 @@ from node.state.sqlite_shell import CorruptDatabase, SqliteStore
 from node.state.store import Store
 from node.tasks.diff import diff_tasks
 from node.run.traceids import trace_id_for
-from node.tasks.model import SecretError, Task, TaskError, after_cycle, bind_run, command_with_args, parse_tasks, resolve_env
+from node.tasks.commands import command_with_args
+from node.tasks.model import SecretError, Task, TaskError, after_cycle, bind_run, resolve_env
+from node.tasks.parse import parse_tasks
 
 log = logging.getLogger("peerd.node")
 
@@ -332,7 +334,7 @@ class Node:
             if cfg.tasks and not self._applied_startup_tasks:
                 self._applied_startup_tasks = True
                 try:
-                    from node.tasks.model import load_task_file
+                    from node.tasks.files_shell import load_task_file
 
                     tasks = load_task_file(cfg.tasks)
                     await self.apply_tasks([t.to_dict() for t in tasks], source=os.path.basename(cfg.tasks))

@@ -5,7 +5,7 @@ shell hands them over: a gossip datagram (sealed, then the SWIM core's
 ``handle_packet`` on what a keyed peer could send), a push-pull body, a
 stream head, a node peer message (``NodeCore.serve``), an anti-entropy
 message (``Store.handle_exchange``), task files and API task bodies (JSON,
-YAML, TOML through ``node.tasks.decoding`` and ``node.tasks.model.parse_tasks``), node
+YAML, TOML through ``node.tasks.decoding`` and ``node.tasks.parse.parse_tasks``), node
 config files (``node.cli.config.build_config`` on a file), etcd gateway replies
 and claim values. A target passes an input when it either accepts it or
 raises the one error type its caller turns into a refusal (``allowed``);
@@ -131,7 +131,9 @@ def _node_targets() -> list[Target]:
                               decode_range, decode_txn)
     from node.fencing.rules import decode_claim
     from node.state.store import Store
-    from node.tasks.model import Task, TaskError, load_task_file, parse_tasks
+    from node.tasks.files_shell import load_task_file
+    from node.tasks.model import Task, TaskError
+    from node.tasks.parse import parse_tasks
 
     store = Store("me")
     core = NodeCore("me", store, rng=random.Random(0))

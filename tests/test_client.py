@@ -22,7 +22,7 @@ from node.client import (
     UnreachableError,
 )
 from node.cli.demo import free_ports
-from node.tasks.model import load_task_file
+from node.tasks.files_shell import load_task_file
 
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from node.cli.demo import demo_tasks_file, example_tasks_path
-from node.tasks.model import load_task_file
+from node.tasks.files_shell import load_task_file
 
 
 def test_demo_one_shot_fires_within_the_first_minutes(tmp_path):

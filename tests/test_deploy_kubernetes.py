@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from node.cli.config import PARSERS
-from node.tasks.model import load_task_file
+from node.tasks.files_shell import load_task_file
 
 kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (pip install '.[test]')")
 

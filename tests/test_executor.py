@@ -124,11 +124,11 @@ async def test_on_start_precedes_each_attempt(autojump_clock):
     assert events == [("start", 1, 0), ("done", 1, "failed"), ("start", 2, 1), ("done", 2, "succeeded")]
 
 
-class TaskRetryPolicy:  # duck-typed like node.tasks.model.RetryPolicy
+class TaskRetryPolicy:  # duck-typed like node.run.retry.RetryPolicy
     max, backoff_s, max_backoff_s, multiplier = 3, 0.5, 8.0, 3.0
 
 
-class TaskCommand:  # like node.tasks.model command classes
+class TaskCommand:  # like node.tasks.commands command classes
     def to_dict(self):
         return {"type": "shell", "run": "echo from-to-dict"}
 

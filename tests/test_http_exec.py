@@ -103,7 +103,7 @@ async def test_expect_status(server):
     assert r.status == "failed" and r.error.endswith("expected 201")
     r = await execute({"type": "http", "url": server.url("/fail"), "expect_status": [500]}, make_ctx())
     assert (r.status, r.http_status) == ("succeeded", 500)
-    # an empty list means "any 2xx" (node.tasks.model.HttpCommand.to_dict() writes [])
+    # an empty list means "any 2xx" (node.tasks.commands.HttpCommand.to_dict() writes [])
     r = await execute({"type": "http", "url": server.url("/fail"), "expect_status": []}, make_ctx())
     assert r.status == "failed" and r.error.endswith("expected 2xx")
 

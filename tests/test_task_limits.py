@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from node.tasks import decoding
 from node.schedule.slots import explain
+from node.tasks.files_shell import load_task_file
 from node.tasks.model import (
     MAX_EVERY_S,
     MAX_INSTANT,
@@ -31,9 +32,8 @@ from node.tasks.model import (
     MAX_TIMEOUT_S,
     Task,
     TaskError,
-    load_task_file,
-    parse_tasks,
 )
+from node.tasks.parse import parse_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 CMD = {"type": "shell", "run": "true"}

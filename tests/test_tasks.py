@@ -6,17 +6,11 @@ import msgpack
 import pytest
 from hypothesis import given, strategies as st
 
-from node.tasks.model import (
-    ExecCommand,
-    HttpCommand,
-    PythonCommand,
-    RetryPolicy,
-    ShellCommand,
-    Task,
-    TaskError,
-    load_task_file,
-    parse_tasks,
-)
+from node.run.retry import RetryPolicy
+from node.tasks.commands import ExecCommand, HttpCommand, PythonCommand, ShellCommand
+from node.tasks.files_shell import load_task_file
+from node.tasks.model import Task, TaskError
+from node.tasks.parse import parse_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 

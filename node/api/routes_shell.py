@@ -44,7 +44,8 @@ from node.api import status_page
 from node.api.http_shell import HTTPError, Request, Response
 from node.observe.ratelog import RateLimitedLog
 from node.tasks.decoding import DecodeError, check_tree, loads_json
-from node.tasks.model import MAX_INSTANT, MIN_INSTANT, decode_error_message, valid_id
+from node.tasks.model import MAX_INSTANT, MIN_INSTANT, valid_id
+from node.tasks.parse import decode_error_message
 from node.api.tokens import ApiToken, TokenSet, role_allows
 
 log = logging.getLogger("peerd.http")

@@ -122,7 +122,8 @@ def _check_start_files(cfg) -> int | None:
             log.warning("%s %s is readable by group or others (mode %04o); run: chmod 600 %s",
                         what, path, mode, path)
     if cfg.tasks:
-        from node.tasks.model import TaskError, load_task_file
+        from node.tasks.files_shell import load_task_file
+        from node.tasks.model import TaskError
 
         try:
             load_task_file(cfg.tasks)

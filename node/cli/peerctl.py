@@ -103,7 +103,8 @@ def _ts(v) -> str | None:
 
 
 def _load_tasks_file(path: str) -> list[dict]:
-    from node.tasks.model import TaskError, load_task_file
+    from node.tasks.files_shell import load_task_file
+    from node.tasks.model import TaskError
 
     try:
         tasks = load_task_file(path)

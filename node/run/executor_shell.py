@@ -151,7 +151,7 @@ def parse_command(command: Any) -> Command:
     """Check a command dict and return its typed form.
 
     ``command`` may also be an object with a ``to_dict()`` method returning
-    such a dict (``node.tasks.model`` command classes).
+    such a dict (``node.tasks.commands`` command classes).
 
     Raises:
         CommandError: naming the field and the reason
