@@ -26,13 +26,13 @@ Options:
   their tasks/jobs are set up, so the cyclic GC no longer walks the tasks,
   the imported modules and the scheduler state on every full collection
   (a full collection of a 5,000-task peerd process took 40-70 ms on the dev
-  box, and one in the window puts every fire of that second late). The
+  machine, and one in the window puts every fire of that second late). The
   daemon should do the same after startup (proposed for node/cli/daemon.py);
   without it, figures are worse at p99.
 - ``--batch K``: the peerd shell calls ``tick(now, limit=K)`` and yields
   (``trio.sleep(0)``) between batches, so the first runs start before the
   last ones are decided. Default 0 (one tick decides everything due): on the
-  loaded dev box, yielding let the started runs' trio tasks take the CPU
+  loaded dev machine, yielding let the started runs' trio tasks take the CPU
   before the later fires were accepted, so p99 acceptance lateness got worse
   (5,000/s: 85 ms -> 350 ms) while body start p50 improved a little.
 - ``--only 1000/s,5000/s``: run some scenarios; ``--out FILE``: JSON path.

@@ -16,7 +16,7 @@ For scripts that would otherwise shell out to ``peerctl``::
         print(e.error)
 
 Rules:
-  * One method per route of the contract (DESIGN.md §6): ``status``,
+  * One method per route of the API (node/api/routes_shell.py): ``status``,
     ``members``, ``ring``, ``owner``, ``metrics``, ``tasks.{apply, list,
     get, delete, pause, resume, run, explain, backfill}``, ``runs.{list,
     cancel, logs}``, ``keys.{list, install, use, remove}``, ``audit``. Each
@@ -363,7 +363,7 @@ class _Tasks:
     def run(self, task_id: str, *, env: Mapping[str, str] | None = None,
             args: Iterable[str] | None = None) -> dict[str, Any]:
         """``POST /v1/tasks/{id}/run``: run once now, cluster-wide; ``env``
-        and ``args`` go in the optional body (DESIGN.md §6.1)."""
+        and ``args`` go in the optional body (node/api/routes_shell.py)."""
         body: dict[str, Any] | None = None
         if env is not None or args is not None:
             body = {}

@@ -1,4 +1,4 @@
-"""Failover and durability with real processes (issues 4 and 5).
+"""Failover and durability with real processes.
 
 - An every-second task keeps firing once per slot after its owner is killed
   with SIGKILL: the new owner catches up the missed slots by the task's

@@ -51,7 +51,7 @@ TASK = "fence-tick"
 OUTAGE_S = 4.0
 #: Slots this close to the outage may be missing (skip: they may not fire).
 OUTAGE_MARGIN_S = 2
-#: Generous: the machine has 2 cores and other sessions run tests.
+#: Generous: the machine has 2 cores and other jobs run tests.
 STARTUP_TIMEOUT_S = 90
 FIRE_TIMEOUT_S = 60
 #: memberlist's LAN timers (probe 1 s, suspicion ~4 s): the death of the

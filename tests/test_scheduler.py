@@ -305,7 +305,7 @@ def test_ten_thousand_tasks_are_cheap():
         assert s.tick(T0 + 60 * minute + 30) == []  # nothing due: O(1)
     elapsed = time.perf_counter() - t0
     assert n == 30_000
-    assert elapsed < 3.0, elapsed  # ~0.1 s on the dev box
+    assert elapsed < 3.0, elapsed  # ~0.1 s on the dev machine
     st = s.statistics()
     assert st.owned == 10_000 and st.heap_size <= 4 * 10_000 + 64
 

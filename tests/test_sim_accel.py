@@ -1,7 +1,7 @@
 """The optional mypyc-compiled simulator (sim/accel.py, ``peersim run --compiled``).
 
 The build test compiles sim.accel.MODULES into a temporary directory (about
-35-60 s on the 2-core box) and checks that small runs give the same
+35-60 s on the 2-core machine) and checks that small runs give the same
 trace_hash compiled and interpreted, each run in its own subprocess. It is
 skipped when mypy (which carries mypyc) is not importable: install the
 ``accel`` extra. The other tests need no compiler.

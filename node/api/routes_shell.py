@@ -1,4 +1,5 @@
-"""The HTTP API routes (contract: DESIGN.md §6).
+"""The HTTP API routes (the contract: the :data:`ROUTES` table below; README.md,
+"Operating: peerctl, API, metrics, logs", documents it).
 
 Every route that changes state or runs code needs ``Authorization: Bearer
 <api_token>``; with no token configured those routes refuse everything (a

@@ -1,4 +1,4 @@
-"""The status page at ``/`` of every node's HTTP API (DESIGN.md §6.1).
+"""The status page at ``/`` of every node's HTTP API (routes in node/api/routes_shell.py).
 
 Static files only: ``node/api/static/index.html``, ``app.js`` and ``app.css``
 ship inside the package (setuptools package-data) and are served as they

@@ -2,8 +2,8 @@
 
 Precedence (highest first): command-line flag, ``PEERD_<NAME>`` environment
 variable, config file (``--config``, TOML / YAML / JSON by extension),
-built-in default. Every knob below is listed with its default; the contract
-names (DESIGN.md §6) are the flag names with dashes turned into underscores.
+built-in default. Every knob below is listed with its default; its config
+file key is the flag name with dashes turned into underscores.
 
 A config error raises :class:`ConfigError` naming the source (file, flag or
 environment variable), the key and the reason. Nothing here does network I/O.
