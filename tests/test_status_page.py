@@ -36,7 +36,7 @@ async def fetch(node, method, path, token=None, body=None):
 
 
 def static_text(name: str) -> str:
-    return resources.files("node").joinpath("static", name).read_text(encoding="utf-8")
+    return resources.files("node.api").joinpath("static", name).read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("path,ctype", [
@@ -122,6 +122,6 @@ def test_script_uses_only_existing_routes_and_never_writes_html():
 
 def test_every_asset_ships_in_the_package():
     for path, (name, _) in status_page.ASSETS.items():
-        assert resources.files("node").joinpath("static", name).is_file(), (path, name)
+        assert resources.files("node.api").joinpath("static", name).is_file(), (path, name)
     assert status_page.is_page_path("/") and status_page.is_page_path("/ui/app.js")
     assert not status_page.is_page_path("/v1/tasks") and not status_page.is_page_path("/uix")
