@@ -102,7 +102,7 @@ class TransportStats:
 
 def parse_addr(text: str, default_port: int | None = None) -> Addr:
     """Parse ``HOST:PORT``, ``[V6]:PORT`` or a bare host (with default_port).
-    The one address parser: node/cli/config.py wraps it for flags and files.
+    The one address parser: node/cli/settings.py wraps it for flags and files.
 
     Raises:
         ValueError: ``bad address '<text>': <reason>``.

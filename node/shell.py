@@ -45,7 +45,7 @@ from gossip.udp import GossipNode
 
 from node import peerwire
 from node.api import views
-from node.cli.config import NodeConfig
+from node.cli.settings import NodeConfig
 from node.run import followups
 from node.core import CancelRun, Claim, NodeCore, Note, Notify, Reclaim, Request, StartRun, claim_run_id
 from node.fencing.fencer_shell import Fencer, FencerClosed
@@ -256,7 +256,8 @@ class Node:
             raise StartupError(f"{e} (start with --start-empty to move it aside and refill from peers)") from None
         tokens = None
         if cfg.api_tokens_file:
-            from node.cli.config import ConfigError, load_token_file
+            from node.cli.config import load_token_file
+            from node.cli.settings import ConfigError
 
             try:
                 tokens = load_token_file(cfg.api_tokens_file)
@@ -1144,7 +1145,8 @@ class Node:
     def reload_tokens(self) -> bool:
         """SIGHUP: read ``api_tokens_file`` again; a bad file leaves the
         tokens in force (and says why)."""
-        from node.cli.config import ConfigError, load_token_file
+        from node.cli.config import load_token_file
+        from node.cli.settings import ConfigError
 
         if not self.cfg.api_tokens_file or self.api is None:
             log.info("SIGHUP: no api_tokens_file to reload")

@@ -78,7 +78,7 @@ __all__ = ["AppOptions", "SchedulerApp", "AppCluster", "simulate_app", "build_ap
 EPOCH_BASE = 1_800_000_000.0
 # SimNode clocks read 1000 + offset at t=0 (sim/cluster.py).
 EPOCH_SHIFT = EPOCH_BASE - 1000.0
-ETCD_PREFIX = "/peerd"  # node/cli/config.py default; alive keys are the real ones
+ETCD_PREFIX = "/peerd"  # node/cli/settings.py default; alive keys are the real ones
 
 
 @dataclass(frozen=True, slots=True)

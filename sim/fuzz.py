@@ -204,7 +204,8 @@ def _node_targets() -> list[Target]:
 
 
 def _config_target() -> list[Target]:
-    from node.cli.config import ConfigError, build_config
+    from node.cli.config import build_config
+    from node.cli.settings import ConfigError
 
     tmp = tempfile.mkdtemp(prefix="peerd-fuzz-")
     seeds = {

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from node.cli.config import ConfigError, build_config, parse_addr
+from node.cli.config import build_config
+from node.cli.settings import ConfigError, parse_addr
 
 
 def test_parse_addr_forms():
@@ -132,7 +133,8 @@ def test_free_ports_are_distinct_and_free_for_udp_and_tcp():
 
 
 def test_run_records_budget_flag_reaches_the_config_and_is_checked():
-    from node.cli.config import ConfigError, build_config
+    from node.cli.config import build_config
+    from node.cli.settings import ConfigError
     from node.cli.daemon import build_parser
 
     def cfg(value):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from node.cli.config import PARSERS
+from node.cli.settings import PARSERS
 from node.tasks.files_shell import load_task_file
 
 kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (pip install '.[test]')")

@@ -9,7 +9,8 @@ import random
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from node.cli.config import ConfigError, build_config
+from node.cli.config import build_config
+from node.cli.settings import ConfigError
 from sim.fuzz import check_one, mutate, targets
 
 TARGETS = targets()

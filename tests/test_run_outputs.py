@@ -415,7 +415,8 @@ async def test_node_budget_over_real_sockets_and_sqlite(tmp_path, nursery, caplo
 
 
 def test_config_budget_edge_and_environment():
-    from node.cli.config import ConfigError, build_config
+    from node.cli.config import build_config
+    from node.cli.settings import ConfigError
     from node.state.store import DEFAULT_RUN_RECORDS_MAX_BYTES
 
     base = {"name": "n", "insecure": True}

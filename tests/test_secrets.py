@@ -14,7 +14,8 @@ import pytest
 
 from gossip.seal_shell import generate_key, read_keyring
 from node.cli import daemon
-from node.cli.config import ConfigError, build_config
+from node.cli.config import build_config
+from node.cli.settings import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

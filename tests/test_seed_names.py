@@ -1,4 +1,4 @@
-"""Seeds given as DNS names (gossip/udp.py "Seed names", node/cli/config.py).
+"""Seeds given as DNS names (gossip/udp.py "Seed names", node/cli/settings.py).
 
 Real UDP/TCP on 127.0.0.1 with Config.local(). Names resolve either through
 the real resolver (``localhost``) or through an injected resolver function,
@@ -17,7 +17,8 @@ import trio
 from gossip.config import Config
 from gossip.seal import Keyring
 from gossip.udp import GossipNode, resolve_seed
-from node.cli.config import ConfigError, build_config
+from node.cli.config import build_config
+from node.cli.settings import ConfigError
 from node.cli.demo import free_ports
 
 KEY = bytes(range(32))

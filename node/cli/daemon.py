@@ -22,7 +22,8 @@ import sys
 
 import trio
 
-from node.cli.config import ConfigError, build_config
+from node.cli.config import build_config
+from node.cli.settings import ConfigError
 
 log = logging.getLogger("peerd")
 

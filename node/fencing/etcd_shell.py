@@ -131,7 +131,7 @@ class EtcdClient:
 
     @classmethod
     def from_config(cls, cfg, **kw) -> "EtcdClient":
-        """The client a node's config describes (``node/cli/config.py``: etcd,
+        """The client a node's config describes (``node/cli/settings.py``: etcd,
         etcd_user, etcd_password, etcd_ca_file, etcd_cert_file,
         etcd_key_file); keyword arguments win."""
         opts = dict(username=cfg.etcd_user, password=cfg.etcd_password, ca_file=cfg.etcd_ca_file,
