@@ -60,7 +60,16 @@ __all__ = ["MODULES", "EXTENSIONS", "PACKAGES", "ENV_MARKER", "MANIFEST", "HUGEP
 # the three sim modules (bench/README-sim.md). sim/metrics.py measured
 # slower compiled (untyped), so it and the rest stay interpreted.
 MODULES: tuple[str, ...] = (
+    # gossip/swim.py and the modules it was split into (2026-12-04): the same code
     "gossip/swim.py",
+    "gossip/swimstate.py",
+    "gossip/merge.py",
+    "gossip/probe.py",
+    "gossip/pushpull.py",
+    "gossip/members.py",
+    "gossip/records.py",
+    "gossip/fastnew.py",
+    "gossip/settle.py",
     "gossip/broadcast.py",
     "gossip/wire.py",
     "gossip/suspicion.py",

@@ -27,6 +27,7 @@ RUNS = ([(20, 60, seed, sc, "join") for sc in ("crash", "flaky") for seed in (1,
 
 _BATCH = """\
 import json, sys
+import gossip.fastnew
 import gossip.swim
 from sim.cluster import simulate
 out = {"swim_file": gossip.swim.__file__, "hashes": []}
@@ -39,8 +40,8 @@ for op, f in (("set", lambda: setattr(m, "incarnation", 2)), ("del", lambda: del
         out[op] = "mutable"
     except Exception as exc:
         out[op] = type(exc).__name__
-out["member_eq"] = m == gossip.swim._new_member("a", ("h", 1), gossip.swim.MemberState.ALIVE, 1, {}, b"", 0.0)
-out["member_native"] = gossip.swim._NATIVE
+out["member_eq"] = m == gossip.fastnew._new_member("a", ("h", 1), gossip.swim.MemberState.ALIVE, 1, {}, b"", 0.0)
+out["member_native"] = gossip.fastnew._NATIVE
 for n, d, seed, sc, boot in json.loads(sys.argv[1]):
     rep, _ = simulate(nodes=n, duration_s=d, seed=seed, scenario=sc, bootstrap=boot)
     out["hashes"].append(rep["trace_hash"])

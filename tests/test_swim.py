@@ -728,7 +728,8 @@ def test_settle_forgets_membership_news_only():
 def test_member_snapshots_are_immutable_values():
     import dataclasses
 
-    from gossip.swim import Member, _new_member
+    from gossip.fastnew import _new_member
+    from gossip.members import Member
 
     fields = ("n1", ("10.0.0.1", 7946), MemberState.ALIVE, 3, {"role": "db"}, b"m", 12.5)
     built, fast = Member(*fields), _new_member(*fields)

@@ -198,28 +198,28 @@ _STATES = [MemberState.ALIVE, MemberState.SUSPECT, MemberState.DEAD, MemberState
 def test_packed_rows_from_the_memo_equal_fresh_packing(nodes):
     """Whatever the memo holds (it is shared by every core of the process),
     a row is the record packed afresh."""
-    from gossip import swim
+    from gossip import records
     for name, host, port, inc, state, tags, meta in nodes:
-        n = swim._Node(name, (host, port), state, inc, swim._freeze_tags(tags), meta, 0.0)
-        fresh = swim._pack([name, host, port, inc, dict(tags), meta, swim._rank(state)])
+        n = records._Node(name, (host, port), state, inc, records._freeze_tags(tags), meta, 0.0)
+        fresh = records._pack([name, host, port, inc, dict(tags), meta, records._rank(state)])
         assert n.packed_row() == fresh
         assert n.packed_row() is n.row  # cached on the record too
-        again = swim._Node(name, (host, port), state, inc, swim._freeze_tags(tags), meta, 1.0)
+        again = records._Node(name, (host, port), state, inc, records._freeze_tags(tags), meta, 1.0)
         assert again.packed_row() == fresh
-    assert len(swim._ROWS) <= swim.ROW_MEMO_MAX
+    assert len(records._ROWS) <= records.ROW_MEMO_MAX
 
 
 def test_row_memo_is_bounded(monkeypatch):
     import msgpack
 
-    from gossip import swim
-    monkeypatch.setattr(swim, "ROW_MEMO_MAX", 8)
-    swim._ROWS.clear()
+    from gossip import records
+    monkeypatch.setattr(records, "ROW_MEMO_MAX", 8)
+    records._ROWS.clear()
     for inc in range(20):
-        n = swim._Node("m", ("h", 1), MemberState.ALIVE, inc, swim._freeze_tags({}), b"", 0.0)
+        n = records._Node("m", ("h", 1), MemberState.ALIVE, inc, records._freeze_tags({}), b"", 0.0)
         assert msgpack.unpackb(n.packed_row()) == ["m", "h", 1, inc, {}, b"", 0]
-        assert len(swim._ROWS) <= 8
-    swim._ROWS.clear()
+        assert len(records._ROWS) <= 8
+    records._ROWS.clear()
 
 
 def test_events_do_not_keep_member_snapshots():
