@@ -562,7 +562,8 @@ class Node:
                                           detail=res.detail))
 
     async def _execute(self, eff: StartRun) -> None:
-        from node.run.executor_shell import RunContext, execute_with_retries
+        from node.run.attempt import RunContext
+        from node.run.executor_shell import execute_with_retries
 
         task = eff.task
         scope = trio.CancelScope()
@@ -632,7 +633,7 @@ class Node:
         try:
             with scope:
                 if secret_error is not None:
-                    from node.run.executor_shell import RunResult
+                    from node.run.attempt import RunResult
 
                     c1 = ctx(1)
                     on_start(c1)

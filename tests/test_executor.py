@@ -1,4 +1,4 @@
-"""Retries (node/executor.execute_with_retries): timing under MockClock with a
+"""Retries (node.run.executor_shell.execute_with_retries): timing under MockClock with a
 fake execute, and a real-process retry with a counter file."""
 
 import random
@@ -7,15 +7,9 @@ import time
 import pytest
 import trio
 
-from node.run.executor_shell import (
-    MAX_RETRIES,
-    RetryPolicy,
-    RunContext,
-    RunResult,
-    execute_with_retries,
-    parse_retries,
-)
-from node.run.retry import backoff_delay_s
+from node.run.attempt import RunContext, RunResult, parse_retries
+from node.run.executor_shell import execute_with_retries
+from node.run.retry import MAX_RETRIES, RetryPolicy, backoff_delay_s
 
 SEED = 1234
 

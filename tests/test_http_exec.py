@@ -1,5 +1,5 @@
 """HTTP tasks against a real local server (trio + h11 on 127.0.0.1, port 0):
-node/run/http_client_shell.py through node/executor.execute."""
+node/run/http_client_shell.py through node.run.executor_shell.execute."""
 
 import datetime
 import ipaddress
@@ -12,8 +12,9 @@ import h11
 import pytest
 import trio
 
-from node.run import http_client_shell as http_client
-from node.run.executor_shell import RunContext, execute
+from node.run.attempt import RunContext
+from node.run.executor_shell import execute
+from node.run.urls import parse_url
 
 SLOT = 1795734000
 
@@ -186,14 +187,14 @@ async def test_garbage_response_is_failed(server):
     ],
 )
 def test_parse_url(url, host, port, target, authority):
-    u = http_client.parse_url(url)
+    u = parse_url(url)
     assert (u.host, u.port, u.target, u.authority) == (host, port, target, authority)
 
 
 @pytest.mark.parametrize("url", ["", "ftp://x/", "http:///path", "http://u:p@h/", "http://h:99999/", "http://h/a b"])
 def test_parse_url_rejects(url):
     with pytest.raises(ValueError):
-        http_client.parse_url(url)
+        parse_url(url)
 
 
 # --- https --------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Real child processes: exit codes, process-group termination, bounded output,
 environment, python child isolation, cancellation (node/run/processes_shell.py,
-node/run/pyrunner.py through node/executor.execute).
+node/run/pyrunner.py through node.run.executor_shell.execute).
 
 "Dead" below means: no such pid, or a zombie. Orphaned grandchildren are
 reparented to PID 1, and in some containers PID 1 never reaps, so a killed
@@ -21,7 +21,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from node.run import pyrunner
-from node.run.executor_shell import RunContext, execute, slot_iso
+from node.run.attempt import RunContext, slot_iso
+from node.run.executor_shell import execute
 from node.run.processes_shell import DRAIN_S, OutputTail, group_alive, run_child
 
 SLOT = 1795734000  # 2026-11-26T23:00:00Z

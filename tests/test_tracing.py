@@ -25,7 +25,8 @@ import trio
 from hypothesis import given, strategies as st
 
 from node.run import tracing_shell as tracing
-from node.run.executor_shell import RunContext, run_env, run_headers
+from node.run.attempt import RunContext, run_headers
+from node.run.executor_shell import run_env
 from tests.cluster_util import ROOT, WebhookReceiver, start_solo_node
 from tests.etcd_server import etcd_server, free_port  # noqa: F401  (module-scoped fixture)
 

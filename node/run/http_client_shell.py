@@ -27,10 +27,11 @@ import math
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import h11
 import trio
+
+from node.run.urls import HttpUrl, parse_url
 
 __all__ = [
     "HttpConnectError",
@@ -38,8 +39,6 @@ __all__ = [
     "HttpProtocolError",
     "HttpResponse",
     "HttpTimeout",
-    "HttpUrl",
-    "parse_url",
     "request",
 ]
 
@@ -67,15 +66,6 @@ class HttpProtocolError(HttpError):
 
 
 @dataclass(frozen=True, slots=True)
-class HttpUrl:
-    scheme: str
-    host: str
-    port: int
-    target: str  # path + query, never empty
-    authority: str  # for the Host header
-
-
-@dataclass(frozen=True, slots=True)
 class HttpResponse:
     status: int
     reason: str
@@ -86,45 +76,6 @@ class HttpResponse:
     @property
     def body_truncated_bytes(self) -> int:
         return self.body_total_bytes - len(self.body_tail)
-
-
-def parse_url(url: str) -> HttpUrl:
-    """Split and check an ``http(s)://host[:port]/path?query`` URL.
-
-    Raises:
-        ValueError: with the reason (scheme, missing host, bad port,
-            credentials in the URL, whitespace).
-    """
-    if not isinstance(url, str) or not url:
-        raise ValueError("url must be a non-empty string")
-    if any(c.isspace() or ord(c) < 0x20 for c in url):
-        raise ValueError(f"url {url!r} contains whitespace or control characters")
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https"):
-        raise ValueError(f"url {url!r}: scheme must be http or https")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(f"url {url!r}: credentials in the URL are not supported; use headers")
-    host = parts.hostname
-    if not host:
-        raise ValueError(f"url {url!r}: missing host")
-    try:
-        port = parts.port
-    except ValueError as e:
-        raise ValueError(f"url {url!r}: bad port ({e})") from None
-    default_port = 443 if scheme == "https" else 80
-    port = default_port if port is None else port
-    target = parts.path or "/"
-    if parts.query:
-        target += "?" + parts.query
-    if not host.isascii():
-        try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError as e:
-            raise ValueError(f"url {url!r}: bad host name ({e})") from None
-    host_for_header = f"[{host}]" if ":" in host else host
-    authority = host_for_header if port == default_port else f"{host_for_header}:{port}"
-    return HttpUrl(scheme=scheme, host=host, port=port, target=target, authority=authority)
 
 
 def _build_headers(url: HttpUrl, headers: Iterable[tuple[str, str]], body: bytes | None) -> list[tuple[bytes, bytes]]:
