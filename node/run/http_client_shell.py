@@ -3,7 +3,7 @@
 One request per connection (``Connection: close``): a task fires at most
 about once a second, so keep-alive pooling would buy nothing and would add
 state that outlives a run. h11 does the parsing and framing (the
-"bring-your-own-I/O" split, STYLE.md), this module only moves bytes.
+"bring-your-own-I/O" split), this module only moves bytes.
 
 Rules:
   * ``http://`` and ``https://`` only; https wraps the TCP stream in
