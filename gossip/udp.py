@@ -28,7 +28,8 @@ Theory of operation:
 
 Stream messages: a sealed head (kind, body length), then the sealed body
 ``seal(kind byte + payload)``; kinds ``PUSH_PULL``, ``USER`` (request) and
-``USER_REPLY`` / ``USER_ERROR`` (responses). Inbound streams are admitted,
+``USER_REPLY`` / ``USER_ERROR`` (responses); framing and sealing in
+``gossip/stream_messages_shell.py`` (``StreamMessages``). Inbound streams are admitted,
 bounded and refused by the rules of ``gossip/streams.py`` (``StreamGate``);
 refusals are counted by reason in ``TransportStats.streams_rejected``.
 
@@ -65,7 +66,6 @@ from gossip.effects import Addr, MemberEvent, SendPacket, StartPushPull, UserMes
 from gossip.seal import REJECT_REASONS, STREAM_CONTEXT, Keyring, KeyringError, PacketRejected
 from gossip.seal_shell import new_sealer
 from gossip.streams import (
-    HEAD_FRAME_MAX_BYTES,
     PUSH_PULL,
     USER,
     USER_ERROR,
@@ -73,9 +73,8 @@ from gossip.streams import (
     GateStatistics,
     StreamGate,
     StreamRefused,
-    decode_head,
-    encode_head,
 )
+from gossip.stream_messages_shell import StreamMessages
 from gossip.swim import Swim
 from gossip.transport import (
     FramedStream,
@@ -236,6 +235,8 @@ class GossipNode:
         self.stream_sealer = new_sealer(keyring, name, self._epoch, insecure=insecure,
                                         max_packet_bytes=max(config.packet_budget_bytes, 65507),
                                         context=STREAM_CONTEXT)
+        self._messages = StreamMessages(config, self.sealer, self.stream_sealer,
+                                        self._members_known, self._reject)
         self._core: Any = None
         self._counters = _Counters()
         self._subscribers: list[trio.MemorySendChannel] = []
@@ -424,8 +425,8 @@ class GossipNode:
             with trio.fail_after(timeout_s):
                 stream = await self._transport.connect(addr)
                 try:
-                    await self._send_message(stream, USER, data)
-                    _sender, kind, body = await self._recv_message(stream)
+                    await self._messages.send(stream, USER, data)
+                    _sender, kind, body = await self._messages.recv(stream)
                 finally:
                     await stream.aclose()
         except trio.TooSlowError:
@@ -442,100 +443,12 @@ class GossipNode:
             )
         raise RequestError(f"reply from {format_addr(addr)} has unexpected kind {kind}")
 
-    # -- stream messages (gossip/streams.py) -------------------------------------------
+    # -- stream messages (gossip/stream_messages_shell.py) -----------------------------
     def _members_known(self) -> int:
         core = self._core
         if core is None:
             return 1
         return max(1, sum(core.statistics().members_by_state.values()))
-
-    def _body_limit(self, kind: int) -> int:
-        """Largest body accepted or sent for a message of ``kind``."""
-        if kind == PUSH_PULL:
-            return self.config.push_pull_frame_max_bytes(self._members_known())
-        return self.config.request_frame_max_bytes
-
-    async def _send_message(self, stream: FramedStream, kind: int, payload: bytes) -> None:
-        """Send a head announcing the sealed body's length, then the body.
-
-        Raises:
-            FrameTooLarge: the body is over the kind's limit (nothing sent).
-            StreamClosed: the connection broke.
-        """
-        limit = self._body_limit(kind)
-        body_len = 1 + len(payload) + self.stream_sealer.overhead()
-        if body_len > limit:
-            raise FrameTooLarge(f"refusing to send a body of {body_len} bytes (limit {limit})")
-        head = self.stream_sealer.seal(encode_head(kind, body_len))
-        body = self.stream_sealer.seal(bytes((kind,)) + payload)
-        assert len(body) == body_len, (len(body), body_len)
-        await stream.send_frame(head, HEAD_FRAME_MAX_BYTES)
-        await stream.send_frame(body, limit)
-
-    def _open_stream_frame(self, frame: bytes, max_bytes: int) -> tuple[str, bytes]:
-        """Open a stream frame: sealed in the stream context, or by a peer of
-        an earlier release in the datagram one (its frames and datagrams share
-        one sequence space, so the datagram replay table is the right one)."""
-        try:
-            return self.stream_sealer.open(frame, max_bytes=max_bytes)
-        except PacketRejected as exc:
-            if exc.reason != "wrong_key" or self.stream_sealer.insecure:
-                raise
-            try:
-                return self.sealer.open(frame, max_bytes=max_bytes)
-            except PacketRejected:
-                raise exc from None
-
-    async def _recv_head(self, stream: FramedStream) -> tuple[str, int, int]:
-        """Read and open a head: ``(sender, kind, body length)``.
-
-        Raises:
-            StreamRefused: ``oversized``, ``unauthenticated`` (the seal's
-                reason is counted as a rejected packet too), ``malformed``.
-            StreamClosed: EOF before a whole head.
-        """
-        try:
-            frame = await stream.recv_frame(HEAD_FRAME_MAX_BYTES)
-        except FrameTooLarge as exc:
-            raise StreamRefused("oversized", f"head: {exc}") from None
-        try:
-            sender, plain = self._open_stream_frame(frame, HEAD_FRAME_MAX_BYTES)
-        except PacketRejected as exc:
-            self._reject(exc.reason)
-            raise StreamRefused("unauthenticated", f"head: {exc}") from None
-        kind, body_len = decode_head(plain)
-        return sender, kind, body_len
-
-    async def _recv_body(self, stream: FramedStream, sender: str, kind: int, body_len: int) -> bytes:
-        """Read the body a head announced and open it; its payload.
-
-        Raises:
-            StreamRefused: ``malformed`` (length, sender or kind differ from
-                the head), ``unauthenticated`` (does not open).
-            StreamClosed: EOF before the whole body.
-        """
-        try:
-            frame = await stream.recv_frame(body_len)
-        except FrameTooLarge:
-            raise StreamRefused("malformed", f"body frame longer than the {body_len} bytes announced") from None
-        if len(frame) != body_len:
-            raise StreamRefused("malformed", f"body frame of {len(frame)} bytes, {body_len} announced")
-        try:
-            body_sender, body = self._open_stream_frame(frame, body_len)
-        except PacketRejected as exc:
-            self._reject(exc.reason)
-            raise StreamRefused("unauthenticated", f"body: {exc}") from None
-        if body_sender != sender or body[:1] != bytes((kind,)):
-            raise StreamRefused("malformed", "body of another sender or kind than its head")
-        return body[1:]
-
-    async def _recv_message(self, stream: FramedStream) -> tuple[str, int, bytes]:
-        """Read one message (client side: a reply): ``(sender, kind, payload)``."""
-        sender, kind, body_len = await self._recv_head(stream)
-        limit = self._body_limit(kind)
-        if body_len > limit:
-            raise StreamRefused("oversized", f"body of {body_len} bytes announced, limit {limit}")
-        return sender, kind, await self._recv_body(stream, sender, kind, body_len)
 
     # -- effects ---------------------------------------------------------------
     def _apply(self, effects) -> None:
@@ -679,8 +592,8 @@ class GossipNode:
             with trio.fail_after(self.config.stream_timeout_s):
                 stream = await self._transport.connect(addr)
                 try:
-                    await self._send_message(stream, PUSH_PULL, data)
-                    _sender, kind, body = await self._recv_message(stream)
+                    await self._messages.send(stream, PUSH_PULL, data)
+                    _sender, kind, body = await self._messages.recv(stream)
                 finally:
                     await stream.aclose()
             if kind != PUSH_PULL:
@@ -751,20 +664,20 @@ class GossipNode:
         try:
             with trio.move_on_after(self.config.stream_timeout_s) as whole:
                 with trio.move_on_after(self.config.stream_head_timeout_s) as head_scope:
-                    sender, kind, body_len = await self._recv_head(stream)
+                    sender, kind, body_len = await self._messages.recv_head(stream)
                 if head_scope.cancelled_caught:
                     raise StreamRefused("timeout", f"no head within {self.config.stream_head_timeout_s} s")
                 self._gate.authenticated(source)
                 authenticated = True
                 if kind not in (PUSH_PULL, USER):
                     raise StreamRefused("malformed", f"a stream opened with a message of kind {kind}")
-                limit = self._body_limit(kind)
+                limit = self._messages.body_limit(kind)
                 if body_len > limit:
                     raise StreamRefused("oversized", f"body of {body_len} bytes announced, limit {limit}")
                 if not self._gate.reserve(body_len):
                     raise StreamRefused("buffer_budget", f"body of {body_len} bytes announced")
                 reserved = body_len
-                payload = await self._recv_body(stream, sender, kind, body_len)
+                payload = await self._messages.recv_body(stream, sender, kind, body_len)
                 received = True
                 await self._serve_one(stream, sender, kind, payload)
             if whole.cancelled_caught:
@@ -797,7 +710,7 @@ class GossipNode:
             reply, effects = result
             self._apply(effects)
             if reply is not None:
-                await self._send_message(stream, PUSH_PULL, reply)
+                await self._messages.send(stream, PUSH_PULL, reply)
             return
         handler = self._stream_handler
         if handler is None:
@@ -811,7 +724,7 @@ class GossipNode:
                 text = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_TEXT]
                 out_kind, out = USER_ERROR, text.encode("utf-8", "replace")
         try:
-            await self._send_message(stream, out_kind, out)
+            await self._messages.send(stream, out_kind, out)
         except FrameTooLarge as exc:
             log.warning("reply to %s not sent: %s", sender, exc)
-            await self._send_message(stream, USER_ERROR, f"reply not sent: {exc}".encode())
+            await self._messages.send(stream, USER_ERROR, f"reply not sent: {exc}".encode())
