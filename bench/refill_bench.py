@@ -7,7 +7,7 @@ empty store catch up through the store's exchange protocol exactly as two
 nodes do (``Store.start_exchange`` / ``handle_exchange``, catalogue scope
 then runs scope), one exchange after another, and prints and writes as JSON:
 exchanges, messages, bytes, the largest message (bounded by
-``node.state.store.PAGE_BYTES`` of entries), and CPU time. Between two real nodes
+``node.state.exchange.PAGE_BYTES`` of entries), and CPU time. Between two real nodes
 each exchange is one anti-entropy round (every ``ae_interval_s``, or at once
 for a handoff), so the wall time of a refill is about exchanges x the round
 interval plus these CPU seconds.
@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node.state.store import PAGE_BYTES, Store  # noqa: E402
+from node.state.exchange import PAGE_BYTES  # noqa: E402
+from node.state.store import Store  # noqa: E402
 
 
 def main() -> int:

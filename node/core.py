@@ -74,7 +74,7 @@ __all__ = [
 #: a few times, not once per task.
 HANDOFF_PARALLEL = 4
 #: An anti-entropy exchange that moved at least this many bytes (a page of
-#: node/state/store.py is 1 MiB of entries) is followed at once by another with
+#: node/state/exchange.py is 1 MiB of entries) is followed at once by another with
 #: the same peer, so a refill goes page after page rather than a page per
 #: round.
 PAGE_FOLLOW_BYTES = 512 * 1024

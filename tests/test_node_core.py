@@ -189,7 +189,8 @@ CORE_MODULES = [
     "gossip/swim.py", "gossip/suspicion.py", "gossip/broadcast.py", "gossip/wire.py",
     "gossip/config.py", "gossip/effects.py",
     "node/core.py", "node/knobs.py", "node/api/views.py", "node/ownership/ring.py", "node/state/store.py",
-    "node/state/versions.py", "node/schedule/scheduler.py", "node/fencing/rules.py", "node/run/retry.py", "node/ownership/skew.py",
+    "node/state/digest.py", "node/state/exchange.py", "node/state/keys.py",
+    "node/state/versions.py", "node/schedule/scheduler.py", "node/fencing/rules.py", "node/fencing/codec.py", "node/run/retry.py", "node/ownership/skew.py",
     "node/peerwire.py", "node/state/runstatus.py", "node/run/followups.py", "node/ownership/shards.py", "node/tasks/diff.py",
     "node/run/traceids.py", "node/api/tokens.py",
 ]
@@ -434,7 +435,7 @@ def test_a_node_whose_clock_most_peers_disagree_with_owns_nothing():
 def test_a_refill_goes_page_after_page_not_a_page_per_round():
     """A replica missing 30 MB of run history gets it within the first
     anti-entropy round: an exchange that moved a full page is followed at
-    once by the next (node/state/store.py pages of 1 MiB). A page per round took
+    once by the next (node/state/exchange.py pages of 1 MiB). A page per round took
     several seconds of rounds here."""
     h = Harness(["a", "b"])
     h.apply("a", [tick_task(f"r{i}", schedule="once:2099-01-01T00:00:00Z") for i in range(6)])

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node.state.sqlite_shell import SqliteStore
-from node.state.store import OUTPUT_PREFIX, TRIM_LOW_WATER, RemoteProtocolError, Store, output_digest
+from node.state.exchange import RemoteProtocolError
+from node.state.store import OUTPUT_PREFIX, TRIM_LOW_WATER, Store, output_digest
 
 
 def rec(tid: str, slot: int, output: str = "", status: str = "succeeded", attempt: int = 1) -> dict:

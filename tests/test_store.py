@@ -6,7 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.state.store import BUCKETS, RemoteProtocolError, Store
+from node.state.digest import BUCKETS
+from node.state.exchange import RemoteProtocolError
+from node.state.store import Store
 
 
 def exchange(a: Store, b: Store, scope="catalogue", tasks=None):
@@ -235,8 +237,9 @@ def test_anti_entropy_ships_large_differences_in_bounded_pages():
     """A wiped replica refills 30 MiB of run records over several exchanges,
     no message over the page bound, and a broken exchange loses nothing
     (the next one goes on from what was applied)."""
-    import node.state.store as store_mod
-    from node.state.store import PAGE_BYTES, Store
+    import node.state.exchange as exchange_mod
+    from node.state.exchange import PAGE_BYTES
+    from node.state.store import Store
 
     full, empty = Store("a"), Store("b")
     pad = "x" * 12_000
@@ -266,4 +269,4 @@ def test_anti_entropy_ships_large_differences_in_bounded_pages():
                 break                               # a stream broken mid-exchange
     assert empty.digest_root("runs", tasks) == full.digest_root("runs", tasks)
     assert biggest <= PAGE_BYTES + 64 * 1024 and rounds > 20
-    assert store_mod.PAGE_BYTES < 4 * 1024 * 1024
+    assert exchange_mod.PAGE_BYTES < 4 * 1024 * 1024

@@ -47,40 +47,10 @@ Run outputs (off the heap): a record's ``output`` text is not held in
     a local budget would have peers ship them back at every exchange).
     Each pass is counted and reported once (``take_trim_reports``).
 
-Anti-entropy (TicTac-style XOR buckets, maintained incrementally):
-    Each key hashes to ``h(key, version_hash)`` (64 bits); a bucket (1024,
-    by hash of the key; run records by hash of their task ID), and each of its
-    64 sub-buckets, holds the XOR of its keys' hashes. The root is
-    blake2b-128 of the bucket array. Two scopes:
-    ``catalogue`` (task/ and ctl/, every node holds all) and ``runs``
-    restricted to a task set both sides replicate (the lead passes the set
-    from its ring; a differing view only costs extra shipped records).
-
-    Protocol (every message is msgpack; the lead calls ``start_exchange()``,
-    then hands each received message to ``handle_exchange()`` and sends back
-    ``reply`` until it is None; bad input raises :class:`RemoteProtocolError`
-    and changes nothing):
-      1. A -> B  ``[ROOT, scope, root16]``                        (21 bytes)
-      2. B -> A  ``[OK, scope]`` if roots match (done: 3 bytes) else
-                 ``[BUCKETS, scope, 1024 x 8-byte bucket hashes]``
-      3. A -> B  ``[SUBS, scope, [bucket...], 64 x 8-byte sub-hashes each]``
-                 for the differing buckets (level 3: cell = bucket*64 + sub)
-      4. B -> A  ``[KEYS, scope, [cell...], [[key, vhash, progress]...]]``
-                 (B's keys in the differing cells; progress: sum of a
-                 clock's counters, strictly larger when a state dominates)
-      5. A -> B  ``[ENTRIES, scope, entries, keys A wants]``: A ships the keys
-                 B lacks and those where A has more progress; wants the keys
-                 it lacks and those where B has as much or more
-      6. B -> A  ``[ENTRIES, scope, wanted entries, []]``
-      7. A -> B  ``[ENTRIES, scope, merged entries, []]`` only for keys where
-                 A's merge differs from what B sent (concurrent versions).
-    Messages 3-7 only happen when out of sync; the cost of a repair is ~8 KiB
-    of bucket hashes + 512 bytes per differing bucket + the keys of the
-    differing cells (about keys/65536 each) + the entries.
-    Rule: a receiver of ENTRIES merges, then returns its result for every
-    received key whose merged bytes differ from the received bytes, plus the
-    wanted keys. Only keys whose version hash differs (or that one side
-    lacks) are shipped; a key one side dominates is shipped once.
+Anti-entropy: every key is hashed into the digest tree
+    (:mod:`node.state.digest`, TicTac-style XOR buckets kept up to date per
+    key); replicas compare it and ship what differs with the exchange of
+    :mod:`node.state.exchange` (``start_exchange`` / ``handle_exchange``).
 
 Tombstones: ``gc_tombstones(now, horizon_s)`` drops a task whose resolved
 value is a tombstone, with no live sibling, whose newest sibling is older
@@ -98,29 +68,22 @@ from typing import Any
 
 import msgpack
 
+from node.state import exchange
 from node.state import versions as dv
+from node.state.digest import DigestTree
+from node.state.exchange import MAX_MSG_ENTRIES, ExchangeResult, RemoteProtocolError
+from node.state.keys import Entry, split_key
 from node.state.runstatus import LOST, PENDING, RUNNING, TERMINAL
 
 __all__ = [
-    "Store", "TaskView", "Control", "StoreStatistics", "ExchangeResult", "RemoteProtocolError",
-    "BUCKETS", "DEFAULT_HISTORY", "TOMBSTONE_HORIZON_S", "RUN_FIELDS", "TERMINAL",
+    "Store", "TaskView", "Control", "StoreStatistics",
+    "DEFAULT_HISTORY", "TOMBSTONE_HORIZON_S", "RUN_FIELDS", "TERMINAL",
     "DEFAULT_RUN_RECORDS_MAX_BYTES", "TRIM_LOW_WATER", "output_digest", "OUTPUT_PREFIX",
 ]
 
-BUCKETS = 1024
 DEFAULT_HISTORY = 100
 TOMBSTONE_HORIZON_S = 7 * 86400.0
-MAX_KEY_LEN = 512
 MAX_ENTRY_BYTES = 1 << 20
-MAX_MSG_ENTRIES = 100_000
-#: One exchange message carries at most this many bytes of entries, and a
-#: KEYS message at most ``PAGE_KEYS`` keys: a larger difference is shipped
-#: a page per exchange, the next exchange finding what is still different
-#: (the request frame limit is 4 MiB; a page stays well under it).
-PAGE_BYTES = 1 << 20
-PAGE_KEYS = 20_000
-
-Entry = tuple[str, bytes]
 
 #: Default per-node budget of run-record bytes (records + output texts).
 DEFAULT_RUN_RECORDS_MAX_BYTES = 256 << 20
@@ -136,49 +99,9 @@ _STATUS_RANK = {PENDING: 0, RUNNING: 1} | {s: 3 for s in sorted(TERMINAL)} | {LO
 RUN_FIELDS = ("task_id", "run_id", "slot", "node", "attempt", "status", "exit_code",
               "started", "finished", "fencing_token", "output")
 
-# message types (append only)
-M_ROOT, M_OK, M_BUCKETS, M_KEYS, M_ENTRIES, M_SUBS = 1, 2, 3, 4, 5, 6
-SUBS = 64  # level 3: sub-buckets per bucket; a cell is bucket * SUBS + sub
-SCOPES = ("catalogue", "runs")
-
-
-class RemoteProtocolError(ValueError):
-    """A peer sent something malformed; nothing was applied."""
-
 
 def _enc(obj: Any) -> bytes:
     return dv.canonical(obj)
-
-
-def _vhash(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=8).digest()
-
-
-def _khash(key: str, vh: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode() + b"\0" + vh, digest_size=8).digest(), "little")
-
-
-def _cell(s: str) -> int:
-    h = int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "little")
-    return (h % BUCKETS) * SUBS + (h // BUCKETS) % SUBS
-
-
-def _bucket(s: str) -> int:
-    return _cell(s) // SUBS
-
-
-def _split(key: str) -> tuple[str, str, str]:
-    """(kind, task_id, run_id) for a valid key, else ValueError."""
-    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LEN:
-        raise ValueError(f"bad key {key!r}")
-    kind, _, rest = key.partition("/")
-    if kind in ("task", "ctl") and rest:
-        return kind, rest, ""
-    if kind == "run":
-        tid, sep, rid = rest.rpartition("/")
-        if tid and sep and rid:
-            return kind, tid, rid
-    raise ValueError(f"bad key {key!r}: expected task/<id>, ctl/<id> or run/<task>/<run>")
 
 
 def output_digest(text: bytes) -> str:
@@ -293,13 +216,6 @@ class StoreStatistics:
     trim_passes: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class ExchangeResult:
-    reply: bytes | None           # send this back to the peer (None: exchange over)
-    changed: list[str]            # keys this message changed locally
-    shipped: int = 0              # entries in the reply
-
-
 _EMPTY: dv.Clock = ((), ())
 #: Reads an ``out/<task>/<run>`` row the shell wrote (None when absent).
 OutputReader = Callable[[str], "bytes | None"]
@@ -324,12 +240,7 @@ class Store:
         self._records_full = False            # records alone over the budget's low water
         self._state: dict[str, Any] = {}      # key -> decoded state
         self._bytes: dict[str, bytes] = {}    # key -> canonical encoding
-        self._vh: dict[str, bytes] = {}
-        self._kh: dict[str, int] = {}
-        self._cat = [0] * BUCKETS             # catalogue buckets (task/, ctl/)
-        self._cat_keys: list[set[str]] = [set() for _ in range(BUCKETS)]
-        self._runagg: dict[str, int] = {}     # task -> XOR of its run keys' hashes
-        self._runs: dict[str, set[str]] = {}  # task -> run keys
+        self._tree = DigestTree()             # anti-entropy hashes; its run_keys: task -> run keys
         self._dirty: set[str] = set()
         self._applied = 0
         self._rejected = 0
@@ -340,45 +251,26 @@ class Store:
         data = _enc(self._wire(key, state)) if data is None else data
         if self._bytes.get(key) == data:
             return False
-        kind, tid, _ = _split(key)
-        old = self._kh.get(key)
-        vh = _vhash(data)
-        kh = _khash(key, vh)
+        kind, tid, _ = split_key(key)
+        self._tree.put(key, tid if kind == "run" else None, data)
         if kind == "run":
-            self._runagg[tid] = self._runagg.get(tid, 0) ^ (old or 0) ^ kh
-            self._runs.setdefault(tid, set()).add(key)
             self._rec_total += len(data) - len(self._bytes.get(key, b""))
             if key in self._out and state.get("output_digest") != self._state[key].get("output_digest"):
                 self._drop_output(key)  # the held text belongs to the previous version
-        else:
-            b = _bucket(key)
-            self._cat[b] ^= (old or 0) ^ kh
-            self._cat_keys[b].add(key)
         self._state[key] = state
         self._bytes[key] = data
-        self._vh[key] = vh
-        self._kh[key] = kh
         self._dirty.add(key)
         return True
 
     def _drop(self, key: str) -> None:
         if key not in self._state:
             return
-        kind, tid, _ = _split(key)
-        kh = self._kh.pop(key)
+        kind, tid, _ = split_key(key)
+        self._tree.drop(key, tid if kind == "run" else None)
         if kind == "run":
-            self._runagg[tid] ^= kh
-            self._runs[tid].discard(key)
             self._rec_total -= len(self._bytes[key])
             self._drop_output(key)
-            if not self._runs[tid]:
-                del self._runs[tid]
-                del self._runagg[tid]
-        else:
-            b = _bucket(key)
-            self._cat[b] ^= kh
-            self._cat_keys[b].discard(key)
-        del self._state[key], self._bytes[key], self._vh[key]
+        del self._state[key], self._bytes[key]
         self._dirty.add(key)
 
     @staticmethod
@@ -393,7 +285,7 @@ class Store:
     @staticmethod
     def _decode(key: str, data: bytes) -> Any:
         """Validate and decode an entry. Raises ValueError naming the key."""
-        kind, tid, rid = _split(key)
+        kind, tid, rid = split_key(key)
         if not isinstance(data, (bytes, bytearray)) or len(data) > MAX_ENTRY_BYTES:
             raise ValueError(f"{key}: entry must be bytes <= {MAX_ENTRY_BYTES}")
         try:
@@ -464,7 +356,7 @@ class Store:
         return DEFAULT_HISTORY
 
     def _trim(self, task_id: str) -> list[str]:
-        keys = self._runs.get(task_id)
+        keys = self._tree.run_keys.get(task_id)
         h = self._history(task_id)
         if not keys or len(keys) <= h:
             return []
@@ -480,13 +372,13 @@ class Store:
         new = remote if cur is None else self._merge_state(key, cur, remote)
         changed = self._set(key, new)
         if key.startswith("run/"):
-            if changed and key in self._trim(_split(key)[1]):
+            if changed and key in self._trim(split_key(key)[1]):
                 return False
             if text is not None and key not in self._out and new.get("output_digest") == remote.get("output_digest"):
                 self._keep_output(key, text)
             return changed
         elif changed and key.startswith("task/"):
-            self._trim(_split(key)[1])  # history may have shrunk
+            self._trim(split_key(key)[1])  # history may have shrunk
         return changed
 
     def _progress(self, key: str) -> float:
@@ -508,21 +400,6 @@ class Store:
             if text is not None:
                 return (key, _enc(dict(self._state[key], output=text.decode("utf-8", "replace"))))
         return (key, self._bytes[key])
-
-    def _paged(self, keys: Iterable[str]) -> list[Entry]:
-        """Entries of ``keys`` (sorted) that fit in a page, built one by
-        one so outputs beyond the page are never read."""
-        out, n = [], 0
-        for k in sorted(set(keys)):
-            if k not in self._bytes:
-                continue
-            e = self._entry(k)
-            size = len(e[0]) + len(e[1]) + 16
-            if out and n + size > PAGE_BYTES:
-                break
-            out.append(e)
-            n += size
-        return out
 
     # ------------------------------------------------------------ outputs
     def set_output_reader(self, reader: OutputReader) -> None:
@@ -628,7 +505,7 @@ class Store:
     # ------------------------------------------------------------ tasks
     def _write_task(self, task_id: str, wrapped: dict, context: bytes | None) -> list[Entry]:
         key = "task/" + task_id
-        _split(key)
+        split_key(key)
         if context is None:
             vv: dv.VV = ()
         else:
@@ -699,7 +576,7 @@ class Store:
     def set_paused(self, task_id: str, paused: bool, now: float) -> list[Entry]:
         """Set the pause flag with this node's current context (drops what it saw)."""
         key = "ctl/" + task_id
-        _split(key)
+        split_key(key)
         c = self._ctl(task_id)
         val = {"paused": bool(paused), "updated_at": float(now), "writer": self.node}
         p = dv.update(dv.new_with_context(dv.join(c["p"]), val), c["p"], self.node)
@@ -711,7 +588,7 @@ class Store:
         if not isinstance(slot, int) or isinstance(slot, bool):
             raise ValueError("slot must be int epoch seconds")
         key = "ctl/" + task_id
-        _split(key)
+        split_key(key)
         c = self._ctl(task_id)
         if c["f"] is not None and c["f"] >= slot:
             return []
@@ -721,7 +598,7 @@ class Store:
     def set_control_extra(self, task_id: str, name: str, value: Any, now: float) -> list[Entry]:
         """Last-writer-wins bookkeeping register (DST, misfire notes)."""
         key = "ctl/" + task_id
-        _split(key)
+        split_key(key)
         dv.check_plain(value, f"ctl {task_id}.{name}")
         c = self._ctl(task_id)
         mine = {"p": _EMPTY, "f": None, "x": {name: [float(now), self.node, value]}}
@@ -744,7 +621,7 @@ class Store:
         """Add or advance a run record; ``[]`` if it changed nothing (or was trimmed)."""
         rec = _check_run(dict(record), "run record")
         key = f"run/{rec['task_id']}/{rec['run_id']}"
-        _split(key)
+        split_key(key)
         rec, text = _strip_output(rec, key)
         return [self._entry(key)] if self._apply(key, rec, text) else []
 
@@ -754,12 +631,12 @@ class Store:
         return dict(rec) if isinstance(rec, dict) else None
 
     def runs(self, task_id: str) -> list[dict]:
-        keys = self._runs.get(task_id, ())
+        keys = self._tree.run_keys.get(task_id, ())
         return sorted((dict(self._state[k]) for k in keys), key=_run_order)
 
     def run_tasks(self) -> list[str]:
         """Task IDs this node holds run records for."""
-        return sorted(self._runs)
+        return sorted(self._tree.run_keys)
 
     # ------------------------------------------------------------ replication
     def merge(self, entries: Iterable[Entry]) -> list[str]:
@@ -792,73 +669,23 @@ class Store:
         return sorted(self._state)
 
     # ------------------------------------------------------------ anti-entropy
-    def _scope_buckets(self, scope: str, tasks: Iterable[str] | None) -> list[int]:
-        if scope == "catalogue":
-            return self._cat
-        out = [0] * BUCKETS
-        for tid in (self._runagg if tasks is None else set(tasks)):
-            agg = self._runagg.get(tid)
-            if agg:
-                out[_bucket(tid)] ^= agg
-        return out
-
-    @staticmethod
-    def _root(buckets: list[int]) -> bytes:
-        return hashlib.blake2b(b"".join(b.to_bytes(8, "little") for b in buckets), digest_size=16).digest()
-
     def digest_root(self, scope: str = "catalogue", tasks: Iterable[str] | None = None) -> bytes:
-        """16-byte root of a scope."""
-        return self._root(self._scope_buckets(scope, tasks))
+        """16-byte root of a scope (:meth:`DigestTree.digest_root`)."""
+        return self._tree.digest_root(scope, tasks)
 
     def bucket_hashes(self, scope: str = "catalogue", tasks: Iterable[str] | None = None) -> bytes:
         """Level 2: ``BUCKETS`` x 8-byte little-endian XOR hashes."""
-        return b"".join(b.to_bytes(8, "little") for b in self._scope_buckets(scope, tasks))
+        return self._tree.bucket_hashes(scope, tasks)
 
     def keys_in_buckets(self, buckets: Iterable[int], scope: str = "catalogue",
                         tasks: Iterable[str] | None = None) -> list[tuple[str, bytes]]:
         """``(key, version_hash)`` of the scope's keys in the given buckets."""
-        return self._keys_in(set(buckets), None, scope, tasks)
-
-    def _keys_in(self, buckets: set[int], cells: set[int] | None, scope: str,
-                 tasks: Iterable[str] | None) -> list[tuple[str, bytes]]:
-        out = []
-        if scope == "catalogue":
-            for b in sorted(buckets):
-                if isinstance(b, int) and 0 <= b < BUCKETS:
-                    out.extend((k, self._vh[k]) for k in self._cat_keys[b]
-                               if cells is None or _cell(k) in cells)
-        else:
-            allowed = set(self._runs) if tasks is None else set(tasks)
-            for tid in allowed:  # order-free: output sorted below
-                if tid in self._runs:
-                    c = _cell(tid)
-                    if (c // SUBS in buckets) and (cells is None or c in cells):
-                        out.extend((k, self._vh[k]) for k in self._runs[tid])
-        return sorted(out)
-
-    def _sub_hashes(self, buckets: list[int], scope: str, tasks: Iterable[str] | None) -> list[int]:
-        """Level 3: SUBS hashes per given bucket, concatenated."""
-        pos = {b: i for i, b in enumerate(buckets)}
-        out = [0] * (len(buckets) * SUBS)
-        if scope == "catalogue":
-            for b in buckets:
-                for k in self._cat_keys[b]:
-                    out[pos[b] * SUBS + _cell(k) % SUBS] ^= self._kh[k]
-        else:
-            for tid in (self._runagg if tasks is None else tasks):
-                agg = self._runagg.get(tid)
-                if agg:
-                    c = _cell(tid)
-                    i = pos.get(c // SUBS)
-                    if i is not None:
-                        out[i * SUBS + c % SUBS] ^= agg
-        return out
+        return self._tree.keys_in_buckets(buckets, scope, tasks)
 
     def start_exchange(self, scope: str = "catalogue", tasks: Iterable[str] | None = None) -> bytes:
-        """First message of an anti-entropy exchange (send to one peer)."""
-        if scope not in SCOPES:
-            raise ValueError(f"unknown scope {scope!r}")
-        return msgpack.packb([M_ROOT, SCOPES.index(scope), self.digest_root(scope, tasks)])
+        """First message of an anti-entropy exchange (send to one peer);
+        the protocol is :mod:`node.state.exchange`."""
+        return exchange.start(self, scope, tasks)
 
     def handle_exchange(self, msg: bytes, tasks: Iterable[str] | None = None) -> ExchangeResult:
         """Handle one exchange message; send ``reply`` back if not None.
@@ -869,122 +696,7 @@ class Store:
         Raises:
             RemoteProtocolError: malformed message (nothing applied).
         """
-        try:
-            obj = msgpack.unpackb(msg, raw=False, strict_map_key=True)
-        except Exception as e:
-            raise RemoteProtocolError(f"exchange: undecodable message ({e.__class__.__name__})") from None
-        if not isinstance(obj, list) or len(obj) < 2 or not isinstance(obj[0], int) \
-                or not isinstance(obj[1], int) or not 0 <= obj[1] < len(SCOPES):
-            raise RemoteProtocolError("exchange: expected [type, scope, ...]")
-        t, si = obj[0], obj[1]
-        scope = SCOPES[si]
-        tasks = None if tasks is None else set(tasks)  # XOR and sorted output: order-free
-        if t == M_ROOT:
-            if len(obj) != 3 or not isinstance(obj[2], bytes):
-                raise RemoteProtocolError("exchange ROOT: expected [1, scope, root]")
-            buckets = self._scope_buckets(scope, tasks)
-            if self._root(buckets) == obj[2]:
-                return ExchangeResult(msgpack.packb([M_OK, si]), [])
-            hashes = b"".join(b.to_bytes(8, "little") for b in buckets)
-            return ExchangeResult(msgpack.packb([M_BUCKETS, si, hashes]), [])
-        if t == M_OK:
-            return ExchangeResult(None, [])
-        if t == M_BUCKETS:
-            if len(obj) != 3 or not isinstance(obj[2], bytes) or len(obj[2]) != 8 * BUCKETS:
-                raise RemoteProtocolError(f"exchange BUCKETS: expected {8 * BUCKETS} bytes of hashes")
-            mine = self._scope_buckets(scope, tasks)
-            theirs = memoryview(obj[2]).cast("Q").tolist()
-            diff = [i for i in range(BUCKETS) if mine[i] != theirs[i]]
-            if not diff:
-                return ExchangeResult(None, [])
-            subs = b"".join(h.to_bytes(8, "little") for h in self._sub_hashes(diff, scope, tasks))
-            return ExchangeResult(msgpack.packb([M_SUBS, si, diff, subs]), [])
-        if t == M_SUBS:
-            if (len(obj) != 4 or not isinstance(obj[2], list) or not isinstance(obj[3], bytes)
-                    or len(obj[2]) > BUCKETS or len(obj[3]) != 8 * SUBS * len(obj[2])):
-                raise RemoteProtocolError("exchange SUBS: expected [6, scope, [bucket], SUBS x 8 bytes each]")
-            diff = obj[2]
-            if not all(isinstance(b, int) and 0 <= b < BUCKETS for b in diff) or len(set(diff)) != len(diff):
-                raise RemoteProtocolError("exchange SUBS: bad bucket list")
-            mine = self._sub_hashes(diff, scope, tasks)
-            theirs = memoryview(obj[3]).cast("Q").tolist()
-            cells = [diff[i // SUBS] * SUBS + i % SUBS for i in range(len(mine)) if mine[i] != theirs[i]]
-            if not cells:
-                return ExchangeResult(None, [])
-            kv = self._keys_in({c // SUBS for c in cells}, set(cells), scope, tasks)
-            if len(kv) > PAGE_KEYS:
-                # a page of cells whose keys fit; the rest in later exchanges
-                counts: dict[int, int] = {}
-                for k, _ in kv:
-                    c = _cell(k) if scope == "catalogue" else _cell(_split(k)[1])
-                    counts[c] = counts.get(c, 0) + 1
-                page, n = [], 0
-                for c in cells:
-                    if page and n + counts.get(c, 0) > PAGE_KEYS:
-                        break
-                    page.append(c)
-                    n += counts.get(c, 0)
-                cells = page
-                kv = self._keys_in({c // SUBS for c in cells}, set(cells), scope, tasks)
-            items = [[k, v, self._progress(k)] for k, v in kv]
-            return ExchangeResult(msgpack.packb([M_KEYS, si, cells, items]), [])
-        if t == M_KEYS:
-            if (len(obj) != 4 or not isinstance(obj[2], list) or not isinstance(obj[3], list)
-                    or len(obj[2]) > BUCKETS * SUBS or len(obj[3]) > MAX_MSG_ENTRIES):
-                raise RemoteProtocolError("exchange KEYS: expected [4, scope, [cell], [[key, vhash]]]")
-            cells = obj[2]
-            if not all(isinstance(c, int) and 0 <= c < BUCKETS * SUBS for c in cells):
-                raise RemoteProtocolError("exchange KEYS: cell out of range")
-            theirs: dict[str, bytes] = {}
-            prog: dict[str, float] = {}
-            for i, kv in enumerate(obj[3]):
-                if (not isinstance(kv, list) or len(kv) != 3 or not isinstance(kv[0], str)
-                        or not isinstance(kv[1], bytes) or not isinstance(kv[2], (int, float))):
-                    raise RemoteProtocolError(f"exchange KEYS: item {i} is not [key, vhash, progress]")
-                theirs[kv[0]] = kv[1]
-                prog[kv[0]] = kv[2]
-            mine = dict(self._keys_in({c // SUBS for c in cells}, set(cells), scope, tasks))
-            # differing on both sides: the side with more progress ships; on a
-            # tie we pull theirs and the ENTRIES rule sends back our merge
-            send = [k for k in sorted(mine) if k not in theirs
-                    or (theirs[k] != mine[k] and self._progress(k) > prog[k])]
-            want = [k for k in sorted(theirs) if mine.get(k) != theirs[k]
-                    and (k not in mine or self._progress(k) <= prog[k])]
-            ents = [list(e) for e in self._paged(send)]
-            return ExchangeResult(msgpack.packb([M_ENTRIES, si, ents, want]), [], len(ents))
-        if t == M_ENTRIES:
-            if (len(obj) != 4 or not isinstance(obj[2], list) or not isinstance(obj[3], list)
-                    or len(obj[2]) > MAX_MSG_ENTRIES):
-                raise RemoteProtocolError("exchange ENTRIES: expected [5, scope, entries, want]")
-            want = obj[3]
-            if len(want) > MAX_MSG_ENTRIES or not all(isinstance(k, str) for k in want):
-                raise RemoteProtocolError("exchange ENTRIES: want must be a list of keys")
-            # validate everything before applying anything
-            decoded = []
-            for n, e in enumerate(obj[2]):
-                if not isinstance(e, list) or len(e) != 2:
-                    raise RemoteProtocolError(f"exchange ENTRIES: entry {n} is not [key, bytes]")
-                try:
-                    decoded.append((e[0], *self._decode_entry(e[0], e[1])))
-                except ValueError as err:
-                    self._rejected += 1
-                    raise RemoteProtocolError(f"exchange ENTRIES: {err}") from None
-            changed = sorted({k for k, st, text in decoded if self._apply(k, st, text)})
-            self._applied += len(decoded)
-            # what the peer sent lacks something we had (concurrent versions):
-            # send the merged result back, so both sides end equal (a run
-            # record is compared without its output text)
-            sent = {k: _enc(st) if text is not None else bytes(e[1])
-                    for (k, st, text), e in zip(decoded, obj[2])}
-            back = [k for k in sorted(sent) if k in self._bytes and self._bytes[k] != sent[k]]
-            keys = sorted(set(back) | set(want))
-            if not keys:
-                return ExchangeResult(None, changed)
-            ents = [list(e) for e in self._paged(keys)]
-            if not ents:
-                return ExchangeResult(None, changed)
-            return ExchangeResult(msgpack.packb([M_ENTRIES, si, ents, []]), changed, len(ents))
-        raise RemoteProtocolError(f"exchange: unknown message type {t}")
+        return exchange.handle(self, msg, tasks)
 
     # ------------------------------------------------------------ persistence
     def drain_dirty(self) -> list[tuple[str, bytes | None]]:
@@ -1030,7 +742,7 @@ class Store:
             vals = dv.values(self._state[key])
             if all(v["deleted"] for v in vals) and max(_num(v.get("updated_at")) for v in vals) < now - horizon_s:
                 tid = key[5:]
-                for k in [key, "ctl/" + tid, *sorted(self._runs.get(tid, ()))]:
+                for k in [key, "ctl/" + tid, *sorted(self._tree.run_keys.get(tid, ()))]:
                     if k in self._state:
                         self._drop(k)
                         dropped.append(k)
@@ -1048,15 +760,9 @@ class Store:
                 ctl += 1
         return StoreStatistics(
             tasks=tasks - tomb, tombstones=tomb, conflicts=conf, controls=ctl,
-            runs=sum(len(v) for v in self._runs.values()), dirty=len(self._dirty),
+            runs=sum(len(v) for v in self._tree.run_keys.values()), dirty=len(self._dirty),
             merges_applied=self._applied, merges_rejected=self._rejected,
             run_record_bytes=self._rec_total, output_bytes=self._out_total, outputs=len(self._out),
             max_bytes=self.max_bytes, trimmed_outputs=self._trimmed["output"],
             trimmed_records=self._trimmed["record"], trim_passes=self._trimmed["passes"],
         )
-
-
-def version_hash(data: bytes) -> bytes:
-    """8-byte version hash of an encoded entry (as used by anti-entropy)."""
-    return _vhash(data)
-
