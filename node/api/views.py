@@ -17,8 +17,9 @@ __all__ = [
     "explain_json", "RUN_KEYS", "CONFLICT_RULE",
 ]
 
-#: Keys of a run in ``GET /v1/tasks/{id}/runs`` (DESIGN §6 plus ``output``,
-#: read from the node's output store on demand, ``output_bytes`` and ``error``).
+#: Keys of a run in ``GET /v1/tasks/{id}/runs`` (``task_id`` to ``fencing_token``,
+#: plus ``output``, read from the node's output store on demand, ``output_bytes``
+#: and ``error``).
 RUN_KEYS = ("task_id", "slot", "run_id", "node", "attempt", "status", "exit_code",
             "started", "finished", "fencing_token", "output", "output_bytes", "error")
 #: Keys shown only when a run has them (manual run parameters, who
