@@ -260,6 +260,8 @@ class Store:
         self._state[key] = state
         self._bytes[key] = data
         self._dirty.add(key)
+        if kind == "run" and self._out and self._rec_total + self._out_total > self.max_bytes:
+            self._trim_outputs()  # a record that grew (or arrived) took the total over the budget
         return True
 
     def _drop(self, key: str) -> None:
