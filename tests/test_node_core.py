@@ -188,7 +188,8 @@ def assert_every_slot_once(h, tid, start, end):
 CORE_MODULES = [
     "gossip/swim.py", "gossip/suspicion.py", "gossip/broadcast.py", "gossip/wire.py",
     "gossip/config.py", "gossip/effects.py",
-    "node/core.py", "node/knobs.py", "node/api/views.py", "node/ownership/ring.py", "node/state/store.py",
+    "node/core.py", "node/knobs.py", "node/api/views.py", "node/ownership/ring.py", "node/ownership/lanes.py",
+    "node/state/store.py",
     "node/state/digest.py", "node/state/exchange.py", "node/state/keys.py",
     "node/state/versions.py", "node/schedule/scheduler.py", "node/fencing/rules.py", "node/fencing/codec.py", "node/run/retry.py", "node/ownership/skew.py",
     "node/peerwire.py", "node/state/runstatus.py", "node/run/followups.py", "node/ownership/shards.py", "node/tasks/diff.py",

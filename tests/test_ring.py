@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.ownership.ring import Ring, _mix, _mix_many, _pack, key_hash, member_seed, preference_list, score
+from node.ownership.lanes import _mix, _mix_many, _pack
+from node.ownership.ring import Ring, key_hash, member_seed, preference_list, score
 
 
 def names(n: int, prefix: str = "node") -> dict[str, dict[str, str]]:
@@ -186,6 +187,7 @@ def test_member_tag_change_equals_fresh():
 import contextlib  # noqa: E402
 import heapq  # noqa: E402
 
+import node.ownership.lanes as lanes_mod  # noqa: E402
 import node.ownership.ring as ring_mod  # noqa: E402
 from hypothesis import HealthCheck  # noqa: E402
 
@@ -230,28 +232,28 @@ def reference(members, tasks, replicas=3, load_cap=1.25, mix=_mix):
 @contextlib.contextmanager
 def small_chunks(shift=2):
     """Run with 4-lane chunks so the vector passes cross chunk boundaries."""
-    old = ring_mod._SH, ring_mod._B
-    ring_mod._SH, ring_mod._B = shift, 1 << shift
+    old = ring_mod._CHUNK_SHIFT, ring_mod._CHUNK_LANES
+    ring_mod._CHUNK_SHIFT, ring_mod._CHUNK_LANES = shift, 1 << shift
     try:
         yield
     finally:
-        ring_mod._SH, ring_mod._B = old
+        ring_mod._CHUNK_SHIFT, ring_mod._CHUNK_LANES = old
 
 
 @contextlib.contextmanager
 def coarse_scores(bits=2):
     """Scores with only ``bits`` bits: ties everywhere (tie-by-name paths)."""
-    orig = ring_mod._mix_vec
+    orig = lanes_mod._mix_vec  # used by ring.py's passes and by lanes._mix_many
 
     def vec(h, packed, c):
         top = c.rep * (((1 << bits) - 1) << (64 - bits))
         return (orig(h, packed, c) & top) >> (64 - bits)
 
-    ring_mod._mix_vec = vec
+    ring_mod._mix_vec = lanes_mod._mix_vec = vec
     try:
         yield lambda h, s: _mix(h, s) >> (64 - bits)
     finally:
-        ring_mod._mix_vec = orig
+        ring_mod._mix_vec = lanes_mod._mix_vec = orig
 
 
 POOL = [f"m{i}" for i in range(12)]

@@ -37,6 +37,8 @@ capped: replicas follow plain HRW so that they move as little as possible.
 
 Incremental maintenance (flat, vectorised)
 ------------------------------------------
+(The lane arithmetic and the chunked lane arrays are in
+node/ownership/lanes.py; the passes below use them.)
 Tasks are grouped by tag requirement; a group keeps its tasks in dense arrays
 (swap-remove) of 16-byte lanes, in chunks of 8192 lanes, one array per rank:
 ``lv[j]`` holds each task's rank-``j`` entry (score in bits 0..63, member
@@ -78,11 +80,26 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import compress
 
-__all__ = ["Ring", "RingStatistics", "preference_list", "score", "member_seed", "key_hash"]
+from node.ownership.lanes import (
+    _CHUNK_LANES,
+    _CHUNK_SHIFT,
+    _M64,
+    _ZERO16,
+    _LaneArray,
+    _count_flagged,
+    _flag_bytes,
+    _ge64,
+    _ge96,
+    _lanes_for,
+    _mix,
+    _mix_many,
+    _mix_vec,
+    _ones,
+    _pack,
+    _wide,
+)
 
-_M64 = (1 << 64) - 1
-_C1 = 0xA0761D6478BD642F  # wyhash primes
-_C2 = 0xE7037ED1A0B428DB
+__all__ = ["Ring", "RingStatistics", "preference_list", "score", "member_seed", "key_hash"]
 
 ReqKey = tuple[tuple[str, str], ...]
 
@@ -101,85 +118,9 @@ def member_seed(name: str) -> int:
     )
 
 
-def _mix(h: int, s: int) -> int:
-    p = (h ^ s) * _C1
-    y = (p & _M64) ^ (p >> 64)
-    return (y * _C2) >> 64
-
-
 def score(task_id: str, member: str) -> int:
     """The rendezvous score of ``member`` for ``task_id`` (higher wins)."""
     return _mix(key_hash(task_id), member_seed(member))
-
-
-class _Lanes:
-    """Constants for n 128-bit lanes: ``rep`` 1 per lane, ``lo`` bits 0..63
-    (score), ``mem`` bits 64..95 (member field), ``g64``/``g96``/``g100`` one bit
-    per lane (compare guards; a flag "at bit k" is that bit set in a lane)."""
-
-    __slots__ = ("n", "rep", "lo", "mem", "g64", "g96", "g100")
-
-    def __init__(self, n: int) -> None:
-        rep = int.from_bytes((b"\x01" + b"\x00" * 15) * n, "little") if n else 0
-        self.n = n
-        self.rep = rep
-        self.lo = rep * _M64
-        self.mem = rep * (0xFFFFFFFF << 64)
-        self.g64 = rep << 64
-        self.g96 = rep << 96
-        self.g100 = rep << 100
-
-
-_lane_cache: dict[int, _Lanes] = {}
-
-
-def _L(n: int) -> _Lanes:
-    got = _lane_cache.get(n)
-    if got is None:
-        got = _Lanes(n)
-        if len(_lane_cache) < 64:
-            _lane_cache[n] = got
-    return got
-
-
-def _pack(values: list[int]) -> int:
-    """Pack 64-bit values into 128-bit lanes (value in the low half)."""
-    return int.from_bytes(b"".join(v.to_bytes(8, "little") + b"\x00" * 8 for v in values), "little")
-
-
-def _mix_vec(h: int, packed: int, c: _Lanes) -> int:
-    """Lane i of the result = ``_mix(h, lane i of packed)`` (a few big-int ops)."""
-    p = ((h * c.rep) ^ packed) * _C1
-    y = (p & c.lo) ^ ((p >> 64) & c.lo)
-    return ((y * _C2) >> 64) & c.lo
-
-
-def _mix_many(h: int, packed: int, n: int) -> list[int]:
-    """``[_mix(h, s_i) for s_i in packed lanes]`` in a handful of big-int ops."""
-    if n == 0:
-        return []
-    r = _mix_vec(h, packed, _L(n))
-    return memoryview(r.to_bytes(n * 16, "little")).cast("Q")[::2].tolist()
-
-
-def _ge64(a: int, b: int, c: _Lanes) -> int:
-    """Flag at bit 64 where a >= b (per lane a < 2**64, b <= 2**64)."""
-    return ((a | c.g64) - b) & c.g64
-
-
-def _ge96(a: int, b: int, c: _Lanes) -> int:
-    """Flag at bit 96 where a >= b (per lane a, b < 2**100: counts in units of 2**96)."""
-    return (((a | c.g100) - b) & c.g100) >> 4
-
-
-def _wide(f: int) -> int:
-    """Flags at bit 96 -> masks of lane bits 0..95 (all a level lane uses)."""
-    return f - (f >> 96)
-
-
-def _flag_bytes(f: int, n: int) -> bytes:
-    """Flags at bit 0 -> one byte per lane."""
-    return f.to_bytes(16 * n, "little")[::16]
 
 
 def preference_list(task_id: str, members: Iterable[str], replicas: int = 3) -> list[str]:
@@ -206,58 +147,6 @@ class RingStatistics:
     unowned: int     # tasks with no eligible member
 
 
-_SH = 13
-_ZERO16 = bytes(16)
-_B = 1 << _SH  # lanes per chunk: vector passes work chunk by chunk (cache-sized ints)
-
-
-class _Arr:
-    """An array of 16-byte lanes in chunks of ``_B`` lanes. Each chunk is held
-    as a big integer (for vector passes), as a bytearray (for per-task reads
-    and writes), or both; a side is rebuilt from the other on demand."""
-
-    __slots__ = ("ints", "bufs", "ids")
-
-    def __init__(self) -> None:
-        self.ints: list[int | None] = []
-        self.bufs: list[bytearray | None] = []
-        self.ids: list[list[int] | None] = []  # read cache: member field per lane
-
-    def reset(self, chunks: int) -> None:
-        self.ints = [0] * chunks
-        self.bufs = [None] * chunks
-        self.ids = [None] * chunks
-
-    def get_ids(self, c: int, n: int) -> list[int]:
-        v = self.ids[c]
-        if v is None:
-            v = self.ids[c] = memoryview(bytes(self.rbuf(c, n))).cast("I")[2::4].tolist()
-        return v
-
-    def get_int(self, c: int) -> int:
-        v = self.ints[c]
-        if v is None:
-            v = self.ints[c] = int.from_bytes(self.bufs[c], "little")  # type: ignore[arg-type]
-        return v
-
-    def set_int(self, c: int, v: int) -> None:
-        self.ints[c] = v
-        self.bufs[c] = None
-        self.ids[c] = None
-
-    def rbuf(self, c: int, n: int) -> bytearray:
-        b = self.bufs[c]
-        if b is None:
-            b = self.bufs[c] = bytearray(self.ints[c].to_bytes(16 * n, "little"))  # type: ignore[union-attr]
-        return b
-
-    def wbuf(self, c: int, n: int) -> bytearray:
-        b = self.rbuf(c, n)
-        self.ints[c] = None
-        self.ids[c] = None
-        return b
-
-
 class _Group:
     """One tag requirement: its eligible members and its tasks in dense
     arrays (swap-remove). ``lv[j]`` holds, per task, rank ``j`` of its kept
@@ -274,26 +163,27 @@ class _Group:
         self.packed = 0                     # their seeds, packed
         self.tids: list[str] = []
         self.pos: dict[str, int] = {}
-        self.lv = [_Arr() for _ in range(levels)]
-        self.cnt = _Arr()
-        self.keys = _Arr()
+        self.lv = [_LaneArray() for _ in range(levels)]
+        self.cnt = _LaneArray()
+        self.keys = _LaneArray()
         self.arrs = (*self.lv, self.cnt, self.keys)
         self.fc: dict[int, int] = {}        # member index -> tasks ranking it first
 
     def chunks(self) -> list[tuple[int, int]]:
         """(chunk number, lanes in it)."""
         T = len(self.tids)
-        return [(c, min(_B, T - (c << _SH))) for c in range((T + _B - 1) >> _SH)]
+        return [(c, min(_CHUNK_LANES, T - (c << _CHUNK_SHIFT)))
+                for c in range((T + _CHUNK_LANES - 1) >> _CHUNK_SHIFT)]
 
     def n_of(self, c: int) -> int:
-        return min(_B, len(self.tids) - (c << _SH))
+        return min(_CHUNK_LANES, len(self.tids) - (c << _CHUNK_SHIFT))
 
     def add(self, tid: str, h: int) -> int:
         i = len(self.tids)
         self.pos[tid] = i
         self.tids.append(tid)
-        c = i >> _SH
-        n = (i & (_B - 1))
+        c = i >> _CHUNK_SHIFT
+        n = (i & (_CHUNK_LANES - 1))
         for a in self.arrs:
             if c == len(a.ints):
                 a.ints.append(None)
@@ -311,16 +201,16 @@ class _Group:
     def remove(self, tid: str) -> None:
         i = self.pos.pop(tid)
         last = len(self.tids) - 1
-        cl, kl = last >> _SH, last & (_B - 1)
+        cl, kl = last >> _CHUNK_SHIFT, last & (_CHUNK_LANES - 1)
         nl = kl + 1
         if i != last:
             moved = self.tids[last]
             self.tids[i] = moved
             self.pos[moved] = i
-            c, k = i >> _SH, i & (_B - 1)
+            c, k = i >> _CHUNK_SHIFT, i & (_CHUNK_LANES - 1)
             for a in self.arrs:
                 src = a.rbuf(cl, nl)[16 * kl : 16 * kl + 16]
-                a.wbuf(c, _B if c < cl else nl)[16 * k : 16 * k + 16] = src
+                a.wbuf(c, _CHUNK_LANES if c < cl else nl)[16 * k : 16 * k + 16] = src
         self.tids.pop()
         for a in self.arrs:
             b = a.wbuf(cl, nl)
@@ -329,25 +219,6 @@ class _Group:
                 a.ints.pop()
                 a.bufs.pop()
                 a.ids.pop()
-
-
-def _count(into: Counter[int], ids: memoryview, fb: bytes) -> None:
-    """Count ``ids[k]`` for every k with ``fb[k]`` set (sparse or dense)."""
-    if fb.count(1) * 16 < len(fb):
-        for k in _ones(fb):
-            into[ids[k]] += 1
-    else:
-        into.update(compress(ids, fb))
-
-
-def _ones(fb: bytes) -> list[int]:
-    """Indexes of the non-zero bytes of a 0/1 byte string (sparse)."""
-    out = []
-    i = fb.find(1)
-    while i >= 0:
-        out.append(i)
-        i = fb.find(1, i + 1)
-    return out
 
 
 class Ring:
@@ -540,13 +411,13 @@ class Ring:
             if mi not in g.fc and mi not in set(g.mem):
                 continue
             for c, n in g.chunks():
-                cc = _L(n)
+                cc = _lanes_for(n)
                 tag = cc.g64 * (mi + 1)
                 f = 0
                 for j in range(self._replicas):
                     f |= cc.g96 ^ (((((g.lv[j].get_int(c) & cc.mem) ^ tag) | cc.g96) - cc.g64) & cc.g96)
                 if f:
-                    out.extend(compress(g.tids[c << _SH : (c << _SH) + n], _flag_bytes(f >> 96, n)))
+                    out.extend(compress(g.tids[c << _CHUNK_SHIFT : (c << _CHUNK_SHIFT) + n], _flag_bytes(f >> 96, n)))
         if self._moved:
             moved = self._moved
             out = [t for t in out if t not in moved]
@@ -577,22 +448,22 @@ class Ring:
         return g
 
     @staticmethod
-    def _rd(g: _Group, a: _Arr, i: int) -> bytearray:
-        c = i >> _SH
-        k = i & (_B - 1)
+    def _read_lane(g: _Group, a: _LaneArray, i: int) -> bytearray:
+        c = i >> _CHUNK_SHIFT
+        k = i & (_CHUNK_LANES - 1)
         return a.rbuf(c, g.n_of(c))[16 * k : 16 * k + 16]
 
     @staticmethod
     def _member_at(g: _Group, j: int, i: int) -> int:
         """Member index at rank j of task i, -1 if empty."""
-        c = i >> _SH
-        return g.lv[j].get_ids(c, g.n_of(c))[i & (_B - 1)] - 1
+        c = i >> _CHUNK_SHIFT
+        return g.lv[j].get_ids(c, g.n_of(c))[i & (_CHUNK_LANES - 1)] - 1
 
     def _pref_of(self, tid: str, plain_only: bool = False) -> tuple[str, ...]:
         g = self._groups[self._req[tid]]
         i = g.pos[tid]
-        c = i >> _SH
-        k = i & (_B - 1)
+        c = i >> _CHUNK_SHIFT
+        k = i & (_CHUNK_LANES - 1)
         names = self._names
         own = None if plain_only else self._moved.get(tid)
         out = []
@@ -623,8 +494,8 @@ class Ring:
         return (names[own], *out[: self._replicas - 1])
 
     def _write(self, g: _Group, i: int, entries: list[tuple[int, int]]) -> None:
-        c = i >> _SH
-        k = 16 * (i & (_B - 1))
+        c = i >> _CHUNK_SHIFT
+        k = 16 * (i & (_CHUNK_LANES - 1))
         n = g.n_of(c)
         old0 = int.from_bytes(g.lv[0].wbuf(c, n)[k + 8 : k + 12], "little") - 1
         if old0 >= 0:
@@ -653,7 +524,7 @@ class Ring:
     def _deep(self, g: _Group, i: int) -> list[tuple[int, int]]:
         """The full ranking of task i over its group's members (ties by name)."""
         n = len(g.mem)
-        h = int.from_bytes(self._rd(g, g.keys, i)[:8], "little")
+        h = int.from_bytes(self._read_lane(g, g.keys, i)[:8], "little")
         scores = _mix_many(h, g.packed, n)
         order = sorted(range(n), key=lambda k: -scores[k])  # stable: ties by name
         return [(scores[k], g.mem[k]) for k in order]
@@ -663,7 +534,7 @@ class Ring:
         if n <= self._keep:
             self._write(g, i, self._deep(g, i))
             return
-        h = int.from_bytes(self._rd(g, g.keys, i)[:8], "little")
+        h = int.from_bytes(self._read_lane(g, g.keys, i)[:8], "little")
         scores = _mix_many(h, g.packed, n)
         top = heapq.nlargest(self._keep, range(n), key=scores.__getitem__)  # stable
         self._write(g, i, [(scores[k], g.mem[k]) for k in top])
@@ -696,7 +567,7 @@ class Ring:
         lost: Counter[int] = Counter()
         gained = 0
         for c, n in g.chunks():
-            cc = _L(n)
+            cc = _lanes_for(n)
             g96 = cc.g96
             L = [a.get_int(c) for a in g.lv]
             cnt = g.cnt.get_int(c)
@@ -740,13 +611,13 @@ class Ring:
             X = (chg >> 96) | (ins0 >> 88) | (L[0] & cc.mem) | (tie >> 48)
             b = X.to_bytes(16 * n, "little")
             if chg:
-                changed.extend(compress(g.tids[c << _SH : (c << _SH) + n], b[::16]))
+                changed.extend(compress(g.tids[c << _CHUNK_SHIFT : (c << _CHUNK_SHIFT) + n], b[::16]))
             ins0_fb = b[1::16]
             gained += ins0_fb.count(1)
             if n_old and ins0:
-                _count(lost, memoryview(b).cast("I")[2::4], ins0_fb)
+                _count_flagged(lost, memoryview(b).cast("I")[2::4], ins0_fb)
             if tie:
-                ties.extend((c << _SH) + k for k in _ones(b[2::16]))
+                ties.extend((c << _CHUNK_SHIFT) + k for k in _ones(b[2::16]))
         if gained:
             g.fc[mid] = g.fc.get(mid, 0) + gained
         for m1, k in lost.items():
@@ -771,7 +642,7 @@ class Ring:
         changed: list[str] = []
         gained: Counter[int] = Counter()
         for c, n in g.chunks():
-            cc = _L(n)
+            cc = _lanes_for(n)
             g96 = cc.g96
             L = [a.get_int(c) for a in g.lv]
             tag = cc.g64 * (mid + 1)
@@ -799,11 +670,11 @@ class Ring:
             X = (chg >> 96) | (eq0 >> 88) | (new[0] & cc.mem) | (rf >> 80)
             b = X.to_bytes(16 * n, "little")
             if chg:
-                changed.extend(compress(g.tids[c << _SH : (c << _SH) + n], b[::16]))
+                changed.extend(compress(g.tids[c << _CHUNK_SHIFT : (c << _CHUNK_SHIFT) + n], b[::16]))
             if eq0:
-                _count(gained, memoryview(b).cast("I")[2::4], b[1::16])
+                _count_flagged(gained, memoryview(b).cast("I")[2::4], b[1::16])
             if rf:
-                refill.extend((c << _SH) + k for k in _ones(b[2::16]))
+                refill.extend((c << _CHUNK_SHIFT) + k for k in _ones(b[2::16]))
         g.fc.pop(mid, None)
         for m1, k in gained.items():
             if m1:
@@ -817,14 +688,14 @@ class Ring:
         """Tasks whose top ``replicas`` members differ from the snapshot."""
         out: list[str] = []
         for c, n in g.chunks():
-            cc = _L(n)
+            cc = _lanes_for(n)
             x = 0
             for j in range(self._replicas):
                 x |= snap[j][c] ^ g.lv[j].get_int(c)
             f = ((x & cc.mem) | cc.g96) - cc.g64  # bit 96 kept where the fields differ
             f &= cc.g96
             if f:
-                out.extend(compress(g.tids[c << _SH : (c << _SH) + n], _flag_bytes(f >> 96, n)))
+                out.extend(compress(g.tids[c << _CHUNK_SHIFT : (c << _CHUNK_SHIFT) + n], _flag_bytes(f >> 96, n)))
         return out
 
     def _forget_task(self, tid: str) -> None:
@@ -868,7 +739,7 @@ class Ring:
                 else:
                     g = self._groups[key]
                     i = g.pos[tid]
-                    c, sh = i >> _SH, 128 * (i & (_B - 1)) + 64
+                    c, sh = i >> _CHUNK_SHIFT, 128 * (i & (_CHUNK_LANES - 1)) + 64
                     ms = [((snap[j][c] >> sh) & 0xFFFFFFFF) - 1 for j in range(R)]
                     old = tuple(self._names[m] for m in ms if m >= 0)
             if old != new:
@@ -925,7 +796,7 @@ class Ring:
                         if k % 4 == 0:
                             i = k // 4
                             s = int.from_bytes(lv0[16 * i : 16 * i + 8], "little")
-                            h.append((s, g.tids[(c << _SH) + i]))
+                            h.append((s, g.tids[(c << _CHUNK_SHIFT) + i]))
                         k = ids.find(pat, k + 1)
             heapq.heapify(h)
             heaps[m] = h
@@ -935,7 +806,7 @@ class Ring:
             g = groups[self._req[tid]]
             p = g.pos[tid]
             if i < K:
-                lane = int.from_bytes(self._rd(g, g.lv[i], p), "little")
+                lane = int.from_bytes(self._read_lane(g, g.lv[i], p), "little")
                 if lane:
                     return lane & _M64, (lane >> 64) - 1
             d = deep.get(tid)
