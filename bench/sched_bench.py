@@ -92,7 +92,8 @@ def _setup_done(gc_freeze: bool) -> None:
 def run_peerd(n: int, period: str, measure_s: float, batch: int = 0, gc_freeze: bool = False) -> dict:
     import trio
 
-    from node.schedule.scheduler import Fire, Scheduler
+    from node.schedule.effects import Fire
+    from node.schedule.scheduler import Scheduler
     from node.tasks.model import Task
 
     spec = "@every 1s" if period == "s" else "* * * * *"

@@ -58,7 +58,9 @@ from node.ownership import shards
 from node.knobs import NodeKnobs
 from node.ownership.ring import Ring
 from node.state.runstatus import CANCELLED, LOST, PENDING, RETRYABLE, RUNNING, SKIPPED, TERMINAL
-from node.schedule.scheduler import Advance, Cancel, Fire, Scheduler, SlotSkipped
+from node.schedule.effects import Advance, Cancel, Fire, SlotSkipped
+from node.schedule.explain import explain
+from node.schedule.scheduler import Scheduler
 from node.ownership.skew import SkewEstimator
 from node.run.traceids import trace_id_for
 from node.state.store import Store
@@ -662,7 +664,7 @@ class NodeCore:
             self._scheduler_effect(eff, now)
         if slot is None and not reasons:
             # waits its turn behind a pending or running run (rule 4a)
-            waiting = self.scheduler.explain(task_id, now, 0).get("waiting") or []
+            waiting = explain(self.scheduler, task_id, now, 0).get("waiting") or []
             if int(now // 1) in waiting:
                 slot = int(now // 1)
         if slot is None:

@@ -12,6 +12,7 @@ import trio
 
 from node.run.http_client_shell import request
 from node.core import Note
+from node.schedule.explain import explain
 from tests.cluster_util import start_solo_node
 
 TOKEN = "handoff-test-token"
@@ -52,4 +53,4 @@ async def test_solo_node_owns_its_task_without_a_handoff(node):
     """Alone, a node owns the task at once: nothing to hand off from."""
     assert node.core.ring.owner("t1") == node.name
     assert "t1" not in node.core.handoff_pending
-    assert node.core.scheduler.explain("t1", time.time())["handoff_ready"]
+    assert explain(node.core.scheduler, "t1", time.time())["handoff_ready"]

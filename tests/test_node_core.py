@@ -15,6 +15,7 @@ import pytest
 
 from node.core import CancelRun, Claim, NodeCore, Note, Reclaim, Request, StartRun
 from node.knobs import NodeKnobs
+from node.schedule.explain import explain
 from node.state.store import Store
 from node.tasks.model import Task
 
@@ -191,7 +192,7 @@ CORE_MODULES = [
     "node/core.py", "node/knobs.py", "node/api/views.py", "node/ownership/ring.py", "node/ownership/lanes.py",
     "node/state/store.py",
     "node/state/digest.py", "node/state/exchange.py", "node/state/keys.py",
-    "node/state/versions.py", "node/schedule/scheduler.py", "node/fencing/rules.py", "node/fencing/codec.py", "node/run/retry.py", "node/ownership/skew.py",
+    "node/state/versions.py", "node/schedule/scheduler.py", "node/schedule/effects.py", "node/schedule/explain.py", "node/fencing/rules.py", "node/fencing/codec.py", "node/run/retry.py", "node/ownership/skew.py",
     "node/peerwire.py", "node/state/runstatus.py", "node/run/followups.py", "node/ownership/shards.py", "node/tasks/diff.py",
     "node/run/traceids.py", "node/api/tokens.py",
     "node/tasks/model.py", "node/tasks/commands.py", "node/tasks/validate.py", "node/tasks/parse.py",
@@ -323,7 +324,7 @@ def test_handoff_with_no_replica_answering_takes_over_and_says_why():
     assert notes and notes[0]["why"] == "failed: no replica answered"
     assert notes[0]["asked"]
     assert not h.cores[new].handoff_pending
-    assert h.cores[new].scheduler.explain("tick", h.now)["handoff_ready"]
+    assert explain(h.cores[new].scheduler, "tick", h.now)["handoff_ready"]
 
 
 def test_a_node_shutting_down_takes_nothing_over():

@@ -5,7 +5,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from node.schedule.scheduler import Advance, Cancel, Fire, Scheduler, SlotSkipped
+from node.schedule.effects import Advance, Cancel, Fire, SlotSkipped
+from node.schedule.explain import explain
+from node.schedule.scheduler import Scheduler
 from node.tasks.model import Task
 
 T0 = int(datetime(2026, 6, 1, tzinfo=timezone.utc).timestamp())  # a Monday 00:00Z
@@ -111,7 +113,7 @@ def test_overlap_buffer_one_coalesces_to_newest():
     start(s, s.tick(T0), T0)
     assert kinds(s.tick(T0 + 60)) == []   # queued: still open, nothing handed out
     assert kinds(s.tick(T0 + 120)) == [("skip", T0 + 60, "coalesced"), ("advance", T0 + 60)]
-    assert s.explain("t", T0 + 125)["queued"] == [T0 + 120]
+    assert explain(s, "t", T0 + 125)["queued"] == [T0 + 120]
     s.run_finished("t", f"run-{T0}", T0 + 130)
     assert s.next_deadline() == T0 + 130
     assert kinds(s.tick(T0 + 130)) == [("fire", T0 + 120, "buffered")]
@@ -182,7 +184,7 @@ def test_run_now_respects_overlap_and_keeps_cursor():
     assert kinds(s.run_now("t", T0 + 10.5)) == [("fire", T0 + 10, "run_now")]
     # the first is only pending: the second waits its turn (rule 4a)
     assert kinds(s.run_now("t", T0 + 10.7)) == []
-    assert s.explain("t", T0 + 10.7)["waiting"] == [T0 + 10]
+    assert explain(s, "t", T0 + 10.7)["waiting"] == [T0 + 10]
     s.run_started("t", T0 + 10, "r1", T0 + 10.8)
     s.run_finished("t", "r1", T0 + 10.9)
     assert kinds(s.tick(T0 + 10.9)) == [("fire", T0 + 10, "run_now")]  # its turn
@@ -267,14 +269,14 @@ def test_dst_through_the_scheduler():
 def test_explain_reports_why():
     s = Scheduler("n1")
     s.set_task(task("*/30 * * * *", timezone="Europe/Berlin"), last_fired_slot=T0, now=T0)
-    x = s.explain("t", T0 + 7200, n=3)
+    x = explain(s, "t", T0 + 7200, n=3)
     assert x["owned"] is False and "not owned" in x["why"][0]
     assert x["last_fired_utc"] == "2026-06-01T00:00:00Z" and len(x["next"]) == 3
     assert x["missed_now"] == 2 and "misfire=run_once will fire the latest once" in x["why"][-1]
     assert x["next"][0]["local"].endswith("+02:00")
     s.set_owned("t", True, T0 + 7200)
     s.update_control("t", paused=True)
-    x = s.explain("t", T0 + 7200)
+    x = explain(s, "t", T0 + 7200)
     assert x["owned"] and any("paused" in w for w in x["why"])
 
 

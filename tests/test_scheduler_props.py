@@ -11,7 +11,8 @@ from datetime import datetime, timezone
 from croniter import croniter
 from hypothesis import given, strategies as st
 
-from node.schedule.scheduler import Advance, Fire, Scheduler, SlotSkipped
+from node.schedule.effects import Advance, Fire, SlotSkipped
+from node.schedule.scheduler import Scheduler
 from node.tasks.model import Task
 
 UTC = timezone.utc

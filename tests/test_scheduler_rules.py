@@ -8,7 +8,9 @@ from datetime import datetime, timezone
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from node.schedule.scheduler import Cancel, Fire, Scheduler, SlotSkipped
+from node.schedule.effects import Cancel, Fire, SlotSkipped
+from node.schedule.explain import explain
+from node.schedule.scheduler import Scheduler
 from node.tasks.model import Task
 
 T0 = int(datetime(2026, 6, 1, tzinfo=timezone.utc).timestamp())
@@ -62,7 +64,7 @@ def test_previous_run_really_running(policy, expect):
         assert fires(out) == [(T0 + 120, "due")]
     else:
         assert not fires(out) and not skips(out)
-        assert s.explain("t", T0 + 120)["queued"] == [T0 + 120]
+        assert explain(s, "t", T0 + 120)["queued"] == [T0 + 120]
         s.run_finished("t", "r1", T0 + 130)
         assert fires(s.tick(T0 + 130)) == [(T0 + 120, "buffered")]
 
@@ -78,7 +80,7 @@ def test_previous_slot_only_pending_waits_its_turn(policy):
         assert fires(out) == [(T0 + 120, "due")]
         return
     assert not fires(out) and not skips(out)
-    assert s.explain("t", T0 + 120)["waiting"] == [T0 + 120]
+    assert explain(s, "t", T0 + 120)["waiting"] == [T0 + 120]
     s.run_started("t", T0 + 60, "r1", T0 + 120.5)  # claim won
     s.run_finished("t", "r1", T0 + 121)
     assert fires(s.tick(T0 + 121)) == [(T0 + 120, "due")]
@@ -140,7 +142,7 @@ def test_missed_at_takeover_run_all_fires_each_oldest_first_one_at_a_time():
     s = takeover("run_all")
     out = s.tick(T0 + 250)
     assert fires(out) == [(T0 + 120, "catchup")] and not skips(out)
-    assert s.explain("t", T0 + 250)["waiting"] == [T0 + 180, T0 + 240]
+    assert explain(s, "t", T0 + 250)["waiting"] == [T0 + 180, T0 + 240]
     got = [T0 + 120]
     now = T0 + 250
     for i in range(2):
@@ -192,7 +194,7 @@ def test_waiting_line_is_bounded():
     for m in range(2, 7):
         reasons += [r for _, r in skips(s.tick(T0 + 60 * m))]
     assert reasons == ["catchup_limit", "catchup_limit"]
-    assert len(s.explain("t", T0 + 400)["waiting"]) == 3
+    assert len(explain(s, "t", T0 + 400)["waiting"]) == 3
 
 
 def test_held_for_handoff_fires_nothing_then_catches_up():
@@ -202,7 +204,7 @@ def test_held_for_handoff_fires_nothing_then_catches_up():
     assert s.tick(T0 + 200) == []
     s.set_owned("t", True, T0 + 200, handoff_ready=True)
     assert fires(s.tick(T0 + 200)) == [(T0 + 120, "catchup")]
-    assert s.explain("t", T0 + 200)["waiting"] == [T0 + 180]
+    assert explain(s, "t", T0 + 200)["waiting"] == [T0 + 180]
 
 
 # ---------------------------------------------------------------- property
@@ -278,7 +280,7 @@ def test_run_all_loses_no_slot_to_a_pending_predecessor(seed, claim_max_s, run_m
 # ------------------------------------------------------ rule 2a: open slots
 
 def _advances(effects):
-    from node.schedule.scheduler import Advance
+    from node.schedule.effects import Advance
     return [e.slot for e in effects if isinstance(e, Advance)]
 
 

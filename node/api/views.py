@@ -10,6 +10,7 @@ from typing import Any
 
 from node.core import NodeCore
 from node.tasks.model import after_cycle, shown_env
+from node.schedule.explain import explain
 from node.schedule.slots import reading_notes, upgrade_differences
 
 __all__ = [
@@ -122,7 +123,7 @@ def runs_json(core: NodeCore, task_id: str) -> list[dict]:
 
 def explain_json(core: NodeCore, task_id: str, n: int, now: float) -> dict:
     t = _task(core, task_id)
-    e = dict(core.scheduler.explain(task_id, now, n))
+    e = dict(explain(core.scheduler, task_id, now, n))
     e.setdefault("task_id", task_id)
     e["owner"] = core.ring.owner(task_id)
     e["replicas"] = core.ring.owners(task_id)

@@ -7,25 +7,11 @@ core never reads a clock, never does I/O and iterates in a deterministic
 order (due tasks by ``(fire_at, task_id)``; other task sets sorted), so
 one input sequence gives one output sequence.
 
-Effects (immutable named tuples)
---------------------------------
-- :class:`Fire` ``(task_id, slot, fire_at, reason)``: start a run of ``slot``.
-  ``reason`` is ``due`` (on time), ``catchup`` (missed, fired by the misfire
-  policy), ``buffered`` (queued by the overlap policy, released when the
-  previous run ended), ``run_now``, ``backfill`` or ``rerun_owner_loss``.
-- :class:`SlotSkipped` ``(task_id, slot, reason)``: the slot is decided and
-  will not run. Reasons: ``misfire_skip``, ``coalesced`` (folded into another
-  run by ``run_once`` or ``buffer_one``), ``expired`` (older than
-  ``catchup_window``; one effect names the first such slot, the rest are not
-  enumerated), ``catchup_limit`` (beyond :attr:`max_catchup_slots`),
-  ``overlap_forbid``, ``buffer_full``, ``paused``, ``owner_lost``.
-- :class:`Cancel` ``(task_id, run_id, reason)``: stop a running run
-  (``replace``).
-- :class:`Advance` ``(task_id, slot)``: persist and replicate the task's
-  ``last_fired_slot``, a max register meaning "every slot <= this one is
-  settled" (its run started, or it was skipped or expired; rule 2a). At most
-  one per task per call; ``run_started`` and ``fire_abandoned`` return one
-  too.
+Effects
+-------
+:class:`Fire`, :class:`SlotSkipped`, :class:`Cancel` and :class:`Advance`
+(node/schedule/effects.py, which lists their reasons). Why a task fires
+or not here: :func:`node.schedule.explain.explain`.
 
 Contract with the shell
 -----------------------
@@ -137,67 +123,22 @@ import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import NamedTuple
-from datetime import datetime, timezone
 
+from node.schedule.effects import Advance, Cancel, Effect, Fire, SlotSkipped
 from node.schedule.slots import Schedule
 from node.tasks.model import Task
 
 __all__ = [
-    "Advance",
-    "Cancel",
-    "Effect",
-    "Fire",
+    "ON_REQUEST",
     "Scheduler",
     "SchedulerStatistics",
-    "SlotSkipped",
 ]
-
-
-# Effects are immutable named tuples rather than frozen dataclasses: the
-# tick hot path builds two per fire, and a NamedTuple is ~3x cheaper to build.
-# No two effect types can compare equal (field counts or field types differ).
-
-
-class Fire(NamedTuple):
-    """Start a run of ``slot`` (scheduled for ``fire_at``, epoch seconds)."""
-
-    task_id: str
-    slot: int
-    fire_at: float
-    reason: str
-
-
-class SlotSkipped(NamedTuple):
-    """``slot`` is decided and will not run, for ``reason``."""
-
-    task_id: str
-    slot: int
-    reason: str
 
 
 #: Fire reasons asked for by someone (an operator, an upstream run) rather
 #: than due by the schedule: the misfire policy and the catch-up window do
 #: not apply to them, and they do not hold back the last fired slot.
 ON_REQUEST = ("run_now", "backfill", "chain")
-
-
-class Cancel(NamedTuple):
-    """Stop the running run ``run_id`` (str)."""
-
-    task_id: str
-    run_id: str
-    reason: str
-
-
-class Advance(NamedTuple):
-    """Persist/replicate ``last_fired_slot`` = max(current, slot)."""
-
-    task_id: str
-    slot: int
-
-
-Effect = Fire | SlotSkipped | Cancel | Advance
 
 
 @dataclass(frozen=True)
@@ -215,12 +156,6 @@ class SchedulerStatistics:
 
 
 _TID = attrgetter("tid")
-
-
-def _iso(slot: int | None) -> str | None:
-    if slot is None:
-        return None
-    return datetime.fromtimestamp(slot, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class _Entry:
@@ -976,80 +911,6 @@ class Scheduler:
 
     def last_fired_slot(self, task_id: str) -> int | None:
         return self._entries[task_id].last_fired
-
-    def explain(self, task_id: str, now: float, n: int = 5) -> dict:
-        """Why a task fires (or not) here, and its next ``n`` fires.
-
-        Returns:
-            dict with ``task_id``, ``node``, ``owned``, ``handoff_ready``,
-            ``paused``, ``last_fired_slot`` (+ ``_utc``), ``cursor``,
-            ``next`` (list of ``slot``, ``utc``, ``local``, ``local_zone``,
-            ``fire_at``, ``dst_note``), ``overlap``, ``misfire``,
-            ``catchup_window_s``, ``running`` (run ids), ``pending``,
-            ``queued``, ``backfill_queued``, ``missed_now`` and ``why``
-            (sentences).
-
-        Raises:
-            KeyError: unknown task.
-        """
-        e = self._entries[task_id]
-        task = e.task
-        nxt = e.sched.describe(max(e.cursor, int(now // 1) - 1) if e.owned else int(now // 1), n)
-        why: list[str] = []
-        if not e.owned:
-            why.append(f"not owned by {self.node}: another node fires it")
-        elif not e.ready:
-            why.append("owned, waiting for handoff of the latest task state before firing")
-        else:
-            why.append(f"owned by {self.node}")
-        if e.paused:
-            why.append("paused: each slot is skipped until resumed")
-        if e.running:
-            why.append(f"a run is in progress; overlap={task.overlap} decides the next slot")
-        elif e.pending:
-            why.append("a fire is waiting to start (fencing claim or turn); later slots wait for it")
-        if e.waiting:
-            why.append(f"{len(e.waiting)} slot(s) wait their turn; each goes by misfire={task.misfire} "
-                       "when released")
-        missed = 0
-        window_start = now - max(task.catchup_window_s, self.misfire_grace_s)
-        for s in e.sched.slots_between(max(e.cursor, math.ceil(window_start) - 1), int(now // 1)):
-            if now - e.sched.fire_time(s) > self.misfire_grace_s:
-                missed += 1
-            if missed >= self.max_catchup_slots:
-                break
-        if missed:
-            action = {"skip": "skip them", "run_once": "fire the latest once",
-                      "run_all": "fire each"}[task.misfire]
-            why.append(f"{missed} slot(s) missed since last fired within catchup_window "
-                       f"{task.catchup_window_s:g}s: misfire={task.misfire} will {action}")
-        if not nxt:
-            why.append("no future slots (one-shot task already fired or past)")
-        pol = e.sched.policy
-        return {
-            "task_id": task_id,
-            "node": self.node,
-            "owned": e.owned,
-            "handoff_ready": e.ready,
-            "paused": e.paused,
-            "schedule": task.schedule,
-            "timezone": task.timezone,
-            "dst": pol.to_dict() if pol else None,
-            "last_fired_slot": e.last_fired,
-            "last_fired_utc": _iso(e.last_fired),
-            "cursor": e.cursor,
-            "next": nxt,
-            "overlap": task.overlap,
-            "misfire": task.misfire,
-            "catchup_window_s": task.catchup_window_s,
-            "running": sorted(e.running),
-            "pending": sum(e.pending.values()),
-            "queued": [s for s, _ in e.queue],
-            "waiting": [s for s, _ in e.waiting],
-            "backfill_queued": len(e.backfill),
-            "missed_now": missed,
-            "why": why,
-        }
 
     def statistics(self) -> SchedulerStatistics:
         es = self._entries.values()
