@@ -1,4 +1,4 @@
-"""Cost of parsing and stepping schedules in node/schedule/slots.py.
+"""Cost of parsing and stepping schedules in node/schedule/parse.py and slots.py.
 
 For each expression, three figures (median of --repeat rounds, microseconds):
 
@@ -27,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+import types
 
 EXPRS = [
     "@every 30s",
@@ -44,8 +45,10 @@ BASE = 1780272000  # 2026-06-01T00:00Z
 def load(path: str | None):
     if path is None:
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-        import node.schedule.slots as mod
-        return mod
+        import node.schedule.parse as parse
+        import node.schedule.slots as slots
+        # one namespace, as the single-file module of older commits was (--module)
+        return types.SimpleNamespace(**{**vars(parse), **vars(slots)})
     spec = importlib.util.spec_from_file_location("schedule_under_test", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up
@@ -92,7 +95,7 @@ def measure(mod, expr: str, repeat: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--module", help="schedule.py to measure (default: node/schedule/slots.py)")
+    ap.add_argument("--module", help="schedule.py to measure (default: node/schedule/parse.py and slots.py)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cron_parse.json"))
     args = ap.parse_args()

@@ -21,8 +21,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from node.cli import peerctl
-from node.schedule.slots import (ScheduleError, compile_schedule, day_fields_combine, reading_notes,
-                           upgrade_differences, validate_cron)
+from node.schedule.parse import ScheduleError, day_fields_combine, validate_cron
+from node.schedule.slots import compile_schedule, reading_notes, upgrade_differences
 from node.tasks.model import Task, TaskError
 
 UTC = timezone.utc

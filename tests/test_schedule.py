@@ -5,16 +5,15 @@ import pytest
 from croniter import croniter
 from hypothesis import given, strategies as st
 
-from node.schedule.slots import (
+from node.schedule.parse import (
     ScheduleError,
-    compile_schedule,
     format_duration,
-    jitter_fraction,
     parse_duration,
     resolve_now,
     validate_cron,
     validate_schedule,
 )
+from node.schedule.slots import compile_schedule, jitter_fraction
 
 UTC = timezone.utc
 

@@ -12,7 +12,7 @@ also apply: ``notify`` targets and ``after`` chains (:func:`check_notify_target`
 :func:`after_cycle`), secret references in ``env`` (:func:`resolve_env`) and a
 manual run's parameters (:func:`bind_run`).
 
-Schedules (see :mod:`node.schedule.slots`): a cron string (5 or 6 fields, the 6th
+Schedules (see :mod:`node.schedule.parse`): a cron string (5 or 6 fields, the 6th
 being seconds at the end, croniter's convention), an alias (``@hourly``...),
 ``@every 30s``, ``now`` or a one-shot time. In YAML write a one-shot time as
 ``schedule: {once: "2026-12-01T10:00:00Z"}`` (TOML: ``schedule = {once =
@@ -43,7 +43,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from node.run.retry import RetryPolicy
-from node.schedule.slots import DstPolicy, ScheduleError, parse_duration, resolve_now
+from node.schedule.parse import ScheduleError, parse_duration, resolve_now
+from node.schedule.slots import DstPolicy
 from node.tasks.commands import Command, HttpCommand, _is_plain
 
 __all__ = [

@@ -29,15 +29,15 @@ from datetime import datetime, timezone
 from typing import Any
 
 from node.run.retry import MAX_RETRIES, RetryPolicy
-from node.schedule.slots import (
+from node.schedule.parse import (
     AFTER,
-    DstPolicy,
     ScheduleError,
     load_zone,
     parse_duration,
     parse_once,
     validate_schedule,
 )
+from node.schedule.slots import DstPolicy
 from node.tasks.commands import CommandChecks
 from node.tasks.model import (
     _ENV_RE,
