@@ -123,10 +123,12 @@ import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from operator import attrgetter
+from typing import TYPE_CHECKING
 
 from node.schedule.effects import Advance, Cancel, Effect, Fire, SlotSkipped
 from node.schedule.slots import Schedule
-from node.tasks.model import Task
+if TYPE_CHECKING:  # annotations only: node.tasks sits on the floor above parse/slots and
+    from node.tasks.model import Task  # imports them, so importing it here would be a cycle
 
 __all__ = [
     "ON_REQUEST",
