@@ -733,7 +733,8 @@ def sim_schedule(faults: list[ChaosFault], nodes: int, base: float = START_S):
 def simulate_same(faults: list[ChaosFault], args) -> dict:
     """The same schedule in the simulator (``sim.app``, see
     :func:`sim_schedule`). Same task set (run_all, 60 s window)."""
-    from sim.app import AppOptions, simulate_app
+    from sim.app import AppOptions
+    from sim.app_run import simulate_app
 
     sched, outages, not_mapped = sim_schedule(faults, args.nodes)
     duration = START_S + args.duration + 10

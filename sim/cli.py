@@ -311,7 +311,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 2
     cluster: Cluster
     if args.tasks:
-        from sim.app import build_app_cluster
+        from sim.app_run import build_app_cluster
         cluster = build_app_cluster(config, cluster_opts, schedule, duration_s=args.duration,
                                     tasks=args.tasks, fencing=args.fencing,
                                     catchup_margin_s=min(10.0, args.duration / 4),
@@ -335,7 +335,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     loss = args.loss if args.loss is not None else (0.05 if args.scenario == "flaky" else 0.0)
     failures = check_invariants(report, scenario=args.scenario, loss=loss)
     if args.tasks:
-        from sim.app import AppCluster, app_report
+        from sim.app import AppCluster
+        from sim.app_run import app_report
         assert isinstance(cluster, AppCluster)
         app_report(cluster, report)
         failures += report["violations"]

@@ -22,18 +22,13 @@ time; offsets differ by up to ``clock_offset_max_s`` and rates by up to
 ``clock_drift_max_ppm`` (TigerBeetle ``TimeSim``). Deadlines convert back
 with ``t = (deadline - offset) / rate``.
 
-Faults (see ``sim/scenarios.py``): crash drops the core (state gone,
-datagrams to it are dropped as ``down``); restart builds a new core at
-incarnation 0 with a greater sealer epoch and joins through the seeds (the
-dead-reclaim path); pause stops the node from handling anything: datagrams
-queue in its socket buffer (bounded), timers wait, and at resume it drains
-the buffer and then runs its timers (the Lifeguard case); leave calls
-``core.leave`` and stops the process ``leave_linger_s`` later.
-
-Push-pull: ``StartPushPull`` opens a modelled TCP stream. It fails (the
-initiator gets ``push_pull_failed``) one round trip later if the peer is not
-running (connection refused), or after ``stream_timeout_s`` if the link is
-cut either way or the peer stays paused past the timeout.
+Around the loop, by concern: the event kinds are in ``sim/kinds.py``; how
+the cluster forms at t=0 (join, warm, settled) in ``sim/bootstrap.py``;
+push-pull's modelled TCP streams in ``sim/streams.py``; faults from
+``sim/scenarios.py`` (crash, restart, leave, pause, partition, drift) are
+applied by ``sim/faults.py``; the report is built by ``sim/report.py``.
+The datagram path, timers and effects stay here: they are the hot loop that
+sim/accel.py compiles.
 
 Determinism: one root seed; the network, the cluster's own choices and every
 node's core get child RNGs from ``child_rng(seed, label)``; nothing iterates
@@ -62,10 +57,16 @@ from typing import Any, Callable, Final, Protocol
 from gossip.effects import MemberEvent, SendPacket, StartPushPull, UserMessage
 from gossip.seal import Keyring, PacketRejected, Sealer
 from gossip.swim import Swim
+from sim.bootstrap import boot_cluster
+from sim.faults import apply_fault, resume
+from sim.kinds import (K_CHECK, K_DELIVER, K_FAULT, K_INJECT, K_JOIN, K_PP_FAIL, K_PP_REPLY, K_PP_REQ,
+                       K_RESUME, K_STOP, K_TIMER)
 from sim.loop import EventLoop, Trace, child_rng
 from sim.metrics import Metrics
 from sim.network import Network, NetworkOptions
+from sim.report import cluster_report, load_mark
 from sim.scenarios import Fault
+from sim.streams import pp_reply, pp_request, start_push_pull
 
 try:  # compiled by mypyc (sim/accel.py), Cluster must allow sim/app.py's AppCluster
     from mypy_extensions import mypyc_attr
@@ -75,24 +76,6 @@ except ImportError:  # plain runs need no mypy: the decorator is then a no-op
 
 __all__ = ["ClusterOptions", "SimNode", "Cluster", "NodeApp", "node_names", "simulate"]
 
-# Event kinds.
-K_DELIVER: Final = 0   # a=dst, b=src, c=sealed datagram
-K_TIMER: Final = 1     # a=node, b=timer_gen
-K_PP_REQ: Final = 2    # a=dst, b=src, c=(sealed request, src_epoch, started_s, join)
-K_PP_REPLY: Final = 3  # a=initiator, b=responder, c=(sealed reply, initiator_epoch)
-K_PP_FAIL: Final = 4   # a=initiator, b=target addr, c=initiator_epoch
-K_FAULT: Final = 5     # a=Fault
-K_RESUME: Final = 6    # a=node, b=pause token
-K_CHECK: Final = 7     # periodic convergence check
-K_INJECT: Final = 8    # inject a user update for the dissemination measurement
-K_JOIN: Final = 9      # a=node, b=epoch: node calls core.join(seeds)
-K_STOP: Final = 10     # a=node, b=epoch: a leaving node's process exits
-
-STREAM_FRAME_MAX_BYTES = 4 * 1024 * 1024  # gossip.transport.MAX_FRAME_BYTES
-# Stream frames are ``seal(type byte + payload)`` behind a 4-byte length, as
-# in gossip/udp.py (PUSH_PULL = 1); the sim sends the same bytes.
-STREAM_PUSH_PULL = b"\x01"
-STREAM_FRAME_HEADER_BYTES = 4
 # Tag set by ``core.update_local`` to measure dissemination (see sim/metrics.py).
 UPDATE_TAG = "simu"
 INF: Final = math.inf
@@ -168,7 +151,7 @@ class ClusterOptions:
     # at a random time in [0, join_stagger_s] (the real thing; at N=1000 the
     # resulting gossip storm is most of the run's cost). "warm": every node's
     # join push-pull with n000 is completed at t=0 without latency (see
-    # Cluster._warm_bootstrap), then the run proceeds normally. "settled":
+    # sim.bootstrap.warm_bootstrap), then the run proceeds normally. "settled":
     # warm, then every core forgets its queued membership news
     # (``Swim.settle``): a cluster formed long ago, whose members hold the
     # same full view and have nothing left to say (the warm start's ~10^6
@@ -415,69 +398,6 @@ class Cluster:
             self.loop.schedule(join_at_s, K_JOIN, node.idx, node.boots)
         self._arm(node, t_s)
 
-    def _warm_bootstrap(self, settle: bool = False) -> int:
-        """Start with every node already joined (``bootstrap="warm"``).
-
-        Each node's real join push-pull (``core.join([seed])``, sealed and
-        opened) is served by the seed ``n000`` in index order, then every node
-        merges the seed's full-state reply (``handle_push_pull_reply``), all
-        at virtual time 0 and without latency. Only the bootstrap is fast
-        forwarded: the gossip the seed then spreads, and everything after,
-        runs normally. It skips the O(N^2 log N) storm of N nodes joining at
-        once (measured separately with ``bootstrap="join"``).
-
-        With ``settle`` (``bootstrap="settled"``) each core forgets its queued
-        membership news (``Swim.settle``) as soon as it has merged the reply,
-        not after all of them: the same news is dropped (nothing reads a queue
-        during the bootstrap), but the ~10^6 dropped broadcasts never live at
-        once, so their memory is reused instead of left as holes among the
-        cores' state. Since ``Swim.start_settle`` that news is not even built
-        (settle() counts it all the same). Returns how many items were dropped.
-        """
-        dropped = 0
-        seed = self.nodes[0]
-        self._boot(seed, 0.0, None)
-        if settle:
-            seed.core.start_settle()
-        seed_now = seed.local(0.0)
-        requests = []
-        for node in self.nodes[1:]:
-            self._boot(node, 0.0, None)
-            if settle:
-                # the news settle() drops is not even built (same state, same count)
-                node.core.start_settle()
-            effects = node.core.join([seed.addr], node.local(0.0))
-            for e in effects:
-                if type(e) is StartPushPull:
-                    sealed = node.sealer.seal(STREAM_PUSH_PULL + e.data)
-                    self.net.count_stream(node.idx, len(sealed) + STREAM_FRAME_HEADER_BYTES)
-                    _sender, body = seed.sealer.open(sealed, max_bytes=STREAM_FRAME_MAX_BYTES)
-                    reply, seed_effects = seed.core.handle_push_pull(node.addr, body[1:], seed_now)
-                    self._effects(seed, seed_effects, 0.0)
-                    requests.append((node, body[1:]))
-                else:
-                    self._effects(node, [e], 0.0)
-        if requests:
-            # The seed's state no longer changes: one more (duplicate) request
-            # yields the full reply every joiner gets.
-            last, body = requests[-1]
-            reply, seed_effects = seed.core.handle_push_pull(last.addr, body, seed_now)
-            self._effects(seed, seed_effects, 0.0)
-            for node, _body in requests:
-                sealed = seed.sealer.seal(STREAM_PUSH_PULL + reply)
-                self.net.count_stream(seed.idx, len(sealed) + STREAM_FRAME_HEADER_BYTES)
-                _sender, rbody = node.sealer.open(sealed, max_bytes=STREAM_FRAME_MAX_BYTES)
-                self.stats["pp_ok"] += 1
-                self._effects(node, node.core.handle_push_pull_reply(seed.addr, rbody[1:],
-                                                                     node.local(0.0)), 0.0)
-                if settle:
-                    dropped += node.core.settle()
-                self._arm(node, 0.0)
-        if settle:
-            dropped += seed.core.settle()
-        self._arm(seed, 0.0)
-        return dropped
-
     def _kill(self, node: SimNode, t_s: float, *, crashed: bool) -> None:
         if not node.up:
             return
@@ -565,7 +485,7 @@ class Cluster:
                     for app in node.apps:
                         self._app_effects(node, app.handle_user(e.sender, e.data, now), t_s)
             elif tp is StartPushPull:
-                self._start_push_pull(node, e, t_s)
+                start_push_pull(self, node, e, t_s)
             else:
                 self.stats["unknown_effects"] += 1
 
@@ -576,153 +496,17 @@ class Cluster:
             elif self.app_effect is not None:
                 self.app_effect(node, e, t_s)
 
-    # -- push-pull streams -----------------------------------------------------------
-
-    def _start_push_pull(self, node: SimNode, e: StartPushPull, t_s: float) -> None:
-        self.stats["pp_started"] += 1
-        net = self.net
-        sealed = node.sealer.seal(STREAM_PUSH_PULL + e.data)
-        net.count_stream(node.idx, len(sealed) + STREAM_FRAME_HEADER_BYTES)
-        dst = self.by_addr.get(e.addr)
-        timeout_s: Any = net.options.stream_timeout_s
-        if dst is None:
-            self.loop.schedule(t_s + timeout_s, K_PP_FAIL, node.idx, e.addr, node.boots)
-            return
-        peer = self.nodes[dst]
-        if not net.stream_open(node.idx, dst):
-            self.loop.schedule(t_s + timeout_s, K_PP_FAIL, node.idx, e.addr, node.boots)
-            return
-        if not peer.up:  # connection refused one round trip later
-            self.loop.schedule(t_s + 2 * net.delay_s(), K_PP_FAIL, node.idx, e.addr, node.boots)
-            return
-        self.loop.schedule(t_s + net.delay_s(), K_PP_REQ, dst, node.idx,
-                           (sealed, node.boots, t_s, e.join))
-
-    def _pp_request(self, peer: SimNode, src: int, payload, t_s: float) -> None:
-        sealed, src_boots, started_s, _join = payload
-        init = self.nodes[src]
-        timeout_s = self.net.options.stream_timeout_s
-        if not peer.up:
-            self.loop.schedule(t_s + self.net.delay_s(), K_PP_FAIL, src, peer.addr, src_boots)
-            return
-        try:
-            sender, body = peer.sealer.open(sealed, max_bytes=STREAM_FRAME_MAX_BYTES)
-        except PacketRejected as exc:
-            self._reject(peer, exc.reason, t_s)
-            self.loop.schedule(t_s + self.net.delay_s(), K_PP_FAIL, src, peer.addr, src_boots)
-            return
-        body = body[1:]
-        if t_s - started_s > timeout_s:
-            # Served too late (the peer was paused past the timeout): the
-            # initiator's stream timed out; tell it now.
-            self.loop.schedule(t_s, K_PP_FAIL, src, peer.addr, src_boots)
-            return
-        reply, effects = peer.core.handle_push_pull(init.addr, body, peer.local(t_s))
-        self._effects(peer, effects, t_s)
-        if peer.up:
-            self._arm(peer, t_s)
-        if reply is None:
-            self.loop.schedule(t_s + self.net.delay_s(), K_PP_FAIL, src, peer.addr, src_boots)
-            return
-        sealed_reply = peer.sealer.seal(STREAM_PUSH_PULL + reply)
-        self.net.count_stream(peer.idx, len(sealed_reply) + STREAM_FRAME_HEADER_BYTES)
-        self.loop.schedule(t_s + self.net.delay_s(), K_PP_REPLY, src, peer.idx,
-                           (sealed_reply, src_boots))
-
-    def _pp_reply(self, node: SimNode, responder: int, payload, t_s: float) -> None:
-        sealed, boots = payload
-        if not node.up or node.boots != boots:
-            return
-        peer = self.nodes[responder]
-        try:
-            _sender, body = node.sealer.open(sealed, max_bytes=STREAM_FRAME_MAX_BYTES)
-        except PacketRejected as exc:
-            self._reject(node, exc.reason, t_s)
-            self.stats["pp_failed"] += 1
-            self._effects(node, node.core.push_pull_failed(peer.addr, node.local(t_s)), t_s)
-            return
-        self.stats["pp_ok"] += 1
-        self._effects(node, node.core.handle_push_pull_reply(peer.addr, body[1:], node.local(t_s)), t_s)
-
     def _reject(self, node: SimNode, reason: str, t_s: float) -> None:
         r = self.stats["rejected"]
         r[reason] = r.get(reason, 0) + 1
         self._effects(node, node.core.note_rejected(reason), t_s)
 
-    # -- faults ---------------------------------------------------------------------------
+    # -- faults (sim/faults.py) -----------------------------------------------------------
 
     def _apply_fault(self, f: Fault, t_s: float) -> None:
-        """Apply one fault. ``metrics.last_fault_s`` moves only when the
-        fault changed something (a final ``heal`` of a healthy network is
-        not a fault)."""
-        self.trace.append((t_s, "fault", f.kind, f.node, repr(f.args)))
-        net = self.net
-        if f.kind != "heal" or (net.partitioned or net.blocked or net.link_loss
-                                or net.options != self.base_network):
-            self.metrics.fault(t_s)
-        node: Any = self.by_name.get(f.node) if f.node is not None else None
-        kind = f.kind
-        if kind == "crash":
-            self._kill(node, t_s, crashed=True)
-        elif kind == "restart":
-            if node.up:
-                self._kill(node, t_s, crashed=False)
-            self.metrics.node_restarting(node.name)
-            self._boot(node, t_s, t_s)
-        elif kind == "leave":
-            if node.up and not node.leaving:
-                if node.paused_until > t_s:
-                    self._resume(node, t_s)
-                node.leaving = True
-                self.metrics.node_leaving(node.name, t_s)
-                self._effects(node, node.core.leave(node.local(t_s)), t_s)
-                if node.up:
-                    self._arm(node, t_s)
-                self.loop.schedule(t_s + self.options.leave_linger_s, K_STOP, node.idx, node.boots)
-        elif kind == "pause":
-            if node.up:
-                until = t_s + float(f.args[0])
-                if until > node.paused_until:
-                    node.paused_until = until
-                    node.pause_token += 1
-                    self.metrics.node_paused(node.name)
-                    self.loop.schedule(until, K_RESUME, node.idx, node.pause_token)
-        elif kind == "partition":
-            groups = f.args[0]
-            net.partition([[self.by_name[n].idx for n in g] for g in groups])
-        elif kind == "heal":
-            net.heal()
-            net.set_options(self.base_network)
-        elif kind == "loss":
-            net.set_options(replace(net.options, packet_loss_probability=float(f.args[0])))
-        elif kind == "block":
-            net.block(node.idx, self.by_name[f.args[0]].idx)
-        elif kind == "unblock":
-            net.unblock(node.idx, self.by_name[f.args[0]].idx)
-        elif kind == "drift":
-            rate = float(f.args[0])
-            if not 0.5 <= rate <= 2.0:
-                raise ValueError(f"drift rate {rate} out of range 0.5..2.0")
-            # keep the clock continuous (monotonic): same reading at t_s
-            node.offset = node.local(t_s) - rate * t_s
-            node.rate = rate
-            if node.up and node.paused_until <= t_s:
-                node.timer_at = INF
-                node.timer_gen += 1
-                self._arm(node, t_s)
-
-    def _resume(self, node: SimNode, t_s: float) -> None:
-        node.paused_until = 0.0
-        pending, node.pending = node.pending, []
-        self.trace.append((t_s, "resume", node.idx, len(pending)))
-        for entry in pending:
-            if not node.up:
-                break
-            self._dispatch_node(entry, node, t_s)
-        if node.up:
-            node.timer_at = INF
-            node.timer_gen += 1
-            self._arm(node, t_s)
+        """Apply one fault (``sim.faults.apply_fault``). A method, not a
+        direct call, so sim/app.py's ``AppCluster`` can extend it."""
+        apply_fault(self, f, t_s)
 
     # -- dispatch -------------------------------------------------------------------------
 
@@ -732,9 +516,9 @@ class Cluster:
         if kind == K_DELIVER:
             self._deliver(node, entry[4], entry[5], t_s)
         elif kind == K_PP_REQ:
-            self._pp_request(node, entry[4], entry[5], t_s)
+            pp_request(self, node, entry[4], entry[5], t_s)
         elif kind == K_PP_REPLY:
-            self._pp_reply(node, entry[4], entry[5], t_s)
+            pp_reply(self, node, entry[4], entry[5], t_s)
         elif kind == K_PP_FAIL:
             if node.boots == entry[5]:
                 self.stats["pp_failed"] += 1
@@ -785,18 +569,7 @@ class Cluster:
         loop = self.loop
         heap = loop.heap
         opts = self.options
-        boot_rng = child_rng(self.seed, "boot")
-        if opts.bootstrap in ("warm", "settled"):
-            settle = opts.bootstrap == "settled"
-            dropped = self._warm_bootstrap(settle)
-            if settle:
-                self.trace.append((0.0, "settled", dropped))
-        elif opts.bootstrap == "join":
-            for booting in self.nodes:
-                join_at_s = 0.0 if booting.idx == 0 else boot_rng.uniform(0.0, opts.join_stagger_s)
-                self._boot(booting, 0.0, join_at_s)
-        else:
-            raise ValueError(f"unknown bootstrap {opts.bootstrap!r}; join, warm or settled")
+        boot_cluster(self)
         gc_state.booted()
         for f in self.schedule:
             if f.at_s <= duration_s:
@@ -890,7 +663,7 @@ class Cluster:
                 node = nodes[entry[3]]
                 if not node.up:
                     if kind == K_PP_REQ:
-                        self._pp_request(node, entry[4], entry[5], t_s)  # refused
+                        pp_request(self, node, entry[4], entry[5], t_s)  # refused
                     continue
                 if node.paused_until > t_s:
                     if kind == K_PP_REQ and node.paused_until - entry[5][2] > net.options.stream_timeout_s:
@@ -905,16 +678,16 @@ class Cluster:
             elif kind == K_RESUME:
                 node = nodes[entry[3]]
                 if node.up and entry[4] == node.pause_token and node.paused_until:
-                    self._resume(node, t_s)
+                    resume(self, node, t_s)
             elif kind == K_CHECK:
                 was = metrics.converged
                 if metrics.check_converged(t_s) and self._measure_start is None:
-                    self._start_measuring(t_s)
+                    self._measure_start = load_mark(self, t_s)
                 if metrics.converged != was:
                     trace.append((t_s, "converged", metrics.converged))
                 lw = opts.load_window_s
                 if lw is not None and len(self._load_marks) < 2 and t_s >= lw[len(self._load_marks)]:
-                    self._load_marks.append(self._load_mark(t_s))
+                    self._load_marks.append(load_mark(self, t_s))
                 k = entry[3] + 1
                 loop.schedule(k * opts.check_interval_s, K_CHECK, k)
             elif kind == K_INJECT:
@@ -940,73 +713,7 @@ class Cluster:
         metrics.dirty = True
         metrics.check_converged(duration_s)
         self.wall_s = _wallclock.perf_counter() - wall0
-        return self.report()
-
-    def _start_measuring(self, t_s: float) -> None:
-        self._measure_start = self._load_mark(t_s)
-
-    def _load_mark(self, t_s: float) -> tuple[float, int, int, float]:
-        """(t_s, datagrams and bytes sent so far, running node-seconds so far):
-        the load between two marks is their difference (``_load_between``)."""
-        self._count_up(t_s, 0)
-        return (t_s, sum(self.net.sent_msgs), sum(self.net.sent_bytes), self._up_node_s)
-
-    @staticmethod
-    def _load_between(a: tuple[float, int, int, float],
-                      b: tuple[float, int, int, float]) -> tuple[float | None, float | None]:
-        """msgs and bytes per running member per virtual s from mark a to b."""
-        up_node_s = b[3] - a[3]
-        if up_node_s <= 0:
-            return None, None
-        return round((b[1] - a[1]) / up_node_s, 3), round((b[2] - a[2]) / up_node_s, 1)
-
-    # -- report ----------------------------------------------------------------------------------
-
-    def report(self) -> dict:
-        """The run's figures (the ``--json`` document)."""
-        end_s = self.end_s
-        end = self._load_mark(end_s)
-        res = self.metrics.results(end_s)
-        start = self._measure_start or (0.0, 0, 0, 0.0)
-        msgs_rate, bytes_rate = self._load_between(start, end)
-        n = self.options.nodes
-        out = {
-            "seed": self.seed,
-            "nodes": n,
-            "virtual_seconds": end_s,
-            "wall_seconds": round(self.wall_s, 3),
-            "node_seconds_per_wall_second": round(n * end_s / self.wall_s, 1) if self.wall_s else None,
-            "trace_hash": self.trace.hexdigest(),
-            "trace_records": self.trace.count,
-            **{k: res[k] for k in ("detection_latency_s",)},
-            "false_positives": res["false_positives"],
-            "dissemination_rounds": res["dissemination_rounds"],
-            "msgs_per_node_per_s": msgs_rate,
-            "bytes_per_node_per_s": bytes_rate,
-            "converged": res["converged"],
-            "convergence_s": res["convergence_s"],
-            "slots_due": None,
-            "slots_fired": None,
-            "duplicate_fires": None,
-            "missed_slots": None,
-        }
-        for k, v in res.items():
-            out.setdefault(k, v)
-        out["measure_start_s"] = start[0] if self._measure_start else None
-        out["load_window"] = None
-        if len(self._load_marks) == 2:
-            a, b = self._load_marks
-            w_msgs, w_bytes = self._load_between(a, b)
-            if w_msgs is not None:
-                out["load_window"] = {"from_s": round(a[0], 3), "to_s": round(b[0], 3),
-                                      "msgs_per_node_per_s": w_msgs,
-                                      "bytes_per_node_per_s": w_bytes}
-        out["drops"] = {k: v for k, v in sorted(self.net.drops.items()) if v}
-        out["stats"] = dict(sorted(self.stats.items()))
-        out["nodes_running_at_end"] = sum(1 for n in self.nodes if n.up)
-        out["disagreement"] = [] if res["converged"] else self.metrics.disagreement()
-        return out
-
+        return cluster_report(self)
 
 def simulate(*, nodes: int, duration_s: float, seed: int, scenario: str = "steady",
              loss: float | None = None, profile: str = "lan", config=None,

@@ -1,6 +1,6 @@
 """Duplicate and missed slots over many seeds, per fencing mode and misfire policy.
 
-Runs ``sim.app.simulate_app`` for every (scenario, seed) in each mode, with
+Runs ``sim.app_run.simulate_app`` for every (scenario, seed) in each mode, with
 and without the etcd fencing model, on the same fault schedule, and prints
 per scenario x mode x misfire policy: runs, slots due, duplicate fires
 (total, of which reclaims of a claimer wrongly declared dead, max per run),
@@ -34,7 +34,7 @@ import os
 import sys
 import time
 
-from sim.app import default_tasks, simulate_app
+from sim.app_run import default_tasks, simulate_app
 
 SCENARIOS = ("crash", "partition", "churn", "flaky", "etcd_outage", "crash_etcd")
 MISFIRES = ("skip", "run_once", "run_all")

@@ -4,7 +4,7 @@
 simulated 5-node cluster (``sim.app``) for each seed of each scenario, with
 an upstream task ``@every 3s`` that notifies on success and lost, and a
 downstream task ``after`` it that notifies too, and checks with
-``sim.app.followup_report``:
+``sim.app_run.followup_report``:
 
 - no run finished more than 15 s before the end without its notification
   (a new owner sends what a dead one left pending);
@@ -23,7 +23,7 @@ import json
 import sys
 import time
 
-from sim.app import followup_report, simulate_app
+from sim.app_run import followup_report, simulate_app
 
 HOOK = {"on": ["success", "lost"], "type": "webhook", "url": "http://receiver.invalid/hook"}
 

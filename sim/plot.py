@@ -210,7 +210,8 @@ class Recorder:
         c = self.cluster
         if not hasattr(c, "ledger") or not hasattr(c, "tasks_applied"):
             return None
-        from sim.app import EPOCH_BASE, _every_s
+        from sim.app import EPOCH_BASE
+        from sim.app_run import _every_s
 
         start_s, end_s = c.window_s
         crashed_at = getattr(getattr(c, "downs", None), "down", {}) or {}

@@ -395,13 +395,14 @@ def test_settled_bootstrap_settles_each_core_as_soon_as_it_merged():
     settling every core after the whole bootstrap dropped (the earlier
     code), and leaves no membership news queued anywhere."""
     from gossip.config import Config
+    from sim.bootstrap import warm_bootstrap
     from sim.cluster import Cluster, ClusterOptions
     opts = ClusterOptions(nodes=40, seed=5, bootstrap="settled")
     late = Cluster(Config.local(), opts)
-    assert late._warm_bootstrap(settle=False) == 0
+    assert warm_bootstrap(late, settle=False) == 0
     dropped_late = sum(n.core.settle() for n in late.nodes)
     early = Cluster(Config.local(), opts)
-    dropped_early = early._warm_bootstrap(settle=True)
+    dropped_early = warm_bootstrap(early, settle=True)
     assert dropped_early == dropped_late >= 40 * 39
     for n in early.nodes:
         assert not [k for k, _t in n.core._queue.pending() if k.startswith("m:")], n.name

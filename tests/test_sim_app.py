@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sim.app import EPOCH_BASE, AppOptions, default_tasks, fire_metrics, simulate_app
+from sim.app import EPOCH_BASE, AppOptions
+from sim.app_run import default_tasks, fire_metrics, simulate_app
 from sim.scenarios import Fault
 
 N = 5

@@ -26,7 +26,7 @@ def test_without_fencing_nothing_is_missed():
 
 @pytest.mark.parametrize("scenario", ["crash", "churn", "partition"])
 def test_every_shard_of_every_slot_fires_once_with_fencing(scenario):
-    from sim.app import shard_report, simulate_app
+    from sim.app_run import shard_report, simulate_app
 
     tasks = [{"id": "bc", "schedule": "@every 2s", "command": {"type": "exec", "argv": ["true"]},
               "misfire": "run_all", "overlap": "allow", "catchup_window": "60s",

@@ -35,7 +35,7 @@ def test_plot_writes_a_png_and_leaves_the_run_unchanged(tmp_path):
 def test_plot_of_a_task_run_counts_the_slots_of_the_report(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install -e '.[plot]')")
     from gossip.config import Config
-    from sim.app import app_report, build_app_cluster
+    from sim.app_run import app_report, build_app_cluster
     from sim.cluster import ClusterOptions, node_names
     from sim.loop import child_rng
     from sim.scenarios import build

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from sim.app import default_tasks, simulate_app
+from sim.app_run import default_tasks, simulate_app
 
 SEEDS = int(os.environ.get("PEERD_SOAK_SEEDS", "50"))
 
