@@ -97,7 +97,7 @@ def warm_bootstrap(cluster: Cluster, settle: bool = False) -> int:
             _sender, rbody = node.sealer.open(sealed, max_bytes=STREAM_FRAME_MAX_BYTES)
             cluster.stats["pp_ok"] += 1
             cluster._effects(node, node.core.handle_push_pull_reply(seed.addr, rbody[1:],
-                                                                 node.local(0.0)), 0.0)
+                                                                    node.local(0.0)), 0.0)
             if settle:
                 dropped += node.core.settle()
             cluster._arm(node, 0.0)

@@ -53,7 +53,7 @@ def start_push_pull(cluster: Cluster, node: SimNode, e: StartPushPull, t_s: floa
         cluster.loop.schedule(t_s + 2 * net.delay_s(), K_PP_FAIL, node.idx, e.addr, node.boots)
         return
     cluster.loop.schedule(t_s + net.delay_s(), K_PP_REQ, dst, node.idx,
-                       (sealed, node.boots, t_s, e.join))
+                          (sealed, node.boots, t_s, e.join))
 
 
 def pp_request(cluster: Cluster, peer: SimNode, src: int, payload, t_s: float) -> None:
@@ -85,7 +85,7 @@ def pp_request(cluster: Cluster, peer: SimNode, src: int, payload, t_s: float) -
     sealed_reply = peer.sealer.seal(STREAM_PUSH_PULL + reply)
     cluster.net.count_stream(peer.idx, len(sealed_reply) + STREAM_FRAME_HEADER_BYTES)
     cluster.loop.schedule(t_s + cluster.net.delay_s(), K_PP_REPLY, src, peer.idx,
-                       (sealed_reply, src_boots))
+                          (sealed_reply, src_boots))
 
 
 def pp_reply(cluster: Cluster, node: SimNode, responder: int, payload, t_s: float) -> None:

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from sim.chaos import KINDS, SETTLE_S, main, plan
+from sim.chaos import main
+from sim.chaos_plan import KINDS, SETTLE_S, plan
 from tests.etcd_server import find_etcd_binary
 
 

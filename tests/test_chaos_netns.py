@@ -12,7 +12,8 @@ import subprocess
 import pytest
 
 from sim import chaos, netns
-from sim.chaos import KINDS, NET_KINDS, SETTLE_S, ChaosFault, detection_targets, net_windows, plan, sim_schedule
+from sim.chaos_plan import (KINDS, NET_GRACE_S, NET_KINDS, SETTLE_S, ChaosFault, detection_targets, net_windows, plan,
+                            sim_schedule)
 from sim.netns import NetLayout, NodeRules, fault_rules, heal_ruleset, ruleset
 from tests.etcd_server import find_etcd_binary
 
@@ -124,7 +125,7 @@ def test_windows_and_detection_targets():
     fs = [ChaosFault(15.0, "kill", "n1", 5.0), ChaosFault(28.0, "partition", None, 12.0,
                                                            groups=(("n1", "n2"), ("n3", "n4", "n5"))),
           ChaosFault(50.0, "loss", None, 10.0, loss_pct=5)]
-    assert net_windows(fs) == [(28.0, 28.0 + 12.0 + chaos.NET_GRACE_S), (50.0, 60.0 + chaos.NET_GRACE_S)]
+    assert net_windows(fs) == [(28.0, 28.0 + 12.0 + NET_GRACE_S), (50.0, 60.0 + NET_GRACE_S)]
     assert detection_targets(fs[0], NAMES) == ({"n1"}, {"n2", "n3", "n4", "n5"})
     assert detection_targets(fs[1], NAMES) == ({"n1", "n2"}, {"n3", "n4", "n5"})
     assert detection_targets(fs[2], NAMES) is None
@@ -218,7 +219,7 @@ def test_the_report_reads_lost_runs_and_reclaims_from_real_log_lines():
     import logging
 
     from node.observe.logs_shell import TextFormatter
-    from sim.chaos import _LOST_RE, _RECLAIM_RE
+    from sim.chaos_verdict import _LOST_RE, _RECLAIM_RE
 
     def line(logger, msg, *args, **extra):
         rec = logging.LogRecord(logger, logging.WARNING, __file__, 1, msg, args, None)

@@ -205,7 +205,8 @@ def test_chaos_seed1_schedule_in_the_simulator():
     outcome ranked over ``lost`` and a waiting rerun was dropped."""
     import argparse
 
-    from sim.chaos import plan, simulate_same
+    from sim.chaos import simulate_same
+    from sim.chaos_plan import plan
 
     args = argparse.Namespace(nodes=9, duration=1860.0, seed=1, tasks=5, etcd=True)
     rep = simulate_same(plan(1, 9, 1860.0, True, net=True), args)
