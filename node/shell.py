@@ -47,7 +47,8 @@ from node import peerwire
 from node.api import views
 from node.cli.settings import NodeConfig
 from node.run import followups
-from node.core import CancelRun, Claim, NodeCore, Note, Notify, Reclaim, Request, StartRun, claim_run_id
+from node.core import NodeCore
+from node.core_effects import CancelRun, Claim, Note, Notify, Reclaim, Request, StartRun, claim_run_id
 from node.fencing.fencer_shell import Fencer, FencerClosed
 from node.api.routes_shell import Api
 from node.api.http_shell import HTTPError, serve_http

@@ -51,7 +51,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from node.core import CancelRun, Claim, NodeCore, Note, Notify, Reclaim, Request, StartRun
+from node.core import NodeCore
+from node.core_effects import CancelRun, Claim, Note, Notify, Reclaim, Request, StartRun
 from node.fencing.rules import (
     ClaimValue,
     alive_key,

@@ -155,7 +155,8 @@ def test_shard_lists(members, target):
 def test_node_default_notify_applies_to_tasks_without_their_own():
     from node.cli.config import build_config
     from node.cli.settings import ConfigError
-    from node.core import NodeCore, Notify, StartRun
+    from node.core import NodeCore
+    from node.core_effects import Notify, StartRun
     from node.state.store import Store
 
     cfg = build_config(flags={"name": "n1", "insecure": True,

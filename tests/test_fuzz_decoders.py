@@ -66,7 +66,8 @@ def test_a_pushed_definition_under_another_tasks_key_is_refused():
     """Found by the fuzzer: a peer's entry ``task/t2`` whose definition says
     ``id: t1`` made NodeCore.serve raise KeyError from the scheduler."""
     from node import peerwire
-    from node.core import NodeCore, Note
+    from node.core import NodeCore
+    from node.core_effects import Note
     from node.state.store import Store
     from node.tasks.model import Task
 

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from node.run.http_client_shell import request
-from node.core import Note
+from node.core_effects import Note
 from node.schedule.explain import explain
 from tests.cluster_util import start_solo_node
 

@@ -13,7 +13,8 @@ from collections import deque
 
 import pytest
 
-from node.core import CancelRun, Claim, NodeCore, Note, Reclaim, Request, StartRun
+from node.core import NodeCore
+from node.core_effects import CancelRun, Claim, Note, Reclaim, Request, StartRun
 from node.knobs import NodeKnobs
 from node.schedule.explain import explain
 from node.state.store import Store
@@ -189,7 +190,8 @@ def assert_every_slot_once(h, tid, start, end):
 CORE_MODULES = [
     "gossip/swim.py", "gossip/suspicion.py", "gossip/broadcast.py", "gossip/wire.py",
     "gossip/config.py", "gossip/effects.py",
-    "node/core.py", "node/knobs.py", "node/api/views.py", "node/ownership/ring.py", "node/ownership/lanes.py",
+    "node/core.py", "node/core_effects.py", "node/core_runs.py", "node/core_claims.py",
+    "node/core_ownership.py", "node/core_followups.py", "node/core_replication.py", "node/knobs.py", "node/api/views.py", "node/ownership/ring.py", "node/ownership/lanes.py",
     "node/state/store.py",
     "node/state/digest.py", "node/state/exchange.py", "node/state/keys.py",
     "node/state/versions.py", "node/schedule/scheduler.py", "node/schedule/effects.py", "node/schedule/explain.py",
