@@ -7,7 +7,7 @@ node is never open by accident). Read routes need the token too unless the
 node runs with ``open_reads``; ``/metrics`` is always open (it carries no
 secrets and Prometheus scrapes it).
 
-Routes call methods of the node object (``node/shell.py``); this module only
+Routes call methods of the node object (``node/facade_shell.py``); this module only
 checks auth, decodes and validates request shapes, and encodes replies.
 
 Rules:

@@ -9,7 +9,7 @@ import re
 
 __all__ = ["claim_run_id", "root_span_id_for", "trace_id_for", "traceparent"]
 
-#: An attempt run id is ``<claim run id>.<n>`` (node/shell.py RUN_ID_RE).
+#: An attempt run id is ``<claim run id>.<n>`` (node/facade_shell.py RUN_ID_RE).
 _ATTEMPT_SUFFIX = re.compile(r"(.*-[0-9a-f]{8})\.[0-9]{1,4}")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
