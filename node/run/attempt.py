@@ -25,14 +25,20 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Union
 
-from node.run.pyrunner import _TARGET_RE
 from node.run.retry import JITTER_MODES, MAX_RETRIES, RetryPolicy
 from node.run.urls import parse_url
+
+#: A python task's target, ``module.path:callable.path`` (checked here at
+#: validation and again by the child, node/run/pyrunner.py).
+_TARGET_RE = re.compile(
+    r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+)
 
 __all__ = [
     "Command",

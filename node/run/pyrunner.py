@@ -32,10 +32,11 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-import re
 import sys
 import traceback
 from typing import Any
+
+from node.run.attempt import _TARGET_RE
 
 __all__ = ["EXIT_BAD_SPEC", "MAX_SPEC_BYTES", "load_spec", "main", "resolve_target"]
 
@@ -44,9 +45,6 @@ EXIT_BAD_SPEC = 2
 #: Bound on the spec read from stdin.
 MAX_SPEC_BYTES = 16 * 1024 * 1024
 
-_TARGET_RE = re.compile(
-    r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
-)
 
 
 class SpecError(ValueError):
