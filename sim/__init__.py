@@ -7,9 +7,17 @@ trace, byte for byte (``trace_hash``).
 
 Layout: ``loop`` (event heap, trace, seeded child RNGs), ``network`` (seeded
 delay, loss, duplication, partitions, asymmetric links, size limit),
-``cluster`` (simulated nodes, faults, the run), ``scenarios`` (fault
-schedules by name, invariant checkers), ``metrics`` (measurements), ``cli``
-(``peersim``), ``bench`` (benchmark runner).
+``cluster`` (simulated nodes and the hot event loop) with ``kinds`` (event
+kinds), ``streams`` (simulated push-pull streams), ``faults`` (applying a
+fault), ``bootstrap`` (join, warm, settled starts) and ``report``;
+``app`` and ``app_run`` (the node core on every simulated node, with the
+etcd model ``etcd_model``), ``scenarios`` (fault schedules by name,
+invariant checkers), ``metrics`` (measurements), ``cli`` (``peersim``),
+``bench``/``fire_bench``/``followup_bench`` (benchmark runners), ``chaos``
+with ``chaos_plan``, ``chaos_harness_shell``, ``chaos_verdict`` and
+``netns`` (real processes under a seeded fault schedule), ``fuzz`` (decoder
+fuzzing), ``plot``, ``accel`` (the compiled build). The whole house is drawn
+in docs/ARCHITECTURE.md.
 """
 from sim.cluster import Cluster as Cluster
 from sim.cluster import ClusterOptions as ClusterOptions
