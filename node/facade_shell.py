@@ -16,7 +16,7 @@ from gossip.seal import Keyring, KeyringError
 from gossip.transport import format_addr
 
 from node.api import views
-from node.api.http_shell import HTTPError
+from node.api.messages import HTTPError
 from node.schedule.slots import reading_notes
 from node.tasks.diff import diff_tasks
 from node.tasks.model import Task, TaskError, after_cycle, bind_run

@@ -11,7 +11,7 @@ import trio
 from gossip.effects import EventKind, MemberEvent, UserMessage
 
 from node import peerwire
-from node.api.http_shell import HTTPError
+from node.api.messages import HTTPError
 
 from node.clock_shell import wall_clock
 

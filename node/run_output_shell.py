@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 from node.core_effects import claim_run_id
-from node.api.http_shell import HTTPError
+from node.api.messages import HTTPError
 from node.tasks.model import Task
 
 

@@ -45,7 +45,8 @@ from node.cli.settings import NodeConfig
 from node.core import NodeCore
 from node.fencing.fencer_shell import Fencer
 from node.api.routes_shell import Api
-from node.api.http_shell import HTTPError, serve_http
+from node.api.http_shell import serve_http
+from node.api.messages import HTTPError
 from node.knobs import NodeKnobs
 from node.observe.metrics_shell import NodeMetrics
 from node.state.sqlite_shell import CorruptDatabase, SqliteStore

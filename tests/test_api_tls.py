@@ -31,7 +31,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from node.client import ApiError, AuthError, Client, UnreachableError
 from node.cli.config import build_config
 from node.cli.settings import ConfigError
-from node.api.http_shell import MAX_HEADER_BYTES, Response, serve_http
+from node.api.http_shell import MAX_HEADER_BYTES, serve_http
+from node.api.messages import Response
 from tests.cluster_util import ROOT, TOKEN, Cluster, peerctl, wait_for
 
 

@@ -51,6 +51,8 @@ from typing import Any, Awaitable, Callable
 import h11
 import trio
 
+from node.api.messages import HTTPError, Request, Response
+
 log = logging.getLogger("peerd.http")
 
 #: Largest request head (request line + headers), bytes.
@@ -72,56 +74,6 @@ _TLS_HANDSHAKE_RECORD = 0x16
 _PLAIN_ON_TLS_BODY = b"this port speaks https: use https:// with this address\n"
 _PLAIN_ON_TLS = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\nconnection: close\r\n"
                  b"content-length: %d\r\nserver: peerd\r\n\r\n" % len(_PLAIN_ON_TLS_BODY)) + _PLAIN_ON_TLS_BODY
-
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]
-    body: bytes
-    peer: str = ""
-
-    def json(self):
-        """Decode the body as JSON under ``node/tasks/decoding.py``'s bounds.
-
-        Raises:
-            HTTPError(400): not JSON, or a bound broken (the reason names
-                the field's path in the body).
-        """
-        from node.tasks.decoding import DecodeError, loads_json
-
-        if not self.body:
-            return None
-        try:
-            return loads_json(self.body)
-        except DecodeError as e:
-            raise HTTPError(400, f"request body: {e}") from None
-
-
-@dataclass
-class Response:
-    status: int = 200
-    body: bytes = b""
-    content_type: str = "application/json"
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    #: a streamed body instead of ``body``: an async iterator of chunks,
-    #: sent with chunked transfer encoding as they come (live run output)
-    stream: Any = None
-
-    @classmethod
-    def json(cls, obj, status: int = 200) -> "Response":
-        return cls(status=status, body=(json.dumps(obj, indent=None, sort_keys=False) + "\n").encode())
-
-
-class HTTPError(Exception):
-    """Raised by handlers: becomes ``{"error": message}`` with ``status``."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 Handler = Callable[[Request], Awaitable[Response]]

@@ -42,7 +42,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from node.api import status_page
-from node.api.http_shell import HTTPError, Request, Response
+from node.api.messages import HTTPError, Request, Response
 from node.observe.ratelog import RateLimitedLog
 from node.tasks.decoding import DecodeError, check_tree, loads_json
 from node.tasks.model import MAX_INSTANT, MIN_INSTANT, valid_id

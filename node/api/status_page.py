@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from node.api.http_shell import HTTPError, Response
+from node.api.messages import HTTPError, Response
 
 __all__ = ["ASSETS", "SECURITY_HEADERS", "is_page_path", "serve"]
 
