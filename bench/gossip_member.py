@@ -36,7 +36,7 @@ import trio  # noqa: E402
 from gossip.config import Config  # noqa: E402
 from gossip.effects import MemberEvent  # noqa: E402
 from gossip.seal_shell import read_keyring  # noqa: E402
-from gossip.transport import format_addr, parse_addr  # noqa: E402
+from gossip.addr import format_addr, parse_addr  # noqa: E402
 from gossip.udp import GossipNode  # noqa: E402
 
 

@@ -10,7 +10,8 @@ precedence), :mod:`gossip.probe` (direct and indirect probes),
 for the compiled build), :mod:`gossip.suspicion` (Lifeguard suspicion
 timeouts), :mod:`gossip.broadcast` (transmit-limited queue),
 :mod:`gossip.wire` (msgpack codec), :mod:`gossip.seal` (AES-GCM envelope),
-:mod:`gossip.config`, :mod:`gossip.effects`.
+:mod:`gossip.config`, :mod:`gossip.effects`, :mod:`gossip.addr` (address
+text forms).
 Shells (trio, OS): :mod:`gossip.udp`, :mod:`gossip.transport`,
 :mod:`gossip.stream_messages_shell` (sealed stream frames),
 :mod:`gossip.seal_shell` (key files, OS randomness). This package re-exports

@@ -32,6 +32,7 @@ from typing import Protocol
 import trio
 import trio.testing
 
+from gossip.addr import format_addr
 from gossip.effects import Addr
 from gossip.streams import READ_CHUNK_BYTES, REFUSE_REASONS
 
@@ -48,8 +49,6 @@ __all__ = [
     "UdpTcpTransport",
     "MAX_FRAME_BYTES",
     "MAX_DATAGRAM_BYTES",
-    "format_addr",
-    "parse_addr",
 ]
 
 MAX_FRAME_BYTES = 4 * 1024 * 1024
@@ -98,50 +97,6 @@ class TransportStats:
         copy = {f.name: getattr(self, f.name) for f in fields(self)}
         copy["streams_rejected"] = dict(self.streams_rejected)
         return TransportStats(**copy)
-
-
-def parse_addr(text: str, default_port: int | None = None) -> Addr:
-    """Parse ``HOST:PORT``, ``[V6]:PORT`` or a bare host (with default_port).
-    The one address parser: node/cli/settings.py wraps it for flags and files.
-
-    Raises:
-        ValueError: ``bad address '<text>': <reason>``.
-    """
-    s = str(text).strip()
-    host, port_s = s, None
-    if s.startswith("["):
-        end = s.find("]")
-        if end < 0:
-            raise ValueError(f"bad address {text!r}: missing ']'")
-        host = s[1:end]
-        rest = s[end + 1 :]
-        if rest.startswith(":"):
-            port_s = rest[1:]
-        elif rest:
-            raise ValueError(f"bad address {text!r}: expected [IPv6]:PORT")
-    elif s.count(":") == 1:
-        host, port_s = s.split(":")
-    elif s.count(":") > 1:
-        raise ValueError(f"bad address {text!r}: IPv6 addresses need brackets, e.g. [::1]:7946")
-    if port_s is None:
-        if default_port is None:
-            raise ValueError(f"bad address {text!r}: expected HOST:PORT")
-        port = default_port
-    else:
-        try:
-            port = int(port_s)
-        except ValueError:
-            raise ValueError(f"bad address {text!r}: port {port_s!r} is not a number") from None
-    if not host:
-        raise ValueError(f"bad address {text!r}: missing host")
-    if not 0 <= port <= 65535:
-        raise ValueError(f"bad address {text!r}: port must be 0-65535")
-    return (host, port)
-
-
-def format_addr(addr: Addr) -> str:
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _family_of(host: str) -> int | None:

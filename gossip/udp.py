@@ -76,13 +76,13 @@ from gossip.streams import (
 )
 from gossip.stream_messages_shell import StreamMessages
 from gossip.swim import Swim
+from gossip.addr import format_addr
 from gossip.transport import (
     FramedStream,
     FrameTooLarge,
     StreamClosed,
     TransportStats,
     UdpTcpTransport,
-    format_addr,
 )
 
 __all__ = ["GossipNode", "GossipNodeStats", "RequestError", "Resolver", "resolve_seed"]

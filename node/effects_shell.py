@@ -10,7 +10,7 @@ import time
 
 import trio
 
-from gossip.transport import format_addr
+from gossip.addr import format_addr
 
 from node import peerwire
 from node.run import followups

@@ -13,7 +13,7 @@ from pathlib import Path
 import trio
 
 from gossip.seal import Keyring, KeyringError
-from gossip.transport import format_addr
+from gossip.addr import format_addr
 
 from node.api import views
 from node.api.messages import HTTPError

@@ -38,7 +38,7 @@ import trio
 from gossip.config import Config as GossipConfig
 from gossip.seal import Keyring, KeyringError
 from gossip.seal_shell import read_keyring
-from gossip.transport import format_addr
+from gossip.addr import format_addr
 from gossip.udp import GossipNode
 
 from node.cli.settings import NodeConfig

@@ -12,9 +12,8 @@ from gossip.transport import (
     MemoryNetwork,
     StreamClosed,
     UdpTcpTransport,
-    format_addr,
-    parse_addr,
 )
+from gossip.addr import format_addr, parse_addr
 
 
 def ipv6_available() -> bool:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from gossip.transport import parse_addr as _parse_addr
+from gossip.addr import parse_addr as _parse_addr
 from node.state.store import DEFAULT_RUN_RECORDS_MAX_BYTES
 
 Addr = tuple[str, int]
@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 def parse_addr(text: str, *, what: str = "address") -> Addr:
     """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6) with
-    ``gossip.transport.parse_addr``.
+    ``gossip.addr.parse_addr``.
 
     Raises:
         ConfigError: with ``what`` and the reason.
