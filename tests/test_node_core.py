@@ -5,9 +5,7 @@ these tests pin single rules: takeover catch-up, claims waiting for etcd,
 handoff batching, owner loss, run records, shutdown."""
 from __future__ import annotations
 
-import ast
 import heapq
-import pathlib
 import random
 from collections import deque
 
@@ -21,7 +19,6 @@ from node.state.store import Store
 from node.tasks.model import Task
 
 T0 = 1_800_000_000.0
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def tick_task(tid="tick", **kw):
@@ -183,39 +180,6 @@ def assert_every_slot_once(h, tid, start, end):
     missing = [s for s in range(int(start), int(end)) if s not in got]
     assert not dup, f"slots fired twice: {dup[:10]}"
     assert not missing, f"slots missed: {missing[:10]} (skips: {h.note_events('slot_skipped')[:5]})"
-
-
-# ------------------------------------------------------------------- sans-IO
-
-CORE_MODULES = [
-    "gossip/swim.py", "gossip/suspicion.py", "gossip/broadcast.py", "gossip/wire.py",
-    "gossip/config.py", "gossip/effects.py",
-    "node/core.py", "node/core_effects.py", "node/core_runs.py", "node/core_claims.py",
-    "node/core_ownership.py", "node/core_followups.py", "node/core_replication.py", "node/knobs.py", "node/api/views.py", "node/ownership/ring.py", "node/ownership/lanes.py",
-    "node/state/store.py",
-    "node/state/digest.py", "node/state/exchange.py", "node/state/keys.py",
-    "node/state/versions.py", "node/schedule/scheduler.py", "node/schedule/effects.py", "node/schedule/explain.py",
-    "node/schedule/slots.py", "node/schedule/parse.py", "node/fencing/rules.py", "node/fencing/codec.py", "node/run/retry.py", "node/ownership/skew.py",
-    "node/peerwire.py", "node/state/runstatus.py", "node/run/followups.py", "node/ownership/shards.py", "node/tasks/diff.py",
-    "node/run/traceids.py", "node/api/tokens.py",
-    "node/tasks/model.py", "node/tasks/commands.py", "node/tasks/validate.py", "node/tasks/parse.py",
-    "node/tasks/decoding.py", "node/run/attempt.py", "node/run/urls.py", "node/cli/settings.py",
-]
-FORBIDDEN = {"trio", "socket", "time", "os", "subprocess", "sqlite3", "asyncio", "threading"}
-
-
-@pytest.mark.parametrize("path", CORE_MODULES)
-def test_core_modules_do_no_io(path):
-    """A core imports no I/O module: time and randomness come in as arguments."""
-    tree = ast.parse((ROOT / path).read_text())
-    bad = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            bad += [a.name for a in node.names if a.name.split(".")[0] in FORBIDDEN]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module.split(".")[0] in FORBIDDEN:
-                bad.append(node.module)
-    assert not bad, f"{path} imports {bad}"
 
 
 # ------------------------------------------------------------------- the two runs
