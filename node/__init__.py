@@ -10,8 +10,9 @@ messages), ``facade_shell`` (what the API calls), ``run_output_shell`` and
 shards), ``state`` (replicated store, versions, SQLite), ``tasks``,
 ``schedule``, ``run`` (executors and follow-ups), ``fencing`` (etcd), ``api``
 (HTTP), ``observe`` (logs, metrics), ``cli`` (``peerd``, ``peerctl``);
-``client`` is the public Python client, ``knobs`` the core's settings and
-``peerwire`` the node-to-node messages. Files ending in ``_shell.py`` do I/O;
+``client`` is the public Python client, ``knobs`` the core's settings,
+``peerwire`` the node-to-node messages and ``pyrunner`` the child-side
+entry of ``python`` tasks (standard library only, so a child starts fast). Files ending in ``_shell.py`` do I/O;
 every other module is a core. The whole house is drawn in
 docs/ARCHITECTURE.md.
 """

@@ -17,7 +17,7 @@ The rules (docs/ARCHITECTURE.md draws the picture):
    - in ``node/``: ``node/shell.py`` (the node's trio shell), the entry
      points and the reading of configuration from files and the environment
      in ``node/cli/`` (all of it but ``settings.py``, a core),
-     ``node/run/pyrunner.py`` (runs inside the child process
+     ``node/pyrunner.py`` (runs inside the child process
      of a ``python`` task) and ``node/client.py`` (the blocking HTTP client,
      a public import path: ``from node.client import Client``);
    - in ``gossip/``: ``gossip/transport.py`` and ``gossip/udp.py``.
@@ -35,7 +35,7 @@ The rules (docs/ARCHITECTURE.md draws the picture):
    ====  ==================================================================
    0     the rooms: state, ownership, tasks, schedule, the run, fencing and
          observe cores, API tokens, peerwire, knobs, the settings values
-         (``node/cli/settings.py``); ``node/run/pyrunner.py``
+         (``node/cli/settings.py``); ``node/pyrunner.py``
    1     the node core (``node/core.py`` and the modules split out of it)
          and the read model built from it (``node/api/views.py``,
          ``node/api/status_page.py``)
@@ -84,7 +84,7 @@ NAMED_SHELLS = (
     "node/cli/daemon.py",
     "node/cli/demo.py",
     "node/cli/peerctl.py",
-    "node/run/pyrunner.py",
+    "node/pyrunner.py",
     "node/client.py",
     "gossip/transport.py",
     "gossip/udp.py",
@@ -119,6 +119,7 @@ FLOORS: tuple[tuple[str, int], ...] = (
     ("node/tasks/*", 0),
     ("node/schedule/*", 0),
     ("node/run/*", 0),
+    ("node/pyrunner.py", 0),
     ("node/fencing/*", 0),
     ("node/observe/*", 0),
     ("node/api/tokens.py", 0),

@@ -1,6 +1,6 @@
 """Real child processes: exit codes, process-group termination, bounded output,
 environment, python child isolation, cancellation (node/run/processes_shell.py,
-node/run/pyrunner.py through node.run.executor_shell.execute).
+node/pyrunner.py through node.run.executor_shell.execute).
 
 "Dead" below means: no such pid, or a zombie. Orphaned grandchildren are
 reparented to PID 1, and in some containers PID 1 never reaps, so a killed
@@ -20,7 +20,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.run import pyrunner
+from node import pyrunner
 from node.run.attempt import RunContext, slot_iso
 from node.run.executor_shell import execute
 from node.run.processes_shell import DRAIN_S, OutputTail, group_alive, run_child
@@ -401,13 +401,13 @@ async def test_python_hang_times_out(taskdir):
 def test_pyrunner_argv_spec_and_bad_spec(taskdir):
     env = dict(os.environ, PEERD_TASK_ID="t", PYTHONPATH=os.path.dirname(os.path.dirname(pyrunner.__file__)))
     spec = json.dumps({"target": "peerd_test_taskmod:add", "args": [1, 2]})
-    p = subprocess.run([sys.executable, "-m", "node.run.pyrunner", spec], cwd=taskdir, env=env,
+    p = subprocess.run([sys.executable, "-m", "node.pyrunner", spec], cwd=taskdir, env=env,
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 0 and json.loads(p.stdout.splitlines()[-1])["sum"] == 3
     for bad, why in [("{", "not valid JSON"), ("[]", "JSON object"),
                      ('{"target": "m:f", "extra": 1}', "unknown field"),
                      ('{"target": "m:f", "args": {}}', "args must be a list")]:
-        p = subprocess.run([sys.executable, "-m", "node.run.pyrunner", bad], cwd=taskdir, env=env,
+        p = subprocess.run([sys.executable, "-m", "node.pyrunner", bad], cwd=taskdir, env=env,
                            capture_output=True, text=True, timeout=30)
         assert p.returncode == pyrunner.EXIT_BAD_SPEC and why in p.stderr, (bad, p.stderr)
 

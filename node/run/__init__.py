@@ -14,7 +14,6 @@ Shells (I/O; import them by their full path, e.g. ``node.run.executor_shell``):
     executor_shell Executors (shell): run one attempt of a task's command, and 
     http_client_shell A minimal async HTTP/1.1 client for ``http`` tasks: trio str
     processes_shell Child processes for task runs: own process group, timeout, b
-    pyrunner       Child-side entry for ``python`` tasks: ``python -m node.run.
     tracing_shell  Traces of runs (OpenTelemetry), optional.
 """
 from node.run.attempt import (

@@ -8,7 +8,7 @@ A *command* is a plain dict (the task file's ``command`` field), checked by
   ``{"type": "shell", "run": "echo hi"}``                  ``/bin/sh -c run``
   ``{"type": "exec", "argv": ["date", "-u"]}``             argv, no shell
   ``{"type": "python", "target": "mod:func", "args": [], "kwargs": {}}``
-      ``sys.executable -u -m node.run.pyrunner`` child, spec on stdin
+      ``sys.executable -u -m node.pyrunner`` child, spec on stdin
   ``{"type": "http", "method": "POST", "url": "...", "headers": {}, "body": "...",
      "expect_status": 200 | [200, 204]}``                 (default: any 2xx)
 
@@ -25,20 +25,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Union
 
+from node.pyrunner import _TARGET_RE
 from node.run.retry import JITTER_MODES, MAX_RETRIES, RetryPolicy
 from node.run.urls import parse_url
-
-#: A python task's target, ``module.path:callable.path`` (checked here at
-#: validation and again by the child, node/run/pyrunner.py).
-_TARGET_RE = re.compile(
-    r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
-)
 
 __all__ = [
     "Command",

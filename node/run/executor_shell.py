@@ -80,7 +80,7 @@ RETRYABLE_STATUSES = RETRYABLE
 #: Shell used for ``shell`` commands (POSIX sh, as cron does).
 SHELL = "/bin/sh"
 #: Directory holding the ``node`` package; put on the python child's path so
-#: ``-m node.run.pyrunner`` works whatever the task's cwd is.
+#: ``-m node.pyrunner`` works whatever the task's cwd is.
 _PEERD_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -147,7 +147,7 @@ async def _execute_process(cmd: Command, ctx: RunContext) -> RunResult:
         argv, kind = list(cmd.argv), "exec"
     else:
         assert isinstance(cmd, PythonCommand)
-        argv, kind = [sys.executable, "-u", "-m", "node.run.pyrunner"], "python"
+        argv, kind = [sys.executable, "-u", "-m", "node.pyrunner"], "python"
         old = env.get("PYTHONPATH")
         env["PYTHONPATH"] = _PEERD_ROOT + (os.pathsep + old if old else "")
         spec = {"target": cmd.target, "args": list(cmd.args), "kwargs": dict(cmd.kwargs)}

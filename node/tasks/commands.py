@@ -6,7 +6,7 @@ that is its task-file form (``type`` names the kind):
 - ``shell``: ``/bin/sh -c run`` (:class:`ShellCommand`);
 - ``exec``: ``argv`` executed directly, no shell (:class:`ExecCommand`);
 - ``python``: ``module:function(*args, **kwargs)`` in a child process
-  (:class:`PythonCommand`; node/run/pyrunner.py runs it);
+  (:class:`PythonCommand`; node/pyrunner.py runs it);
 - ``http``: one HTTP request (:class:`HttpCommand`).
 
 :class:`CommandChecks` validates the ``command`` mapping of a task file; the

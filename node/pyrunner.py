@@ -1,4 +1,4 @@
-"""Child-side entry for ``python`` tasks: ``python -m node.run.pyrunner [SPEC]``.
+"""Child-side entry for ``python`` tasks: ``python -m node.pyrunner [SPEC]``.
 
 The node never imports task code itself: it starts this module in a child
 process (its own process group, see :mod:`node.run.processes_shell`), so a crash
@@ -32,11 +32,10 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import re
 import sys
 import traceback
 from typing import Any
-
-from node.run.attempt import _TARGET_RE
 
 __all__ = ["EXIT_BAD_SPEC", "MAX_SPEC_BYTES", "load_spec", "main", "resolve_target"]
 
@@ -45,6 +44,11 @@ EXIT_BAD_SPEC = 2
 #: Bound on the spec read from stdin.
 MAX_SPEC_BYTES = 16 * 1024 * 1024
 
+#: A python task's target, ``module.path:callable.path``; the attempt core
+#: (node/run/attempt.py) checks it at validation with the same pattern.
+_TARGET_RE = re.compile(
+    r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+)
 
 
 class SpecError(ValueError):
